@@ -1,0 +1,33 @@
+# `make demo` and `make test` each set up everything on a fresh Debian machine, then run.
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+SUDO := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
+FASHION_MNIST := /usr/share/datasets/fashion-mnist
+RESULTS ?= results/quickstart
+
+.PHONY: setup system-packages demo test clean
+
+setup: $(STAMP) system-packages
+
+# torch and torchvision are pinned here to the builds this machine holds; pyproject.toml accepts a range.
+$(STAMP): pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
+	$(PY) -m pip install -q -e '.[test]'
+	touch $(STAMP)
+
+system-packages:
+	@missing=""; \
+	[ -d $(FASHION_MNIST) ] || missing="$$missing dataset-fashion-mnist"; \
+	if [ -n "$$missing" ]; then $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq $$missing; fi
+
+demo: setup
+	$(VENV)/bin/gradinv attack --dataset fashion-mnist --image 0 --model convnet --width 32 \
+	    --iterations 1000 --tv 1e-4 --out out/attack-fmnist-0
+
+test: setup
+	$(PY) -m pytest
+
+clean:
+	rm -rf $(VENV) out

@@ -1,0 +1,255 @@
+"""Datasets by name, their normalisation, and image I/O.
+
+Images travel as float tensors in [0, 1] (``[B, C, H, W]``); models see them normalised with the
+dataset's mean and std. Nothing here reaches for the network unless ``download=True`` is passed.
+"""
+
+from __future__ import annotations
+
+import functools
+import gzip
+import io
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .errors import ConfigError, require
+
+DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+PHOTO_NAMES = ("astronaut", "chelsea", "coffee", "rocket", "immunohistochemistry", "hubble_deep_field")
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    name: str
+    channels: int
+    size: int  # native side length; images are square after loading
+    num_classes: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    test_images: int  # how many images the test split holds
+
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+
+DATASETS = {
+    s.name: s
+    for s in (
+        DatasetSpec("fashion-mnist", 1, 28, 10, (0.2860,), (0.3530,), 10_000),
+        DatasetSpec("mnist", 1, 28, 10, (0.1307,), (0.3081,), 10_000),
+        DatasetSpec("cifar10", 3, 32, 10, CIFAR10_MEAN, CIFAR10_STD, 10_000),
+        DatasetSpec("cifar100", 3, 32, 100, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762), 10_000),
+        DatasetSpec("imagenet", 3, 224, 1000, IMAGENET_MEAN, IMAGENET_STD, 50_000),
+        # Labeled Faces in the Wild subset bundled with scikit-image: 100 faces, then 100 non-faces.
+        DatasetSpec("faces", 1, 25, 2, (0.3771,), (0.2728,), 200),
+        DatasetSpec("photos", 3, 224, len(PHOTO_NAMES), IMAGENET_MEAN, IMAGENET_STD, len(PHOTO_NAMES)),
+    )
+}
+
+
+def dataset_spec(name: str) -> DatasetSpec:
+    require(name in DATASETS, "dataset", name, f"choose one of {', '.join(DATASETS)}")
+    return DATASETS[name]
+
+
+def data_root(explicit: str | os.PathLike | None = None) -> Path:
+    """The data root: the explicit argument, else $GRADINV_DATA, else ~/.cache/gradinv/data."""
+    root = explicit or os.environ.get("GRADINV_DATA") or Path.home() / ".cache" / "gradinv" / "data"
+    return Path(root).expanduser()
+
+
+def normalise(images01: torch.Tensor, spec: DatasetSpec) -> torch.Tensor:
+    mean, std = _stats(spec, images01)
+    return (images01 - mean) / std
+
+
+def denormalise(images: torch.Tensor, spec: DatasetSpec) -> torch.Tensor:
+    mean, std = _stats(spec, images)
+    return images * std + mean
+
+
+def pixel_box(spec: DatasetSpec, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel bounds of valid pixels in normalised coordinates, shaped [C, 1, 1]."""
+    mean, std = _stats(spec, like)
+    return (0 - mean) / std, (1 - mean) / std
+
+
+def _stats(spec: DatasetSpec, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    mean = torch.tensor(spec.mean, dtype=like.dtype, device=like.device).view(-1, 1, 1)
+    std = torch.tensor(spec.std, dtype=like.dtype, device=like.device).view(-1, 1, 1)
+    return mean, std
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+def load_images(
+    name: str,
+    indices: tuple[int, ...] | list[int],
+    root: str | os.PathLike | None = None,
+    *,
+    split: str = "test",
+    image_size: int | None = None,
+    download: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The images at ``indices`` of a split as ``([B, C, H, W] in [0, 1], labels [B])``."""
+    dataset = open_dataset(name, root, split=split, image_size=image_size, download=download)
+    for index in indices:
+        require(
+            0 <= index < len(dataset), "image", index, f"use an index from 0 to {len(dataset) - 1} for {name}"
+        )
+    pairs = [dataset[i] for i in indices]
+    images = torch.stack([image for image, _ in pairs])
+    labels = torch.tensor([int(label) for _, label in pairs], dtype=torch.long)
+    return images, labels
+
+
+def open_dataset(
+    name: str,
+    root: str | os.PathLike | None = None,
+    *,
+    split: str = "test",
+    image_size: int | None = None,
+    download: bool = False,
+):
+    """A torchvision-style dataset yielding ``(image [C, H, W] in [0, 1], label)``."""
+    spec = dataset_spec(name)
+    require(split in ("train", "test"), "split", split, "use 'train' or 'test'")
+    transform = _transform(spec, image_size)
+    root = data_root(root)
+    if name in ("faces", "photos"):
+        images, labels = _bundled(name)
+        return _TensorDataset(images, labels, transform)
+    return _torchvision_dataset(name, root, split == "train", transform, download)
+
+
+def _transform(spec: DatasetSpec, image_size: int | None):
+    from torchvision import transforms
+
+    steps = []
+    if spec.name == "imagenet":
+        steps += [transforms.Resize(256), transforms.CenterCrop(224)]
+    steps.append(transforms.ToTensor())
+    if image_size is not None and image_size != spec.size:
+        steps.append(transforms.Resize((image_size, image_size), antialias=True))
+    return transforms.Compose(steps)
+
+
+class _TensorDataset(torch.utils.data.Dataset):
+    """In-memory images (uint8 HWC arrays) that go through the same transform as torchvision's."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, transform):
+        self.images, self.labels, self.transform = images, labels, transform
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int):
+        image = Image.fromarray(self.images[index])
+        return self.transform(image), int(self.labels[index])
+
+
+@functools.lru_cache(maxsize=None)
+def _bundled(name: str) -> tuple[np.ndarray, np.ndarray]:
+    """Images shipped inside scikit-image's wheel: no download, no data root."""
+    import skimage.data
+    from skimage.transform import resize
+
+    if name == "faces":
+        faces = skimage.data.lfw_subset()  # float in [0, 1], 100 faces then 100 non-faces
+        images = np.round(faces * 255).astype(np.uint8)
+        labels = np.array([1] * 100 + [0] * (len(faces) - 100))
+        return images, labels
+    photos = []
+    for photo_name in PHOTO_NAMES:
+        photo = getattr(skimage.data, photo_name)()[..., :3]
+        side = min(photo.shape[:2])
+        top, left = (photo.shape[0] - side) // 2, (photo.shape[1] - side) // 2
+        square = photo[top : top + side, left : left + side]
+        photos.append(np.round(resize(square, (224, 224), anti_aliasing=True) * 255).astype(np.uint8))
+    return np.stack(photos), np.arange(len(photos))
+
+
+def _torchvision_dataset(name: str, root: Path, train: bool, transform, download: bool):
+    from torchvision import datasets
+
+    if name == "fashion-mnist" and not download:
+        _stage_debian_fashion_mnist(root)
+    constructors = {
+        "fashion-mnist": datasets.FashionMNIST,
+        "mnist": datasets.MNIST,
+        "cifar10": datasets.CIFAR10,
+        "cifar100": datasets.CIFAR100,
+    }
+    try:
+        if name == "imagenet":
+            return datasets.ImageNet(str(root / "imagenet"), split="train" if train else "val", transform=transform)
+        return constructors[name](str(root), train=train, transform=transform, download=download)
+    except RuntimeError as error:  # torchvision's "Dataset not found" family
+        raise ConfigError("dataset", name, _missing_hint(name, root)) from error
+    except FileNotFoundError as error:
+        raise ConfigError("dataset", name, _missing_hint(name, root)) from error
+
+
+def _missing_hint(name: str, root: Path) -> str:
+    hints = {
+        "fashion-mnist": f"no files under {root / 'FashionMNIST' / 'raw'} or {DEBIAN_FASHION_MNIST}; "
+        "run 'apt-get install -y dataset-fashion-mnist'",
+        "imagenet": f"no ILSVRC2012 archives or devkit under {root / 'imagenet'}; place them there "
+        "(torchvision.datasets.ImageNet layout) and point --data-root or GRADINV_DATA at the parent",
+    }
+    default = (
+        f"no {name} files under {root}; put torchvision's {name} layout there, point --data-root or "
+        "GRADINV_DATA at it (torchvision's download=True fetches it where the network allows)"
+    )
+    return hints.get(name, default)
+
+
+def _stage_debian_fashion_mnist(root: Path) -> None:
+    """Unpack Debian's Fashion-MNIST IDX files into torchvision's layout under the data root."""
+    raw = root / "FashionMNIST" / "raw"
+    if not DEBIAN_FASHION_MNIST.is_dir():
+        return
+    for packed in DEBIAN_FASHION_MNIST.glob("*-ubyte.gz"):
+        target = raw / packed.name[: -len(".gz")]
+        if target.exists():
+            continue
+        raw.mkdir(parents=True, exist_ok=True)
+        partial = target.with_name(f"{target.name}.{os.getpid()}.tmp")
+        with gzip.open(packed, "rb") as source, open(partial, "wb") as sink:
+            shutil.copyfileobj(source, sink)
+        os.replace(partial, target)  # concurrent stagers each rename a complete file
+
+
+# ---------------------------------------------------------------------------------------------
+# Image I/O
+
+
+def to_uint8(image01: torch.Tensor) -> np.ndarray:
+    """``[C, H, W]`` in [0, 1] to an ``H x W (x C)`` uint8 array."""
+    array = (image01.detach().clamp(0, 1).cpu().numpy() * 255).round().astype(np.uint8)
+    array = np.transpose(array, (1, 2, 0))
+    return array[..., 0] if array.shape[2] == 1 else array
+
+
+def png_bytes(image01: torch.Tensor) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(to_uint8(image01)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def decode_png(data: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(data)))
+
+
+def side_by_side(truth01: torch.Tensor, recon01: torch.Tensor) -> Image.Image:
+    """Ground truth (top row) over reconstructions (bottom row), one column per image."""
+    rows = [np.concatenate([to_uint8(image) for image in batch], axis=1) for batch in (truth01, recon01)]
+    return Image.fromarray(np.concatenate(rows, axis=0))

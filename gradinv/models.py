@@ -1,0 +1,138 @@
+"""Victim models by name. Every model takes normalised images of any size and channel count."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .errors import require
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    build: Callable[[int, int, int, int], nn.Module]  # (channels, num_classes, width, image_size)
+    default_width: int | None  # None: the model has no width parameter
+
+
+def _conv_bn_relu(cin: int, cout: int) -> list[nn.Module]:
+    return [nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU()]
+
+
+class ConvNet(nn.Sequential):
+    """The paper's ConvNet: eight 3x3 conv-BN-ReLU layers of widths w, 2w, 2w, 4w (x5), three max-pools."""
+
+    def __init__(self, channels: int, num_classes: int, width: int):
+        w = width
+        super().__init__(
+            *_conv_bn_relu(channels, w), *_conv_bn_relu(w, 2 * w), *_conv_bn_relu(2 * w, 2 * w),
+            *_conv_bn_relu(2 * w, 4 * w), nn.MaxPool2d(2, ceil_mode=True),
+            *_conv_bn_relu(4 * w, 4 * w), *_conv_bn_relu(4 * w, 4 * w), nn.MaxPool2d(2, ceil_mode=True),
+            *_conv_bn_relu(4 * w, 4 * w), *_conv_bn_relu(4 * w, 4 * w), nn.AdaptiveMaxPool2d(3),
+            nn.Flatten(), nn.Linear(36 * w, num_classes),
+        )  # fmt: skip
+
+
+class LeNetZhu(nn.Sequential):
+    """The LeNet variant of Zhu et al. (DLG): sigmoid activations, strided 5x5 convolutions."""
+
+    def __init__(self, channels: int, num_classes: int, width: int):
+        super().__init__(
+            nn.Conv2d(channels, width, 5, padding=2, stride=2), nn.Sigmoid(),
+            nn.Conv2d(width, width, 5, padding=2, stride=2), nn.Sigmoid(),
+            nn.Conv2d(width, width, 5, padding=2, stride=1), nn.Sigmoid(),
+            nn.AdaptiveAvgPool2d(8), nn.Flatten(), nn.Linear(64 * width, num_classes),
+        )  # fmt: skip
+
+
+class MLP(nn.Sequential):
+    """Two hidden fully connected layers; its first layer's input is recoverable analytically."""
+
+    def __init__(self, channels: int, num_classes: int, width: int, image_size: int):
+        super().__init__(
+            nn.Flatten(), nn.Linear(channels * image_size * image_size, width), nn.ReLU(),
+            nn.Linear(width, width), nn.ReLU(), nn.Linear(width, num_classes),
+        )  # fmt: skip
+
+
+class _BasicBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.relu(self.bn1(self.conv1(x)))
+        return torch.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+
+
+class CifarResNet(nn.Module):
+    """He et al.'s CIFAR ResNet (6n+2 layers) with base width 16 x multiplier."""
+
+    def __init__(self, channels: int, num_classes: int, width: int, depth: int):
+        super().__init__()
+        blocks = (depth - 2) // 6
+        widths = (16 * width, 32 * width, 64 * width)
+        self.stem = nn.Sequential(
+            nn.Conv2d(channels, widths[0], 3, 1, 1, bias=False), nn.BatchNorm2d(widths[0]), nn.ReLU()
+        )
+        layers, cin = [], widths[0]
+        for stage, cout in enumerate(widths):
+            for block in range(blocks):
+                layers.append(_BasicBlock(cin, cout, 2 if stage > 0 and block == 0 else 1))
+                cin = cout
+        self.layers = nn.Sequential(*layers)
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(cin, num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.layers(self.stem(x)))
+
+
+def _torchvision_resnet(arch: str, channels: int, num_classes: int) -> nn.Module:
+    import torchvision
+
+    model = getattr(torchvision.models, arch)(weights=None, num_classes=num_classes)
+    if channels != 3:
+        model.conv1 = nn.Conv2d(channels, 64, 7, 2, 3, bias=False)
+    return model
+
+
+MODELS: dict[str, ModelInfo] = {
+    "convnet": ModelInfo(lambda c, k, w, s: ConvNet(c, k, w), 64),
+    "lenet-zhu": ModelInfo(lambda c, k, w, s: LeNetZhu(c, k, w), 12),
+    "mlp": ModelInfo(lambda c, k, w, s: MLP(c, k, w, s), 256),
+    **{
+        f"resnet{depth}": ModelInfo(lambda c, k, w, s, depth=depth: CifarResNet(c, k, w, depth), 1)
+        for depth in (20, 32, 44)
+    },
+    **{
+        arch: ModelInfo(lambda c, k, w, s, arch=arch: _torchvision_resnet(arch, c, k), None)
+        for arch in ("resnet18", "resnet50")
+    },
+}
+
+
+def default_width(name: str) -> int | None:
+    require(name in MODELS, "model", name, f"choose one of {', '.join(MODELS)}")
+    return MODELS[name].default_width
+
+
+def build_model(
+    name: str, *, channels: int, num_classes: int, image_size: int, width: int | None = None, seed: int = 0
+) -> nn.Module:
+    """The model ``name`` initialised from ``seed`` (same seed, same weights), in eval mode."""
+    info_width = default_width(name)
+    width = info_width if width is None else width
+    if info_width is not None:
+        require(isinstance(width, int) and width >= 1, "width", width, "use a whole number of at least 1")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = MODELS[name].build(channels, num_classes, width, image_size)
+    return model.eval()

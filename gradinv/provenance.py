@@ -1,0 +1,50 @@
+"""Where a number came from: package versions, commit, device, threads, host."""
+
+from __future__ import annotations
+
+import functools
+import os
+import platform
+import socket
+import subprocess
+from pathlib import Path
+
+import torch
+
+from . import __version__
+
+
+@functools.lru_cache(maxsize=None)
+def commit() -> str:
+    """The project's git commit: $GRADINV_COMMIT (set by the runner for remote workers), else git."""
+    if os.environ.get("GRADINV_COMMIT"):
+        return os.environ["GRADINV_COMMIT"]
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent, capture_output=True, text=True, timeout=5
+        )
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return out.stdout.strip() if out.returncode == 0 else "unknown"
+
+
+def device_name(device: str | torch.device) -> str:
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({platform.processor() or platform.machine()})"
+
+
+def provenance(device: str | torch.device = "cpu") -> dict:
+    import torchvision
+
+    return {
+        "gradinv": __version__,
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "python": platform.python_version(),
+        "commit": commit(),
+        "device": device_name(device),
+        "threads": torch.get_num_threads(),
+        "host": socket.gethostname(),
+    }

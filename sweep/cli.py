@@ -1,0 +1,150 @@
+"""The `gradinv` command line. User mistakes end as one line on stderr and exit code 2."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from gradinv.errors import ConfigError
+
+EXIT_USAGE, EXIT_INTERRUPTED = 2, 130
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line that says where to look, not a usage dump."""
+
+    def error(self, message: str):
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}; see '{self.prog} --help'\n")
+
+
+def _add_trial_flags(parser: argparse.ArgumentParser) -> None:
+    from gradinv.trial import DEFAULTS
+
+    add = parser.add_argument
+    add("--dataset", default=DEFAULTS["dataset"], help="fashion-mnist, faces, photos, mnist, cifar10, cifar100, imagenet")
+    add("--data-root", default=None, help="dataset root (default $GRADINV_DATA)")
+    add("--image", type=int, action="append", dest="images", metavar="INDEX", help="a client image (repeatable)")
+    add("--image-size", type=int, default=None, help="resize images to this side length")
+    add("--labels", default=DEFAULTS["labels"], help="known or recovered")
+    add("--model", default=DEFAULTS["model"])
+    add("--width", type=int, default=None)
+    add("--model-seed", type=int, default=DEFAULTS["model_seed"])
+    add("--trained-epochs", type=int, default=DEFAULTS["trained_epochs"], help="0: untrained; else from the zoo")
+    add("--cache", default=None, help="checkpoint cache (default $GRADINV_CACHE)")
+    add("--fl", default=DEFAULTS["fl"], help="fedsgd or fedavg")
+    add("--local-steps", type=int, default=DEFAULTS["local_steps"])
+    add("--local-lr", type=float, default=DEFAULTS["local_lr"])
+    add("--local-batch-size", type=int, default=DEFAULTS["local_batch_size"], help="0: all images per step")
+    add("--data-order-seed", type=int, default=DEFAULTS["data_order_seed"])
+    add("--attack", default=DEFAULTS["attack"], help="ig, dlg or analytic")
+    add("--iterations", type=int, default=DEFAULTS["iterations"])
+    add("--restarts", type=int, default=DEFAULTS["restarts"])
+    add("--tv", type=float, default=DEFAULTS["tv"])
+    add("--lr", type=float, default=DEFAULTS["lr"])
+    add("--cost", default=DEFAULTS["cost"], help="cosine or l2")
+    add("--attack-seed", type=int, default=DEFAULTS["attack_seed"])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="gradinv", description="Gradient inversion attacks on federated learning, at scale.")
+    verbs = parser.add_subparsers(dest="verb", required=True, parser_class=_Parser)
+
+    attack = verbs.add_parser("attack", help="one reconstruction: images and metrics.json")
+    _add_trial_flags(attack)
+    attack.add_argument("--out", type=Path, required=True, help="output directory")
+    attack.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    attack.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    run = verbs.add_parser("run", help="run a study's trials on Ray into a Parquet results directory")
+    run.add_argument("study", type=Path, help="study file (YAML)")
+    run.add_argument("--results", type=Path, default=None, help="results directory (default results/STUDY_NAME)")
+    run.add_argument("--address", default=None, help="a running Ray cluster (default $RAY_ADDRESS, else local)")
+    run.add_argument("--data-root", default=None, help="dataset root on every node (default $GRADINV_DATA)")
+    run.add_argument("--dry-run", action="store_true", help="print the axes and the trial count; run nothing")
+    run.add_argument("--max-concurrent", type=int, default=None, help="tasks in flight at once")
+    run.add_argument("--retry-failed", action="store_true", help="run failed trials again, replacing their rows")
+    run.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    status = verbs.add_parser("status", help="counts per status and study, and the newest errors")
+    status.add_argument("results", type=Path)
+    return parser
+
+
+def _trial_spec(args: argparse.Namespace):
+    from gradinv.trial import TrialSpec
+
+    return TrialSpec(
+        dataset=args.dataset, images=tuple(args.images or [0]), image_size=args.image_size, labels=args.labels,
+        model=args.model, width=args.width, model_seed=args.model_seed, trained_epochs=args.trained_epochs,
+        fl=args.fl, local_steps=args.local_steps, local_lr=args.local_lr, local_batch_size=args.local_batch_size,
+        data_order_seed=args.data_order_seed, attack=args.attack, iterations=args.iterations,
+        restarts=args.restarts, tv=args.tv, lr=args.lr, cost=args.cost, attack_seed=args.attack_seed,
+    )  # fmt: skip
+
+
+def _run_attack(args: argparse.Namespace) -> int:
+    import torch
+
+    from .single import attack
+
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ConfigError("--threads", args.threads, "use 1 or more")
+        torch.set_num_threads(args.threads)
+    spec = _trial_spec(args)
+    outcome = attack(spec, args.out, data_root=args.data_root, device=args.device)
+    if outcome.status != "ok":
+        print(f"gradinv attack: failed: {outcome.error}", file=sys.stderr)
+        return 1
+    m = outcome.metrics
+    print(f"PSNR {m['psnr']:.2f} dB  SSIM {m['ssim']:.3f}  labels {m['label_accuracy']:.0%}  "
+          f"{outcome.seconds:.1f} s  -> {args.out}")  # fmt: skip
+    return 0
+
+
+def _load_study(path: Path):
+    from .study import load_study
+
+    return load_study(path)
+
+
+def _run_study(args: argparse.Namespace) -> int:
+    from .runner import RunOptions, run_study
+
+    study = _load_study(args.study)
+    if args.dry_run:
+        from .report_text import dry_run
+
+        print(dry_run(study))
+        return 0
+    if args.max_concurrent is not None and args.max_concurrent < 1:
+        raise ConfigError("--max-concurrent", args.max_concurrent, "use 1 or more")
+    options = RunOptions(args.address, args.max_concurrent, args.retry_failed, progress=not args.no_progress)
+    results = args.results or Path("results") / study.name
+    return run_study(study, results, options, data_root_arg=args.data_root)
+
+
+def _status(args: argparse.Namespace) -> int:
+    from .report_text import status
+
+    print(status(args.results))
+    return 0
+
+
+COMMANDS = {"attack": _run_attack, "run": _run_study, "status": _status}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.verb](args)
+    except ConfigError as error:
+        print(f"gradinv {args.verb}: error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print(f"gradinv {args.verb}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,61 @@
+"""`gradinv attack`: one reconstruction, written as metrics.json and a side-by-side PNG."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from gradinv import data
+from gradinv.provenance import provenance
+from gradinv.trial import TrialOutcome, TrialSpec, run_trials
+
+
+def attack(spec: TrialSpec, out: Path, *, data_root=None, device: str = "cpu", victim=None) -> TrialOutcome:
+    """Run one trial with a progress bar and write its files into ``out`` (complete or not at all)."""
+    data.open_dataset(spec.dataset, data_root, image_size=spec.image_size)  # a missing dataset fails here, before any output
+    total = spec.iterations if spec.attack != "analytic" else 1
+    with tqdm(total=total, desc="attack", unit="it", dynamic_ncols=True) as bar:
+
+        def progress(done: int) -> None:
+            bar.update(done - bar.n)
+
+        kwargs = {"victim": victim} if victim is not None else {}
+        outcome = run_trials([spec], data_root=data_root, device=device, on_progress=progress, **kwargs)[0]
+        bar.update(total - bar.n)
+    write_outcome(outcome, out, device)
+    return outcome
+
+
+def metrics_document(outcome: TrialOutcome, device: str) -> dict:
+    return {
+        "status": outcome.status,
+        "error": outcome.error,
+        **outcome.metrics,
+        **{f"{name}_per_image": values for name, values in outcome.per_image.items()},
+        "seconds": outcome.seconds,
+        "restart_scores": outcome.restart_scores,
+        "loss_curve": [{"iteration": i, "cost": c} for i, c in outcome.curve],
+        "config": {k: list(v) if isinstance(v, tuple) else v for k, v in vars(outcome.spec.resolved()).items()},
+        "provenance": provenance(device),
+    }
+
+
+def write_outcome(outcome: TrialOutcome, out: Path, device: str) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    _write_atomic(out / "metrics.json", json.dumps(metrics_document(outcome, device), indent=2).encode())
+    if outcome.reconstruction is not None:
+        picture = data.side_by_side(outcome.truth, outcome.reconstruction)
+        with tempfile.NamedTemporaryFile(dir=out, suffix=".png", delete=False) as handle:
+            picture.save(handle, format="PNG")
+        os.replace(handle.name, out / "reconstruction.png")
+
+
+def _write_atomic(path: Path, content: bytes) -> None:
+    with tempfile.NamedTemporaryFile(dir=path.parent, delete=False) as handle:
+        handle.write(content)
+    os.replace(handle.name, path)
