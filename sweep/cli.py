@@ -64,6 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--max-concurrent", type=int, default=None, help="tasks in flight at once")
     run.add_argument("--retry-failed", action="store_true", help="run failed trials again, replacing their rows")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    run.add_argument("--batch-rows", type=int, default=64, help="write a results file every N finished trials")
+    run.add_argument("--batch-seconds", type=float, default=15.0, help="... or every S seconds")
 
     status = verbs.add_parser("status", help="counts per status and study, and the newest errors")
     status.add_argument("results", type=Path)
@@ -119,7 +121,10 @@ def _run_study(args: argparse.Namespace) -> int:
         return 0
     if args.max_concurrent is not None and args.max_concurrent < 1:
         raise ConfigError("--max-concurrent", args.max_concurrent, "use 1 or more")
-    options = RunOptions(args.address, args.max_concurrent, args.retry_failed, progress=not args.no_progress)
+    if args.batch_rows < 1 or args.batch_seconds <= 0:
+        raise ConfigError("--batch-rows/--batch-seconds", (args.batch_rows, args.batch_seconds), "use positive values")
+    options = RunOptions(args.address, args.max_concurrent, args.retry_failed, args.batch_rows, args.batch_seconds,
+                         progress=not args.no_progress)  # fmt: skip
     results = args.results or Path("results") / study.name
     return run_study(study, results, options, data_root_arg=args.data_root)
 

@@ -1,0 +1,229 @@
+"""`gradinv run`: a study's trials as Ray tasks, their rows in the results directory, exactly once.
+
+The driver alone writes results. It keeps a bounded number of tasks in flight, writes finished rows
+in batches (by count or time), and on Ctrl-C writes what has finished before it exits. Re-running
+the same command skips every key that already has a row.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass
+from itertools import groupby
+from pathlib import Path
+
+from tqdm import tqdm
+
+from gradinv.data import data_root
+from gradinv.provenance import commit
+from gradinv.trial import TrialSpec, lane_signature
+
+from .execution import Pack, failed_outcomes, now, outcome_row, run_pack, where_am_i
+from .results import ResultsDir, trial_key
+from .study import Study
+
+EXIT_OK, EXIT_INCOMPLETE, EXIT_INTERRUPTED = 0, 1, 130
+DEFAULT_LANES = {"cpu": 1, "cuda": 16}
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    address: str | None = None
+    max_concurrent: int | None = None  # tasks in flight; None: twice what the cluster can run at once
+    retry_failed: bool = False
+    flush_rows: int = 64
+    flush_seconds: float = 15.0
+    progress: bool = True
+
+
+def pending_trials(study: Study, statuses: dict[str, str], retry_failed: bool) -> list[tuple[str, TrialSpec]]:
+    """Trials without a row, plus failed ones when asked to retry them."""
+    todo = []
+    for spec in study.trials:
+        key = trial_key(spec)
+        status = statuses.get(key)
+        if status is None or (retry_failed and status == "failed"):
+            todo.append((key, spec))
+    return todo
+
+
+def make_packs(study: Study, todo: list[tuple[str, TrialSpec]], device: str, extra=None) -> list[Pack]:
+    """Group lane-compatible trials into packs of at most ``lanes`` trials, in study order."""
+    lanes = study.lanes or DEFAULT_LANES[device]
+    threads = max(1, int(study.resources.num_cpus))
+    order = {key: i for i, (key, _) in enumerate(todo)}
+    ordered = sorted(todo, key=lambda item: (repr(lane_signature(item[1])), order[item[0]]))
+    packs = []
+    for _, group in groupby(ordered, key=lambda item: repr(lane_signature(item[1]))):
+        group = list(group)
+        for start in range(0, len(group), lanes):
+            chunk = group[start : start + lanes]
+            keys, specs = zip(*chunk)
+            timeout = study.timeout * len(chunk) if study.timeout else None
+            extras = (extra or (lambda spec: {}))(specs[0])
+            packs.append(Pack(study.name, keys, specs, threads, device, timeout, extra=extras))
+    packs.sort(key=lambda pack: min(order[k] for k in pack.keys))
+    return packs
+
+
+def runtime_environment(data_root_arg: str | None) -> dict:
+    """What remote workers need from the driver's environment (not its disk)."""
+    env = {"GRADINV_COMMIT": commit()}
+    root = data_root_arg or os.environ.get("GRADINV_DATA")
+    if root:
+        env["GRADINV_DATA"] = str(Path(root).expanduser().resolve())
+    for name in ("GRADINV_CACHE", "GRADINV_FAULTS"):
+        if os.environ.get(name):
+            env[name] = os.environ[name]
+    return {"env_vars": env}
+
+
+def connect(address: str | None, runtime_env: dict, max_retries: int):
+    """Join the cluster at ``address`` (or $RAY_ADDRESS), else start a local Ray instance."""
+    import ray
+
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    options = dict(runtime_env=runtime_env, include_dashboard=False, log_to_driver=True, logging_level="WARNING")
+    if address is None:
+        # A new local instance ("local": never a stray one found in /tmp/ray). Cap Ray's
+        # out-of-memory retries, unlimited by default, like ours.
+        address = "local"
+        options["_system_config"] = {"task_oom_retries": max_retries}
+    ray.init(address=address, **options)
+    return ray
+
+
+def attempt_ledger_class(ray):
+    @ray.remote(num_cpus=0)
+    class AttemptLedger:
+        """Counts the starts of each pack, so that a retried task knows its attempt number."""
+
+        def __init__(self):
+            self.starts: dict[str, int] = {}
+
+        def begin(self, pack_id: str) -> int:
+            self.starts[pack_id] = self.starts.get(pack_id, 0) + 1
+            return self.starts[pack_id]
+
+    return AttemptLedger
+
+
+def remote_pack(pack: Pack, ledger, checkpoint=None) -> list[dict]:
+    import ray
+
+    attempt = ray.get(ledger.begin.remote(pack.keys[0]))
+    victim = None
+    if checkpoint is not None:
+        from .zoo_tasks import victim_from_checkpoint
+
+        victim = victim_from_checkpoint(checkpoint)
+    return run_pack(pack, attempt, victim=victim)
+
+
+class _Batcher:
+    """Finished rows, written as one file per batch (by count or age) and on every exit path."""
+
+    def __init__(self, results: ResultsDir, rows: int, seconds: float):
+        self.results, self.limit_rows, self.limit_seconds = results, rows, seconds
+        self.rows: list[dict] = []
+        self.since = time.monotonic()
+        self.written = 0
+
+    def add(self, rows: list[dict]) -> None:
+        self.rows += rows
+        if len(self.rows) >= self.limit_rows or time.monotonic() - self.since >= self.limit_seconds:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.rows:
+            self.results.write(self.rows)
+            self.written += len(self.rows)
+        self.rows, self.since = [], time.monotonic()
+
+
+def run_study(study: Study, results_path: str | Path, options: RunOptions, *, data_root_arg: str | None = None,
+              prepare=None) -> int:  # fmt: skip
+    """Run the study's missing trials; the exit code says whether every trial now has a row."""
+    with ResultsDir(results_path) as results:
+        todo = pending_trials(study, results.statuses(), options.retry_failed)
+        if not todo:
+            print(f"all {len(study.trials)} trials of {study.name} already have rows in {results.path}")
+            return EXIT_OK
+        ray = connect(options.address, runtime_environment(data_root_arg), study.max_retries)
+        try:
+            return _drive(ray, study, todo, results, options, prepare)
+        finally:
+            ray.shutdown()
+
+
+def _drive(ray, study: Study, todo, results: ResultsDir, options: RunOptions, prepare) -> int:
+    device = "cuda" if study.resources.num_gpus > 0 else "cpu"
+    checkpoints, extra = (prepare(ray, study, [spec for _, spec in todo]) if prepare else ({}, None))
+    packs = make_packs(study, todo, device, extra)
+    ledger = attempt_ledger_class(ray).remote()
+    task = ray.remote(remote_pack).options(
+        num_cpus=study.resources.num_cpus, num_gpus=study.resources.num_gpus,
+        max_retries=study.max_retries, retry_exceptions=False,
+    )  # fmt: skip
+    capacity = ray.cluster_resources().get("CPU", 1) / max(study.resources.num_cpus, 1e-3)
+    limit = options.max_concurrent or max(2, math.ceil(2 * capacity))
+    batcher = _Batcher(results, options.flush_rows, options.flush_seconds)
+    in_flight: dict = {}
+    queue = list(reversed(packs))
+    failed = 0
+    bar = tqdm(total=len(todo), desc=study.name, unit="trial", disable=not options.progress, dynamic_ncols=True)
+    try:
+        while queue or in_flight:
+            while queue and len(in_flight) < limit:
+                pack = queue.pop()
+                ref = task.remote(pack, ledger, checkpoints.get(_checkpoint_id(pack)))
+                in_flight[ref] = pack
+            done, _ = ray.wait(list(in_flight), num_returns=1, timeout=1.0)
+            for ref in done:
+                rows = _collect(ray, ref, in_flight.pop(ref), study.max_retries)
+                failed += sum(row["status"] == "failed" for row in rows)
+                batcher.add(rows)
+                bar.update(len(rows))
+                bar.set_postfix(failed=failed, refresh=False)
+        batcher.flush()
+    except KeyboardInterrupt:
+        batcher.flush()
+        for ref in in_flight:
+            ray.cancel(ref, force=True)
+        bar.close()
+        print(f"interrupted: {batcher.written} rows written to {results.path}; run the same command to finish")
+        return EXIT_INTERRUPTED
+    bar.close()
+    return _summary(study, results)
+
+
+def _checkpoint_id(pack: Pack):
+    return pack.extra.get("checkpoint_key")
+
+
+def _collect(ray, ref, pack: Pack, max_retries: int) -> list[dict]:
+    """The pack's rows; a task that failed for good (its worker died every time) gives failed rows."""
+    try:
+        return ray.get(ref)
+    except (ray.exceptions.RayError, ray.exceptions.RayTaskError) as error:
+        message = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+        timing = {"started_at": now(), "finished_at": now(), "task_seconds": None}
+        where = {"host": None, **{k: None for k in where_am_i(pack.device)}}
+        return [
+            outcome_row(pack, key, outcome, max_retries + 1, timing, where)
+            for key, outcome in zip(pack.keys, failed_outcomes(pack, message))
+        ]
+
+
+def _summary(study: Study, results: ResultsDir) -> int:
+    statuses = results.statuses()
+    keys = [trial_key(spec) for spec in study.trials]
+    present = [statuses[k] for k in keys if k in statuses]
+    counts = {s: present.count(s) for s in sorted(set(present))}
+    missing = len(keys) - len(present)
+    summary = ", ".join(f"{n} {s}" for s, n in counts.items()) or "no rows"
+    print(f"{study.name}: {len(keys)} trials: {summary}" + (f", {missing} without a row" if missing else ""))
+    print(f"results: {results.path}")
+    return EXIT_OK if missing == 0 else EXIT_INCOMPLETE
