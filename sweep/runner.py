@@ -85,6 +85,9 @@ def connect(address: str | None, runtime_env: dict, max_retries: int):
     import ray
 
     address = address or os.environ.get("RAY_ADDRESS") or None
+    if address is not None and not os.environ.get("RAY_AUTH_MODE") and _token_available():
+        # A driver that names its cluster does not turn token mode on by itself.
+        os.environ["RAY_AUTH_MODE"] = "token"
     options = dict(runtime_env=runtime_env, include_dashboard=False, log_to_driver=True, logging_level="WARNING")
     if address is None:
         # A new local instance ("local": never a stray one found in /tmp/ray). Cap Ray's
@@ -93,6 +96,11 @@ def connect(address: str | None, runtime_env: dict, max_retries: int):
         options["_system_config"] = {"task_oom_retries": max_retries}
     ray.init(address=address, **options)
     return ray
+
+
+def _token_available() -> bool:
+    return bool(os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH")
+                or (Path.home() / ".ray" / "auth_token").exists())  # fmt: skip
 
 
 def attempt_ledger_class(ray):

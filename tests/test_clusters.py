@@ -379,6 +379,7 @@ def test_slurm_script_starts_an_authenticated_gpu_cluster_and_runs_the_study():
     assert "--dashboard-host=127.0.0.1" in head
     for start in (head, worker):
         assert '--num-gpus="$gpus_per_node"' in start
+        assert '--temp-dir="$temp_dir"' in start  # not the shared /tmp/ray
     assert '--exclude="$head_node"' in worker
     assert re.search(r'^gradinv run "\$study" --results "\$results" --address "\$address"', flat, flags=re.MULTILINE)
 
