@@ -20,11 +20,14 @@ $(STAMP): pyproject.toml
 system-packages:
 	@missing=""; \
 	[ -d $(FASHION_MNIST) ] || missing="$$missing dataset-fashion-mnist"; \
+	command -v chromium >/dev/null 2>&1 || missing="$$missing chromium"; \
 	if [ -n "$$missing" ]; then $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq $$missing; fi
 
 demo: setup
-	$(VENV)/bin/gradinv attack --dataset fashion-mnist --image 0 --model convnet --width 32 \
-	    --iterations 1000 --tv 1e-4 --out out/attack-fmnist-0
+	$(VENV)/bin/gradinv run studies/quickstart.yaml --results $(RESULTS)
+	$(VENV)/bin/gradinv status $(RESULTS)
+	$(VENV)/bin/gradinv report $(RESULTS) --out $(RESULTS)/report.html
+	@echo "report: $(RESULTS)/report.html"
 
 test: setup
 	$(PY) -m pytest

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
+from analysis import cli as analysis_cli
 from gradinv.errors import ConfigError
 
 EXIT_USAGE, EXIT_INTERRUPTED = 2, 130
@@ -31,6 +33,7 @@ def _add_trial_flags(parser: argparse.ArgumentParser) -> None:
     add("--width", type=int, default=None)
     add("--model-seed", type=int, default=DEFAULTS["model_seed"])
     add("--trained-epochs", type=int, default=DEFAULTS["trained_epochs"], help="0: untrained; else from the zoo")
+    add("--train-subset", type=int, default=None, help="trained victims: the first N training images")
     add("--cache", default=None, help="checkpoint cache (default $GRADINV_CACHE)")
     add("--fl", default=DEFAULTS["fl"], help="fedsgd or fedavg")
     add("--local-steps", type=int, default=DEFAULTS["local_steps"])
@@ -67,8 +70,25 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--batch-rows", type=int, default=64, help="write a results file every N finished trials")
     run.add_argument("--batch-seconds", type=float, default=15.0, help="... or every S seconds")
 
+    zoo = verbs.add_parser("zoo", help="trained victim checkpoints")
+    zoo_verbs = zoo.add_subparsers(dest="zoo_verb", required=True, parser_class=_Parser)
+    train = zoo_verbs.add_parser("train", help="train a checkpoint (once) into the cache")
+    train.add_argument("--dataset", required=True)
+    train.add_argument("--model", required=True)
+    train.add_argument("--width", type=int, default=None)
+    train.add_argument("--epochs", type=int, required=True)
+    train.add_argument("--model-seed", type=int, default=0)
+    train.add_argument("--train-subset", type=int, default=None, help="the first N training images")
+    train.add_argument("--image-size", type=int, default=None)
+    train.add_argument("--data-root", default=None)
+    train.add_argument("--cache", default=None, help="checkpoint cache (default $GRADINV_CACHE)")
+    train.add_argument("--threads", type=int, default=None)
+    listing = zoo_verbs.add_parser("list", help="the checkpoints in the cache")
+    listing.add_argument("--cache", default=None)
+
     status = verbs.add_parser("status", help="counts per status and study, and the newest errors")
     status.add_argument("results", type=Path)
+    analysis_cli.add_parsers(verbs)
     return parser
 
 
@@ -78,21 +98,27 @@ def _trial_spec(args: argparse.Namespace):
     return TrialSpec(
         dataset=args.dataset, images=tuple(args.images or [0]), image_size=args.image_size, labels=args.labels,
         model=args.model, width=args.width, model_seed=args.model_seed, trained_epochs=args.trained_epochs,
-        fl=args.fl, local_steps=args.local_steps, local_lr=args.local_lr, local_batch_size=args.local_batch_size,
+        train_subset=args.train_subset, fl=args.fl, local_steps=args.local_steps, local_lr=args.local_lr, local_batch_size=args.local_batch_size,
         data_order_seed=args.data_order_seed, attack=args.attack, iterations=args.iterations,
         restarts=args.restarts, tv=args.tv, lr=args.lr, cost=args.cost, attack_seed=args.attack_seed,
     )  # fmt: skip
 
 
-def _run_attack(args: argparse.Namespace) -> int:
+def _set_threads(threads: int | None) -> None:
     import torch
 
+    if threads is not None:
+        if threads < 1:
+            raise ConfigError("--threads", threads, "use 1 or more")
+        torch.set_num_threads(threads)
+
+
+def _run_attack(args: argparse.Namespace) -> int:
     from .single import attack
 
-    if args.threads is not None:
-        if args.threads < 1:
-            raise ConfigError("--threads", args.threads, "use 1 or more")
-        torch.set_num_threads(args.threads)
+    _set_threads(args.threads)
+    if args.cache:
+        os.environ["GRADINV_CACHE"] = args.cache
     spec = _trial_spec(args)
     outcome = attack(spec, args.out, data_root=args.data_root, device=args.device)
     if outcome.status != "ok":
@@ -129,6 +155,32 @@ def _run_study(args: argparse.Namespace) -> int:
     return run_study(study, results, options, data_root_arg=args.data_root)
 
 
+def _zoo(args: argparse.Namespace) -> int:
+    from gradinv import zoo
+
+    if args.zoo_verb == "list":
+        for info in zoo.listing(args.cache):
+            print(f"{info['key']}  accuracy {info['test_accuracy']:.4f}  epochs {info['epochs']}  "
+                  f"seed {info['seed']}  {info['training_seconds']:.0f} s")  # fmt: skip
+        return 0
+    _set_threads(args.threads)
+    recipe = zoo.Recipe(args.dataset, args.model, args.width, args.epochs, args.model_seed, args.train_subset,
+                        args.image_size)  # fmt: skip
+    from tqdm import tqdm
+
+    with tqdm(total=args.epochs, desc=recipe.key, unit="epoch") as bar:
+
+        def epoch_done(epoch: int, loss: float, accuracy: float) -> None:
+            bar.set_postfix(loss=f"{loss:.3f}", accuracy=f"{accuracy:.3f}")
+            bar.update(1)
+
+        checkpoint, trained = zoo.ensure(recipe, args.cache, data_root=args.data_root, on_epoch=epoch_done)
+    info = checkpoint.sidecar
+    how = f"trained in {info['training_seconds']:.1f} s" if trained else "already in the cache"
+    print(f"{recipe.key}: test accuracy {info['test_accuracy']:.4f}, {how} ({zoo.cache_dir(args.cache)})")
+    return 0
+
+
 def _status(args: argparse.Namespace) -> int:
     from .report_text import status
 
@@ -136,7 +188,7 @@ def _status(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"attack": _run_attack, "run": _run_study, "status": _status}
+COMMANDS = {"attack": _run_attack, "run": _run_study, "zoo": _zoo, "status": _status, **analysis_cli.COMMANDS}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,51 @@
+"""The `report` and `export` verbs of the `gradinv` command line.
+
+``add_parsers`` adds them to the main parser's subcommands; ``COMMANDS`` maps each verb to a function
+of the parsed arguments that returns the exit code. User mistakes raise ConfigError (one line, exit 2).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from gradinv.errors import ConfigError
+
+
+def add_parsers(verbs) -> None:
+    from .stats import SUCCESS_PSNR
+
+    report = verbs.add_parser("report", help="one self-contained HTML report of a results directory")
+    report.add_argument("results", type=Path, help="results directory (gradinv run --results DIR)")
+    report.add_argument("--out", type=Path, default=Path("report.html"), help="file to write (default report.html)")
+    report.add_argument("--by", nargs="+", action="extend", metavar="FIELD", default=None,
+                        help="settings to group by (default: every setting that varies)")  # fmt: skip
+    report.add_argument("--threshold", type=float, default=SUCCESS_PSNR,
+                        help=f"PSNR (dB) a successful reconstruction reaches (default {SUCCESS_PSNR:g})")  # fmt: skip
+    report.add_argument("--seed", type=int, default=0, help="seed of the bootstrap intervals")
+    export = verbs.add_parser("export", help="reconstructions and ground truth as PNG files with an index")
+    export.add_argument("results", type=Path, help="results directory (gradinv run --results DIR)")
+    export.add_argument("--to", type=Path, required=True, help="directory to write (created if missing)")
+
+
+def _report(args: argparse.Namespace) -> int:
+    from .report import write_report
+
+    if args.threshold <= 0:
+        raise ConfigError("--threshold", args.threshold, "use a positive PSNR in dB, e.g. 20")
+    out = write_report(args.results, args.out, by=args.by, threshold=args.threshold, seed=args.seed)
+    print(f"report: {out}")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from .export import export
+
+    index = export(args.results, args.to)
+    trials = index["key"].nunique() if len(index) else 0
+    print(f"{len(index)} reconstructions and their ground truth from {trials} trials -> {args.to} "
+          f"(index.csv, index.parquet)")  # fmt: skip
+    return 0
+
+
+COMMANDS = {"report": _report, "export": _export}

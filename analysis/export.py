@@ -1,0 +1,72 @@
+"""`gradinv export`: the reconstructions and their ground truth as PNG files, with an index.
+
+The index (index.csv and index.parquet, the same rows) has one row per reconstructed image: the trial
+key, the image's position in the client's batch and its index in the dataset, both file names
+(relative to the export directory), the image's own scores, the trial's mean PSNR and every setting.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+
+from gradinv.errors import ConfigError
+
+from . import load
+
+IMAGES_DIR = "images"
+PER_IMAGE = ("psnr", "ssim", "mse", "feature_mse")
+
+
+def export(results: str | Path, to: str | Path) -> pd.DataFrame:
+    """Write every finished trial's images under ``to``; returns the index it wrote."""
+    to = Path(to)
+    if to.exists() and not to.is_dir():
+        raise ConfigError("--to", str(to), "name a directory (it is created if missing)")
+    load.result_files(results)  # a missing or empty results directory fails before anything is written
+    (to / IMAGES_DIR).mkdir(parents=True, exist_ok=True)
+    entries = [entry for row in load.iter_image_rows(results) for entry in _write_trial(row, to)]
+    index = pd.DataFrame(entries)
+    _write_index(index, to)
+    return index
+
+
+def _write_trial(row: dict, to: Path) -> list[dict]:
+    settings = {name: _text(value) for name, value in row.items() if _is_setting(name)}
+    images = row.get("images") or []
+    entries = []
+    for position, (truth, recon) in enumerate(zip(row["truth_png"] or [], row["reconstruction_png"] or [])):
+        names = {kind: f"{IMAGES_DIR}/{row['key']}-{position}-{kind}.png" for kind in ("truth", "reconstruction")}
+        (to / names["truth"]).write_bytes(truth)
+        (to / names["reconstruction"]).write_bytes(recon)
+        entries.append({
+            "key": row["key"], "study": row["study"], "candidate": row.get("candidate"), "position": position,
+            "image": images[position] if position < len(images) else None,
+            "truth_file": names["truth"], "reconstruction_file": names["reconstruction"],
+            **{name: _at(row.get(f"{name}_per_image"), position) for name in PER_IMAGE},
+            "trial_psnr": row["psnr"], "label_accuracy": row["label_accuracy"], **settings,
+        })  # fmt: skip
+    return entries
+
+
+def _is_setting(name: str) -> bool:
+    return name not in load.IDENTITY and name not in load.OUTCOMES
+
+
+def _text(value):
+    """List settings (images, layers) as JSON text, so CSV and Parquet hold the same value."""
+    return json.dumps(value) if isinstance(value, list) else value
+
+
+def _at(values, position: int):
+    return values[position] if values and position < len(values) else None
+
+
+def _write_index(index: pd.DataFrame, to: Path) -> None:
+    for name, write in (("index.csv", lambda p: index.to_csv(p, index=False)),
+                        ("index.parquet", lambda p: index.to_parquet(p, index=False))):  # fmt: skip
+        partial = to / f".{name}.tmp"
+        write(partial)
+        partial.replace(to / name)
