@@ -28,23 +28,21 @@ def commit() -> str:
     return out.stdout.strip() if out.returncode == 0 else "unknown"
 
 
-def device_name(device: str | torch.device) -> str:
-    device = torch.device(device)
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
+@functools.lru_cache(maxsize=None)
+def device_name(device: str) -> str:
+    if torch.device(device).type == "cuda":
+        return torch.cuda.get_device_name(torch.device(device))
     return f"cpu ({platform.processor() or platform.machine()})"
 
 
-def provenance(device: str | torch.device = "cpu") -> dict:
+@functools.lru_cache(maxsize=None)
+def _software() -> dict:
     import torchvision
 
-    return {
-        "gradinv": __version__,
-        "torch": torch.__version__,
-        "torchvision": torchvision.__version__,
-        "python": platform.python_version(),
-        "commit": commit(),
-        "device": device_name(device),
-        "threads": torch.get_num_threads(),
-        "host": socket.gethostname(),
-    }
+    return {"gradinv": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__,
+            "python": platform.python_version(), "commit": commit(), "host": socket.gethostname()}  # fmt: skip
+
+
+def provenance(device: str | torch.device = "cpu") -> dict:
+    """Versions, commit and host (looked up once per process), device and the current thread count."""
+    return {**_software(), "device": device_name(str(device)), "threads": torch.get_num_threads()}

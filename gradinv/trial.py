@@ -14,12 +14,12 @@ from typing import Callable, Sequence
 
 import torch
 
-from . import data, metrics, models
+from . import data, metrics, models, zoo
 from .attacks.analytic import first_linear_input
 from .attacks.dlg import deep_leakage
 from .attacks.inverting import AttackResult, IGConfig, invert_gradients
 from .attacks.labels import recover_labels
-from .errors import ConfigError, require
+from .errors import require
 from .fl import FL_MODES, FLConfig, client_update
 
 ATTACKS = ("ig", "dlg", "analytic")
@@ -39,7 +39,8 @@ class TrialSpec:
     model: str = "convnet"
     width: int | None = None  # None: the model's default width
     model_seed: int = 0
-    trained_epochs: int = 0  # 0: the seeded untrained model
+    trained_epochs: int = 0  # 0: the seeded untrained model; else a checkpoint from gradinv.zoo
+    train_subset: int | None = None  # trained victims: the first N training images; None: all
     fl: str = "fedsgd"
     local_steps: int = 1
     local_lr: float = 1e-4
@@ -68,6 +69,7 @@ class TrialSpec:
         models.default_width(self.model)  # validates the name
         require(self.width is None or self.width >= 1, "width", self.width, "use a whole number of at least 1")
         require(self.trained_epochs >= 0, "trained_epochs", self.trained_epochs, "use 0 (untrained) or more")
+        require(self.train_subset is None or self.train_subset >= 1, "train_subset", self.train_subset, "use 1 or more")
         require(self.attack in ATTACKS, "attack", self.attack, f"choose one of {', '.join(ATTACKS)}")
         require(
             self.attack != "analytic" or len(self.images) == 1,
@@ -105,7 +107,14 @@ class TrialSpec:
             names.update(OPTIMISER_FIELDS)
         if models.default_width(self.model) is None:
             names.add("width")
+        if self.trained_epochs == 0:
+            names.add("train_subset")
         return names
+
+    def recipe(self) -> zoo.Recipe:
+        """The checkpoint a trained victim comes from."""
+        return zoo.Recipe(self.dataset, self.model, self.width or models.default_width(self.model),
+                          self.trained_epochs, self.model_seed, self.train_subset, self.image_size)  # fmt: skip
 
     def resolved(self) -> "TrialSpec":
         """The same trial with inapplicable fields at their defaults, so that duplicates collapse."""
@@ -135,7 +144,7 @@ def lane_signature(spec: TrialSpec) -> tuple:
     """Trials with equal signatures share model, shape, client recipe and optimiser schedule."""
     return (
         spec.attack, spec.dataset, spec.image_size, spec.model, spec.width, spec.model_seed, spec.trained_epochs,
-        len(spec.images), spec.fl_config(), spec.ig_config().shared(),
+        spec.train_subset, len(spec.images), spec.fl_config(), spec.ig_config().shared(),
     )  # fmt: skip
 
 
@@ -159,10 +168,12 @@ class TrialOutcome:
 VictimLoader = Callable[[TrialSpec], torch.nn.Module]
 
 
-def untrained_victim(spec: TrialSpec) -> torch.nn.Module:
-    if spec.trained_epochs:
-        raise ConfigError("trained_epochs", spec.trained_epochs, "trained victims come from gradinv.zoo")
-    return build_victim(spec)
+def cached_victim(spec: TrialSpec) -> torch.nn.Module:
+    """The untrained model, or the trained checkpoint from this machine's zoo (trained here if missing)."""
+    if spec.trained_epochs == 0:
+        return build_victim(spec)
+    checkpoint, _ = zoo.ensure(spec.recipe())
+    return checkpoint.model()
 
 
 def build_victim(spec: TrialSpec) -> torch.nn.Module:
@@ -178,7 +189,7 @@ def run_trials(
     *,
     data_root=None,
     device: str | torch.device = "cpu",
-    victim: VictimLoader = untrained_victim,
+    victim: VictimLoader = cached_victim,
     on_progress: Callable[[int], None] | None = None,
     on_checkpoint: Callable[[int, list[float]], None] | None = None,
     deadline: float | None = None,

@@ -29,7 +29,7 @@ LOCK_NAME = ".gradinv.lock"
 
 _PARAMETER_TYPES = {
     "dataset": pa.string(), "images": pa.list_(pa.int32()), "image_size": pa.int32(), "labels": pa.string(),
-    "model": pa.string(), "width": pa.int32(), "model_seed": pa.int64(), "trained_epochs": pa.int32(),
+    "model": pa.string(), "width": pa.int32(), "model_seed": pa.int64(), "trained_epochs": pa.int32(), "train_subset": pa.int32(),
     "fl": pa.string(), "local_steps": pa.int32(), "local_lr": pa.float64(), "local_batch_size": pa.int32(),
     "data_order_seed": pa.int64(), "attack": pa.string(), "iterations": pa.int32(), "restarts": pa.int32(),
     "tv": pa.float64(), "lr": pa.float64(), "cost": pa.string(), "decay": pa.string(), "init": pa.string(),

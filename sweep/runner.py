@@ -20,6 +20,8 @@ from gradinv.data import data_root
 from gradinv.provenance import commit
 from gradinv.trial import TrialSpec, lane_signature
 
+from . import checkpoints
+from .checkpoints import victim_from_checkpoint
 from .execution import Pack, failed_outcomes, now, outcome_row, run_pack, where_am_i
 from .results import ResultsDir, trial_key
 from .study import Study
@@ -49,7 +51,7 @@ def pending_trials(study: Study, statuses: dict[str, str], retry_failed: bool) -
     return todo
 
 
-def make_packs(study: Study, todo: list[tuple[str, TrialSpec]], device: str, extra=None) -> list[Pack]:
+def make_packs(study: Study, todo: list[tuple[str, TrialSpec]], device: str, columns=lambda spec: {}) -> list[Pack]:
     """Group lane-compatible trials into packs of at most ``lanes`` trials, in study order."""
     lanes = study.lanes or DEFAULT_LANES[device]
     threads = max(1, int(study.resources.num_cpus))
@@ -62,8 +64,7 @@ def make_packs(study: Study, todo: list[tuple[str, TrialSpec]], device: str, ext
             chunk = group[start : start + lanes]
             keys, specs = zip(*chunk)
             timeout = study.timeout * len(chunk) if study.timeout else None
-            extras = (extra or (lambda spec: {}))(specs[0])
-            packs.append(Pack(study.name, keys, specs, threads, device, timeout, extra=extras))
+            packs.append(Pack(study.name, keys, specs, threads, device, timeout, extra=columns(specs[0])))
     packs.sort(key=lambda pack: min(order[k] for k in pack.keys))
     return packs
 
@@ -74,9 +75,9 @@ def runtime_environment(data_root_arg: str | None) -> dict:
     root = data_root_arg or os.environ.get("GRADINV_DATA")
     if root:
         env["GRADINV_DATA"] = str(Path(root).expanduser().resolve())
-    for name in ("GRADINV_CACHE", "GRADINV_FAULTS"):
-        if os.environ.get(name):
-            env[name] = os.environ[name]
+    # GRADINV_CACHE stays each node's own: a node's workers inherit it from its `ray start`.
+    if os.environ.get("GRADINV_FAULTS"):
+        env["GRADINV_FAULTS"] = os.environ["GRADINV_FAULTS"]
     return {"env_vars": env}
 
 
@@ -103,29 +104,17 @@ def _token_available() -> bool:
                 or (Path.home() / ".ray" / "auth_token").exists())  # fmt: skip
 
 
-def attempt_ledger_class(ray):
-    @ray.remote(num_cpus=0)
-    class AttemptLedger:
-        """Counts the starts of each pack, so that a retried task knows its attempt number."""
+def current_attempt() -> int:
+    """1 for a task's first run, 2 for its first retry, ... (Ray's core worker counts from 0)."""
+    from ray._private.worker import global_worker
 
-        def __init__(self):
-            self.starts: dict[str, int] = {}
-
-        def begin(self, pack_id: str) -> int:
-            self.starts[pack_id] = self.starts.get(pack_id, 0) + 1
-            return self.starts[pack_id]
-
-    return AttemptLedger
+    return global_worker.core_worker.get_current_task_attempt_number() + 1
 
 
-def remote_pack(pack: Pack, ledger, checkpoint=None) -> list[dict]:
-    import ray
-
-    attempt = ray.get(ledger.begin.remote(pack.keys[0]))
+def remote_pack(pack: Pack, checkpoint=None) -> list[dict]:
+    attempt = current_attempt()
     victim = None
     if checkpoint is not None:
-        from .zoo_tasks import victim_from_checkpoint
-
         victim = victim_from_checkpoint(checkpoint)
     return run_pack(pack, attempt, victim=victim)
 
@@ -151,8 +140,7 @@ class _Batcher:
         self.rows, self.since = [], time.monotonic()
 
 
-def run_study(study: Study, results_path: str | Path, options: RunOptions, *, data_root_arg: str | None = None,
-              prepare=None) -> int:  # fmt: skip
+def run_study(study: Study, results_path: str | Path, options: RunOptions, *, data_root_arg: str | None = None) -> int:
     """Run the study's missing trials; the exit code says whether every trial now has a row."""
     with ResultsDir(results_path) as results:
         todo = pending_trials(study, results.statuses(), options.retry_failed)
@@ -161,16 +149,15 @@ def run_study(study: Study, results_path: str | Path, options: RunOptions, *, da
             return EXIT_OK
         ray = connect(options.address, runtime_environment(data_root_arg), study.max_retries)
         try:
-            return _drive(ray, study, todo, results, options, prepare)
+            return _drive(ray, study, todo, results, options)
         finally:
             ray.shutdown()
 
 
-def _drive(ray, study: Study, todo, results: ResultsDir, options: RunOptions, prepare) -> int:
+def _drive(ray, study: Study, todo, results: ResultsDir, options: RunOptions) -> int:
     device = "cuda" if study.resources.num_gpus > 0 else "cpu"
-    checkpoints, extra = (prepare(ray, study, [spec for _, spec in todo]) if prepare else ({}, None))
-    packs = make_packs(study, todo, device, extra)
-    ledger = attempt_ledger_class(ray).remote()
+    victims = checkpoints.prepare(ray, study.resources.num_cpus, study.max_retries, [s for _, s in todo], options.progress)
+    packs = make_packs(study, todo, device, victims.columns)
     task = ray.remote(remote_pack).options(
         num_cpus=study.resources.num_cpus, num_gpus=study.resources.num_gpus,
         max_retries=study.max_retries, retry_exceptions=False,
@@ -186,9 +173,16 @@ def _drive(ray, study: Study, todo, results: ResultsDir, options: RunOptions, pr
         while queue or in_flight:
             while queue and len(in_flight) < limit:
                 pack = queue.pop()
-                ref = task.remote(pack, ledger, checkpoints.get(_checkpoint_id(pack)))
+                victim_key = pack.extra.get("checkpoint_key")
+                if victim_key in victims.errors:  # no victim, no attack: the trials fail with the reason
+                    batcher.add(_failed_rows(pack, victims.errors[victim_key], attempt=1))
+                    bar.update(len(pack.keys))
+                    continue
+                ref = task.remote(pack, victims.refs.get(victim_key))
                 in_flight[ref] = pack
             done, _ = ray.wait(list(in_flight), num_returns=1, timeout=1.0)
+            if done:  # take everything else that is ready too: one wait per burst, not per task
+                done, _ = ray.wait(list(in_flight), num_returns=len(in_flight), timeout=0)
             for ref in done:
                 rows = _collect(ray, ref, in_flight.pop(ref), study.max_retries)
                 failed += sum(row["status"] == "failed" for row in rows)
@@ -207,22 +201,21 @@ def _drive(ray, study: Study, todo, results: ResultsDir, options: RunOptions, pr
     return _summary(study, results)
 
 
-def _checkpoint_id(pack: Pack):
-    return pack.extra.get("checkpoint_key")
-
-
 def _collect(ray, ref, pack: Pack, max_retries: int) -> list[dict]:
     """The pack's rows; a task that failed for good (its worker died every time) gives failed rows."""
     try:
         return ray.get(ref)
-    except (ray.exceptions.RayError, ray.exceptions.RayTaskError) as error:
+    except ray.exceptions.RayError as error:
         message = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
-        timing = {"started_at": now(), "finished_at": now(), "task_seconds": None}
-        where = {"host": None, **{k: None for k in where_am_i(pack.device)}}
-        return [
-            outcome_row(pack, key, outcome, max_retries + 1, timing, where)
-            for key, outcome in zip(pack.keys, failed_outcomes(pack, message))
-        ]
+        return _failed_rows(pack, message, attempt=max_retries + 1)
+
+
+def _failed_rows(pack: Pack, message: str, attempt: int) -> list[dict]:
+    """Rows for trials that never produced their own (the task died for good, or had no victim)."""
+    timing = {"started_at": now(), "finished_at": now(), "task_seconds": None}
+    where = {name: None for name in where_am_i(pack.device)}
+    return [outcome_row(pack, key, outcome, attempt, timing, where)
+            for key, outcome in zip(pack.keys, failed_outcomes(pack, message))]  # fmt: skip
 
 
 def _summary(study: Study, results: ResultsDir) -> int:

@@ -12,20 +12,20 @@ from tqdm import tqdm
 
 from gradinv import data
 from gradinv.provenance import provenance
-from gradinv.trial import TrialOutcome, TrialSpec, run_trials
+from gradinv.trial import TrialOutcome, TrialSpec, cached_victim, run_trials
 
 
-def attack(spec: TrialSpec, out: Path, *, data_root=None, device: str = "cpu", victim=None) -> TrialOutcome:
+def attack(spec: TrialSpec, out: Path, *, data_root=None, device: str = "cpu") -> TrialOutcome:
     """Run one trial with a progress bar and write its files into ``out`` (complete or not at all)."""
     data.open_dataset(spec.dataset, data_root, image_size=spec.image_size)  # a missing dataset fails here, before any output
+    model = cached_victim(spec)  # so does a broken checkpoint; a missing one is trained first
     total = spec.iterations if spec.attack != "analytic" else 1
     with tqdm(total=total, desc="attack", unit="it", dynamic_ncols=True) as bar:
 
         def progress(done: int) -> None:
             bar.update(done - bar.n)
 
-        kwargs = {"victim": victim} if victim is not None else {}
-        outcome = run_trials([spec], data_root=data_root, device=device, on_progress=progress, **kwargs)[0]
+        outcome = run_trials([spec], data_root=data_root, device=device, on_progress=progress, victim=lambda _: model)[0]
         bar.update(total - bar.n)
     write_outcome(outcome, out, device)
     return outcome

@@ -14,6 +14,8 @@ def linear_input(weight_grad: torch.Tensor, bias_grad: torch.Tensor) -> torch.Te
     The row with the largest |dL/db_i| is the best conditioned.
     """
     row = int(bias_grad.abs().argmax())
+    if bias_grad[row] == 0:
+        raise ValueError("every bias gradient of the layer is zero (all its units inactive): nothing to recover")
     return weight_grad[row] / bias_grad[row]
 
 

@@ -1,0 +1,200 @@
+"""Trained victims: checkpoints identified by a content key, cached on each machine, trained once.
+
+A checkpoint is ``KEY.pt`` (a state dict, loaded with ``weights_only=True``) beside ``KEY.json``
+(test accuracy, epochs, seed, training seconds, torch version, the recipe). Both are written under
+temporary names and renamed, the sidecar last, so a crash leaves no half-written checkpoint. A file
+lock per key makes concurrent processes that miss the same checkpoint train it once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import json
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import filelock
+import torch
+import torch.nn.functional as F
+
+from . import data, models
+from .errors import ConfigError, require
+
+RECIPE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Everything that determines a checkpoint's weights."""
+
+    dataset: str
+    model: str
+    width: int | None
+    epochs: int
+    model_seed: int = 0
+    train_subset: int | None = None  # the first N training images; None: all of them
+    image_size: int | None = None
+    batch_size: int = 128
+    lr: float = 0.05  # SGD with Nesterov momentum 0.9, weight decay 5e-4, linear decay to 0
+    version: int = RECIPE_VERSION
+
+    def __post_init__(self):
+        data.dataset_spec(self.dataset)
+        models.default_width(self.model)
+        require(self.epochs >= 1, "epochs", self.epochs, "train for at least 1 epoch (0 is the untrained model)")
+        require(self.train_subset is None or self.train_subset >= 1, "train_subset", self.train_subset, "use 1 or more")
+
+    @property
+    def key(self) -> str:
+        canonical = json.dumps(dataclasses.asdict(self), sort_keys=True, separators=(",", ":"))
+        return f"{self.model}-{self.dataset}-e{self.epochs}-" + hashlib.sha256(canonical.encode()).hexdigest()[:12]
+
+    def untrained(self) -> torch.nn.Module:
+        spec = data.dataset_spec(self.dataset)
+        return models.build_model(
+            self.model, channels=spec.channels, num_classes=spec.num_classes,
+            image_size=self.image_size or spec.size, width=self.width, seed=self.model_seed,
+        )  # fmt: skip
+
+
+def cache_dir(explicit: str | os.PathLike | None = None) -> Path:
+    """The checkpoint cache of this machine: the argument, else $GRADINV_CACHE, else ~/.cache/gradinv/zoo."""
+    root = explicit or os.environ.get("GRADINV_CACHE") or Path.home() / ".cache" / "gradinv" / "zoo"
+    return Path(root).expanduser()
+
+
+@dataclass
+class Checkpoint:
+    recipe: Recipe
+    state: dict[str, torch.Tensor]
+    sidecar: dict
+
+    def model(self) -> torch.nn.Module:
+        model = self.recipe.untrained()
+        model.load_state_dict(self.state)
+        return model.eval()
+
+    def to_bytes(self) -> bytes:
+        buffer = io.BytesIO()
+        torch.save(self.state, buffer)
+        return buffer.getvalue()
+
+
+def paths(recipe: Recipe, cache: Path) -> tuple[Path, Path]:
+    return cache / f"{recipe.key}.pt", cache / f"{recipe.key}.json"
+
+
+def load(recipe: Recipe, cache: str | os.PathLike | None = None) -> Checkpoint | None:
+    """The cached checkpoint, or None when it has not been trained on this machine."""
+    weights, sidecar = paths(recipe, cache_dir(cache))
+    if not sidecar.exists():
+        return None
+    try:
+        state = torch.load(weights, map_location="cpu", weights_only=True)
+        info = json.loads(sidecar.read_text())
+        recipe.untrained().load_state_dict(state)
+    except Exception as error:  # noqa: BLE001 - any unreadable file gets the same advice
+        raise ConfigError(
+            "checkpoint", str(weights),
+            f"it is unreadable ({type(error).__name__}); delete {weights.name} and {sidecar.name} and run "
+            f"'gradinv zoo train --dataset {recipe.dataset} --model {recipe.model} --epochs {recipe.epochs} "
+            f"--model-seed {recipe.model_seed}' (or the study) again to rebuild it",
+        ) from None  # fmt: skip
+    return Checkpoint(recipe, state, info)
+
+
+def store(checkpoint: Checkpoint, cache: str | os.PathLike | None = None) -> None:
+    """Write a checkpoint into this machine's cache (weights first, then the sidecar that marks it done)."""
+    root = cache_dir(cache)
+    root.mkdir(parents=True, exist_ok=True)
+    weights, sidecar = paths(checkpoint.recipe, root)
+    _write_atomic(weights, checkpoint.to_bytes())
+    _write_atomic(sidecar, json.dumps(checkpoint.sidecar, indent=2).encode())
+
+
+def from_bytes(recipe: Recipe, payload: bytes, sidecar: dict) -> Checkpoint:
+    state = torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
+    return Checkpoint(recipe, state, sidecar)
+
+
+def ensure(
+    recipe: Recipe,
+    cache: str | os.PathLike | None = None,
+    *,
+    data_root=None,
+    on_epoch: Callable[[int, float, float], None] | None = None,
+) -> tuple[Checkpoint, bool]:
+    """The checkpoint, trained here if no process has yet; returns it and whether this call trained it."""
+    root = cache_dir(cache)
+    root.mkdir(parents=True, exist_ok=True)
+    with filelock.FileLock(str(root / f"{recipe.key}.lock")):
+        found = load(recipe, root)
+        if found is not None:
+            return found, False
+        checkpoint = train(recipe, data_root=data_root, on_epoch=on_epoch)
+        store(checkpoint, root)
+        return checkpoint, True
+
+
+def train(recipe: Recipe, *, data_root=None, on_epoch=None) -> Checkpoint:
+    """Train from the seeded initialisation; deterministic for a seed on the CPU."""
+    start = time.perf_counter()
+    spec = data.dataset_spec(recipe.dataset)
+    model = recipe.untrained().train()
+    train_set = data.open_dataset(recipe.dataset, data_root, split="train", image_size=recipe.image_size)
+    if recipe.train_subset is not None:
+        train_set = torch.utils.data.Subset(train_set, range(min(recipe.train_subset, len(train_set))))
+    order = torch.Generator().manual_seed(recipe.model_seed)
+    loader = torch.utils.data.DataLoader(train_set, batch_size=recipe.batch_size, shuffle=True, generator=order)
+    optimiser = torch.optim.SGD(model.parameters(), lr=recipe.lr, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    steps = recipe.epochs * len(loader)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimiser, lambda step: 1 - step / steps)
+    for epoch in range(recipe.epochs):
+        seen, loss_sum, correct = 0, 0.0, 0
+        for images, labels in loader:
+            logits = model(data.normalise(images, spec))
+            loss = F.cross_entropy(logits, labels)
+            optimiser.zero_grad(set_to_none=True)
+            loss.backward()
+            optimiser.step()
+            schedule.step()
+            seen += len(labels)
+            loss_sum += loss.item() * len(labels)
+            correct += int((logits.argmax(1) == labels).sum())
+        if on_epoch is not None:
+            on_epoch(epoch + 1, loss_sum / seen, correct / seen)
+    model.eval()
+    sidecar = {
+        "key": recipe.key, "test_accuracy": test_accuracy(model, recipe, data_root), "epochs": recipe.epochs,
+        "seed": recipe.model_seed, "training_seconds": time.perf_counter() - start, "torch": torch.__version__,
+        "recipe": dataclasses.asdict(recipe),
+    }  # fmt: skip
+    return Checkpoint(recipe, {k: v.detach().clone() for k, v in model.state_dict().items()}, sidecar)
+
+
+def test_accuracy(model: torch.nn.Module, recipe: Recipe, data_root=None) -> float:
+    """The fraction of the test split classified correctly."""
+    spec = data.dataset_spec(recipe.dataset)
+    test_set = data.open_dataset(recipe.dataset, data_root, split="test", image_size=recipe.image_size)
+    correct = 0
+    with torch.no_grad():
+        for images, labels in torch.utils.data.DataLoader(test_set, batch_size=500):
+            correct += int((model(data.normalise(images, spec)).argmax(1) == labels).sum())
+    return correct / len(test_set)
+
+
+def listing(cache: str | os.PathLike | None = None) -> list[dict]:
+    root = cache_dir(cache)
+    return [json.loads(p.read_text()) for p in sorted(root.glob("*.json"))] if root.is_dir() else []
+
+
+def _write_atomic(path: Path, content: bytes) -> None:
+    with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", delete=False) as handle:
+        handle.write(content)
+    os.replace(handle.name, path)
