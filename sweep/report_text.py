@@ -26,18 +26,32 @@ def dry_run(study: Study) -> str:
     return "\n".join(lines)
 
 
+SUMMARY_BY = ["dataset", "trained_epochs", "fl", "local_steps", "images_per_client"]
+
+
+def psnr_table(frame) -> list[str]:
+    """Mean PSNR of the finished trials per setting, the settings that vary only."""
+    ok = frame[frame["status"] == "ok"]
+    varying = [c for c in SUMMARY_BY if ok[c].nunique(dropna=False) > 1]
+    if ok.empty or not varying:
+        return []
+    grouped = ok.groupby(varying, dropna=False)["psnr"].agg(["count", "mean", "std"]).round(2)
+    return ["mean PSNR (dB) of ok trials:", grouped.to_string(), ""]
+
+
 def status(path: Path, newest_errors: int = 5) -> str:
     if not path.is_dir():
         raise ConfigError("results", str(path), "name an existing results directory (gradinv run --results DIR)")
     results = ResultsDir.__new__(ResultsDir)  # read-only: no lock, no repair
     results.path = path
-    table = results.read(["study", "key", "status", "error", "finished_at"])
+    table = results.read(["study", "key", "status", "error", "finished_at", *SUMMARY_BY, "psnr"])
     if table.num_rows == 0:
         return f"{path}: no rows yet"
     lines = [f"{path}: {table.num_rows} rows in {len(results.files())} files"]
     frame = table.to_pandas()
     counts = frame.groupby(["study", "status"]).size().unstack(fill_value=0)
     lines += ["", counts.to_string(), ""]
+    lines += psnr_table(frame)
     failed = table.filter(pc.equal(table["status"], "failed")).to_pandas().sort_values("finished_at", ascending=False)
     if len(failed):
         lines.append(f"newest errors ({min(newest_errors, len(failed))} of {len(failed)}):")

@@ -200,6 +200,8 @@ def load_study(path: str | Path) -> Study:
         check.fail(("tune",), "expected a mapping")
     trials, collapsed = _expand(check, data, fixed, grid, zipped)
     axes = {**grid, **{f"zip:{k}": v for k, v in zipped.items()}}
+    if isinstance(data["dataset"], list):
+        axes = {"dataset": data["dataset"], **axes}
     return Study(name, str(path), tuple(trials), collapsed, axes, resources, max_retries, timeout, lanes, tune, lines)
 
 
@@ -233,16 +235,24 @@ def _points(grid: dict, zipped: dict):
             yield {**dict(zip(grid_names, combination)), **dict(zip(zip_names, row))}
 
 
+def _datasets(check: _Checker, data: dict) -> list[str]:
+    """``data.dataset``: one name, or a list of names that acts as the outermost axis."""
+    names = data["dataset"] if isinstance(data["dataset"], list) else [data["dataset"]]
+    if not names:
+        check.fail(("data", "dataset"), "expected a dataset name or a non-empty list of them")
+    return [_coerce(check, "dataset", name, ("data", "dataset")) for name in names]
+
+
 def _expand(check: _Checker, data: dict, fixed: dict, grid: dict, zipped: dict) -> tuple[list[TrialSpec], int]:
     indices = _image_indices(check, data)
     base = {
-        "dataset": _coerce(check, "dataset", data["dataset"], ("data", "dataset")),
         "labels": _coerce(check, "labels", data.get("labels", "known"), ("data", "labels")),
         "image_size": _coerce(check, "image_size", data.get("image_size"), ("data", "image_size")),
     }
     trials, seen = [], set()
     points = 0
-    for point in _points(grid, zipped):
+    for dataset, point in itertools.product(_datasets(check, data), list(_points(grid, zipped))):
+        base["dataset"] = dataset
         settings = {**fixed, **point}
         where = {name: ("grid" if name in grid else "zip" if name in zipped else "fixed", name) for name in settings}
         values = {}
