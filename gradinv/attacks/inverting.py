@@ -121,6 +121,43 @@ def initial_images(shape: Sequence[int], restarts: int, init: str, seed: int) ->
     return torch.zeros(full)
 
 
+class LaneObjective:
+    """The attack's cost for ``L`` lanes x ``R`` restarts, batched over runs with ``vmap``.
+
+    Runs are lane-major (lane 0's restarts first). Each run's gradient flows only into its images.
+    """
+
+    def __init__(self, model: nn.Module, updates: Sequence[ClientUpdate], labels: torch.Tensor,
+                 configs: Sequence[IGConfig]):  # fmt: skip
+        require(len({c.shared() for c in configs}) == 1, "lanes", len(configs), "pack only trials with equal shared settings")
+        config = configs[0]
+        self.restarts = config.restarts
+        params, buffers = model_state(model)
+        fl = updates[0].fl
+        schedule = minibatch_schedule(updates[0].num_images, fl)
+        weights = layer_weights(len(params), config.layer_weighting, config.layers)
+        self.targets = [self.per_run(torch.stack([u.tensors[i] for u in updates])) for i in range(len(params))]
+        self.labels = self.per_run(labels)
+        self.tv_weights = self.per_run(torch.tensor([c.tv for c in configs], device=labels.device))
+
+        def costs(x, target, y, tv_weight):
+            update = parameter_update(model, params, buffers, x, y, fl, schedule)
+            match = gradient_cost(update, target, weights, config.cost)
+            return match + tv_weight * total_variation(x), match
+
+        self.cost_gradient = vmap(grad_and_value(costs, has_aux=True))
+        self.match = vmap(lambda x, target, y: costs(x, target, y, 0.0)[1])
+
+    def per_run(self, per_lane: torch.Tensor) -> torch.Tensor:
+        """``[L, ...]`` to ``[L * R, ...]``."""
+        return per_lane.repeat_interleave(self.restarts, dim=0)
+
+    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The image gradient of the full cost, the full cost and the gradient cost alone, per run."""
+        image_grad, (total, match) = self.cost_gradient(x, self.targets, self.labels, self.tv_weights)
+        return image_grad, total, match
+
+
 def invert_gradients(
     model: nn.Module,
     updates: Sequence[ClientUpdate],
@@ -143,31 +180,12 @@ def invert_gradients(
     iterations (and may raise to stop); ``on_progress(done)`` every 1 % of the iterations.
     """
     lanes = len(updates)
-    require(len({c.shared() for c in configs}) == 1, "lanes", len(configs), "pack only trials with equal shared settings")
     config = configs[0]
     restarts, runs = config.restarts, lanes * config.restarts
     device = labels.device
-    params, buffers = model_state(model)
-    fl = updates[0].fl
-    schedule = minibatch_schedule(image_shape[0], fl)
-    weights = layer_weights(len(params), config.layer_weighting, config.layers)
-
-    def per_run(repeat: torch.Tensor) -> torch.Tensor:  # [L, ...] -> [L * R, ...], lane-major
-        return repeat.repeat_interleave(restarts, dim=0)
-
-    targets = [per_run(torch.stack([u.tensors[i] for u in updates])) for i in range(len(params))]
-    run_labels = per_run(labels)
-    tv_weights = per_run(torch.tensor([c.tv for c in configs], device=device))
-    step_sizes = per_run(torch.tensor([c.lr for c in configs], device=device)).view(runs, 1, 1, 1, 1)
+    objective = LaneObjective(model, updates, labels, configs)
+    step_sizes = objective.per_run(torch.tensor([c.lr for c in configs], device=device)).view(runs, 1, 1, 1, 1)
     lower, upper = (bound.to(device) for bound in box)
-
-    def costs(x, target, y, tv_weight):
-        update = parameter_update(model, params, buffers, x, y, fl, schedule)
-        match = gradient_cost(update, target, weights, config.cost)
-        return match + tv_weight * total_variation(x), match
-
-    cost_gradient = vmap(grad_and_value(costs, has_aux=True))
-    match_only = vmap(lambda x, target, y: costs(x, target, y, 0.0)[1])
 
     x = torch.cat([initial_images(image_shape, restarts, config.init, seed) for seed in seeds]).to(device)
     x = torch.maximum(torch.minimum(x, upper), lower)
@@ -178,7 +196,7 @@ def invert_gradients(
     curve: list[tuple[int, list[float]]] = []
     start = time.perf_counter()
     for iteration in range(config.iterations):
-        image_grad, (_, match) = cost_gradient(x, targets, run_labels, tv_weights)
+        image_grad, _, match = objective(x)
         step = image_grad.sign() if config.signed else image_grad
         adam_m.mul_(beta1).add_(step, alpha=1 - beta1)
         adam_v.mul_(beta2).addcmul_(step, step, value=1 - beta2)
@@ -198,7 +216,7 @@ def invert_gradients(
             if on_checkpoint is not None:
                 on_checkpoint(done, best)
     with torch.no_grad():
-        scores = _finite(match_only(x, targets, run_labels)).view(lanes, restarts)
+        scores = _finite(objective.match(x, objective.targets, objective.labels)).view(lanes, restarts)
     winners = scores.argmin(dim=1)
     images = x.view(lanes, restarts, *image_shape)[torch.arange(lanes, device=device), winners]
     return AttackResult(images.detach(), scores.cpu(), curve, time.perf_counter() - start)

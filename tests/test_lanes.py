@@ -1,0 +1,75 @@
+"""Lanes: L trials in one computation agree with the same trials run one at a time."""
+
+import dataclasses
+
+import pandas as pd
+import pytest
+import torch
+
+from gradinv import data
+from gradinv.attacks.inverting import LaneObjective
+from gradinv.trial import TrialSpec, build_victim, run_trials
+from sweep.cli import main
+
+BASE = TrialSpec(dataset="faces", image_size=12, model="convnet", width=4, iterations=60)
+
+
+def lane_inputs(spec: TrialSpec, lanes: int):
+    model = build_victim(spec)
+    updates, labels = [], []
+    from gradinv.fl import client_update
+
+    for lane in range(lanes):
+        indices = tuple(i + lane * len(spec.images) for i in spec.images)
+        images01, y = data.load_images(spec.dataset, indices, image_size=spec.image_size)
+        updates.append(client_update(model, data.normalise(images01, spec.data_spec), y, spec.fl_config()))
+        labels.append(y)
+    return model, updates, torch.stack(labels)
+
+
+@pytest.mark.parametrize("settings", [dict(), dict(fl="fedavg", local_steps=3, local_lr=0.05, images=(0, 1),
+                                                    local_batch_size=1)])  # fmt: skip
+def test_each_lane_matches_its_own_single_lane_computation(settings):
+    spec = dataclasses.replace(BASE, restarts=2, **settings)
+    lanes = 4
+    model, updates, labels = lane_inputs(spec, lanes)
+    configs = [dataclasses.replace(spec.ig_config(), tv=10.0 ** -(lane + 2)) for lane in range(lanes)]
+    x = torch.randn(lanes * spec.restarts, len(spec.images), 1, 12, 12, generator=torch.Generator().manual_seed(1))
+    packed_grad, packed_total, _ = LaneObjective(model, updates, labels, configs)(x)
+    for lane in range(lanes):
+        own = slice(lane * spec.restarts, (lane + 1) * spec.restarts)
+        alone = LaneObjective(model, updates[lane : lane + 1], labels[lane : lane + 1], configs[lane : lane + 1])
+        grad, total, _ = alone(x[own])
+        assert torch.allclose(packed_total[own], total, rtol=0, atol=1e-5)
+        assert torch.allclose(packed_grad[own], grad, rtol=0, atol=1e-5)
+
+
+def test_packed_trials_reach_the_same_reconstructions_as_single_runs():
+    specs = [dataclasses.replace(BASE, images=(i,), attack_seed=i) for i in range(8)]
+    packed = run_trials(specs)
+    alone = [run_trials([spec])[0] for spec in specs]
+    gaps = [abs(p.metrics["psnr"] - a.metrics["psnr"]) for p, a in zip(packed, alone)]
+    mean_packed = sum(p.metrics["psnr"] for p in packed) / 8
+    mean_alone = sum(a.metrics["psnr"] for a in alone) / 8
+    assert abs(mean_packed - mean_alone) < 0.5, (mean_packed, mean_alone, max(gaps))
+    assert all(p.lanes == 8 for p in packed) and all(a.lanes == 1 for a in alone)
+
+
+def test_a_study_packed_into_lanes_agrees_with_one_lane_per_task(write_study, tmp_path):
+    text = """
+        name: lanes
+        data: {{dataset: faces, images: 8, image_size: 12}}
+        fixed: {{model: convnet, width: 4, iterations: 60}}
+        resources: {{num_cpus: 1}}
+        lanes: {lanes}
+    """
+    frames = {}
+    for lanes in (1, 4):
+        results = tmp_path / f"lanes-{lanes}"
+        study = write_study(text.format(lanes=lanes), name=f"lanes-{lanes}.yaml")
+        assert main(["run", str(study), "--results", str(results), "--no-progress"]) == 0
+        frames[lanes] = pd.read_parquet(results).set_index("key").sort_index()
+    single, packed = frames[1], frames[4]
+    assert list(single.index) == list(packed.index)  # lanes are an execution setting: same keys
+    assert set(packed["lanes"]) == {4} and set(single["lanes"]) == {1}
+    assert abs(packed["psnr"].mean() - single["psnr"].mean()) < 0.5
