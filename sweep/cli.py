@@ -10,6 +10,8 @@ from pathlib import Path
 from analysis import cli as analysis_cli
 from gradinv.errors import ConfigError
 
+from . import tuning
+
 EXIT_USAGE, EXIT_INTERRUPTED = 2, 130
 
 
@@ -88,6 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     status = verbs.add_parser("status", help="counts per status and study, and the newest errors")
     status.add_argument("results", type=Path)
+    tuning.add_parser(verbs)
     analysis_cli.add_parsers(verbs)
     return parser
 
@@ -188,7 +191,8 @@ def _status(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"attack": _run_attack, "run": _run_study, "zoo": _zoo, "status": _status, **analysis_cli.COMMANDS}
+COMMANDS = {"attack": _run_attack, "run": _run_study, "zoo": _zoo, "tune": lambda args: tuning.command(args),
+            "status": _status, **analysis_cli.COMMANDS}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:

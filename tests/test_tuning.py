@@ -1,0 +1,195 @@
+"""`gradinv tune`: one-line errors for bad tune sections, pruning that stops weak candidates early,
+and a driver killed mid-search that resumes without losing or double-counting a candidate."""
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import optuna
+import pandas as pd
+import pytest
+
+from sweep.results import ResultsDir
+from sweep.study import load_study
+from sweep.tuning import JOURNAL_NAME, main, paired_bootstrap, trial_specs, tune_settings, tune_study
+
+REPO = Path(__file__).resolve().parent.parent
+
+TINY = """
+name: tiny-tune
+data: {{dataset: faces, images: 6, image_size: 8}}
+fixed: {{model: convnet, width: 2}}
+resources: {{num_cpus: 1}}
+max_retries: 1
+tune:
+  budget: {budget}
+  candidates: {candidates}
+  parallel: 2
+  tuning_images: 3
+  held_out_images: 3
+  sampler: {{name: random, seed: 3}}
+  pruner: {{name: median, startup: 1}}
+  space:
+    lr: [1.0e-4, 0.3]
+    restarts: [1, 2]
+    cost: [cosine, l2]
+"""
+
+
+@pytest.fixture
+def ray_tmpdir(monkeypatch):
+    """A short private temp dir for Ray's sessions (socket paths are length-limited), removed after."""
+    path = tempfile.mkdtemp(prefix="gt")
+    monkeypatch.setenv("RAY_TMPDIR", path)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def stop_group(process: subprocess.Popen) -> None:
+    """SIGKILL the driver's process group: it and the local Ray instance it started."""
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:  # the group already ended
+        pass
+    process.communicate()
+
+
+def journal(results: Path, name: str = "tiny-tune") -> optuna.Study:
+    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(results / JOURNAL_NAME)))
+    return optuna.load_study(study_name=name, storage=storage)
+
+
+BASE = "name: x\ndata: {dataset: faces, images: 6, image_size: 8}\nfixed: {model: convnet, width: 2}\ntune:\n"
+BAD = [
+    ("  space:\n    momentum: [0.1, 0.9]\n", ":6: tune.space.momentum: unknown parameter"),
+    ("  space:\n    tv: []\n", ":6: tune.space.tv: empty range"),
+    ("  space:\n    tv: [1.0e-3, 1.0e-3]\n", ":6: tune.space.tv: empty range"),
+    ("  space:\n    tv: [0, 1.0e-1]\n", ":6: tune.space.tv: a log-uniform range needs low > 0"),
+    ("  space:\n    lr: [0.5, 0.1]\n", ":6: tune.space.lr: low 0.5 is above high 0.1"),
+    ("  space:\n    decay: [step, linear]\n", ":6: tune.space.decay.1: 'linear'"),
+    ("  space:\n    restarts: [1, 200]\n  budget: 100\n", ":6: tune.space.restarts.1: 200 restarts leave under 8"),
+    ("  sampler: annealing\n  space: {tv: [1.0e-6, 1.0e-1]}\n", ":5: tune.sampler: unknown sampler 'annealing'"),
+    ("  sampler: {name: grid}\n  space: {tv: [1.0e-6, 1.0e-1]}\n", ":5: tune.sampler.name: unknown sampler 'grid'"),
+    ("  pruner: hyperband\n  space: {tv: [1.0e-6, 1.0e-1]}\n", ":5: tune.pruner: unknown pruner 'hyperband'"),
+    ("  pruner: {name: median, warmup: 0.1}\n  space: {tv: [1.0e-6, 1.0e-1]}\n", ":5: tune.pruner.warmup: 0.1"),
+    ("  objective: mse\n  space: {tv: [1.0e-6, 1.0e-1]}\n", ":5: tune.objective: 'mse'"),
+    ("  tuning_images: [0, 1]\n  held_out_images: [1, 2]\n  space: {tv: [1.0e-6, 1.0e-1]}\n",
+     ":6: tune.held_out_images: shares images [1]"),  # fmt: skip
+    ("  tuning_images: 4\n  held_out_images: 4\n  space: {tv: [1.0e-6, 1.0e-1]}\n", ":6: tune.held_out_images: needs 4"),
+    ("  space: {tv: [1.0e-6, 1.0e-1]}\n  candidates: 0\n", ":6: tune.candidates: must be at least 1"),
+    ("  colour: blue\n", ":5: tune.colour: unknown key"),
+]
+
+
+@pytest.mark.parametrize("section, message", BAD, ids=[m.split(": ")[1] + ":" + m.split(": ")[-1][:20] for _, m in BAD])
+def test_a_bad_tune_section_is_one_line_naming_file_line_and_field(section, message, write_study, tmp_path, capsys):
+    path = write_study(BASE + section)
+    results = tmp_path / "results"
+    assert main([str(path), "--results", str(results)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert f"{path}{message}" in err[0]
+    assert not results.exists()  # nothing started, nothing written
+
+
+def test_fixed_and_searched_in_one_place_and_budget_shared_by_restarts(write_study, capsys):
+    path = write_study(BASE.replace("width: 2}", "width: 2, tv: 0.01}") + "  space: {tv: [1.0e-6, 1.0e-1]}\n")
+    assert main([str(path)]) == 2
+    assert ":5: tune.space.tv: is also in 'fixed'" in capsys.readouterr().err
+    settings = tune_settings(load_study(write_study(TINY.format(budget=60, candidates=4))))
+    assert settings.tuning == ((0,), (1,), (2,)) and settings.held_out == ((3,), (4,), (5,))
+    assert settings.warmup_steps == 4  # judged from the 4th of 8 checkpoints: after the first decay at 3/8
+    for restarts in (1, 2):
+        specs = trial_specs(settings, {"lr": 0.1, "restarts": restarts, "cost": "l2"}, settings.tuning).values()
+        assert {s.restarts * s.iterations for s in specs} == {60}
+
+
+def test_paired_bootstrap_interval_is_seeded_and_brackets_the_mean():
+    gains = [1.0, 2.0, 1.5, 0.5, 2.5, 1.2]
+    mean, low, high = paired_bootstrap(gains, 2000, seed=0)
+    assert (mean, low, high) == paired_bootstrap(gains, 2000, seed=0)
+    assert low < mean < high and low > 0 and mean == pytest.approx(sum(gains) / 6)
+
+
+def test_pruning_stops_weak_candidates_early_and_rows_carry_candidates(write_study, tmp_path, ray_tmpdir, capsys):
+    study = load_study(write_study(TINY.format(budget=48, candidates=6)))
+    results = tmp_path / "results"
+    assert tune_study(study, results, progress=False) == 0
+    frame = pd.read_parquet(results)
+    tuned = journal(results)
+    states = {t.number: t.state for t in tuned.trials}
+    pruned = [n for n, s in states.items() if s == optuna.trial.TrialState.PRUNED]
+    complete = [n for n, s in states.items() if s == optuna.trial.TrialState.COMPLETE]
+    assert len(states) == 6 and pruned and complete
+    tuning = frame[frame["candidate"].isin(list(states)) & frame["images"].map(lambda i: i[0] < 3)]
+    for number in pruned:
+        rows = tuning[tuning["candidate"] == number]
+        assert len(rows) == 3 and (rows["status"] == "pruned").all()
+        assert (rows["iterations_run"] < rows["iterations"]).all()
+    for number in complete:
+        rows = tuning[tuning["candidate"] == number]
+        assert (rows["status"] == "ok").all() and (rows["iterations_run"] == rows["iterations"]).all()
+        assert tuned.trials[number].value == pytest.approx(rows["psnr"].mean())
+    assert frame["key"].is_unique
+    # The comparison: best and paper defaults on the held-out images, and a fragment to paste.
+    held_out = frame[frame["images"].map(lambda i: i[0] >= 3)]
+    assert len(held_out) == 6 and (held_out["status"] == "ok").all()
+    assert held_out["candidate"].isna().sum() == 3  # the paper's defaults belong to no candidate
+    out = capsys.readouterr().out
+    assert "paired bootstrap" in out and f"optuna-dashboard {results / JOURNAL_NAME}" in out
+    fragment = (results / "_best.yaml").read_text()
+    import yaml
+
+    fixed = yaml.safe_load(fragment)["fixed"]
+    assert fixed["restarts"] * fixed["iterations"] == 48 and "lr" in fixed and "cost" in fixed
+    # A second run finds the search finished and re-runs nothing.
+    files = ResultsDir(results).files()
+    assert tune_study(study, results, progress=False) == 0
+    assert ResultsDir(results).files() == files and len(journal(results).trials) == 6
+
+
+def test_driver_killed_mid_search_resumes_without_losing_or_doubling_a_candidate(write_study, tmp_path, ray_tmpdir):
+    path = write_study(TINY.format(budget=160, candidates=6))
+    results = tmp_path / "results"
+    command = [sys.executable, "-m", "sweep.tuning", str(path), "--results", str(results), "--no-progress"]
+    first = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                             start_new_session=True)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 240
+        while not ResultsDir(results).files() and time.monotonic() < deadline:  # the first candidate's rows
+            time.sleep(0.2)
+    finally:
+        stop_group(first)
+    assert ResultsDir(results).files(), "no candidate finished before the deadline"
+    killed = journal(results)
+    running = [t.number for t in killed.trials if t.state == optuna.trial.TrialState.RUNNING]
+    assert running  # a candidate was cut off mid-evaluation
+
+    second = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              start_new_session=True)  # fmt: skip
+    try:
+        output, _ = second.communicate(timeout=300)
+    finally:
+        stop_group(second)
+    assert second.returncode == 0, output
+    assert "queued again" in output
+    tuned = journal(results)
+    interrupted = [t for t in tuned.trials if t.user_attrs.get("interrupted")]
+    assert sorted(t.number for t in interrupted) == running
+    assert all(t.state == optuna.trial.TrialState.FAIL for t in interrupted)
+    requeued = [t.user_attrs["requeued_from"] for t in tuned.trials if "requeued_from" in t.user_attrs]
+    assert sorted(requeued) == running  # each cut-off candidate queued again exactly once ...
+    for number in running:  # ... with the same parameters, and finished
+        again = next(t for t in tuned.trials if t.user_attrs.get("requeued_from") == number)
+        assert again.params == tuned.trials[number].params and again.state.is_finished()
+    counted = [t for t in tuned.trials if t.state.is_finished() and not t.user_attrs.get("interrupted")]
+    assert len(counted) == 6 and all(t.state != optuna.trial.TrialState.RUNNING for t in tuned.trials)
+    frame = pd.read_parquet(results)
+    assert frame["key"].is_unique
+    # Rows written just before the kill keep the candidate number they were written under.
+    assert set(frame["candidate"].dropna().astype(int)) <= {t.number for t in tuned.trials}
