@@ -27,7 +27,6 @@ demo: setup
 	$(VENV)/bin/gradinv run studies/quickstart.yaml --results $(RESULTS)
 	$(VENV)/bin/gradinv status $(RESULTS)
 	$(VENV)/bin/gradinv report $(RESULTS) --out $(RESULTS)/report.html
-	@echo "report: $(RESULTS)/report.html"
 
 test: setup
 	$(PY) -m pytest

@@ -7,6 +7,7 @@ the same command skips every key that already has a row.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import time
@@ -20,8 +21,7 @@ from gradinv.data import data_root
 from gradinv.provenance import commit
 from gradinv.trial import TrialSpec, lane_signature
 
-from . import checkpoints
-from .checkpoints import victim_from_checkpoint
+from .checkpoints import Victims, victim_from_checkpoint
 from .execution import Pack, failed_outcomes, now, outcome_row, run_pack, where_am_i
 from .results import ResultsDir, trial_key
 from .study import Study
@@ -51,7 +51,7 @@ def pending_trials(study: Study, statuses: dict[str, str], retry_failed: bool) -
     return todo
 
 
-def make_packs(study: Study, todo: list[tuple[str, TrialSpec]], device: str, columns=lambda spec: {}) -> list[Pack]:
+def make_packs(study: Study, todo: list[tuple[str, TrialSpec]], device: str) -> list[Pack]:
     """Group lane-compatible trials into packs of at most ``lanes`` trials, in study order."""
     lanes = study.lanes or DEFAULT_LANES[device]
     threads = max(1, int(study.resources.num_cpus))
@@ -64,7 +64,7 @@ def make_packs(study: Study, todo: list[tuple[str, TrialSpec]], device: str, col
             chunk = group[start : start + lanes]
             keys, specs = zip(*chunk)
             timeout = study.timeout * len(chunk) if study.timeout else None
-            packs.append(Pack(study.name, keys, specs, threads, device, timeout, extra=columns(specs[0])))
+            packs.append(Pack(study.name, keys, specs, threads, device, timeout))
     packs.sort(key=lambda pack: min(order[k] for k in pack.keys))
     return packs
 
@@ -111,11 +111,12 @@ def current_attempt() -> int:
     return global_worker.core_worker.get_current_task_attempt_number() + 1
 
 
-def remote_pack(pack: Pack, checkpoint=None) -> list[dict]:
+def remote_pack(pack: Pack, weights: bytes | None = None, sidecar: dict | None = None) -> list[dict]:
+    """A pack on a Ray worker; a trained victim arrives as its weights (from the object store) and sidecar."""
     attempt = current_attempt()
     victim = None
-    if checkpoint is not None:
-        victim = victim_from_checkpoint(checkpoint)
+    if weights is not None:
+        victim = victim_from_checkpoint(weights, sidecar)
     return run_pack(pack, attempt, victim=victim)
 
 
@@ -156,8 +157,8 @@ def run_study(study: Study, results_path: str | Path, options: RunOptions, *, da
 
 def _drive(ray, study: Study, todo, results: ResultsDir, options: RunOptions) -> int:
     device = "cuda" if study.resources.num_gpus > 0 else "cpu"
-    victims = checkpoints.prepare(ray, study.resources.num_cpus, study.max_retries, [s for _, s in todo], options.progress)
-    packs = make_packs(study, todo, device, victims.columns)
+    victims = Victims(ray, study.resources.num_cpus, study.max_retries, [spec for _, spec in todo])
+    packs = make_packs(study, todo, device)
     task = ray.remote(remote_pack).options(
         num_cpus=study.resources.num_cpus, num_gpus=study.resources.num_gpus,
         max_retries=study.max_retries, retry_exceptions=False,
@@ -166,20 +167,21 @@ def _drive(ray, study: Study, todo, results: ResultsDir, options: RunOptions) ->
     limit = options.max_concurrent or max(2, math.ceil(2 * capacity))
     batcher = _Batcher(results, options.flush_rows, options.flush_seconds)
     in_flight: dict = {}
-    queue = list(reversed(packs))
+    waiting = list(packs)  # in study order; a pack whose victim is still training waits its turn
     failed = 0
     bar = tqdm(total=len(todo), desc=study.name, unit="trial", disable=not options.progress, dynamic_ncols=True)
     try:
-        while queue or in_flight:
-            while queue and len(in_flight) < limit:
-                pack = queue.pop()
-                victim_key = pack.extra.get("checkpoint_key")
-                if victim_key in victims.errors:  # no victim, no attack: the trials fail with the reason
-                    batcher.add(_failed_rows(pack, victims.errors[victim_key], attempt=1))
+        while waiting or in_flight:
+            victims.poll(timeout=0 if in_flight else 1.0)
+            for pack in _startable(waiting, victims, limit - len(in_flight)):
+                if victims.state(pack.specs[0]) == "failed":  # no victim, no attack: failed rows with the reason
+                    batcher.add(_failed_rows(pack, victims.error(pack.specs[0]), attempt=1))
                     bar.update(len(pack.keys))
                     continue
-                ref = task.remote(pack, victims.refs.get(victim_key))
-                in_flight[ref] = pack
+                pack = dataclasses.replace(pack, extra=victims.columns(pack.specs[0]))
+                in_flight[task.remote(pack, *victims.payload(pack.specs[0]))] = pack
+            if not in_flight:
+                continue
             done, _ = ray.wait(list(in_flight), num_returns=1, timeout=1.0)
             if done:  # take everything else that is ready too: one wait per burst, not per task
                 done, _ = ray.wait(list(in_flight), num_returns=len(in_flight), timeout=0)
@@ -199,6 +201,18 @@ def _drive(ray, study: Study, todo, results: ResultsDir, options: RunOptions) ->
         return EXIT_INTERRUPTED
     bar.close()
     return _summary(study, results)
+
+
+def _startable(waiting: list[Pack], victims: Victims, slots: int) -> list[Pack]:
+    """Up to ``slots`` packs, in order, whose victim is untrained, ready or failed; taken off ``waiting``."""
+    chosen = []
+    for pack in list(waiting):
+        if len(chosen) >= slots:
+            break
+        if victims.state(pack.specs[0]) != "training":
+            waiting.remove(pack)
+            chosen.append(pack)
+    return chosen
 
 
 def _collect(ray, ref, pack: Pack, max_retries: int) -> list[dict]:
