@@ -61,7 +61,8 @@ def _one_lane(model, params, buffers, update, labels, config, seed, image_shape,
 
     def distance():
         update_guess = parameter_update(model, params, buffers, x, current_labels(), update.fl, schedule)
-        return gradient_cost(update_guess, update.tensors, [1.0] * len(update.tensors), "l2")
+        batch_of_one = [t.unsqueeze(0) for t in update_guess], [t.unsqueeze(0) for t in update.tensors]
+        return gradient_cost(*batch_of_one, [1.0] * len(update.tensors), "l2")[0]
 
     # Relative to the starting distance: the same minimiser, but L-BFGS's first step and tolerances
     # no longer depend on how small an update's entries happen to be.

@@ -14,7 +14,7 @@ from typing import Callable, Sequence
 
 import torch
 from torch import nn
-from torch.func import grad_and_value, vmap
+from torch.func import vmap
 
 from ..errors import require
 from ..fl import ClientUpdate, minibatch_schedule, model_state, parameter_update
@@ -72,9 +72,13 @@ class TrialTimeout(RuntimeError):
 
 
 def total_variation(x: torch.Tensor) -> torch.Tensor:
-    """Mean absolute difference between neighbouring pixels (the paper's anisotropic TV)."""
-    dx = (x[..., :, 1:] - x[..., :, :-1]).abs().mean()
-    dy = (x[..., 1:, :] - x[..., :-1, :]).abs().mean()
+    """Mean absolute difference between neighbouring pixels (the paper's anisotropic TV), per run.
+
+    ``x`` is ``[N, ...]``: one value per run ``x[r]``.
+    """
+    runs = len(x)
+    dx = (x[..., :, 1:] - x[..., :, :-1]).abs().reshape(runs, -1).mean(1)
+    dy = (x[..., 1:, :] - x[..., :-1, :]).abs().reshape(runs, -1).mean(1)
     return dx + dy
 
 
@@ -92,13 +96,19 @@ def layer_weights(count: int, weighting: str, layers: Sequence[int] | None) -> l
 
 
 def gradient_cost(candidate: Sequence[torch.Tensor], target: Sequence[torch.Tensor], weights, cost: str):
-    """1 - weighted cosine similarity over all layers together, or the weighted squared distance."""
+    """Per run, 1 - weighted cosine similarity over all layers together, or the weighted squared
+    distance. Tensors are ``[N, ...]`` (one entry per run); the result is ``[N]``."""
     pairs = [(c, t, w) for c, t, w in zip(candidate, target, weights) if w != 0.0]
+    runs = len(pairs[0][0])
+
+    def total(values):
+        return sum(w * v.reshape(runs, -1).sum(1) for v, w in values)
+
     if cost == "l2":
-        return sum(w * (c - t).pow(2).sum() for c, t, w in pairs)
-    dot = sum(w * (c * t).sum() for c, t, w in pairs)
-    norm_c = sum(w * c.pow(2).sum() for c, t, w in pairs)
-    norm_t = sum(w * t.pow(2).sum() for c, t, w in pairs)
+        return total(((c - t).pow(2), w) for c, t, w in pairs)
+    dot = total((c * t, w) for c, t, w in pairs)
+    norm_c = total((c.pow(2), w) for c, _, w in pairs)
+    norm_t = total((t.pow(2), w) for _, t, w in pairs)
     return 1 - dot / (norm_c.sqrt() * norm_t.sqrt())
 
 
@@ -122,9 +132,14 @@ def initial_images(shape: Sequence[int], restarts: int, init: str, seed: int) ->
 
 
 class LaneObjective:
-    """The attack's cost for ``L`` lanes x ``R`` restarts, batched over runs with ``vmap``.
+    """The attack's cost for ``L`` lanes x ``R`` restarts, batched over runs.
 
-    Runs are lane-major (lane 0's restarts first). Each run's gradient flows only into its images.
+    Runs are lane-major (lane 0's restarts first). Each run's client update (the inner parameter
+    gradient, or the unrolled FedAvg steps) is computed by ``vmap`` over the runs; the costs are then
+    batched tensor code, and one ordinary ``torch.autograd.grad`` of their sum, with the images as the
+    only input, gives every run's image gradient (a run's cost depends only on its own images, so the
+    sum's gradient is each run's own gradient). ``vmap`` over a single run is that run's function
+    applied directly, so ``L * R = 1`` is the same computation without the batching overhead.
     """
 
     def __init__(self, model: nn.Module, updates: Sequence[ClientUpdate], labels: torch.Tensor,
@@ -132,30 +147,52 @@ class LaneObjective:
         require(len({c.shared() for c in configs}) == 1, "lanes", len(configs), "pack only trials with equal shared settings")
         config = configs[0]
         self.restarts = config.restarts
+        self.cost = config.cost
         params, buffers = model_state(model)
         fl = updates[0].fl
         schedule = minibatch_schedule(updates[0].num_images, fl)
         weights = layer_weights(len(params), config.layer_weighting, config.layers)
+        matched = [i for i, w in enumerate(weights) if w != 0.0]
+        self.weights = [weights[i] for i in matched]
         self.targets = [self.per_run(torch.stack([u.tensors[i] for u in updates])) for i in range(len(params))]
         self.labels = self.per_run(labels)
         self.tv_weights = self.per_run(torch.tensor([c.tv for c in configs], device=labels.device))
 
-        def costs(x, target, y, tv_weight):
-            update = parameter_update(model, params, buffers, x, y, fl, schedule)
-            match = gradient_cost(update, target, weights, config.cost)
-            return match + tv_weight * total_variation(x), match
+        def update(x, y):  # one run's client update, the matched tensors only
+            full = parameter_update(model, params, buffers, x, y, fl, schedule)
+            return tuple(full[i] for i in matched)
 
-        self.cost_gradient = vmap(grad_and_value(costs, has_aux=True))
-        self.match = vmap(lambda x, target, y: costs(x, target, y, 0.0)[1])
+        batched = vmap(update)
+
+        def updates_per_run(x, y):
+            if len(x) == 1:  # vmap over one run is the run's own function, without batching overhead
+                return tuple(t.unsqueeze(0) for t in update(x[0], y[0]))
+            return batched(x, y)
+
+        self.updates_per_run = updates_per_run
+        self.matched = matched
 
     def per_run(self, per_lane: torch.Tensor) -> torch.Tensor:
         """``[L, ...]`` to ``[L * R, ...]``."""
         return per_lane.repeat_interleave(self.restarts, dim=0)
 
+    def match(self, x: torch.Tensor, targets: Sequence[torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
+        """The gradient cost alone (no TV) per run, ``[N]``."""
+        candidate = self.updates_per_run(x, labels)
+        return gradient_cost(candidate, [targets[i] for i in self.matched], self.weights, self.cost)
+
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The image gradient of the full cost, the full cost and the gradient cost alone, per run."""
-        image_grad, (total, match) = self.cost_gradient(x, self.targets, self.labels, self.tv_weights)
-        return image_grad, total, match
+        """The image gradient of the full cost, the full cost and the gradient cost alone, per run.
+
+        A run's cost depends only on its own images, so the gradient of the sum over runs is every
+        run's own gradient; the parameters stay detached, so nothing else is differentiated.
+        """
+        with torch.enable_grad():
+            x = x.detach().requires_grad_(True)
+            match = self.match(x, self.targets, self.labels)
+            total = match + self.tv_weights * total_variation(x)
+            (image_grad,) = torch.autograd.grad(total.sum(), inputs=[x])
+        return image_grad, total.detach(), match.detach()
 
 
 def invert_gradients(
