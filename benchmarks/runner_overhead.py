@@ -21,14 +21,15 @@ fixed: {{model: mlp, width: 16, attack: analytic}}
 grid:
   model_seed: {seeds}
 resources: {{num_cpus: 1}}
+lanes: {lanes}
 """
 
 
-def write_study(directory: Path, trials: int) -> Path:
+def write_study(directory: Path, trials: int, lanes: int = 1) -> Path:
     images = min(trials, 200)
     seeds = list(range(-(-trials // images)))
-    path = directory / "overhead.yaml"
-    path.write_text(STUDY.format(images=images, seeds=seeds))
+    path = directory / f"overhead-{lanes}.yaml"
+    path.write_text(STUDY.format(images=images, seeds=seeds, lanes=lanes))
     return path
 
 
@@ -68,6 +69,7 @@ def full_path(study, results: Path) -> tuple[float, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trials", type=int, default=1000)
+    parser.add_argument("--lanes", type=int, default=1, help="trials packed per task (study field `lanes`)")
     args = parser.parse_args()
     import pyarrow.parquet as pq
     import torch
@@ -76,12 +78,13 @@ def main() -> None:
 
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
-        study = load_study(write_study(Path(tmp), args.trials))
+        study = load_study(write_study(Path(tmp), args.trials, args.lanes))
         trials = len(study.trials)
         loop = plain_loop(study)
         total, steady = full_path(study, Path(tmp) / "results")
         rows = pq.read_table(Path(tmp) / "results").num_rows
-    print(f"{trials} near-empty trials, {rows} rows written; 2 trials run at once on Ray, 1 in the loop\n")
+    print(f"{trials} near-empty trials, {rows} rows written; lanes={args.lanes}; 2 tasks at once on Ray, "
+          "1 trial at a time in the loop\n")  # fmt: skip
     print(f"{'path':<38}{'seconds':>9}{'trials/s':>10}{'ms/trial':>10}")
     for name, seconds in (("plain loop (run_pack, no Ray)", loop), ("full path incl. Ray start", total),
                           ("full path after Ray start", steady)):  # fmt: skip
