@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from gradinv import data
 from gradinv.attacks.inverting import IGConfig, invert_gradients, total_variation
-from gradinv.fl import FLConfig, client_update
+from gradinv.fl import client_update
 from gradinv.trial import TrialSpec, build_victim
 
 

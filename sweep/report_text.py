@@ -42,8 +42,7 @@ def psnr_table(frame) -> list[str]:
 def status(path: Path, newest_errors: int = 5) -> str:
     if not path.is_dir():
         raise ConfigError("results", str(path), "name an existing results directory (gradinv run --results DIR)")
-    results = ResultsDir.__new__(ResultsDir)  # read-only: no lock, no repair
-    results.path = path
+    results = ResultsDir(path)  # reading only: no lock, no repair
     table = results.read(["study", "key", "status", "error", "finished_at", *SUMMARY_BY, "psnr"])
     if table.num_rows == 0:
         return f"{path}: no rows yet"

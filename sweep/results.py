@@ -112,16 +112,16 @@ def to_table(rows: list[dict]) -> pa.Table:
 
 
 class ResultsDir:
-    """A results directory held by this process: existing keys, atomic batch files, replacement."""
+    """A results directory: read it freely; write it only inside ``with`` (lock, repair, atomic files)."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
         if self.path.exists() and not self.path.is_dir():
             raise ConfigError("--results", str(path), "name a directory, not a file")
-        self.path.mkdir(parents=True, exist_ok=True)
         self._lock = filelock.FileLock(str(self.path / LOCK_NAME), timeout=0)
 
     def __enter__(self) -> "ResultsDir":
+        self.path.mkdir(parents=True, exist_ok=True)
         try:
             self._lock.acquire()
         except filelock.Timeout:

@@ -17,7 +17,6 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from gradinv.data import data_root
 from gradinv.provenance import commit
 from gradinv.trial import TrialSpec, lane_signature
 

@@ -7,7 +7,6 @@ import os
 import tempfile
 from pathlib import Path
 
-import torch
 from tqdm import tqdm
 
 from gradinv import data

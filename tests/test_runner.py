@@ -7,7 +7,6 @@ import time
 import duckdb
 import pandas as pd
 import pyarrow.parquet as pq
-import pytest
 
 from gradinv import data
 from sweep.cli import main
