@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from gradinv import data
-from gradinv.attacks.inverting import LaneObjective
+from gradinv.attacks.inverting import GradientCost, LaneObjective
 from gradinv.trial import TrialSpec, build_victim, run_trials
 from sweep.cli import main
 
@@ -42,6 +42,28 @@ def test_each_lane_matches_its_own_single_lane_computation(settings):
         grad, total, _ = alone(x[own])
         assert torch.allclose(packed_total[own], total, rtol=0, atol=1e-5)
         assert torch.allclose(packed_grad[own], grad, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("length", [7, 2**14 + 3])  # batched below 2**14, one BLAS dot per row above
+def test_fused_cosine_cost_and_its_gradient_match_the_plain_formula(length):
+    generator = torch.Generator().manual_seed(0)
+    targets = [torch.randn(3, length, generator=generator), torch.randn(3, 2, 5, generator=generator)]
+    candidate = [torch.randn(3, length, generator=generator, dtype=torch.float64).requires_grad_(True),
+                 torch.randn(3, 2, 5, generator=generator, dtype=torch.float64).requires_grad_(True)]  # fmt: skip
+    weights = [1.0, 0.5]
+    fused = GradientCost([t.double() for t in targets], weights, "cosine")(candidate)
+    (fused_grad,) = torch.autograd.grad(fused.sum(), candidate[:1])
+
+    def plain(c, t):
+        per_layer = [(w * (a * b.double()).flatten(1).sum(1), w * a.pow(2).flatten(1).sum(1),
+                      w * b.double().pow(2).flatten(1).sum(1)) for a, b, w in zip(c, t, weights)]  # fmt: skip
+        dot, norm_c, norm_t = (sum(parts) for parts in zip(*per_layer))
+        return 1 - dot / (norm_c.sqrt() * norm_t.sqrt())
+
+    reference = plain(candidate, targets)
+    (reference_grad,) = torch.autograd.grad(reference.sum(), candidate[:1])
+    assert torch.allclose(fused, reference, rtol=1e-12, atol=0)
+    assert torch.allclose(fused_grad, reference_grad, rtol=1e-10, atol=1e-15)
 
 
 def test_packed_trials_reach_the_same_reconstructions_as_single_runs():

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from ..fl import ClientUpdate, minibatch_schedule, model_state, parameter_update
-from .inverting import AttackResult, IGConfig, TrialTimeout, gradient_cost
+from .inverting import AttackResult, GradientCost, IGConfig, TrialTimeout
 
 
 def deep_leakage(
@@ -53,6 +53,7 @@ def _one_lane(model, params, buffers, update, labels, config, seed, image_shape,
     x = torch.randn(tuple(image_shape), generator=generator).requires_grad_(True)
     label_logits = torch.randn(image_shape[0], num_classes, generator=generator).requires_grad_(labels is None)
     schedule = minibatch_schedule(image_shape[0], update.fl)
+    squared_distance = GradientCost([t.unsqueeze(0) for t in update.tensors], [1.0] * len(update.tensors), "l2")
     optimiser = torch.optim.LBFGS([x, label_logits] if labels is None else [x], lr=config.lr, max_iter=1,
                                   line_search_fn="strong_wolfe", tolerance_grad=0.0, tolerance_change=0.0)  # fmt: skip
 
@@ -61,8 +62,7 @@ def _one_lane(model, params, buffers, update, labels, config, seed, image_shape,
 
     def distance():
         update_guess = parameter_update(model, params, buffers, x, current_labels(), update.fl, schedule)
-        batch_of_one = [t.unsqueeze(0) for t in update_guess], [t.unsqueeze(0) for t in update.tensors]
-        return gradient_cost(*batch_of_one, [1.0] * len(update.tensors), "l2")[0]
+        return squared_distance([t.unsqueeze(0) for t in update_guess])[0]
 
     # Relative to the starting distance: the same minimiser, but L-BFGS's first step and tolerances
     # no longer depend on how small an update's entries happen to be.
