@@ -15,23 +15,34 @@ import statistics
 
 import torch
 
+from gradinv.errors import ConfigError
 from gradinv.trial import TrialSpec, run_trials
+
+
+def positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not valid; use 1 or more")
+    return value
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--trials", type=int, default=8)
-    parser.add_argument("--iterations", type=int, default=300)
+    parser.add_argument("--trials", type=positive, default=8)
+    parser.add_argument("--iterations", type=positive, default=300)
     parser.add_argument("--dataset", default="fashion-mnist")
     parser.add_argument("--model", default="convnet")
     parser.add_argument("--width", type=int, default=16)
     parser.add_argument("--fl", default="fedsgd", choices=["fedsgd", "fedavg"])
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--threads", type=positive, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     fl = dict(fl="fedavg", local_steps=3, local_lr=1e-3) if args.fl == "fedavg" else {}
-    base = TrialSpec(dataset=args.dataset, model=args.model, width=args.width, iterations=args.iterations, **fl)
-    specs = [dataclasses.replace(base, images=(i,), attack_seed=i) for i in range(args.trials)]
+    try:
+        base = TrialSpec(dataset=args.dataset, model=args.model, width=args.width, iterations=args.iterations, **fl)
+        specs = [dataclasses.replace(base, images=(i,), attack_seed=i) for i in range(args.trials)]
+    except ConfigError as error:
+        parser.error(str(error))
     packed = [outcome.metrics["psnr"] for outcome in run_trials(specs)]
     alone = [run_trials([spec])[0].metrics["psnr"] for spec in specs]
     gaps = [p - a for p, a in zip(packed, alone)]
