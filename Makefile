@@ -6,7 +6,7 @@ SUDO := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
 FASHION_MNIST := /usr/share/datasets/fashion-mnist
 RESULTS ?= results/quickstart
 
-.PHONY: setup system-packages demo test clean
+.PHONY: setup system-packages demo test portability clean
 
 setup: $(STAMP) system-packages
 
@@ -26,10 +26,14 @@ system-packages:
 demo: setup
 	$(VENV)/bin/gradinv run studies/quickstart.yaml --results $(RESULTS)
 	$(VENV)/bin/gradinv status $(RESULTS)
-	$(VENV)/bin/gradinv report $(RESULTS) --out $(RESULTS)/report.html
+	$(VENV)/bin/gradinv report $(RESULTS) --out $(RESULTS).html
 
 test: setup
 	$(PY) -m pytest
+
+# The numeric tests under forced kernel paths, thread counts and seeds: the spread of each bar.
+portability: setup
+	$(PY) benchmarks/portability.py
 
 clean:
 	rm -rf $(VENV) out

@@ -17,7 +17,8 @@ def add_parsers(verbs) -> None:
 
     report = verbs.add_parser("report", help="one self-contained HTML report of a results directory")
     report.add_argument("results", type=Path, help="results directory (gradinv run --results DIR)")
-    report.add_argument("--out", type=Path, default=Path("report.html"), help="file to write (default report.html)")
+    report.add_argument("--out", type=Path, default=Path("report.html"),
+                        help="file to write, outside the results directory (default report.html)")
     report.add_argument("--by", nargs="+", action="extend", metavar="FIELD", default=None,
                         help="settings to group by (default: every setting that varies)")  # fmt: skip
     report.add_argument("--threshold", type=float, default=SUCCESS_PSNR,

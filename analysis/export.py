@@ -2,12 +2,14 @@
 
 The index (index.csv and index.parquet, the same rows) has one row per reconstructed image: the trial
 key, the image's position in the client's batch and its index in the dataset, both file names
-(relative to the export directory), the image's own scores, the trial's mean PSNR and every setting.
+(relative to the export directory), the image's own scores and PSNR gain over the no-information
+baseline, the trial's mean PSNR and baseline PSNR, the victim's accuracy and every setting.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pandas as pd
@@ -17,7 +19,8 @@ from gradinv.errors import ConfigError
 from . import load
 
 IMAGES_DIR = "images"
-PER_IMAGE = ("psnr", "ssim", "mse", "feature_mse")
+PER_IMAGE = ("psnr", "psnr_gain", "ssim", "mse", "feature_mse")
+FILE_SAFE_KEY = re.compile(r"[0-9A-Za-z]{1,64}")
 
 
 def export(results: str | Path, to: str | Path) -> pd.DataFrame:
@@ -25,12 +28,27 @@ def export(results: str | Path, to: str | Path) -> pd.DataFrame:
     to = Path(to)
     if to.exists() and not to.is_dir():
         raise ConfigError("--to", str(to), "name a directory (it is created if missing)")
+    load.require_outside("--to", to, results)
     load.result_files(results)  # a missing or empty results directory fails before anything is written
-    (to / IMAGES_DIR).mkdir(parents=True, exist_ok=True)
+    _require_file_safe_keys(results)
+    try:
+        (to / IMAGES_DIR).mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ConfigError("--to", str(to), f"cannot write there ({error.strerror or error}: {error.filename}); "
+                                           "name a writable directory") from None  # fmt: skip
     entries = [entry for row in load.iter_image_rows(results) for entry in _write_trial(row, to)]
     index = pd.DataFrame(entries)
     _write_index(index, to)
     return index
+
+
+def _require_file_safe_keys(results: str | Path) -> None:
+    """Keys name the exported files, so each must be a plain name (gradinv's are 20 hex digits): a row
+    written by other means must not write outside ``--to`` (a key such as ``../../x``)."""
+    for key, file in load.finished_keys(results):
+        if not FILE_SAFE_KEY.fullmatch(key):
+            raise ConfigError("key", key, "a trial key names exported files, so it must be 1 to 64 letters and digits "
+                                          f"(gradinv writes 20 hex digits); remove that row's file {file}")  # fmt: skip
 
 
 def _write_trial(row: dict, to: Path) -> list[dict]:
@@ -39,20 +57,30 @@ def _write_trial(row: dict, to: Path) -> list[dict]:
     entries = []
     for position, (truth, recon) in enumerate(zip(row["truth_png"] or [], row["reconstruction_png"] or [])):
         names = {kind: f"{IMAGES_DIR}/{row['key']}-{position}-{kind}.png" for kind in ("truth", "reconstruction")}
-        (to / names["truth"]).write_bytes(truth)
-        (to / names["reconstruction"]).write_bytes(recon)
+        _inside(to, names["truth"]).write_bytes(truth)
+        _inside(to, names["reconstruction"]).write_bytes(recon)
         entries.append({
             "key": row["key"], "study": row["study"], "candidate": row.get("candidate"), "position": position,
             "image": images[position] if position < len(images) else None,
             "truth_file": names["truth"], "reconstruction_file": names["reconstruction"],
             **{name: _at(row.get(f"{name}_per_image"), position) for name in PER_IMAGE},
-            "trial_psnr": row["psnr"], "label_accuracy": row["label_accuracy"], **settings,
+            "trial_psnr": row["psnr"], "baseline_psnr": row["baseline_psnr"], "label_accuracy": row["label_accuracy"],
+            "model_accuracy": row["model_accuracy"], **settings,
         })  # fmt: skip
     return entries
 
 
+def _inside(to: Path, name: str) -> Path:
+    """``to / name``, which must resolve to a place under ``to`` (a link inside ``to`` could lead out)."""
+    path = to / name
+    if to.resolve() not in path.resolve().parents:
+        raise ConfigError("--to", str(to), f"{name} would be written outside it, to {path.resolve()}; "
+                                           "name a directory whose folders are not links")  # fmt: skip
+    return path
+
+
 def _is_setting(name: str) -> bool:
-    return name not in load.IDENTITY and name not in load.OUTCOMES
+    return name in load.SETTINGS
 
 
 def _text(value):

@@ -7,6 +7,7 @@ are read only for the trials a view needs (``load_images``) or streamed batch by
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
@@ -17,48 +18,55 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from gradinv.errors import ConfigError
+from sweep.results import _PARAMETER_TYPES, SCHEMA, ResultsDir
 
-METRICS = ("psnr", "ssim", "label_accuracy")
-# Columns that describe what a trial produced or where it ran; every other column except the
-# identity columns is a setting, so parameters added to the schema later group like the rest.
-IDENTITY = ("study", "key", "candidate")
-OUTCOMES = (
-    "checkpoint_key", "model_accuracy", "psnr", "ssim", "mse", "feature_mse", "label_accuracy",
-    "psnr_per_image", "ssim_per_image", "mse_per_image", "feature_mse_per_image", "truth_png",
-    "reconstruction_png", "restart_scores", "curve_iterations", "curve_costs", "iterations_run", "status",
-    "error", "attempt", "started_at", "finished_at", "attack_seconds", "task_seconds", "lanes", "threads",
-    "host", "node_id", "worker_pid", "device", "gradinv_version", "torch_version", "torchvision_version",
-    "python_version", "commit",
-)  # fmt: skip
-HEAVY = ("truth_png", "reconstruction_png", "restart_scores", "curve_iterations", "curve_costs")
+METRICS = ("psnr", "psnr_gain", "ssim", "label_accuracy")
+# A setting is what defines a trial: every trial parameter, and the client's image count. Every other
+# column (metrics, baselines, curves, timings, provenance) is an outcome, so columns the schema gains
+# later never split a setting in two.
+SETTINGS = (*_PARAMETER_TYPES, "images_per_client")
+HEAVY = ("truth_png", "reconstruction_png", "restart_scores", "curve_iterations", "curve_costs", "curve_psnr",
+         "curve_ssim")  # fmt: skip
+CURVES = ("curve_iterations", "curve_psnr", "curve_ssim")
 # Settings that tell repetitions apart (which client, which seed) rather than define a setting.
 REPETITION = ("images", "model_seed", "data_order_seed", "attack_seed")
 _NULLABLE_INTS = {pa.int32(): pd.Int32Dtype(), pa.int64(): pd.Int64Dtype()}
 
 
 def result_files(path: str | Path) -> list[Path]:
-    """The visible Parquet files of a results directory; a missing or empty one is a user error."""
+    """The visible Parquet files of a results directory; a missing or empty one, or one holding a
+    damaged or foreign file, is a user error."""
     path = Path(path)
     if not path.is_dir():
         raise ConfigError("results", str(path), "name an existing results directory (gradinv run --results DIR)")
-    files = sorted(p for p in path.glob("*.parquet") if not p.name.startswith((".", "_")))
-    if not files or all(pq.ParquetFile(f).metadata.num_rows == 0 for f in files):
+    files = ResultsDir(path).checked_files()  # reading only: no lock
+    if not files or all(pq.read_metadata(f).num_rows == 0 for f in files):
         raise ConfigError("results", str(path), "it holds no trial rows yet; run a study into it first")
     return files
 
 
+def require_outside(flag: str, target: str | Path, results: str | Path) -> None:
+    """A file written into a results directory is read back as results by every Parquet reader
+    (pandas, pyarrow, DuckDB take each file inside), so outputs go beside it."""
+    inside, results = Path(target).resolve(), Path(results).resolve()
+    if inside == results or results in inside.parents:
+        beside = results.parent / f"{results.name}-{Path(target).name}"
+        raise ConfigError(flag, str(target), f"name a place outside the results directory {results}, e.g. {beside}")
+
+
 def dataset(path: str | Path) -> ds.Dataset:
-    """All files as one dataset under their unified schema (older files may lack newer columns)."""
-    files = result_files(path)
-    schema = pa.unify_schemas([pq.read_schema(f) for f in files])
-    return ds.dataset([str(f) for f in files], schema=schema, format="parquet")
+    """All files as one dataset under the current schema: columns an older file lacks read as nulls
+    (every column a file has is the schema's, of the same type: ``result_files`` checked that)."""
+    return ds.dataset([str(f) for f in result_files(path)], schema=SCHEMA, format="parquet")
 
 
 def load_trials(path: str | Path) -> pd.DataFrame:
     """One row per trial with every column except images and curves; list settings become text."""
     data = dataset(path)
     columns = [name for name in data.schema.names if name not in HEAVY]
-    frame = data.to_table(columns=columns).to_pandas(types_mapper=_NULLABLE_INTS.get)
+    with _damage_named(path, data, columns):
+        table = data.to_table(columns=columns)
+    frame = table.to_pandas(types_mapper=_NULLABLE_INTS.get)
     for name in settings_columns(frame):
         if pa.types.is_list(data.schema.field(name).type):
             frame[name] = frame[name].map(_list_text)
@@ -70,7 +78,7 @@ def _list_text(values) -> str | None:
 
 
 def settings_columns(frame: pd.DataFrame) -> list[str]:
-    return [name for name in frame.columns if name not in IDENTITY and name not in OUTCOMES]
+    return [name for name in frame.columns if name in SETTINGS]
 
 
 def varying_settings(frame: pd.DataFrame) -> list[str]:
@@ -83,18 +91,69 @@ def load_images(path: str | Path, keys: list[str]) -> dict[str, tuple[list[bytes
     """Key -> (ground-truth PNGs, reconstruction PNGs) for the given trials only."""
     if not keys:
         return {}
-    table = dataset(path).to_table(
-        columns=["key", "truth_png", "reconstruction_png"], filter=pc.field("key").isin(list(keys))
-    )
+    data, columns = dataset(path), ["key", "truth_png", "reconstruction_png"]
+    with _damage_named(path, data, columns):
+        table = data.to_table(columns=columns, filter=pc.field("key").isin(list(keys)))
     return {
         key: (truth or [], recon or [])
         for key, truth, recon in zip(*(table[c].to_pylist() for c in ("key", "truth_png", "reconstruction_png")))
     }
 
 
+def load_curves(path: str | Path, keys: list[str]) -> pd.DataFrame:
+    """Key and quality curve (checkpoint iterations, PSNR and SSIM of the best restart) of the given trials;
+    empty lists where a row has none (written before curves were recorded, or pruned before a checkpoint)."""
+    data, columns = dataset(path), ["key", *CURVES]
+    with _damage_named(path, data, columns):
+        table = data.to_table(columns=columns, filter=pc.field("key").isin(list(keys)))
+    frame = table.to_pandas()
+    for name in CURVES:
+        frame[name] = frame[name].map(lambda values: [] if values is None else list(values))
+    return frame
+
+
+def compute_seconds(frame: pd.DataFrame) -> pd.Series:
+    """Each trial's share of the compute its task spent. Trials packed as lanes of one task share its
+    time, so ``task_seconds`` repeats on every lane; rows written before ``trial_seconds`` existed
+    split it evenly between the lanes."""
+    lanes = frame["lanes"].astype("Float64").fillna(1).clip(lower=1)
+    return frame["trial_seconds"].astype("Float64").fillna(frame["task_seconds"].astype("Float64") / lanes)
+
+
+def finished_keys(path: str | Path) -> list[tuple[str, str]]:
+    """(key, file holding its row) of every finished trial."""
+    data = dataset(path)
+    with _damage_named(path, data, ["key", "status"]):
+        table = data.to_table(columns=["key", "__filename"], filter=pc.field("status") == "ok")
+    return list(zip(table["key"].to_pylist(), table["__filename"].to_pylist()))
+
+
 def iter_image_rows(path: str | Path, batch_rows: int = 256) -> Iterator[dict]:
     """Finished trials one at a time, images included, without holding more than one batch."""
     data = dataset(path)
-    columns = [name for name in data.schema.names if name not in ("restart_scores", "curve_iterations", "curve_costs")]
-    for batch in data.to_batches(columns=columns, filter=pc.field("status") == "ok", batch_size=batch_rows):
-        yield from batch.to_pylist()
+    columns = [name for name in data.schema.names if name not in HEAVY or name.endswith("_png")]
+    with _damage_named(path, data, columns):
+        for batch in data.to_batches(columns=columns, filter=pc.field("status") == "ok", batch_size=batch_rows):
+            yield from batch.to_pylist()
+
+
+@contextmanager
+def _damage_named(path: str | Path, data: ds.Dataset, columns: list[str]) -> Iterator[None]:
+    """Damage past a sound footer (checked already) shows only when pages are read: one line naming
+    the file instead of pyarrow's traceback."""
+    try:
+        yield
+    except FileNotFoundError:  # replaced by a writer since it was listed: not damage
+        raise
+    except (OSError, pa.ArrowException) as error:
+        damaged = next((Path(f.path) for f in data.get_fragments() if not _readable(f, columns)), Path(path))
+        problem = f"damaged ({str(error).splitlines()[0]})"
+        raise ResultsDir(path).bad_file_error(damaged, problem, footer=False) from None
+
+
+def _readable(fragment: ds.Fragment, columns: list[str]) -> bool:
+    try:
+        fragment.to_table(columns=columns)
+    except (OSError, pa.ArrowException):
+        return False
+    return True

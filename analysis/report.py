@@ -1,38 +1,48 @@
 """`gradinv report`: one self-contained HTML file about a results directory.
 
-Everything is inline (plots as base64 PNG from matplotlib's Agg renderer, the trials' own PNGs as
-data URIs, a small style block), so the file opens offline and makes no network request.
+The page answers, in order: does each setting leak (PSNR over what an attacker who knows nothing
+scores), do trained victims leak as much as untrained ones (paired per image), was the attack budget
+enough, how leakage moves with local steps and images per client, what the reconstructions look
+like; then the tuning history, every table (collapsed) and the failures. Everything is inline (plots
+as base64 PNG from matplotlib's Agg renderer, the trials' own PNGs as data URIs, a small style
+block), so the file opens offline and makes no network request.
 """
 
 from __future__ import annotations
 
 import base64
 import html
-import io
+from contextlib import contextmanager
 from datetime import timezone
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import pandas as pd
-from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator
 
 from gradinv.errors import ConfigError
 
-from . import load, stats
+from . import figures, load, stats, tuning_history
 
 MAX_GRID_SETTINGS = 24
-METRIC_TITLES = {"psnr": "PSNR (dB)", "ssim": "SSIM", "label_accuracy": "Label accuracy"}
+METRIC_TITLES = {"psnr": "PSNR (dB)", "psnr_gain": "PSNR gain over the no-information baseline (dB)", "ssim": "SSIM",
+                 "label_accuracy": "Label accuracy"}  # fmt: skip
+FIXED_PER_ROW = 4  # name/value pairs per row of the fixed-settings table
+VICTIM_MARGIN = 0.10  # a trained victim within this of chance accuracy has not learnt
 STYLE = """
-body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; }
+body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; padding: 0 1em; color: #222; }
 h1 { font-size: 1.6em; } h2 { border-bottom: 1px solid #ccc; padding-bottom: .2em; margin-top: 2em; }
 table { border-collapse: collapse; margin: .6em 0 1.2em; font-size: .9em; }
 th, td { border: 1px solid #ddd; padding: .25em .6em; text-align: right; }
+td { white-space: nowrap; } td.words { white-space: normal; min-width: 12em; } .wide { overflow-x: auto; }
 th { background: #f3f3f3; } td.text, th.text { text-align: left; }
-.note { color: #555; } .error { font-family: monospace; text-align: left; white-space: pre-wrap; }
+.note { color: #555; max-width: 60em; } .plot img { max-width: 100%; height: auto; }
+details { margin: .6em 0; } summary { cursor: pointer; color: #1f4f8f; }
 .setting { margin: 1em 0; } .picks { display: flex; flex-wrap: wrap; gap: 1.5em; }
-.pick figcaption { font-size: .85em; color: #444; } .row { display: flex; gap: 2px; margin: 2px 0; }
-.row img { height: 64px; image-rendering: pixelated; border: 1px solid #bbb; }
+.pick > figcaption { font-size: .85em; color: #444; } .row, .strip { display: flex; flex-wrap: wrap; gap: 6px; }
+figure { margin: 0; } figure.image { width: 7.5em; font-size: .75em; color: #444; }
+figure.image img { display: block; width: 64px; height: 64px; image-rendering: pixelated; border: 1px solid #bbb;
+                   margin-bottom: 2px; }
 """
 
 
@@ -41,32 +51,58 @@ def write_report(results: str | Path, out: str | Path, by: list[str] | None = No
     out = Path(out)
     if out.is_dir():
         raise ConfigError("--out", str(out), "name a file to write, e.g. report.html")
-    page = build_report(results, by, threshold, seed)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    load.require_outside("--out", out, results)
+    load.result_files(results)  # bad results fail before anything is written
     partial = out.with_name(f".{out.name}.tmp")
-    partial.write_text(page, encoding="utf-8")
-    partial.replace(out)  # a reader never sees half a report
+    with _writing(out):  # before the work: a place we cannot write fails at once
+        out.parent.mkdir(parents=True, exist_ok=True)
+        partial.touch()
+    try:
+        page = build_report(results, by, threshold, seed)
+        with _writing(out):
+            partial.write_text(page, encoding="utf-8")
+            partial.replace(out)  # a reader never sees half a report
+    finally:
+        partial.unlink(missing_ok=True)
     return out
+
+
+@contextmanager
+def _writing(out: Path) -> Iterator[None]:
+    """An OSError while writing ``out`` (no such directory, read-only, no permission, disk full) as one line."""
+    try:
+        yield
+    except OSError as error:
+        raise ConfigError("--out", str(out), f"cannot write there ({error.strerror or error}: {error.filename}); "
+                                             "name a file in a writable directory") from None  # fmt: skip
 
 
 def build_report(results: str | Path, by: list[str] | None = None, threshold: float = stats.SUCCESS_PSNR,
                  seed: int = 0) -> str:  # fmt: skip
     frame = load.load_trials(results)
-    runs = frame[frame["candidate"].isna()]  # tuning candidates are searched, not designed settings
+    tuned = tuning_history.tuned_studies(frame)
+    runs = frame[~frame["study"].isin(tuned)]  # a tuned study's rows are searched, not designed settings
     by = _check_by(frame, by) if by else load.varying_settings(runs)
-    sections = [_summary(frame, results, by)]
+    leakage = stats.leakage(runs, by, seed)
+    sections = [_summary(frame, runs, results, by, leakage)]
     if runs.empty:
-        sections.append(_section("Results", _note("Every row is a tuning candidate; see the tuning history.")))
+        sections.append(_section("Results", _note("Every row belongs to a tuned study; see the tuning section.")))
     else:
         sections += [
-            _metrics(runs, by, seed),
-            _success(runs, by, threshold, seed),
+            _leakage(leakage, by),
             _trained(runs, by, seed),
-            _curve(runs, by, "local_steps", "PSNR vs local steps", seed),
-            _curve(runs, by, "images_per_client", "PSNR vs images per client", seed),
+            _quality(results, runs, by),
+            _gain_against(runs, by, "local_steps", "Leakage vs local steps",
+                          "Does leakage fall with more local steps?"),
+            _gain_against(runs, by, "images_per_client", "Leakage vs images per client",
+                          "Does leakage fall with more images per client?"),
+            _one_image(results, runs, by),
             _grids(results, runs, by),
         ]
-    sections += [_tuning(frame), _failures(frame)]
+    sections.append(_tuning(frame, tuned, seed))
+    if not runs.empty:
+        sections.append(_all_tables(runs, by, threshold, seed))
+    sections.append(_failures(frame))
     title = f"gradinv report: {', '.join(sorted(frame['study'].unique()))}"
     return (f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>"
             f"<style>{STYLE}</style></head><body><h1>{html.escape(title)}</h1>\n"
@@ -82,129 +118,264 @@ def _check_by(frame: pd.DataFrame, by: list[str]) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Sections
+# Summary and context
 
 
-def _summary(frame: pd.DataFrame, results, by: list[str]) -> str:
+def _summary(frame: pd.DataFrame, runs: pd.DataFrame, results, by: list[str], leakage: pd.DataFrame) -> str:
     counts = frame["status"].value_counts()
-    started, finished = frame["started_at"].min(), frame["finished_at"].max()
+    verdicts = leakage["verdict"].value_counts()
     items = {
         "results": str(Path(results).resolve()),
         "studies": ", ".join(sorted(frame["study"].unique())),
         "trials": len(frame),
         **{status: int(counts.get(status, 0)) for status in ("ok", "failed", "pruned")},
         "tuning rows": int(frame["candidate"].notna().sum()),
-        "compute time (sum of task times)": _duration(frame["task_seconds"].sum()),
+        "compute time (sum of each trial's share of its task)": _duration(load.compute_seconds(frame).sum()),
+        "settings compared": ", ".join(by) or "none (one setting)",
+    }  # fmt: skip
+    if not runs.empty:
+        items["settings that leak"] = (
+            f"{int(verdicts.get(stats.LEAKS, 0))} of {len(leakage)} (median PSNR gain over the no-information "
+            "baseline, 95% interval above 0)" if leakage["gain_median"].notna().any()
+            else "– (no baseline recorded in these rows)")  # fmt: skip
+    rows = "".join(f"<tr><th class=text>{html.escape(k)}</th><td class=text>{html.escape(str(v))}</td></tr>"
+                   for k, v in items.items())  # fmt: skip
+    parts = [f"<table id=summary>{rows}</table>", _provenance(frame)]
+    if not runs.empty:
+        parts += [_fixed(runs), _victims(runs)]
+    return _section("Summary", *parts)
+
+
+def _provenance(frame: pd.DataFrame) -> str:
+    started, finished = frame["started_at"].min(), frame["finished_at"].max()
+    items = {
         "wall-clock span": _duration((finished - started).total_seconds()) if pd.notna(started) else "–",
         "first start / last finish": f"{_when(started)} / {_when(finished)}",
         "hosts": _tally(frame["host"]), "nodes": frame["node_id"].nunique(), "devices": _tally(frame["device"]),
         **{f"{name} version": _tally(frame[f"{name}_version"]) for name in ("gradinv", "torch", "torchvision",
                                                                               "python")},
         "commits": _tally(frame["commit"]),
-        "settings compared": ", ".join(by) or "none (one setting)",
     }  # fmt: skip
     rows = "".join(f"<tr><th class=text>{html.escape(k)}</th><td class=text>{html.escape(str(v))}</td></tr>"
                    for k, v in items.items())  # fmt: skip
-    return _section("Summary", f"<table id=summary>{rows}</table>")
+    return f"<details><summary>Where and when it ran</summary><table id=provenance>{rows}</table></details>"
 
 
-def _metrics(runs: pd.DataFrame, by: list[str], seed: int) -> str:
-    parts = [_note(f"One observation per finished trial (its metric is the mean over the client's images); "
-                   f"CI: {stats.CONFIDENCE:.0%} percentile bootstrap interval of the mean, "
-                   f"{stats.RESAMPLES} resamples, seed {seed}.")]  # fmt: skip
-    for metric, table in stats.summarise_all(runs, by, seed).items():
-        parts.append(f"<h3>{METRIC_TITLES[metric]}</h3>" + _table(table, metric.replace("_", "-")))
-    return _section("Metrics per setting", *parts)
+def _fixed(runs: pd.DataFrame) -> str:
+    """Settings every trial shares: what a reader needs to tell a toy budget from the paper's."""
+    fixed = {name: values[0] for name in load.settings_columns(runs)
+             if name != "images" and len(values := runs[name].unique()) == 1 and pd.notna(values[0])}  # fmt: skip
+    if not fixed:
+        return ""
+    cells = [f"<th class=text>{html.escape(name.replace('_', ' '))}</th>"
+             f"<td class=num>{html.escape(_cell(value, None))}</td>" for name, value in fixed.items()]  # fmt: skip
+    rows = "".join(f"<tr>{''.join(cells[i:i + FIXED_PER_ROW])}</tr>" for i in range(0, len(cells), FIXED_PER_ROW))
+    return f"<h3>Fixed in every trial</h3><table id=fixed>{rows}</table>"
 
 
-def _success(runs: pd.DataFrame, by: list[str], threshold: float, seed: int) -> str:
-    parts = [_note(f"A trial succeeds when its PSNR reaches {threshold:g} dB."),
-             _table(stats.success_rate(runs, by, threshold, seed), "success")]  # fmt: skip
-    best = stats.best_of_restarts(runs, by, seed)
-    parts.append("<h3>Best of restarts</h3>")
-    if best is None:
-        parts.append(_note("Each client's images were attacked with one attack seed: nothing to pick the best from."))
+def _victims(runs: pd.DataFrame) -> str:
+    """The trained victims' test accuracy beside chance: trained vs untrained means something only
+    when the trained victim has learnt."""
+    trained = runs[runs["trained_epochs"].astype("Float64") > 0]
+    if trained.empty:
+        return ""
+    columns = [c for c in ("dataset", "model", "width", "trained_epochs", "train_subset", "model_seed")
+               if trained[c].notna().any()]  # fmt: skip
+    table = trained.groupby(columns, dropna=False, sort=True).agg(
+        checkpoints=("checkpoint_key", "nunique"), model_accuracy=("model_accuracy", "mean")).reset_index()
+    table["chance"] = table["dataset"].map(_chance)
+    table["reading"] = [_accuracy_reading(accuracy, chance)
+                        for accuracy, chance in zip(table["model_accuracy"], table["chance"])]  # fmt: skip
+    note = _note(f"Test accuracy of each trained victim beside chance (1 / classes). Within {VICTIM_MARGIN:.0%} "
+                 "of chance the victim has not learnt, and trained vs untrained is not being tested.")  # fmt: skip
+    return "<h3>Trained victims</h3>" + note + _table(table, "victims", digits=3)
+
+
+def _chance(dataset: str) -> float:
+    from gradinv.data import DATASETS  # the class counts live with the dataset specs
+
+    spec = DATASETS.get(dataset)
+    return 1 / spec.num_classes if spec else float("nan")
+
+
+def _accuracy_reading(accuracy: float, chance: float) -> str:
+    if pd.isna(accuracy):
+        return "accuracy not recorded"
+    return "near chance: not a trained victim" if accuracy < chance + VICTIM_MARGIN else "above chance"
+
+
+# ---------------------------------------------------------------------------------------------
+# Leakage
+
+
+def _leakage(table: pd.DataFrame, by: list[str]) -> str:
+    question = "Does each setting reconstruct more than an attacker who knows nothing about the client?"
+    note = _note(
+        "Baseline: the best score of a data-only attacker without the update (the mean image of a pool of "
+        "training images, a flat image at the data mean, or the class-mean image for the labels it has). "
+        "Gain: a trial's PSNR minus that baseline. A setting leaks when the 95% interval of its median gain "
+        "lies above 0 (an order-statistic interval, valid for any distribution; it needs 6 or more trials, "
+        "fewer say \u201cn too small\u201d); otherwise it is marked \u201cno leakage detected\u201d. The mean "
+        "gain with its interval is under All tables.")  # fmt: skip
+    parts = [note]
+    if table["gain_median"].notna().any():
+        parts.append(_figure(figures.gain_per_setting(table, by, question), question))
     else:
-        parts += [_note("Per client, the highest PSNR over trials that differ only in the attack seed."),
-                  _table(best, "best-of-restarts")]  # fmt: skip
-    return _section("Success rate", *parts)
+        parts.append(_note("These rows carry no baseline (written before baselines were recorded): their PSNR "
+                           "cannot be read as leakage, so there is nothing to plot."))  # fmt: skip
+    shown = table[[*by, "trials", "baseline_psnr", "psnr", "gain_median"]].assign(
+        interval=_intervals(table["gain_median"], table["median_low"], table["median_high"]), verdict=table["verdict"])
+    return _section("Leakage per setting", *parts, _table(shown, "leakage", digits=2))
+
+
+def _intervals(centre: pd.Series, low: pd.Series, high: pd.Series) -> list[str]:
+    """Each interval as text (a no-break space keeps it on one line); "n too small" where there is a
+    value but too few observations for an interval, "–" where there is no value."""
+    return [("–" if pd.isna(value) else stats.TOO_SMALL) if pd.isna(lo) else f"[{lo:.2f},\u00a0{hi:.2f}]"
+            for value, lo, hi in zip(centre, low, high)]  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------
+# Trained vs untrained
 
 
 def _trained(runs: pd.DataFrame, by: list[str], seed: int) -> str:
-    epochs = sorted(runs.loc[runs["status"] == "ok", "trained_epochs"].dropna().unique())
-    if len(epochs) < 2:
+    title = "Trained vs untrained victims"
+    epochs = sorted(stats.finished(runs)["trained_epochs"].dropna().unique())
+    if len(epochs) < 2 or epochs[0] != 0:
         which = "untrained" if epochs == [0] else f"trained for {epochs} epochs" if epochs else "none finished"
-        return _section("Trained vs untrained", _note(f"All finished trials share one model state ({which})."))
-    others = [name for name in by if name != "trained_epochs"]
-    table = stats.summarise(runs, ["trained_epochs", *others], "psnr", seed)
-    if others:
-        settings = table[others].apply(lambda row: _label(row.to_dict()), axis=1)
-    else:
-        settings = pd.Series("all", table.index)
-    order = list(dict.fromkeys(settings))
-    figure = Figure(figsize=(7, 3.6), dpi=100)
-    axes = figure.subplots()
-    width = 0.8 / len(epochs)
-    for i, epoch in enumerate(epochs):
-        part = table.assign(setting=settings)[table["trained_epochs"] == epoch].set_index("setting").reindex(order)
-        errors = [part["mean"] - part["ci_low"], part["ci_high"] - part["mean"]]
-        axes.bar(np.arange(len(order)) + i * width, part["mean"], width, yerr=errors, capsize=3,
-                 label=_epoch_label(epoch))
-    axes.set_xticks(np.arange(len(order)) + width * (len(epochs) - 1) / 2, order, rotation=20, ha="right", fontsize=8)
-    axes.set_ylabel("PSNR (dB)")
-    axes.legend(fontsize=8)
-    return _section("Trained vs untrained", _note("trained_epochs 0 is the untrained model; bars show 95% CIs."),
-                    _table(table, "trained"), _figure(figure, "PSNR of trained and untrained models"))  # fmt: skip
+        return _section(title, _note(f"All finished trials share one model state ({which}): nothing to pair."))
+    pair_on = [name for name in load.settings_columns(runs) if name not in stats.MODEL_STATE]
+    pairs = stats.trained_pairs(runs, pair_on)
+    if pairs.empty:
+        return _section(title, _note("No image was attacked under both an untrained and a trained victim with every "
+                                     "other setting equal: nothing to pair."))  # fmt: skip
+    arms = [name for name in stats.MODEL_STATE if pairs[name].nunique(dropna=False) > 1]
+    compared = [name for name in by if name not in stats.MODEL_STATE and pairs[name].nunique(dropna=False) > 1]
+    table = stats.paired_difference(pairs, [*compared, *arms], seed)
+    value = "gain" if table["untrained_gain"].notna().any() else "psnr"
+    question = "Do trained victims leak as much as untrained ones? (the same images under both)"
+    xlabel = {"gain": "mean PSNR gain over the no-information baseline (dB)", "psnr": "mean PSNR (dB)"}[value]
+    panels = [name for name in ("dataset",) if name in compared]
+    rows = [name for name in [*compared, *arms] if name not in panels]
+    note = _note(
+        "Each pair is one image attacked under an untrained and a trained victim with every other setting "
+        "equal (images, seeds, FL recipe, attack). Difference: trained minus untrained PSNR, averaged over "
+        f"pairs, with a BCa bootstrap interval from {stats.MIN_BOOTSTRAP} pairs on.")  # fmt: skip
+    shown = table.drop(columns=["untrained_gain", "trained_gain", "ci_low", "ci_high", "reading"]).assign(
+        interval=_intervals(table["difference"], table["ci_low"], table["ci_high"]), reading=table["reading"])
+    return _section(title, note, _figure(figures.paired_arms(table, rows, panels, value, question, xlabel), question),
+                    _table(shown, "trained", digits=2))  # fmt: skip
 
 
-def _curve(runs: pd.DataFrame, by: list[str], x: str, title: str, seed: int) -> str:
+# ---------------------------------------------------------------------------------------------
+# Quality against iterations and against settings
+
+
+def _quality(results, runs: pd.DataFrame, by: list[str]) -> str:
+    title, question = "Attack progress", "Was the attack budget enough? PSNR of the best restart at each checkpoint"
     done = stats.finished(runs)
-    values = sorted(done[x].dropna().unique()) if x in done.columns else []
+    curves = load.load_curves(results, done["key"].tolist())
+    curves = curves[curves["curve_psnr"].map(len) > 0]
+    if curves.empty:
+        return _section(title, _note("No quality curves in these rows (written before they were recorded)."))
+    points = curves.explode(["curve_iterations", "curve_psnr"]).rename(columns={"curve_iterations": "iteration"})
+    points = points.astype({"iteration": int, "curve_psnr": float}).merge(
+        done[["key", "baseline_psnr", *by]], on="key")
+    panels, series = figures.split_panels(points, by)
+    note = _note("Median over a setting's trials of the best restart's PSNR at each checkpoint; the dashed line is "
+                 "the median no-information baseline of the panel's trials. A curve still rising at the end "
+                 "means the budget was too short.")  # fmt: skip
+    return _section(title, note, _panel_cap(points, panels),
+                    _figure(figures.quality_curves(points, panels, series, question), question))
+
+
+def _gain_against(runs: pd.DataFrame, by: list[str], x: str, title: str, question: str) -> str:
+    done = stats.finished(runs)
+    values = sorted(done[x].dropna().unique())
     if len(values) < 2:
         what = f"One value of {x} ({values[0]})" if values else f"No finished trial has a value of {x}"
-        return _section(title, _note(f"{what}: no curve."))
+        return _section(title, _note(f"{what}: nothing to compare."))
     subset = done[done[x].notna()]
-    series = [name for name in by if name != x and subset[name].nunique(dropna=False) > 1]
-    table = stats.summarise(subset, [*series, x], "psnr", seed)
-    figure = Figure(figsize=(7, 3.6), dpi=100)
-    axes = figure.subplots()
-    for label, part in (table.groupby(series, dropna=False, sort=True) if series else [("all", table)]):
-        part = part.sort_values(x)
-        xs = part[x].astype(float)
-        name = _label(dict(zip(series, label if isinstance(label, tuple) else (label,)))) if series else "all"
-        axes.plot(xs, part["mean"], marker="o", label=name)
-        axes.fill_between(xs, part["ci_low"].astype(float), part["ci_high"].astype(float), alpha=0.2)
-    axes.set_xlabel(x)
-    axes.set_ylabel("PSNR (dB)")
-    axes.set_xticks(sorted(subset[x].astype(float).unique()))
-    axes.legend(fontsize=8)
-    skipped = len(done) - len(subset)
-    notes = [_note("Mean PSNR with its 95% bootstrap interval (shaded).")]
-    if skipped:
+    if subset["psnr_gain"].isna().all():
+        return _section(title, _note("These rows carry no baseline (written before baselines were recorded)."))
+    others = [name for name in by if name != x and subset[name].nunique(dropna=False) > 1]
+    table = stats.leakage(subset, [*others, x])
+    panels, series = figures.split_panels(table, others)
+    notes = [_note("Median PSNR gain over the no-information baseline, its 95% interval shaded (6 or more trials).")]
+    if skipped := len(done) - len(subset):
         notes.append(_note(f"{skipped} finished trials have no {x} (it does not apply to them) and are left out."))
-    return _section(title, *notes, _figure(figure, title))
+    return _section(title, *notes, _panel_cap(table, panels),
+                    _figure(figures.gain_against(table, x, panels, series, question), question))
+
+
+def _panel_cap(frame: pd.DataFrame, panels: list[str]) -> str:
+    count = len(frame.groupby(panels, dropna=False)) if panels else 1
+    if count <= figures.MAX_PANELS:
+        return ""
+    return _note(f"Showing {figures.MAX_PANELS} of {count} panels; group more coarsely with --by.")
+
+
+# ---------------------------------------------------------------------------------------------
+# Reconstructions
+
+
+def _one_image(results, runs: pd.DataFrame, by: list[str]) -> str:
+    """Per dataset, the image attacked under the most settings, as each setting reconstructed it."""
+    title = "One image across settings"
+    images = stats.per_image(runs)
+    if images.empty:
+        return _section(title, _note("No finished trials with images."))
+    settings = [name for name in by if name != "dataset"]
+    parts = [_note("Per dataset, the image attacked under the most settings: ground truth, then its reconstruction "
+                   "under each setting (one trial per setting, the lowest key), with its PSNR and gain.")]  # fmt: skip
+    for dataset, part in images.groupby("dataset", sort=True):
+        spread = part.groupby("image")["key"].nunique()
+        image = int(spread[spread == spread.max()].index.min())
+        chosen = part[part["image"] == image].sort_values([*settings, "key"])
+        chosen = chosen.groupby(settings, dropna=False, sort=True).head(1) if settings else chosen.head(1)
+        pngs = load.load_images(results, chosen["key"].tolist())
+        figures_html = []
+        for position, row in enumerate(chosen.itertuples()):
+            truth, recon = pngs.get(row.key, ([], []))
+            index = [int(i) for i in str(row.images).split(",")].index(image)
+            if position == 0 and index < len(truth):
+                figures_html.append(_captioned(truth[index], "ground truth", f"image {image}: ground truth"))
+            label = figures.setting_label({name: getattr(row, name) for name in settings})
+            if index < len(recon):
+                figures_html.append(_captioned(recon[index], "reconstruction",
+                                               f"{label}<br>{_db(row.image_psnr)}{_gain_text(row.image_gain)}"))
+        parts.append(f"<h3>{html.escape(str(dataset))}: image {image}</h3>"
+                     f"<div class=strip>{''.join(figures_html)}</div>")
+    return _section(title, *parts)
 
 
 def _grids(results, runs: pd.DataFrame, by: list[str]) -> str:
     done = stats.finished(runs).dropna(subset=["psnr"])
     if done.empty:
-        return _section("Reconstructions", _note("No finished trials with images."))
+        return _section("Reconstructions per setting", _note("No finished trials with images."))
     settings = list(done.groupby(by, dropna=False, sort=True)) if by else [((), done)]
     shown = settings[:MAX_GRID_SETTINGS]
     picks = [(key, _best_median_worst(group)) for key, group in shown]
     images = load.load_images(results, [row.key for _, chosen in picks for _, row in chosen])
-    parts = [_note("Per setting: the best, median and worst trial by PSNR; ground truth above, reconstruction below.")]
+    parts = [_note("Per setting: the best, median and worst trial by PSNR gain (PSNR where no baseline was "
+                   "recorded); ground truth above its reconstruction, each captioned with the image's index in the "
+                   "dataset, its PSNR and its gain over the no-information baseline.")]  # fmt: skip
     if len(settings) > len(shown):
         parts.append(_note(f"Showing {len(shown)} of {len(settings)} settings; group more coarsely with --by."))
+    blocks = []
     for key, chosen in picks:
-        label = _label(dict(zip(by, key if isinstance(key, tuple) else (key,)))) if by else "all trials"
-        blocks = "".join(_pick(name, row, images.get(row.key, ([], []))) for name, row in chosen)
-        parts.append(f"<div class=setting><h3>{html.escape(label)}</h3><div class=picks>{blocks}</div></div>")
-    return _section("Reconstructions", *parts)
+        label = figures.setting_label(dict(zip(by, key if isinstance(key, tuple) else (key,)))) if by else "all trials"
+        picks_html = "".join(_pick(name, row, images.get(row.key, ([], []))) for name, row in chosen)
+        blocks.append(f"<div class=setting><h3>{html.escape(label)}</h3><div class=picks>{picks_html}</div></div>")
+    parts.append(f"<details open><summary>{len(shown)} settings</summary>{''.join(blocks)}</details>")
+    return _section("Reconstructions per setting", *parts)
 
 
 def _best_median_worst(group: pd.DataFrame) -> list[tuple[str, object]]:
-    ordered = group.sort_values(["psnr", "key"], ascending=[False, True]).reset_index(drop=True)
+    score = group["psnr_gain"].astype(float).fillna(group["psnr"].astype(float))
+    ordered = group.assign(_score=score).sort_values(["_score", "key"], ascending=[False, True])
+    ordered = ordered.reset_index(drop=True)
     positions = {"best": 0, "median": (len(ordered) - 1) // 2, "worst": len(ordered) - 1}
     chosen, seen = [], set()
     for name, position in positions.items():
@@ -216,44 +387,94 @@ def _best_median_worst(group: pd.DataFrame) -> list[tuple[str, object]]:
 
 def _pick(name: str, row, pngs: tuple[list[bytes], list[bytes]]) -> str:
     truth, recon = pngs
-    rows = "".join(f"<div class=row>{''.join(_img(png, alt) for png in line)}</div>"
-                   for line, alt in ((truth, "ground truth"), (recon, "reconstruction")))  # fmt: skip
-    caption = f"{name}: {row.psnr:.2f} dB<br><small>{html.escape(row.key)}</small>"
-    return f"<figure class=pick>{rows}<figcaption>{caption}</figcaption></figure>"
+    indices = [] if pd.isna(row.images) else str(row.images).split(",")
+    psnrs = list(row.psnr_per_image) if row.psnr_per_image is not None else []
+    gains = list(row.psnr_gain_per_image) if row.psnr_gain_per_image is not None else []
+    columns = []
+    for position, (truth_png, recon_png) in enumerate(zip(truth, recon)):
+        caption = f"image {indices[position] if position < len(indices) else '?'}"
+        if position < len(psnrs):
+            caption += f"<br>{_db(psnrs[position])}{_gain_text(gains[position] if position < len(gains) else None)}"
+        columns.append(f"<figure class=image>{_img(truth_png, 'ground truth')}{_img(recon_png, 'reconstruction')}"
+                       f"<figcaption>{caption}</figcaption></figure>")  # fmt: skip
+    gain = "" if pd.isna(row.psnr_gain) else f", gain {row.psnr_gain:+.2f}"
+    caption = f"{name}: mean {_db(row.psnr)}{gain}<br><small>trial {html.escape(row.key)}</small>"
+    return f"<figure class=pick><div class=row>{''.join(columns)}</div><figcaption>{caption}</figcaption></figure>"
 
 
-def _tuning(frame: pd.DataFrame) -> str:
-    tuning = frame[frame["candidate"].notna()]
-    if tuning.empty:
-        return _section("Tuning history", _note("No tuning candidates in these results."))
-    parts = [_note("Mean PSNR of each candidate's finished trials, in the order they were proposed, "
-                   "and the best so far.")]  # fmt: skip
-    for study, rows in tuning.groupby("study", sort=True):
-        table = tuning_history(rows)
-        figure = Figure(figsize=(7, 3.2), dpi=100)
-        axes = figure.subplots()
-        axes.plot(table["candidate"], table["psnr"], "o", alpha=0.6, label="candidate")
-        axes.step(table["candidate"], table["best_so_far"], where="post", label="best so far")
-        axes.xaxis.set_major_locator(MaxNLocator(integer=True))
-        axes.set_xlabel("candidate")
-        axes.set_ylabel("PSNR (dB)")
-        axes.legend(fontsize=8)
-        parts += [f"<h3>{html.escape(study)}</h3>", _figure(figure, f"tuning history of {study}"),
-                  _table(table, f"tuning-{_slug(study)}")]  # fmt: skip
-    return _section("Tuning history", *parts)
+def _captioned(png: bytes, alt: str, caption: str) -> str:
+    return f"<figure class=image>{_img(png, alt)}<figcaption>{caption}</figcaption></figure>"
 
 
-def tuning_history(rows: pd.DataFrame) -> pd.DataFrame:
-    """Per candidate in order: its tuned settings, trials, finished trials, mean PSNR, best so far."""
-    tuned = load.varying_settings(rows)
-    ok = rows["status"] == "ok"
-    grouped = rows.groupby("candidate", sort=True)
-    table = grouped[tuned].first() if tuned else pd.DataFrame(index=grouped.size().index)
-    table["trials"] = grouped.size()
-    table["ok"] = ok.groupby(rows["candidate"]).sum()
-    table["psnr"] = rows["psnr"].where(ok).groupby(rows["candidate"]).mean()
-    table["best_so_far"] = table["psnr"].cummax()
-    return table.reset_index()
+def _db(value) -> str:
+    return "–" if value is None or pd.isna(value) else f"{value:.2f} dB"
+
+
+def _gain_text(value) -> str:
+    return "" if value is None or pd.isna(value) else f" ({value:+.2f})"
+
+
+# ---------------------------------------------------------------------------------------------
+# Tuning, the full tables, failures
+
+
+def _tuning(frame: pd.DataFrame, tuned: list[str], seed: int) -> str:
+    title = "Tuning"
+    if not tuned:
+        return _section(title, _note("No tuning candidates in these results."))
+    parts = [_note("Each candidate's numbers come from its own trials on the tuning images (held-out trials are "
+                   "shown only in the comparison). Mean PSNR as the driver scores it (an exact copy counts as "
+                   f"{stats.PSNR_CAP:g} dB); pruned and failed candidates carry the best so far.")]  # fmt: skip
+    for study in tuned:
+        rows = frame[frame["study"] == study]
+        tuning, held_tuned, held_defaults = tuning_history.split(rows)
+        table = tuning_history.history(tuning)
+        question = "Did the search find a stronger attack as it went?"
+        baseline = tuning["baseline_psnr"].astype(float).mean()
+        parts += [f"<h3>{html.escape(study)}</h3>",
+                  _note(f"Compute: {_duration(load.compute_seconds(rows).sum())} (each trial's share of its task)."),
+                  _figure(figures.tuning_history(table, baseline, question), question),
+                  _table(table, f"tuning-{_slug(study)}", digits=2),
+                  _held_out(study, held_tuned, held_defaults, seed)]  # fmt: skip
+    return _section(title, *parts)
+
+
+def _held_out(study: str, tuned: pd.DataFrame, defaults: pd.DataFrame, seed: int) -> str:
+    result = tuning_history.comparison(tuned, defaults, seed)
+    if result is None:
+        return _note("No held-out comparison in these rows (the driver writes it after the search ends).")
+    shown = pd.DataFrame([{
+        "candidate": result["candidate"], "clients": result["clients"], "baseline_psnr": result["baseline_psnr"],
+        "tuned_psnr": result["tuned_psnr"], "defaults_psnr": result["defaults_psnr"], "gain": result["gain"],
+        "interval": _intervals(*(pd.Series([result[name]]) for name in ("gain", "ci_low", "ci_high")))[0],
+    }])  # fmt: skip
+    note = _note(f"The best candidate against the paper's defaults (tv 1e-4, lr 0.1, step decay) on the same held-out "
+                 f"clients: mean PSNR of each, and the mean paired gain with a BCa bootstrap interval from "
+                 f"{stats.MIN_BOOTSTRAP} clients on.")  # fmt: skip
+    return "<h4>Held-out comparison</h4>" + note + _table(shown, f"held-out-{_slug(study)}", digits=2)
+
+
+def _all_tables(runs: pd.DataFrame, by: list[str], threshold: float, seed: int) -> str:
+    parts = [_note(f"One observation per finished trial (its metric is the mean over the client's images). "
+                   f"Interval: {stats.CONFIDENCE:.0%} BCa bootstrap interval of the mean ({stats.RESAMPLES} "
+                   f"resamples, seed {seed}), none under {stats.MIN_BOOTSTRAP} trials (\u201c{stats.TOO_SMALL}\u201d); "
+                   "success rates with Wilson intervals.")]  # fmt: skip
+    for metric, table in stats.summarise_all(runs, by, seed).items():
+        shown = table.assign(interval=_intervals(table["mean"], table["ci_low"], table["ci_high"]))
+        shown = shown[[*by, "trials", "mean", "interval", "median", "std"]]
+        parts.append(f"<h3>{METRIC_TITLES[metric]}</h3>" + _table(shown, metric.replace("_", "-")))
+    parts += [f"<h3>Success rate</h3>", _note(f"A trial succeeds when its PSNR reaches {threshold:g} dB."),
+              _table(stats.success_rate(runs, by, threshold), "success")]  # fmt: skip
+    best = stats.best_of_restarts(runs, by, seed)
+    parts.append("<h3>Best of restarts</h3>")
+    if best is None:
+        parts.append(_note("Each client's images were attacked with one attack seed: nothing to pick the best from."))
+    else:
+        parts += [_note("Per client, the highest PSNR over trials that differ only in the attack seed."),
+                  _table(best, "best-of-restarts")]  # fmt: skip
+    body = "\n".join(parts)
+    return _section("All tables", f"<details><summary>Metrics, success rates and best of restarts per setting"
+                                  f"</summary>{body}</details>")  # fmt: skip
 
 
 def _failures(frame: pd.DataFrame) -> str:
@@ -270,52 +491,50 @@ def _failures(frame: pd.DataFrame) -> str:
 
 
 def _section(title: str, *parts: str) -> str:
-    return f"<section><h2>{html.escape(title)}</h2>\n" + "\n".join(parts) + "\n</section>"
+    return f"<section><h2>{html.escape(title)}</h2>\n" + "\n".join(part for part in parts if part) + "\n</section>"
 
 
 def _note(text: str) -> str:
     return f"<p class=note>{html.escape(text)}</p>"
 
 
-def _table(frame: pd.DataFrame, table_id: str) -> str:
-    """A plain table: floats with 4 decimals, nulls as '–', text left-aligned, everything escaped."""
-    head = "".join(f"<th class={_align(frame[c])}>{html.escape(str(c))}</th>" for c in frame.columns)
+def _table(frame: pd.DataFrame, table_id: str, digits: int = 4) -> str:
+    """A plain table: outcomes to ``digits`` decimals, settings as written (tv 1e-05), nulls as '–', text
+    left-aligned, everything escaped."""
+    head = "".join(f"<th class={_align(frame[c])}>{html.escape(str(c).replace('_', ' '))}</th>" for c in frame.columns)
+    places = {c: None if c in load.SETTINGS else digits for c in frame.columns}
+    kinds = {c: _align(frame[c]) for c in frame.columns}
     body = "".join(
-        "<tr>" + "".join(f"<td class={_align(frame[c])}>{html.escape(_cell(v))}</td>" for c, v in row.items()) + "</tr>"
+        "<tr>" + "".join(f"<td class={kinds[c]}>{html.escape(_cell(v, places[c]))}</td>" for c, v in row.items())
+        + "</tr>"
         for _, row in frame.iterrows()
     )  # fmt: skip
-    return f"<table id={table_id}><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+    return f"<div class=wide><table id={table_id}><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>"
 
 
-def _cell(value) -> str:
+def _cell(value, digits: int | None = 4) -> str:
     if value is None or (not isinstance(value, str) and pd.isna(value)):
         return "–"
-    if isinstance(value, (float, np.floating)):  # metrics to 4 decimals; tiny or huge settings (tv) in full
-        return f"{value:.4f}" if value == 0 or 1e-3 <= abs(value) < 1e6 else f"{value:.4g}"
+    if isinstance(value, (float, np.floating)):
+        if digits is None:  # a setting: its shortest exact form
+            return f"{value:g}"
+        return f"{value:.{digits}f}" if value == 0 or 1e-3 <= abs(value) < 1e6 else f"{value:.4g}"
     return str(value)
 
 
 def _align(column: pd.Series) -> str:
-    return "num" if pd.api.types.is_numeric_dtype(column) else "text"
+    """num (right-aligned), text (left), or words: text long enough to wrap (verdicts, errors)."""
+    if pd.api.types.is_numeric_dtype(column):
+        return "num"
+    return "text words" if column.dropna().astype(str).str.len().max() > 24 else "text"
 
 
-def _figure(figure: Figure, alt: str) -> str:
-    figure.tight_layout()
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png")
-    return f"<p>{_img(buffer.getvalue(), alt)}</p>"
+def _figure(figure, alt: str) -> str:
+    return f"<p class=plot>{_img(figures.png(figure), alt)}</p>"
 
 
 def _img(png: bytes, alt: str) -> str:
     return f"<img alt=\"{html.escape(alt)}\" src=\"data:image/png;base64,{base64.b64encode(png).decode()}\">"
-
-
-def _label(values: dict) -> str:
-    return ", ".join(f"{k}={_cell(v)}" for k, v in values.items() if _cell(v) != "–") or "all"
-
-
-def _epoch_label(epochs) -> str:
-    return "untrained" if epochs == 0 else f"trained {epochs} epochs"
 
 
 def _tally(column: pd.Series) -> str:
@@ -337,4 +556,3 @@ def _when(moment) -> str:
 
 def _slug(text: str) -> str:
     return "".join(c if c.isalnum() else "-" for c in text)
-

@@ -14,6 +14,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from gradinv.data import dataset_spec
+
 STUDY = """
 name: overhead
 data: {{dataset: faces, images: {images}, image_size: 4}}
@@ -26,7 +28,7 @@ lanes: {lanes}
 
 
 def write_study(directory: Path, trials: int, lanes: int = 1) -> Path:
-    images = min(trials, 200)
+    images = min(trials, dataset_spec("faces").test_images)
     seeds = list(range(-(-trials // images)))
     path = directory / f"overhead-{lanes}.yaml"
     path.write_text(STUDY.format(images=images, seeds=seeds, lanes=lanes))

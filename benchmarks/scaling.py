@@ -23,11 +23,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from runner_overhead import write_study  # noqa: E402
 
 from sweep.local_cluster import LocalCluster  # noqa: E402
+from sweep.study import load_study  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 
 
-def run_on_cluster(workers: int, study: Path, temp: Path) -> tuple[float, int]:
+def run_on_cluster(workers: int, study: Path, temp: Path, trials: int) -> tuple[float, int]:
     cluster = LocalCluster(temp / f"c{workers}")
     cluster.temp_dir.mkdir()
     try:
@@ -44,7 +45,10 @@ def run_on_cluster(workers: int, study: Path, temp: Path) -> tuple[float, int]:
             raise RuntimeError(done.stdout[-2000:])
         import pyarrow.parquet as pq
 
-        return seconds, pq.read_table(results).num_rows
+        rows = pq.read_table(results).num_rows
+        if rows != trials:
+            raise RuntimeError(f"{rows} rows for {trials} trials: the results should hold one row per trial")
+        return seconds, rows
     finally:
         cluster.stop()
 
@@ -73,13 +77,15 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="gi-", dir="/tmp") as tmp:
         temp = Path(tmp)
         study = write_study(temp, args.trials)
-        measured = {workers: run_on_cluster(workers, study, temp) for workers in (1, 2)}
+        trials = len(load_study(study).trials)
+        measured = {workers: run_on_cluster(workers, study, temp, trials) for workers in (1, 2)}
         size, write_rate = row_costs(temp / "results-2")
-    print(f"{args.trials} near-empty trials through `gradinv run --address` (driver, head and nodes on 2 cores)\n")
-    print(f"{'worker nodes':<14}{'seconds':>9}{'trials/s':>10}{'rows/s':>9}{'speed-up':>10}")
+    print(f"{trials} near-empty trials through `gradinv run --address` (driver, head and nodes on 2 cores)\n")
+    # One row per trial: a study's rows/s is its trials/s, so one column holds both.
+    print(f"{'worker nodes':<14}{'seconds':>9}{'trials/s':>10}{'speed-up':>10}")
     base = measured[1][1] / measured[1][0]
     for workers, (seconds, rows) in measured.items():
-        print(f"{workers:<14}{seconds:>9.1f}{rows / seconds:>10.1f}{rows / seconds:>9.1f}{rows / seconds / base:>10.2f}")
+        print(f"{workers:<14}{seconds:>9.1f}{rows / seconds:>10.1f}{rows / seconds / base:>10.2f}")
     print(f"\nrow size on disk: {size / 1024:.1f} KiB (near-empty trials: two 4x4 PNGs)")
     print(f"results directory alone: {write_rate:.0f} rows/s in batches of 256 (one core)")
     print(f"(cores on this machine: {os.cpu_count()})")

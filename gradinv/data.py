@@ -25,6 +25,21 @@ PHOTO_NAMES = ("astronaut", "chelsea", "coffee", "rocket", "immunohistochemistry
 
 
 @dataclass(frozen=True)
+class BundledSplit:
+    """A disjoint train/test split of a bundled image set, as indices into its images.
+
+    Checkpoint recipes and trial keys carry ``version``: change the indices only with a new version.
+    """
+
+    version: int
+    test: tuple[int, ...]
+    train: tuple[int, ...]
+
+    def __post_init__(self):
+        assert not set(self.test) & set(self.train), "a split's test and train images must be disjoint"
+
+
+@dataclass(frozen=True)
 class DatasetSpec:
     name: str
     channels: int
@@ -33,7 +48,23 @@ class DatasetSpec:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     test_images: int  # how many images the test split holds
+    split: BundledSplit | None = None  # bundled sets: the split defined here; None: the source's own
+    trainable: bool = True  # False: every image is attacked, none is left to train on
 
+    @property
+    def split_version(self) -> int:
+        """0 for a source's own published split, else the version of the split defined here."""
+        return self.split.version if self.split else 0
+
+
+# skimage's lfw_subset holds 100 faces (label 1), then 100 non-faces (label 0). The attacked test split
+# is the first 25 of each, faces first, so the first test images are faces a reader recognises. The
+# other 150 train victims, alternating face and non-face so that any first N are balanced.
+FACES_SPLIT = BundledSplit(
+    version=1,
+    test=(*range(0, 25), *range(100, 125)),
+    train=tuple(index for pair in zip(range(25, 100), range(125, 200)) for index in pair),
+)
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
@@ -46,9 +77,11 @@ DATASETS = {
         DatasetSpec("cifar10", 3, 32, 10, CIFAR10_MEAN, CIFAR10_STD, 10_000),
         DatasetSpec("cifar100", 3, 32, 100, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762), 10_000),
         DatasetSpec("imagenet", 3, 224, 1000, IMAGENET_MEAN, IMAGENET_STD, 50_000),
-        # Labeled Faces in the Wild subset bundled with scikit-image: 100 faces, then 100 non-faces.
-        DatasetSpec("faces", 1, 25, 2, (0.3771,), (0.2728,), 200),
-        DatasetSpec("photos", 3, 224, len(PHOTO_NAMES), IMAGENET_MEAN, IMAGENET_STD, len(PHOTO_NAMES)),
+        # Labeled Faces in the Wild subset bundled with scikit-image, split by FACES_SPLIT.
+        DatasetSpec("faces", 1, 25, 2, (0.3771,), (0.2728,), len(FACES_SPLIT.test), split=FACES_SPLIT),
+        DatasetSpec(
+            "photos", 3, 224, len(PHOTO_NAMES), IMAGENET_MEAN, IMAGENET_STD, len(PHOTO_NAMES), trainable=False
+        ),
     )
 }
 
@@ -125,8 +158,7 @@ def open_dataset(
     transform = _transform(spec, image_size)
     root = data_root(root)
     if name in ("faces", "photos"):
-        images, labels = _bundled(name)
-        return _TensorDataset(images, labels, transform)
+        return _TensorDataset(*_bundled_split(spec, split), transform)
     return _torchvision_dataset(name, root, split == "train", transform, download)
 
 
@@ -156,6 +188,20 @@ class _TensorDataset(torch.utils.data.Dataset):
         return self.transform(image), int(self.labels[index])
 
 
+def _bundled_split(spec: DatasetSpec, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """A bundled set's images and labels for one split: its ``BundledSplit``, else all of them (test only)."""
+    require(
+        split == "test" or spec.trainable, "dataset", spec.name,
+        f"its {spec.test_images} images are all attacked and none is left to train on; use trained_epochs 0 "
+        "or a dataset with a training split",
+    )  # fmt: skip
+    images, labels = _bundled(spec.name)
+    if spec.split is None:
+        return images, labels
+    chosen = list(spec.split.test if split == "test" else spec.split.train)
+    return images[chosen], labels[chosen]
+
+
 @functools.lru_cache(maxsize=None)
 def _bundled(name: str) -> tuple[np.ndarray, np.ndarray]:
     """Images shipped inside scikit-image's wheel: no download, no data root."""
@@ -177,6 +223,11 @@ def _bundled(name: str) -> tuple[np.ndarray, np.ndarray]:
     return np.stack(photos), np.arange(len(photos))
 
 
+# How torchvision's dataset classes say that files are missing or damaged: "Dataset not found ...",
+# "Dataset metadata file not found ...", "The archive ... is not present in the root directory ...".
+MISSING_DATA_WORDS = ("not found", "is not present in the root directory")
+
+
 def _torchvision_dataset(name: str, root: Path, train: bool, transform, download: bool):
     from torchvision import datasets
 
@@ -192,9 +243,11 @@ def _torchvision_dataset(name: str, root: Path, train: bool, transform, download
         if name == "imagenet":
             return datasets.ImageNet(str(root / "imagenet"), split="train" if train else "val", transform=transform)
         return constructors[name](str(root), train=train, transform=transform, download=download)
-    except RuntimeError as error:  # torchvision's "Dataset not found" family
+    except RuntimeError as error:
+        if not any(words in str(error) for words in MISSING_DATA_WORDS):
+            raise  # not a missing dataset: a fault to report as it is
         raise ConfigError("dataset", name, _missing_hint(name, root)) from error
-    except FileNotFoundError as error:
+    except FileNotFoundError as error:  # ImageNet: no class folders under the split
         raise ConfigError("dataset", name, _missing_hint(name, root)) from error
 
 

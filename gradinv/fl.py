@@ -18,6 +18,7 @@ from torch.func import functional_call, grad
 from .errors import require
 
 FL_MODES = ("fedsgd", "fedavg")
+BATCH_ORDERS = ("shuffled", "sequential")
 
 
 @dataclass(frozen=True)
@@ -29,12 +30,15 @@ class FLConfig:
     local_lr: float = 1e-4  # FedAvg: the paper's local learning rate
     local_batch_size: int = 0  # FedAvg: images per local step; 0 means all of them
     data_order_seed: int = 0  # FedAvg: shuffles the mini-batches of each local epoch
+    batch_order: str = "shuffled"  # FedAvg mini-batches: see minibatch_schedule
 
     def __post_init__(self):
         require(self.mode in FL_MODES, "fl", self.mode, f"choose one of {', '.join(FL_MODES)}")
         require(self.local_steps >= 1, "local_steps", self.local_steps, "use at least 1 local step")
         require(self.local_lr > 0, "local_lr", self.local_lr, "use a positive local learning rate")
         require(self.local_batch_size >= 0, "local_batch_size", self.local_batch_size, "use 0 (all) or more")
+        require(self.batch_order in BATCH_ORDERS, "batch_order", self.batch_order,
+                f"choose one of {', '.join(BATCH_ORDERS)}")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -54,14 +58,22 @@ def model_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, to
 
 
 def minibatch_schedule(num_images: int, fl: FLConfig) -> list[torch.Tensor | None]:
-    """The image indices of each local step (None: all images), reshuffled every local epoch."""
+    """The image indices of each local step (None: all images).
+
+    ``shuffled``: every local epoch visits the images in a new order (from ``data_order_seed``), its
+    last mini-batch smaller when the batch size does not divide them. ``sequential`` (the reference):
+    step ``i`` takes the fixed slice ``i mod (n // batch)``; the last ``n mod batch`` images are never used.
+    """
     batch = fl.local_batch_size or num_images
     if fl.mode == "fedsgd" or batch >= num_images:
         return [None] * (fl.local_steps if fl.mode == "fedavg" else 1)
+    if fl.batch_order == "sequential":
+        slices = num_images // batch
+        return [torch.arange(i % slices * batch, (i % slices + 1) * batch) for i in range(fl.local_steps)]
     generator = torch.Generator().manual_seed(fl.data_order_seed)
     schedule: list[torch.Tensor | None] = []
     while len(schedule) < fl.local_steps:
-        order = torch.randperm(num_images, generator=generator)
+        order = torch.randperm(num_images, generator=generator, device="cpu")  # the generator's device
         schedule += [order[i : i + batch] for i in range(0, num_images, batch)]
     return schedule[: fl.local_steps]
 

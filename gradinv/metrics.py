@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 
 import torch
@@ -41,9 +42,16 @@ def label_accuracy(predicted: torch.Tensor, truth: torch.Tensor) -> float:
     return sum(overlap.values()) / len(truth)
 
 
-def match_to_truth(recon01: torch.Tensor, truth01: torch.Tensor) -> torch.Tensor:
-    """The order of reconstructions that pairs each with a ground-truth image at least total MSE."""
+def match_to_truth(recon01: torch.Tensor, truth01: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+    """The order of reconstructions that pairs each with a ground-truth image at least total MSE.
+
+    ``labels``: when the attacker knew them, reconstruction ``b`` was optimised for ``labels[b]``, the
+    label of truth ``b``; it is then paired only with a truth image of that label.
+    """
     cost = (recon01.unsqueeze(1) - truth01.unsqueeze(0)).pow(2).flatten(2).mean(dim=2)
+    if labels is not None:
+        labels = labels.to(cost.device)
+        cost = cost.masked_fill(labels.unsqueeze(1) != labels.unsqueeze(0), math.inf)
     truth_index, recon_index = linear_sum_assignment(cost.t().cpu().numpy())
     order = torch.empty(len(truth01), dtype=torch.long)
     order[torch.as_tensor(truth_index)] = torch.as_tensor(recon_index)

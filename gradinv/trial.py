@@ -7,6 +7,7 @@ group of lane-compatible trials (see :func:`lane_signature`) as one computation 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import time
 from dataclasses import dataclass, field
@@ -15,17 +16,19 @@ from typing import Callable, Sequence
 import torch
 
 from . import data, metrics, models, zoo
+from .baselines import BaselinePool, score_baselines
 from .attacks.analytic import first_linear_input
 from .attacks.dlg import deep_leakage
-from .attacks.inverting import AttackResult, IGConfig, invert_gradients
+from .attacks.inverting import LAYER_SETS, AttackResult, IGConfig, invert_gradients, layer_indices
 from .attacks.labels import recover_labels
 from .errors import require
 from .fl import FL_MODES, FLConfig, client_update
 
 ATTACKS = ("ig", "dlg", "analytic")
 LABELS = ("known", "recovered")
-FEDAVG_FIELDS = ("local_steps", "local_lr", "local_batch_size", "data_order_seed")
+FEDAVG_FIELDS = ("local_steps", "local_lr", "local_batch_size", "data_order_seed", "batch_order")
 OPTIMISER_FIELDS = ("iterations", "restarts", "tv", "lr", "cost", "decay", "init", "layer_weighting", "layers", "attack_seed")
+IG_FIELDS = ("clamp_init", "layer_set", "signed", "boxed", "median_filter", "optimizer", "scoring", "tol")
 
 
 @dataclass(frozen=True)
@@ -46,6 +49,7 @@ class TrialSpec:
     local_lr: float = 1e-4
     local_batch_size: int = 0
     data_order_seed: int = 0
+    batch_order: str = "shuffled"  # FedAvg mini-batches: reshuffled each epoch, or the reference's fixed slices
     attack: str = "ig"
     iterations: int = 24_000
     restarts: int = 1
@@ -55,10 +59,24 @@ class TrialSpec:
     decay: str = "step"
     init: str = "randn"
     layer_weighting: str = "equal"
-    layers: tuple[int, ...] | None = None
+    layers: tuple[int, ...] | None = None  # also accepts a named set (LAYER_SETS), kept as layer_set
     attack_seed: int = 0
+    clamp_init: bool = False
+    layer_set: str = "all"
+    signed: bool = True
+    boxed: bool = True
+    median_filter: bool = False
+    optimizer: str = "adam"
+    scoring: str = "loss"
+    tol: float | None = None
 
     def __post_init__(self):
+        if isinstance(self.layers, str):  # a named set where indices go (study files, --layers)
+            require(self.layers in LAYER_SETS, "layers", self.layers,
+                    f"give parameter indices or one of the named sets {', '.join(LAYER_SETS)}")  # fmt: skip
+            require(self.layer_set == "all", "layers", self.layers, f"the named set is already {self.layer_set!r}")
+            object.__setattr__(self, "layer_set", self.layers)
+            object.__setattr__(self, "layers", None)
         spec = data.dataset_spec(self.dataset)
         require(len(self.images) >= 1, "images", list(self.images), "give at least one image index")
         require(len(set(self.images)) == len(self.images), "images", list(self.images), "list each image once")
@@ -69,6 +87,8 @@ class TrialSpec:
         models.default_width(self.model)  # validates the name
         require(self.width is None or self.width >= 1, "width", self.width, "use a whole number of at least 1")
         require(self.trained_epochs >= 0, "trained_epochs", self.trained_epochs, "use 0 (untrained) or more")
+        require(self.trained_epochs == 0 or spec.trainable, "trained_epochs", self.trained_epochs,
+                f"{self.dataset} keeps no images to train on (every image is attacked); use 0")  # fmt: skip
         require(self.train_subset is None or self.train_subset >= 1, "train_subset", self.train_subset, "use 1 or more")
         require(self.attack in ATTACKS, "attack", self.attack, f"choose one of {', '.join(ATTACKS)}")
         require(
@@ -82,6 +102,9 @@ class TrialSpec:
         require(self.fl in FL_MODES, "fl", self.fl, f"choose one of {', '.join(FL_MODES)}")
         self.fl_config()
         self.ig_config()
+        if self.layers is not None:
+            count = parameter_tensors(self.model, spec.channels, spec.num_classes, self.side, self.width)
+            layer_indices(count, self.layers)
 
     @property
     def data_spec(self) -> data.DatasetSpec:
@@ -92,19 +115,32 @@ class TrialSpec:
         return self.image_size or self.data_spec.size
 
     def fl_config(self) -> FLConfig:
-        return FLConfig(self.fl, self.local_steps, self.local_lr, self.local_batch_size, self.data_order_seed)
+        return FLConfig(self.fl, self.local_steps, self.local_lr, self.local_batch_size, self.data_order_seed,
+                        self.batch_order)  # fmt: skip
 
     def ig_config(self) -> IGConfig:
-        return IGConfig(self.iterations, self.restarts, self.tv, self.lr, self.cost, self.decay, self.init,
-                        self.layer_weighting, self.layers)  # fmt: skip
+        return IGConfig(
+            iterations=self.iterations, restarts=self.restarts, tv=self.tv, lr=self.lr, cost=self.cost,
+            decay=self.decay, init=self.init, clamp_init=self.clamp_init, layer_weighting=self.layer_weighting,
+            layers=self.layers, layer_set=self.layer_set, signed=self.signed, boxed=self.boxed,
+            median_filter=self.median_filter, optimizer=self.optimizer, scoring=self.scoring, tol=self.tol,
+        )  # fmt: skip
 
     def not_applicable(self) -> set[str]:
         """Fields that cannot affect this trial (local steps under FedSGD, say)."""
         names = set()
         if self.fl == "fedsgd":
             names.update(FEDAVG_FIELDS)
+        elif self.batch_order == "sequential":
+            names.add("data_order_seed")
         if self.attack == "analytic":
             names.update(OPTIMISER_FIELDS)
+        if self.attack != "ig":
+            names.update(IG_FIELDS)
+        elif self.optimizer != "adam":
+            names.add("lr")  # SGD and L-BFGS take the reference's fixed step sizes
+        if self.restarts == 1:
+            names.update(("scoring", "tol"))  # they only choose among restarts
         if models.default_width(self.model) is None:
             names.add("width")
         if self.trained_epochs == 0:
@@ -123,6 +159,12 @@ class TrialSpec:
             reset["width"] = None
         return dataclasses.replace(self, **reset)
 
+    def key_fields(self) -> dict:
+        """What a trial's key hashes: the non-default fields, and the version of a dataset's own
+        train/test split (a changed split attacks other images under the same indices)."""
+        split = self.data_spec.split_version
+        return {**self.non_default(), **({"split_version": split} if split else {})}
+
     def non_default(self) -> dict:
         """The resolved fields that differ from the defaults, as plain JSON-ready values."""
         resolved = self.resolved()
@@ -134,6 +176,14 @@ class TrialSpec:
 
 
 DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrialSpec)}
+
+
+@functools.lru_cache(maxsize=None)
+def parameter_tensors(model: str, channels: int, num_classes: int, side: int, width: int | None) -> int:
+    """How many parameter tensors the model has (built on the meta device: no memory, no numbers)."""
+    with torch.device("meta"):
+        victim = models.build_model(model, channels=channels, num_classes=num_classes, image_size=side, width=width)
+    return len(list(victim.parameters()))
 
 
 def _plain(value):
@@ -161,6 +211,7 @@ class TrialOutcome:
     reconstruction: torch.Tensor | None = None
     restart_scores: list[float] = field(default_factory=list)
     curve: list[tuple[int, float]] = field(default_factory=list)
+    quality_curve: list[tuple[float, float]] = field(default_factory=list)  # (PSNR, SSIM) at each curve point
     seconds: float = 0.0
     lanes: int = 1
 
@@ -213,43 +264,72 @@ def run_trials(
     seeds = [s.attack_seed for s in specs]
     configs = [s.ig_config() for s in specs]
     labels = torch.stack(attacker_labels)
+    labels_known = [s.labels == "known" for s in specs]
+    quality: list[list[tuple[float, float]]] = [[] for _ in specs]
+
+    def score_checkpoint(_, images):  # the best restart's quality along the way, per lane
+        for lane, (recon, truth) in enumerate(zip(images, truths)):
+            recon01 = _matched(data.denormalise(recon, info).clamp(0, 1), truth, true_labels[lane] if labels_known[lane] else None)
+            quality[lane].append((float(metrics.psnr(recon01, truth).mean()), float(metrics.ssim(recon01, truth).mean())))
+
     if first.attack == "ig":
         box = data.pixel_box(info, truths[0])
-        result = invert_gradients(model, updates, labels, configs, seeds, box, shape,
-                                  on_checkpoint=on_checkpoint, on_progress=on_progress, deadline=deadline)  # fmt: skip
+        result = invert_gradients(model, updates, labels, configs, seeds, box, shape, on_checkpoint=on_checkpoint,
+                                  on_images=score_checkpoint, on_progress=on_progress, deadline=deadline)  # fmt: skip
     elif first.attack == "dlg":
-        known = [s.labels == "known" for s in specs]
-        result, labels = deep_leakage(model, updates, labels if all(known) else None, configs, seeds, shape,
+        result, labels = deep_leakage(model, updates, labels if all(labels_known) else None, configs, seeds, shape,
                                       info.num_classes, on_progress=on_progress, deadline=deadline)  # fmt: skip
     else:
         start = time.perf_counter()
         flat = torch.stack([first_linear_input(model, u) for u in updates])
         result = AttackResult(flat.view(len(specs), *shape), torch.zeros(len(specs), 1), [], time.perf_counter() - start)
+    pool = _baseline_pool(first, data_root)
     return [
-        _score(spec, model, info, truth, result, lane, labels[lane], truth_labels)
+        _score(spec, model, info, truth, result, lane, labels[lane], truth_labels, pool, quality[lane])
         for lane, (spec, truth, truth_labels) in enumerate(zip(specs, truths, true_labels))
     ]
 
 
-def _score(spec, model, info, truth01, result: AttackResult, lane, predicted_labels, truth_labels) -> TrialOutcome:
+def _baseline_pool(spec: TrialSpec, data_root) -> BaselinePool | None:
+    """The training images a data-only attacker guesses from; None where a dataset keeps none."""
+    if not spec.data_spec.trainable:
+        return None
+    return BaselinePool.for_dataset(spec.dataset, spec.image_size, data_root=data_root)
+
+
+def _matched(recon01: torch.Tensor, truth01: torch.Tensor, known_labels: torch.Tensor | None) -> torch.Tensor:
+    """Reconstructions in the truth's order; with known labels, each only among its own label's images."""
+    return recon01[metrics.match_to_truth(recon01, truth01, known_labels)]
+
+
+def _score(spec, model, info, truth01, result: AttackResult, lane, predicted_labels, truth_labels,
+           pool: BaselinePool | None, quality: list[tuple[float, float]]) -> TrialOutcome:  # fmt: skip
     common = dict(
         spec=spec, restart_scores=result.restart_scores[lane].tolist(), seconds=result.seconds,
-        curve=[(iteration, costs[lane]) for iteration, costs in result.curve], lanes=len(result.images),
+        curve=[(iteration, costs[lane]) for iteration, costs in result.curve], quality_curve=quality,
+        lanes=len(result.images),
     )  # fmt: skip
     recon = result.images[lane]
     if not torch.isfinite(recon).all() or not math.isfinite(min(common["restart_scores"])):
         return TrialOutcome(status="failed", error="the attack diverged: every restart ended in NaN", **common)
     recon01 = data.denormalise(recon, info).clamp(0, 1)
-    order = metrics.match_to_truth(recon01, truth01)
-    recon01 = recon01[order]
+    unmatched_psnr = metrics.psnr(recon01, truth01)  # position b against image b, as the reference scores
+    known = truth_labels if spec.labels == "known" else None  # position b was optimised for image b's label
+    recon01 = _matched(recon01, truth01, known)
     per_image = {
         "psnr": metrics.psnr(recon01, truth01),
         "ssim": metrics.ssim(recon01, truth01),
         "mse": metrics.mse(recon01, truth01),
         "feature_mse": metrics.feature_mse(model, data.normalise(recon01, info), data.normalise(truth01, info)),
+        "psnr_unmatched": unmatched_psnr,
     }
+    baselines = {}
+    if pool is not None:  # what the attacker would score from the data alone, with the labels it has
+        baselines, best_guess = score_baselines(pool.guesses(predicted_labels.cpu()), truth01.cpu())
+        per_image["psnr_gain"] = per_image["psnr"].cpu() - best_guess
     summary = {name: float(values.mean()) for name, values in per_image.items()}
     summary["label_accuracy"] = metrics.label_accuracy(predicted_labels.cpu(), truth_labels.cpu())
+    summary.update(baselines)
     return TrialOutcome(
         status="ok", metrics=summary, per_image={k: v.tolist() for k, v in per_image.items()},
         truth=truth01.cpu(), reconstruction=recon01.cpu(), **common,

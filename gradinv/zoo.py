@@ -13,8 +13,9 @@ import hashlib
 import io
 import json
 import os
-import tempfile
+import pickle
 import time
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -25,6 +26,7 @@ import torch.nn.functional as F
 
 from . import data, models
 from .errors import ConfigError, require
+from .files import write_atomic
 
 RECIPE_VERSION = 1
 
@@ -35,7 +37,7 @@ class Recipe:
 
     dataset: str
     model: str
-    width: int | None
+    width: int | None  # None: the model's default width (the key is the same either way)
     epochs: int
     model_seed: int = 0
     train_subset: int | None = None  # the first N training images; None: all of them
@@ -45,15 +47,27 @@ class Recipe:
     version: int = RECIPE_VERSION
 
     def __post_init__(self):
-        data.dataset_spec(self.dataset)
-        models.default_width(self.model)
+        spec = data.dataset_spec(self.dataset)
+        require(spec.trainable, "dataset", self.dataset, "it keeps no images to train on (every image is attacked)")
+        default_width = models.default_width(self.model)  # validates the name
+        if self.width is None:  # one checkpoint for the default width, whether it is named or not
+            object.__setattr__(self, "width", default_width)
         require(self.epochs >= 1, "epochs", self.epochs, "train for at least 1 epoch (0 is the untrained model)")
         require(self.train_subset is None or self.train_subset >= 1, "train_subset", self.train_subset, "use 1 or more")
 
     @property
     def key(self) -> str:
-        canonical = json.dumps(dataclasses.asdict(self), sort_keys=True, separators=(",", ":"))
+        fields = dataclasses.asdict(self)
+        if split := data.dataset_spec(self.dataset).split_version:  # a new split trains on other images
+            fields["split_version"] = split
+        canonical = json.dumps(fields, sort_keys=True, separators=(",", ":"))
         return f"{self.model}-{self.dataset}-e{self.epochs}-" + hashlib.sha256(canonical.encode()).hexdigest()[:12]
+
+    def train_command(self) -> str:
+        """The `gradinv zoo train` command that builds this checkpoint."""
+        flags = {"--dataset": self.dataset, "--model": self.model, "--width": self.width, "--epochs": self.epochs,
+                 "--model-seed": self.model_seed, "--train-subset": self.train_subset, "--image-size": self.image_size}
+        return "gradinv zoo train " + " ".join(f"{flag} {value}" for flag, value in flags.items() if value is not None)
 
     def untrained(self) -> torch.nn.Module:
         spec = data.dataset_spec(self.dataset)
@@ -90,21 +104,62 @@ def paths(recipe: Recipe, cache: Path) -> tuple[Path, Path]:
     return cache / f"{recipe.key}.pt", cache / f"{recipe.key}.json"
 
 
+class Unreadable(Exception):
+    """A cache file that is there but damaged or not ours; the message says what is wrong."""
+
+
+SIDECAR_FIELDS = {"key": str, "test_accuracy": (int, float), "epochs": int, "seed": int,
+                  "training_seconds": (int, float)}  # fmt: skip
+
+
+def read_sidecar(path: Path) -> dict:
+    """A sidecar's JSON, with the fields every reader relies on."""
+    try:
+        info = json.loads(path.read_text())
+    except (OSError, ValueError) as error:  # unreadable, not UTF-8, not JSON
+        raise Unreadable(f"{path.name}: {type(error).__name__}") from None
+    fields = info if isinstance(info, dict) else {}
+    bad = [name for name, kind in SIDECAR_FIELDS.items() if not isinstance(fields.get(name), kind)]
+    if bad:
+        raise Unreadable(f"{path.name} lacks {', '.join(bad)}")
+    return info
+
+
+def read_weights(path: Path, expected: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A state dict saved by :func:`store`, with exactly the tensors and shapes of ``expected``."""
+    if not zipfile.is_zipfile(path):  # missing, empty, truncated or not a torch archive
+        raise Unreadable(f"{path.name} is not a complete torch archive")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:  # holds more than tensors: weights_only refuses it
+        raise Unreadable(f"{path.name} holds more than tensors") from None
+    except RuntimeError as error:
+        if "PytorchStreamReader" not in str(error):  # torch's damaged-archive errors; anything else is a bug
+            raise
+        raise Unreadable(f"{path.name} is damaged") from None
+    if not isinstance(state, dict) or _shapes(state) != _shapes(expected):
+        raise Unreadable(f"{path.name} does not hold this recipe's model")
+    return state
+
+
+def _shapes(state: dict) -> dict:
+    return {name: tuple(value.shape) if isinstance(value, torch.Tensor) else None for name, value in state.items()}
+
+
 def load(recipe: Recipe, cache: str | os.PathLike | None = None) -> Checkpoint | None:
     """The cached checkpoint, or None when it has not been trained on this machine."""
     weights, sidecar = paths(recipe, cache_dir(cache))
     if not sidecar.exists():
         return None
+    expected = recipe.untrained().state_dict()
     try:
-        state = torch.load(weights, map_location="cpu", weights_only=True)
-        info = json.loads(sidecar.read_text())
-        recipe.untrained().load_state_dict(state)
-    except Exception as error:  # noqa: BLE001 - any unreadable file gets the same advice
+        info = read_sidecar(sidecar)
+        state = read_weights(weights, expected)
+    except Unreadable as problem:
         raise ConfigError(
             "checkpoint", str(weights),
-            f"it is unreadable ({type(error).__name__}); delete {weights.name} and {sidecar.name} and run "
-            f"'gradinv zoo train --dataset {recipe.dataset} --model {recipe.model} --epochs {recipe.epochs} "
-            f"--model-seed {recipe.model_seed}' (or the study) again to rebuild it",
+            f"it is unreadable ({problem}); delete {weights.name} and {sidecar.name} and run "
+            f"'{recipe.train_command()}' (or the study) again to rebuild it",
         ) from None  # fmt: skip
     return Checkpoint(recipe, state, info)
 
@@ -114,8 +169,8 @@ def store(checkpoint: Checkpoint, cache: str | os.PathLike | None = None) -> Non
     root = cache_dir(cache)
     root.mkdir(parents=True, exist_ok=True)
     weights, sidecar = paths(checkpoint.recipe, root)
-    _write_atomic(weights, checkpoint.to_bytes())
-    _write_atomic(sidecar, json.dumps(checkpoint.sidecar, indent=2).encode())
+    write_atomic(weights, checkpoint.to_bytes())
+    write_atomic(sidecar, json.dumps(checkpoint.sidecar, indent=2).encode())
 
 
 def from_bytes(recipe: Recipe, payload: bytes, sidecar: dict) -> Checkpoint:
@@ -189,12 +244,22 @@ def test_accuracy(model: torch.nn.Module, recipe: Recipe, data_root=None) -> flo
     return correct / len(test_set)
 
 
-def listing(cache: str | os.PathLike | None = None) -> list[dict]:
+@dataclass(frozen=True)
+class Listed:
+    """One checkpoint of a cache: its sidecar, or why the sidecar cannot be read."""
+
+    key: str
+    info: dict | None
+    problem: str = ""
+
+
+def listing(cache: str | os.PathLike | None = None) -> list[Listed]:
     root = cache_dir(cache)
-    return [json.loads(p.read_text()) for p in sorted(root.glob("*.json"))] if root.is_dir() else []
+    return [_listed(path) for path in sorted(root.glob("*.json"))] if root.is_dir() else []
 
 
-def _write_atomic(path: Path, content: bytes) -> None:
-    with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", delete=False) as handle:
-        handle.write(content)
-    os.replace(handle.name, path)
+def _listed(sidecar: Path) -> Listed:
+    try:
+        return Listed(sidecar.stem, read_sidecar(sidecar))
+    except Unreadable as problem:
+        return Listed(sidecar.stem, None, str(problem))

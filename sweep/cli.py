@@ -42,12 +42,26 @@ def _add_trial_flags(parser: argparse.ArgumentParser) -> None:
     add("--local-lr", type=float, default=DEFAULTS["local_lr"])
     add("--local-batch-size", type=int, default=DEFAULTS["local_batch_size"], help="0: all images per step")
     add("--data-order-seed", type=int, default=DEFAULTS["data_order_seed"])
+    add("--batch-order", default=DEFAULTS["batch_order"], help="shuffled or sequential (the reference's fixed slices)")
     add("--attack", default=DEFAULTS["attack"], help="ig, dlg or analytic")
     add("--iterations", type=int, default=DEFAULTS["iterations"])
     add("--restarts", type=int, default=DEFAULTS["restarts"])
     add("--tv", type=float, default=DEFAULTS["tv"])
-    add("--lr", type=float, default=DEFAULTS["lr"])
-    add("--cost", default=DEFAULTS["cost"], help="cosine or l2")
+    add("--lr", type=float, default=DEFAULTS["lr"], help="Adam's step size")
+    add("--cost", default=DEFAULTS["cost"], help="cosine, l2, l1, max or simlocal")
+    add("--decay", default=DEFAULTS["decay"], help="step, step-eighths, cosine or none")
+    add("--init", default=DEFAULTS["init"], help="randn, rand or zeros")
+    switch = argparse.BooleanOptionalAction
+    add("--clamp-init", action=switch, default=DEFAULTS["clamp_init"], help="project the first images into the pixel box")
+    add("--layer-weighting", default=DEFAULTS["layer_weighting"], help="equal, linear or exp")
+    add("--layers", default=None, metavar="I,J,.. | SET",
+        help="parameter indices to match (--layers=-1,-2 for negative ones) or a named set (last5, top10, batch, ...)")
+    add("--signed", action=switch, default=DEFAULTS["signed"], help="step on the gradient's sign")
+    add("--boxed", action=switch, default=DEFAULTS["boxed"], help="keep pixels in the valid box")
+    add("--median-filter", action=switch, default=DEFAULTS["median_filter"], help="3x3 median filter every 500 iterations")
+    add("--optimizer", default=DEFAULTS["optimizer"], help="adam, sgd or lbfgs")
+    add("--scoring", default=DEFAULTS["scoring"], help="loss, tv, pixelmean or pixelmedian (choosing among restarts)")
+    add("--tol", type=float, default=DEFAULTS["tol"], help="stop restarting once a restart's score is at most this")
     add("--attack-seed", type=int, default=DEFAULTS["attack_seed"])
 
 
@@ -71,6 +85,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
     run.add_argument("--batch-rows", type=int, default=64, help="write a results file every N finished trials")
     run.add_argument("--batch-seconds", type=float, default=15.0, help="... or every S seconds")
+    from .study import MAX_TRIALS
+
+    run.add_argument("--max-trials", type=int, default=MAX_TRIALS,
+                     help=f"refuse a study of more trials, counted before collapsing (default {MAX_TRIALS})")  # fmt: skip
+    run.add_argument("--set-aside-bad-files", action="store_true",
+                     help="move damaged or foreign *.parquet files of the results into its _quarantine/ (else refuse)")
 
     zoo = verbs.add_parser("zoo", help="trained victim checkpoints")
     zoo_verbs = zoo.add_subparsers(dest="zoo_verb", required=True, parser_class=_Parser)
@@ -102,9 +122,22 @@ def _trial_spec(args: argparse.Namespace):
         dataset=args.dataset, images=tuple(args.images or [0]), image_size=args.image_size, labels=args.labels,
         model=args.model, width=args.width, model_seed=args.model_seed, trained_epochs=args.trained_epochs,
         train_subset=args.train_subset, fl=args.fl, local_steps=args.local_steps, local_lr=args.local_lr, local_batch_size=args.local_batch_size,
-        data_order_seed=args.data_order_seed, attack=args.attack, iterations=args.iterations,
-        restarts=args.restarts, tv=args.tv, lr=args.lr, cost=args.cost, attack_seed=args.attack_seed,
+        data_order_seed=args.data_order_seed, batch_order=args.batch_order, attack=args.attack,
+        iterations=args.iterations, restarts=args.restarts, tv=args.tv, lr=args.lr, cost=args.cost, decay=args.decay,
+        init=args.init, clamp_init=args.clamp_init, layer_weighting=args.layer_weighting, layers=_layers(args.layers),
+        signed=args.signed, boxed=args.boxed, median_filter=args.median_filter, optimizer=args.optimizer,
+        scoring=args.scoring, tol=args.tol, attack_seed=args.attack_seed,
     )  # fmt: skip
+
+
+def _layers(text: str | None) -> tuple[int, ...] | str | None:
+    """--layers: comma-separated parameter indices, or a named set (checked by TrialSpec)."""
+    if text is None or text[:1].isalpha():
+        return text
+    try:
+        return tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise ConfigError("--layers", text, "give indices such as 0,1,-1 or a named set such as last5") from None
 
 
 def _set_threads(threads: int | None) -> None:
@@ -133,27 +166,28 @@ def _run_attack(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_study(path: Path):
-    from .study import load_study
-
-    return load_study(path)
-
-
 def _run_study(args: argparse.Namespace) -> int:
-    from .runner import RunOptions, run_study
+    import math
 
-    study = _load_study(args.study)
+    from .runner import RunOptions, run_study
+    from .study import load_study, read_study
+
+    if args.max_trials < 1:
+        raise ConfigError("--max-trials", args.max_trials, "use 1 or more")
     if args.dry_run:
         from .report_text import dry_run
 
-        print(dry_run(study))
+        print(dry_run(read_study(args.study, args.max_trials), args.max_trials))
         return 0
     if args.max_concurrent is not None and args.max_concurrent < 1:
         raise ConfigError("--max-concurrent", args.max_concurrent, "use 1 or more")
-    if args.batch_rows < 1 or args.batch_seconds <= 0:
-        raise ConfigError("--batch-rows/--batch-seconds", (args.batch_rows, args.batch_seconds), "use positive values")
+    if args.batch_rows < 1:
+        raise ConfigError("--batch-rows", args.batch_rows, "use a positive number of rows")
+    if not (math.isfinite(args.batch_seconds) and args.batch_seconds > 0):  # nan would never flush by time
+        raise ConfigError("--batch-seconds", args.batch_seconds, "use a finite, positive number of seconds")
+    study = load_study(args.study, args.max_trials)
     options = RunOptions(args.address, args.max_concurrent, args.retry_failed, args.batch_rows, args.batch_seconds,
-                         progress=not args.no_progress)  # fmt: skip
+                         progress=not args.no_progress, set_aside_bad_files=args.set_aside_bad_files)  # fmt: skip
     results = args.results or Path("results") / study.name
     return run_study(study, results, options, data_root_arg=args.data_root)
 
@@ -162,7 +196,12 @@ def _zoo(args: argparse.Namespace) -> int:
     from gradinv import zoo
 
     if args.zoo_verb == "list":
-        for info in zoo.listing(args.cache):
+        for entry in zoo.listing(args.cache):
+            info = entry.info
+            if info is None:  # skipped: one line on what to do about it
+                print(f"{entry.key}  unreadable ({entry.problem}); delete {entry.key}.pt and {entry.key}.json, "
+                      "and the study or 'gradinv zoo train' that needs it trains it again")  # fmt: skip
+                continue
             print(f"{info['key']}  accuracy {info['test_accuracy']:.4f}  epochs {info['epochs']}  "
                   f"seed {info['seed']}  {info['training_seconds']:.0f} s")  # fmt: skip
         return 0

@@ -1,26 +1,39 @@
 """What runs inside a Ray worker: a pack of lane-compatible trials, turned into result rows.
 
-Exceptions never leave a pack: a trial that raises, times out or diverges becomes a ``failed`` row.
-Only a dying worker escapes, and Ray retries the task.
+Exceptions never leave a pack, and one trial's error fails that trial alone: when a lane raises, the
+pack's trials run again one by one, so the trial that raises becomes a ``failed`` row with its error
+and the others keep their results. A pack stopped as a whole (past its timeout, or cancelled) fails
+the trials it had not finished; a trial that diverges is a ``failed`` row too. Only a dying worker
+escapes, and Ray retries the task.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import json
 import os
 import socket
 import time
 import traceback
+import uuid
 from dataclasses import dataclass, field
 
 import torch
 
 from gradinv import data
+from gradinv.attacks.inverting import TrialTimeout
 from gradinv.provenance import provenance
 from gradinv.trial import TrialOutcome, TrialSpec, run_trials
 
 from .results import parameter_columns
+
+
+class PackStopped(RuntimeError):
+    """Raised by an ``on_checkpoint`` callback to stop the whole pack (a cancelled candidate, say)."""
+
+
+WHOLE_PACK_STOPS = (TrialTimeout, PackStopped)  # they end every lane at once: no trial runs again
 
 
 @dataclass(frozen=True)
@@ -47,6 +60,7 @@ def outcome_row(pack: Pack, key: str, outcome: TrialOutcome, attempt: int, timin
         **pack.extra, **outcome.metrics, **{f"{name}_per_image": v for name, v in outcome.per_image.items()},
         "restart_scores": outcome.restart_scores,
         "curve_iterations": [i for i, _ in outcome.curve], "curve_costs": [c for _, c in outcome.curve],
+        "curve_psnr": [q for q, _ in outcome.quality_curve] or None, "curve_ssim": [q for _, q in outcome.quality_curve] or None,
         "status": outcome.status, "error": outcome.error or None, "attempt": attempt,
         "attack_seconds": outcome.seconds, "lanes": outcome.lanes, **timing, **where,
     }  # fmt: skip
@@ -80,19 +94,49 @@ def failed_outcomes(pack: Pack, error: str) -> list[TrialOutcome]:
 
 
 def run_pack(pack: Pack, attempt: int = 1, victim=None, on_checkpoint=None) -> list[dict]:
-    """Run a pack's trials together and return one row per trial."""
+    """Run a pack's trials together and return one row per trial, in the pack's order.
+
+    ``on_checkpoint(keys, iteration, costs)`` receives the keys of the lanes running and their best
+    costs (one lane's key alone while the trials run one by one after a lane raised).
+    """
     torch.set_num_threads(pack.threads)
     started, clock = now(), time.monotonic()
     deadline = clock + pack.timeout if pack.timeout else None
+    run = functools.partial(_run_lanes, device=pack.device, attempt=attempt, victim=victim,
+                            on_checkpoint=on_checkpoint, deadline=deadline)  # fmt: skip
     try:
-        inject_fault(pack.keys, attempt)
-        kwargs = {"victim": victim} if victim is not None else {}
-        outcomes = run_trials(list(pack.specs), device=pack.device, deadline=deadline, on_checkpoint=on_checkpoint, **kwargs)
-    except Exception as error:  # noqa: BLE001 - any trial error is data, not a crash
+        outcomes = run(pack.keys, pack.specs)
+    except WHOLE_PACK_STOPS as error:
         outcomes = failed_outcomes(pack, _describe(error))
-    timing = {"started_at": started, "finished_at": now(), "task_seconds": time.monotonic() - clock}
+    except Exception as error:  # noqa: BLE001 - any trial error is data, not a crash
+        outcomes = _one_by_one(pack, run) if len(pack.specs) > 1 else failed_outcomes(pack, _describe(error))
+    seconds = time.monotonic() - clock
+    timing = {"started_at": started, "finished_at": now(), "task_seconds": seconds,
+              "trial_seconds": seconds / len(pack.keys), "pack_id": uuid.uuid4().hex[:16]}  # fmt: skip
     where = where_am_i(pack.device)
-    return [outcome_row(pack, key, o, attempt, timing, where) for key, o in zip(pack.keys, outcomes)]
+    return [outcome_row(pack, key, o, attempt, {**timing, "lane_index": lane}, where)
+            for lane, (key, o) in enumerate(zip(pack.keys, outcomes))]  # fmt: skip
+
+
+def _run_lanes(keys, specs, *, device, attempt, victim, on_checkpoint, deadline) -> list[TrialOutcome]:
+    inject_fault(keys, attempt)
+    report = None if on_checkpoint is None else functools.partial(on_checkpoint, keys)
+    kwargs = {"victim": victim} if victim is not None else {}
+    return run_trials(list(specs), device=device, deadline=deadline, on_checkpoint=report, **kwargs)
+
+
+def _one_by_one(pack: Pack, run) -> list[TrialOutcome]:
+    """After a lane raised: each trial alone, so that only a trial that raises fails. A stop (the
+    pack's timeout, a cancellation) fails the trials not yet run."""
+    outcomes = []
+    for index, (key, spec) in enumerate(zip(pack.keys, pack.specs)):
+        try:
+            outcomes += run((key,), (spec,))
+        except WHOLE_PACK_STOPS as error:
+            return outcomes + [TrialOutcome(spec=s, status="failed", error=_describe(error)) for s in pack.specs[index:]]
+        except Exception as error:  # noqa: BLE001 - this trial's error is data
+            outcomes.append(TrialOutcome(spec=spec, status="failed", error=_describe(error)))
+    return outcomes
 
 
 def _describe(error: BaseException) -> str:
@@ -104,8 +148,9 @@ def _describe(error: BaseException) -> str:
 def inject_fault(keys: tuple[str, ...], attempt: int) -> None:
     """Deliberate faults for testing recovery, named by $GRADINV_FAULTS (a JSON file: key -> action).
 
-    Actions: ``raise`` (the trial fails), ``exit-first-attempt`` (the worker process dies on the
-    first attempt, as on a lost node), ``sleep:SECONDS`` (a slow trial).
+    Actions: ``raise`` (the trial fails, every time it runs: its pack-mates, run again alone, do not),
+    ``exit-first-attempt`` (the worker process dies on the first attempt, as on a lost node),
+    ``sleep:SECONDS`` (a slow trial, each time it runs).
     """
     path = os.environ.get("GRADINV_FAULTS")
     if not path:

@@ -11,6 +11,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -23,9 +24,15 @@ from gradinv import models
 from gradinv.errors import ConfigError
 from gradinv.trial import DEFAULTS, TrialSpec
 
-SCHEMA_VERSION = 1
-RESULTS_FORMAT = 1  # part of every trial key: bump only when old results can no longer be compared
+from .journal import JOURNAL_DIR, RowJournal, journal_files, read_journals
+
+SCHEMA_VERSION = 2  # 2: baselines, gains, quality curves, pack ids
+RESULTS_FORMAT = 2  # part of every trial key: bump only when old results can no longer be compared
+# 2: the step decay's milestones are the reference's, the first images are no longer clamped into the
+#    pixel box, `exp` layer weights are e^-i and `rand` starts are uniform in [-1, 1)
 LOCK_NAME = ".gradinv.lock"
+SET_ASIDE_DIR = "_quarantine"  # bad files moved here; readers skip names that start with '_'
+SET_ASIDE_FLAG = "--set-aside-bad-files"
 
 _PARAMETER_TYPES = {
     "dataset": pa.string(), "images": pa.list_(pa.int32()), "image_size": pa.int32(), "labels": pa.string(),
@@ -34,10 +41,15 @@ _PARAMETER_TYPES = {
     "data_order_seed": pa.int64(), "attack": pa.string(), "iterations": pa.int32(), "restarts": pa.int32(),
     "tv": pa.float64(), "lr": pa.float64(), "cost": pa.string(), "decay": pa.string(), "init": pa.string(),
     "layer_weighting": pa.string(), "layers": pa.list_(pa.int32()), "attack_seed": pa.int64(),
+    "clamp_init": pa.bool_(), "layer_set": pa.string(), "signed": pa.bool_(), "boxed": pa.bool_(),
+    "median_filter": pa.bool_(), "optimizer": pa.string(), "scoring": pa.string(), "tol": pa.float64(),
+    "batch_order": pa.string(),
 }  # fmt: skip
 assert set(_PARAMETER_TYPES) == set(DEFAULTS), "every trial parameter needs a column"
 
 METRICS = ("psnr", "ssim", "mse", "feature_mse")
+BASELINES = ("baseline_psnr", "baseline_psnr_mean_image", "baseline_psnr_flat", "baseline_psnr_class_mean",
+             "baseline_ssim_mean_image", "baseline_ssim_flat", "baseline_ssim_class_mean")  # fmt: skip
 _floats = pa.list_(pa.float64())
 
 SCHEMA = pa.schema(
@@ -51,12 +63,21 @@ SCHEMA = pa.schema(
         pa.field("model_accuracy", pa.float64()),
         *[pa.field(name, pa.float64()) for name in METRICS],
         pa.field("label_accuracy", pa.float64()),
+        # What a data-only attacker scores without the update (gradinv.baselines), and the gain over the best
+        *[pa.field(name, pa.float64()) for name in BASELINES],
+        pa.field("psnr_gain", pa.float64()),
+        pa.field("psnr_gain_per_image", _floats),
         *[pa.field(f"{name}_per_image", _floats) for name in METRICS],
+        # PSNR of reconstruction b against image b, unpaired (the reference's fixed order)
+        pa.field("psnr_unmatched", pa.float64()),
+        pa.field("psnr_unmatched_per_image", _floats),
         pa.field("truth_png", pa.list_(pa.binary())),
         pa.field("reconstruction_png", pa.list_(pa.binary())),
         pa.field("restart_scores", _floats),
         pa.field("curve_iterations", pa.list_(pa.int32())),
         pa.field("curve_costs", _floats),
+        pa.field("curve_psnr", _floats),  # quality of the best restart at each checkpoint
+        pa.field("curve_ssim", _floats),
         pa.field("iterations_run", pa.int32()),
         pa.field("status", pa.string(), nullable=False),  # ok, failed or pruned
         pa.field("error", pa.string()),
@@ -66,6 +87,9 @@ SCHEMA = pa.schema(
         pa.field("attack_seconds", pa.float64()),
         pa.field("task_seconds", pa.float64()),
         pa.field("lanes", pa.int32()),
+        pa.field("pack_id", pa.string()),  # trials computed together share it
+        pa.field("lane_index", pa.int32()),
+        pa.field("trial_seconds", pa.float64()),  # this trial's share of its pack's task time
         pa.field("threads", pa.int32()),
         pa.field("host", pa.string()),
         pa.field("node_id", pa.string()),
@@ -83,7 +107,7 @@ SCHEMA = pa.schema(
 
 def trial_key(spec: TrialSpec) -> str:
     """A hash of the resolved non-default parameters and the results format: stable as fields are added."""
-    canonical = json.dumps({"format": RESULTS_FORMAT, **spec.non_default()}, sort_keys=True, separators=(",", ":"))
+    canonical = json.dumps({"format": RESULTS_FORMAT, **spec.key_fields()}, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()[:20]
 
 
@@ -107,6 +131,26 @@ def to_table(rows: list[dict]) -> pa.Table:
     return pa.Table.from_pylist([{**empty_row(), **row} for row in rows], schema=SCHEMA)
 
 
+def file_problem(file: Path) -> str | None:
+    """Why ``file`` cannot be read as results, judged from its footer alone; None when it can.
+
+    A file may lack columns (written before they existed), but each column it has must be SCHEMA's,
+    of the same type, and the columns every row needs must be there.
+    """
+    try:
+        schema = pq.read_schema(file)
+    except FileNotFoundError:  # replaced by nothing since it was listed: not a problem of the file
+        return None
+    except (OSError, pa.ArrowException) as error:
+        return f"not a readable Parquet file ({str(error).splitlines()[0]})"
+    foreign = [f"{field.name} ({field.type})" for field in schema
+               if field.name not in SCHEMA.names or SCHEMA.field(field.name).type != field.type]  # fmt: skip
+    if foreign:
+        return f"not a results file: columns outside the results schema: {', '.join(foreign[:3])}"
+    missing = [field.name for field in SCHEMA if not field.nullable and field.name not in schema.names]
+    return f"not a results file: no {', '.join(missing)} column" if missing else None
+
+
 # ---------------------------------------------------------------------------------------------
 # The directory
 
@@ -114,21 +158,34 @@ def to_table(rows: list[dict]) -> pa.Table:
 class ResultsDir:
     """A results directory: read it freely; write it only inside ``with`` (lock, repair, atomic files)."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, set_aside_bad_files: bool = False):
         self.path = Path(path)
         if self.path.exists() and not self.path.is_dir():
             raise ConfigError("--results", str(path), "name a directory, not a file")
+        self.set_aside_bad_files = set_aside_bad_files  # on entering: move bad files aside instead of refusing
         self._lock = filelock.FileLock(str(self.path / LOCK_NAME), timeout=0)
 
     def __enter__(self) -> "ResultsDir":
-        self.path.mkdir(parents=True, exist_ok=True)
         try:
+            self.path.mkdir(parents=True, exist_ok=True)
             self._lock.acquire()
-        except filelock.Timeout:
+        except filelock.Timeout:  # a TimeoutError, hence an OSError: first
             raise ConfigError(
                 "--results", str(self.path), "another gradinv driver is writing there; wait for it or use another directory"
             ) from None
-        self.keep_one_row_per_key()
+        except OSError as error:  # read-only file system, no permission
+            fix = f"cannot write there ({error.strerror or error}); use a writable directory"
+            raise ConfigError("--results", str(self.path), fix) from None
+        try:
+            if self.set_aside_bad_files:
+                self._set_aside_bad_files()
+            else:
+                self.checked_files()  # refuses a bad file before anything reads or rewrites the others
+            self.keep_one_row_per_key()
+            self.fold_journal()
+        except BaseException:
+            self._lock.release()
+            raise
         return self
 
     def __exit__(self, *exc) -> None:
@@ -137,11 +194,49 @@ class ResultsDir:
     def files(self) -> list[Path]:
         return sorted(p for p in self.path.glob("*.parquet") if not p.name.startswith((".", "_")))
 
+    def checked_files(self) -> list[Path]:
+        """The visible files, each checked from its footer; a bad one is named in one line (ConfigError)."""
+        files = self.files()
+        bad = {file: problem for file in files if (problem := file_problem(file))}
+        if bad:
+            (file, problem), others = next(iter(bad.items())), len(bad) - 1
+            raise self.bad_file_error(file, problem + (f" (and {others} more bad files)" if others else ""))
+        return files
+
+    def bad_file_error(self, file: Path, problem: str, footer: bool = True) -> ConfigError:
+        """``footer``: the problem shows in the footer, so that the set-aside flag finds the file too."""
+        fix = f"move it out of {self.path}"
+        if footer:
+            fix += f", or pass {SET_ASIDE_FLAG} to `gradinv run` to move such files into {self.path / SET_ASIDE_DIR}"
+        return ConfigError("results file", str(file), f"{problem}; {fix}")
+
+    def _set_aside_bad_files(self) -> None:
+        """Move each bad file into SET_ASIDE_DIR, never deleting it (it may be someone's data), and say so."""
+        for file in self.files():
+            problem = file_problem(file)
+            if problem is None:
+                continue
+            target = self.path / SET_ASIDE_DIR / file.name
+            target.parent.mkdir(exist_ok=True)
+            if target.exists():  # an earlier file of the same name was set aside already
+                target = target.with_name(f"{file.stem}-{uuid.uuid4().hex[:8]}{file.suffix}")
+            os.replace(file, target)
+            print(f"set aside {file} ({problem}) -> {target}", file=sys.stderr)
+
     def read(self, columns: list[str] | None = None) -> pa.Table:
-        tables = [pq.read_table(f, columns=columns, schema=SCHEMA) for f in self.files()]
+        tables = [table for f in self.checked_files() if (table := self._read_file(f, columns)) is not None]
         if not tables:
             return SCHEMA.empty_table().select(columns) if columns else SCHEMA.empty_table()
         return pa.concat_tables(tables)
+
+    def _read_file(self, file: Path, columns: list[str] | None) -> pa.Table | None:
+        """One file under SCHEMA; None when a writer replaced it by nothing since it was listed."""
+        try:
+            return pq.read_table(file, columns=columns, schema=SCHEMA)
+        except FileNotFoundError:
+            return None
+        except (OSError, pa.ArrowException) as error:  # a sound footer over damaged pages
+            raise self.bad_file_error(file, f"damaged ({str(error).splitlines()[0]})", footer=False) from None
 
     def statuses(self) -> dict[str, str]:
         """Key -> status of every row present."""
@@ -152,12 +247,11 @@ class ResultsDir:
         """One new file holding ``rows``; rows with keys already present replace the old ones."""
         if not rows:
             return None
-        table = to_table(rows)
-        name = f"part-{time.time_ns():019d}-{uuid.uuid4().hex[:8]}.parquet"
-        final = self.path / name
-        partial = self.path / f".{name}.tmp"
-        pq.write_table(table, partial)
-        os.replace(partial, final)
+        return self._write_table(to_table(rows))
+
+    def _write_table(self, table: pa.Table) -> Path:
+        final = self.path / f"part-{time.time_ns():019d}-{uuid.uuid4().hex[:8]}.parquet"
+        self._write_atomically(table, final)
         self._drop_keys(set(table["key"].to_pylist()), keep=final)
         return final
 
@@ -177,9 +271,46 @@ class ResultsDir:
         if table.num_rows == 0:
             file.unlink()
             return
-        partial = file.with_name(f".{file.name}.tmp")
-        pq.write_table(table, partial)
-        os.replace(partial, file)
+        self._write_atomically(table, file)
+
+    @staticmethod
+    def _write_atomically(table: pa.Table, final: Path) -> None:
+        """Write under a hidden name, sync, rename into place: a reader sees the whole file or none,
+        and a failed write (full or read-only disk) leaves nothing behind."""
+        partial = final.with_name(f".{final.name}.tmp")
+        try:
+            with open(partial, "wb") as sink:
+                pq.write_table(table, sink)
+                sink.flush()
+                os.fsync(sink.fileno())
+            os.replace(partial, final)
+        except BaseException:
+            partial.unlink(missing_ok=True)
+            raise
+
+    # The row journal (sweep/journal.py): finished rows on disk before their batch file is written.
+
+    def journal(self) -> RowJournal:
+        """A new journal for this writer's rows (write inside ``with`` only)."""
+        return RowJournal(self.path / JOURNAL_DIR, SCHEMA)
+
+    def read_journal(self, columns: list[str] | None = None) -> pa.Table:
+        """Rows in journals: a running driver's not yet in a batch file, or a stopped driver's not yet folded in."""
+        table = read_journals(journal_files(self.path / JOURNAL_DIR), SCHEMA)
+        return table.select(columns) if columns else table
+
+    def journalled_rows(self) -> int:
+        return self.read_journal(["key"]).num_rows
+
+    def fold_journal(self) -> int:
+        """Move the rows of journals left by a stopped driver into one batch file; how many there were."""
+        files = journal_files(self.path / JOURNAL_DIR)
+        table = read_journals(files, SCHEMA)
+        if table.num_rows:
+            self._write_table(table)
+        for file in files:
+            file.unlink()
+        return table.num_rows
 
     def keep_one_row_per_key(self) -> None:
         """Repair what a crash between writing a replacement and dropping the old row left behind."""

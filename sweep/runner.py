@@ -1,15 +1,21 @@
 """`gradinv run`: a study's trials as Ray tasks, their rows in the results directory, exactly once.
 
-The driver alone writes results. It keeps a bounded number of tasks in flight, writes finished rows
-in batches (by count or time), and on Ctrl-C writes what has finished before it exits. Re-running
-the same command skips every key that already has a row.
+The driver alone writes results. It keeps a bounded number of tasks in flight, journals each
+finished row at once (sweep/journal.py) and writes rows in batches (by count or time). On Ctrl-C or
+SIGTERM it writes what has finished before it exits; killed outright, it leaves the journal, which
+the next run folds in. A full or read-only disk stops it with one line. Re-running the same command
+skips every key that already has a row.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
+import signal
+import sys
+import threading
 import time
 from dataclasses import dataclass
 from itertools import groupby
@@ -17,15 +23,18 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from gradinv.errors import ConfigError
 from gradinv.provenance import commit
 from gradinv.trial import TrialSpec, lane_signature
 
 from .checkpoints import Victims, victim_from_checkpoint
 from .execution import Pack, failed_outcomes, now, outcome_row, run_pack, where_am_i
-from .results import ResultsDir, trial_key
-from .study import Study
+from .journal import JOURNAL_DIR
+from .ray_connection import connect
+from .results import ResultsDir, to_table, trial_key
+from .study import Resources, Study
 
-EXIT_OK, EXIT_INCOMPLETE, EXIT_INTERRUPTED = 0, 1, 130
+EXIT_OK, EXIT_INCOMPLETE, EXIT_WRITE_FAILED, EXIT_INTERRUPTED, EXIT_TERMINATED = 0, 1, 1, 130, 143
 DEFAULT_LANES = {"cpu": 1, "cuda": 16}
 
 
@@ -37,6 +46,8 @@ class RunOptions:
     flush_rows: int = 64
     flush_seconds: float = 15.0
     progress: bool = True
+    autoscale_wait: float = 300.0  # a named cluster: seconds to wait for a node that fits one trial
+    set_aside_bad_files: bool = False  # else a damaged or foreign file in the results stops the run
 
 
 def pending_trials(study: Study, statuses: dict[str, str], retry_failed: bool) -> list[tuple[str, TrialSpec]]:
@@ -80,29 +91,6 @@ def runtime_environment(data_root_arg: str | None) -> dict:
     return {"env_vars": env}
 
 
-def connect(address: str | None, runtime_env: dict, max_retries: int):
-    """Join the cluster at ``address`` (or $RAY_ADDRESS), else start a local Ray instance."""
-    import ray
-
-    address = address or os.environ.get("RAY_ADDRESS") or None
-    if address is not None and not os.environ.get("RAY_AUTH_MODE") and _token_available():
-        # A driver that names its cluster does not turn token mode on by itself.
-        os.environ["RAY_AUTH_MODE"] = "token"
-    options = dict(runtime_env=runtime_env, include_dashboard=False, log_to_driver=True, logging_level="WARNING")
-    if address is None:
-        # A new local instance ("local": never a stray one found in /tmp/ray). Cap Ray's
-        # out-of-memory retries, unlimited by default, like ours.
-        address = "local"
-        options["_system_config"] = {"task_oom_retries": max_retries}
-    ray.init(address=address, **options)
-    return ray
-
-
-def _token_available() -> bool:
-    return bool(os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH")
-                or (Path.home() / ".ray" / "auth_token").exists())  # fmt: skip
-
-
 def current_attempt() -> int:
     """1 for a task's first run, 2 for its first retry, ... (Ray's core worker counts from 0)."""
     from ray._private.worker import global_worker
@@ -119,87 +107,240 @@ def remote_pack(pack: Pack, weights: bytes | None = None, sidecar: dict | None =
     return run_pack(pack, attempt, victim=victim)
 
 
+class RowsNotWritten(Exception):
+    """Writing results failed (a full, read-only or forbidden disk): the driver stops launching work."""
+
+    def __init__(self, error: OSError, kept: int, unsaved: int):
+        super().__init__(str(error))
+        self.error, self.kept, self.unsaved = error, kept, unsaved
+
+
 class _Batcher:
-    """Finished rows, written as one file per batch (by count or age) and on every exit path."""
+    """Finished rows: journalled on arrival (synced to disk), written as one file per batch (by
+    count or age) and on every exit path; a batch file written, its journal is deleted."""
 
     def __init__(self, results: ResultsDir, rows: int, seconds: float):
         self.results, self.limit_rows, self.limit_seconds = results, rows, seconds
+        self.journal = results.journal()
         self.rows: list[dict] = []
+        self.journalled = 0  # how many of ``rows`` the journal holds
         self.since = time.monotonic()
         self.written = 0
 
     def add(self, rows: list[dict]) -> None:
         self.rows += rows
+        try:
+            self.journal.append(to_table(rows))
+        except OSError as error:
+            raise RowsNotWritten(error, self.journalled, len(self.rows) - self.journalled) from error
+        self.journalled = len(self.rows)
         if len(self.rows) >= self.limit_rows or time.monotonic() - self.since >= self.limit_seconds:
             self.flush()
 
     def flush(self) -> None:
         if self.rows:
-            self.results.write(self.rows)
+            try:
+                self.results.write(self.rows)
+            except OSError as error:
+                raise RowsNotWritten(error, self.journalled, len(self.rows) - self.journalled) from error
             self.written += len(self.rows)
-        self.rows, self.since = [], time.monotonic()
+        self.journal.discard()
+        self.rows, self.journalled, self.since = [], 0, time.monotonic()
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler's stop, `kill`): handled like Ctrl-C, with its own exit code."""
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    """While the driver drives, SIGTERM raises Terminated: Ray's own handler (installed by
+    ray.init) would exit at once and lose the rows not yet in a batch file. Later SIGTERMs are
+    ignored while those rows are written. Yields a set that holds SIGTERM once one came: Ray's
+    code may turn the exception into a plain KeyboardInterrupt on its way up, so the exit code
+    is read from the set, not from the exception's type."""
+    received: set[int] = set()
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+        yield received
+        return
+
+    def terminate(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        received.add(signum)
+        raise Terminated
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield received
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+class NodeFit:
+    """Whether some node of the cluster can run one trial (its CPUs and GPUs on one node).
+
+    A local instance has all the nodes it will get: a trial that fits none is refused at once. A
+    named cluster may add nodes (its autoscaler sees the waiting tasks): it gets ``wait_seconds``
+    to grow one that fits, then the run stops with the same one line.
+    """
+
+    POLL_SECONDS = 5.0
+
+    def __init__(self, ray, resources: Resources, *, named_cluster: bool, wait_seconds: float, clock=time.monotonic):
+        self.ray, self.resources, self.named_cluster, self.wait_seconds, self.clock = (
+            ray, resources, named_cluster, wait_seconds, clock)  # fmt: skip
+        self.fits = False
+        self.since = self.polled = None
+
+    def check(self) -> None:
+        """Raise ConfigError when no node fits and none may join (any longer); cheap once one fits."""
+        if self.fits or (self.polled is not None and self.clock() - self.polled < self.POLL_SECONDS):
+            return
+        self.polled = self.clock()
+        shortfall = _shortfall([node["Resources"] for node in self.ray.nodes() if node.get("Alive")], self.resources)
+        if shortfall is None:
+            self.fits = True
+            return
+        field, value, largest = shortfall
+        if not self.named_cluster:
+            fix = "on this machine's Ray instance; ask for less per trial, or pass --address to use larger nodes"
+            raise ConfigError(field, value, f"{largest} {fix}")
+        if self.since is None:
+            self.since = self.polled
+            print(f"no node fits one trial ({field} {value}; {largest}): "
+                  f"waiting up to {self.wait_seconds:g} s for the cluster to add one")  # fmt: skip
+        elif self.polled - self.since >= self.wait_seconds:
+            fix = "for the cluster to add a larger node; ask for less per trial or give the cluster such nodes"
+            raise ConfigError(field, value, f"{largest}, after waiting {self.wait_seconds:g} s {fix}")
+
+
+def _shortfall(nodes: list[dict], resources: Resources) -> tuple[str, float, str] | None:
+    """(field, value, what the largest node has) when no node has a trial's CPUs and GPUs; else None."""
+    needs = {"CPU": _plain(resources.num_cpus), "GPU": _plain(resources.num_gpus)}
+    if any(all(node.get(name, 0) >= amount for name, amount in needs.items()) for node in nodes):
+        return None
+    for name, field in (("CPU", "resources.num_cpus"), ("GPU", "resources.num_gpus")):
+        largest = max((node.get(name, 0) for node in nodes), default=0)
+        if needs[name] > largest:
+            return field, needs[name], f"the largest node has {largest:g} {name}s"
+    return "resources", {"num_cpus": needs["CPU"], "num_gpus": needs["GPU"]}, "no node has both that many CPUs and GPUs"
+
+
+def _plain(number: float) -> float | int:
+    return int(number) if float(number).is_integer() else number
 
 
 def run_study(study: Study, results_path: str | Path, options: RunOptions, *, data_root_arg: str | None = None) -> int:
     """Run the study's missing trials; the exit code says whether every trial now has a row."""
-    with ResultsDir(results_path) as results:
+    with contextlib.ExitStack() as stack:
+        try:  # opening folds in the journal a stopped driver left: a write
+            results = stack.enter_context(ResultsDir(results_path, options.set_aside_bad_files))
+        except OSError as error:
+            kept = ResultsDir(results_path).journalled_rows()
+            return _write_failed(Path(results_path), RowsNotWritten(error, kept=kept, unsaved=0))
         todo = pending_trials(study, results.statuses(), options.retry_failed)
         if not todo:
             print(f"all {len(study.trials)} trials of {study.name} already have rows in {results.path}")
             return EXIT_OK
+        named_cluster = bool(options.address or os.environ.get("RAY_ADDRESS"))
         ray = connect(options.address, runtime_environment(data_root_arg), study.max_retries)
         try:
-            return _drive(ray, study, todo, results, options)
+            fit = NodeFit(ray, study.resources, named_cluster=named_cluster, wait_seconds=options.autoscale_wait)
+            fit.check()
+            return _drive(ray, study, todo, results, options, fit)
         finally:
             ray.shutdown()
 
 
-def _drive(ray, study: Study, todo, results: ResultsDir, options: RunOptions) -> int:
+def _drive(ray, study: Study, todo, results: ResultsDir, options: RunOptions, fit: NodeFit) -> int:
     device = "cuda" if study.resources.num_gpus > 0 else "cpu"
     victims = Victims(ray, study.resources.num_cpus, study.max_retries, [spec for _, spec in todo])
-    packs = make_packs(study, todo, device)
     task = ray.remote(remote_pack).options(
         num_cpus=study.resources.num_cpus, num_gpus=study.resources.num_gpus,
         max_retries=study.max_retries, retry_exceptions=False,
     )  # fmt: skip
     capacity = ray.cluster_resources().get("CPU", 1) / max(study.resources.num_cpus, 1e-3)
     limit = options.max_concurrent or max(2, math.ceil(2 * capacity))
-    batcher = _Batcher(results, options.flush_rows, options.flush_seconds)
-    in_flight: dict = {}
-    waiting = list(packs)  # in study order; a pack whose victim is still training waits its turn
-    failed = 0
     bar = tqdm(total=len(todo), desc=study.name, unit="trial", disable=not options.progress, dynamic_ncols=True)
-    try:
-        while waiting or in_flight:
-            victims.poll(timeout=0 if in_flight else 1.0)
-            for pack in _startable(waiting, victims, limit - len(in_flight)):
-                if victims.state(pack.specs[0]) == "failed":  # no victim, no attack: failed rows with the reason
-                    batcher.add(_failed_rows(pack, victims.error(pack.specs[0]), attempt=1))
-                    bar.update(len(pack.keys))
-                    continue
-                pack = dataclasses.replace(pack, extra=victims.columns(pack.specs[0]))
-                in_flight[task.remote(pack, *victims.payload(pack.specs[0]))] = pack
-            if not in_flight:
-                continue
-            done, _ = ray.wait(list(in_flight), num_returns=1, timeout=1.0)
-            if done:  # take everything else that is ready too: one wait per burst, not per task
-                done, _ = ray.wait(list(in_flight), num_returns=len(in_flight), timeout=0)
-            for ref in done:
-                rows = _collect(ray, ref, in_flight.pop(ref), study.max_retries)
-                failed += sum(row["status"] == "failed" for row in rows)
-                batcher.add(rows)
-                bar.update(len(rows))
-                bar.set_postfix(failed=failed, refresh=False)
-        batcher.flush()
-    except KeyboardInterrupt:
-        batcher.flush()
-        for ref in in_flight:
-            ray.cancel(ref, force=True)
-        bar.close()
-        print(f"interrupted: {batcher.written} rows written to {results.path}; run the same command to finish")
-        return EXIT_INTERRUPTED
-    bar.close()
+    run = _Drive(ray, task, make_packs(study, todo, device), victims, limit, study.max_retries, fit, bar,
+                 _Batcher(results, options.flush_rows, options.flush_seconds))  # fmt: skip
+    with _sigterm_as_interrupt() as signals:
+        try:
+            stopped = run.until_done()
+            run.batcher.flush()
+        except RowsNotWritten as failure:
+            return _write_failed(results.path, failure)
+        finally:
+            run.stop()
+        if stopped is not None:
+            print(f"interrupted: {run.batcher.written} rows written to {results.path}; run the same command to finish")
+            return EXIT_TERMINATED if signals or isinstance(stopped, Terminated) else EXIT_INTERRUPTED
     return _summary(study, results)
+
+
+class _Drive:
+    """The drive loop's state: packs waiting, tasks in flight, finished rows."""
+
+    def __init__(self, ray, task, packs: list[Pack], victims: Victims, limit: int, max_retries: int, fit: NodeFit,
+                 bar, batcher: _Batcher):  # fmt: skip
+        self.ray, self.task, self.victims, self.limit, self.max_retries = ray, task, victims, limit, max_retries
+        self.fit, self.bar, self.batcher = fit, bar, batcher
+        self.waiting = list(packs)  # in study order; a pack whose victim is still training waits its turn
+        self.in_flight: dict = {}
+        self.failed = 0
+
+    def until_done(self) -> KeyboardInterrupt | None:
+        """Launch and collect until every pack has its rows; Ctrl-C or SIGTERM stops it early (returned)."""
+        try:
+            while self.waiting or self.in_flight:
+                self.fit.check()
+                self.victims.poll(timeout=0 if self.in_flight else 1.0)
+                self._launch()
+                if self.in_flight:
+                    self._collect_ready()
+        except KeyboardInterrupt as stop:
+            return stop
+        return None
+
+    def stop(self) -> None:
+        for ref in self.in_flight:
+            self.ray.cancel(ref, force=True)
+        self.batcher.journal.close()
+        self.bar.close()
+
+    def _launch(self) -> None:
+        for pack in _startable(self.waiting, self.victims, self.limit - len(self.in_flight)):
+            if self.victims.state(pack.specs[0]) == "failed":  # no victim, no attack: failed rows with the reason
+                self._finished(_failed_rows(pack, self.victims.error(pack.specs[0]), attempt=1))
+                continue
+            pack = dataclasses.replace(pack, extra=self.victims.columns(pack.specs[0]))
+            self.in_flight[self.task.remote(pack, *self.victims.payload(pack.specs[0]))] = pack
+
+    def _collect_ready(self) -> None:
+        done, _ = self.ray.wait(list(self.in_flight), num_returns=1, timeout=1.0)
+        if done:  # take everything else that is ready too: one wait per burst, not per task
+            done, _ = self.ray.wait(list(self.in_flight), num_returns=len(self.in_flight), timeout=0)
+        for ref in done:
+            self._finished(_collect(self.ray, ref, self.in_flight.pop(ref), self.max_retries))
+
+    def _finished(self, rows: list[dict]) -> None:
+        self.batcher.add(rows)  # in the journal, on disk, before anything else happens
+        self.failed += sum(row["status"] == "failed" for row in rows)
+        self.bar.update(len(rows))
+        self.bar.set_postfix(failed=self.failed, refresh=False)
+
+
+def _write_failed(path: Path, failure: RowsNotWritten) -> int:
+    """One line on stderr: the directory, the OS error, where the finished rows are; exit code 1."""
+    kept = f"; {_rows(failure.kept)} kept in {path / JOURNAL_DIR} for the next run" if failure.kept else ""
+    unsaved = f"; {_rows(failure.unsaved)} could not be kept" if failure.unsaved else ""
+    print(f"gradinv run: cannot write results to {path}: {failure.error}{kept}{unsaved}; free space or make it "
+          "writable, then run the same command (it skips what has a row)", file=sys.stderr)  # fmt: skip
+    return EXIT_WRITE_FAILED
+
+
+def _rows(count: int) -> str:
+    return f"{count} finished row" + ("s" if count != 1 else "")
 
 
 def _startable(waiting: list[Pack], victims: Victims, slots: int) -> list[Pack]:

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
+import io
 import json
-import os
-import tempfile
 from pathlib import Path
 
 from tqdm import tqdm
 
 from gradinv import data
+from gradinv.files import write_atomic
 from gradinv.provenance import provenance
 from gradinv.trial import TrialOutcome, TrialSpec, cached_victim, run_trials
 
@@ -46,15 +46,8 @@ def metrics_document(outcome: TrialOutcome, device: str) -> dict:
 
 def write_outcome(outcome: TrialOutcome, out: Path, device: str) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    _write_atomic(out / "metrics.json", json.dumps(metrics_document(outcome, device), indent=2).encode())
+    write_atomic(out / "metrics.json", json.dumps(metrics_document(outcome, device), indent=2).encode())
     if outcome.reconstruction is not None:
-        picture = data.side_by_side(outcome.truth, outcome.reconstruction)
-        with tempfile.NamedTemporaryFile(dir=out, suffix=".png", delete=False) as handle:
-            picture.save(handle, format="PNG")
-        os.replace(handle.name, out / "reconstruction.png")
-
-
-def _write_atomic(path: Path, content: bytes) -> None:
-    with tempfile.NamedTemporaryFile(dir=path.parent, delete=False) as handle:
-        handle.write(content)
-    os.replace(handle.name, path)
+        picture = io.BytesIO()
+        data.side_by_side(outcome.truth, outcome.reconstruction).save(picture, format="PNG")
+        write_atomic(out / "reconstruction.png", picture.getvalue())

@@ -1,6 +1,8 @@
 """Study files: plain YAML, safe-loaded and validated once into frozen objects.
 
-Every mistake becomes a :class:`StudyError` naming the file, the line and the field.
+Every mistake becomes a :class:`StudyError` naming the file, the line and the field. Loading is
+bounded: the file's size, what its aliases expand to, and the trials a grid may make are capped
+before anything large is built.
 """
 
 from __future__ import annotations
@@ -13,10 +15,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
 import yaml
 
+from gradinv.data import dataset_spec
 from gradinv.errors import ConfigError
 from gradinv.trial import DEFAULTS, TrialSpec
+
+from .results import SCHEMA
 
 TOP_LEVEL = ("name", "data", "fixed", "grid", "zip", "resources", "max_retries", "timeout", "lanes", "tune")
 DATA_KEYS = ("dataset", "images", "labels", "image_size")
@@ -24,6 +30,10 @@ DATA_KEYS = ("dataset", "images", "labels", "image_size")
 TRIAL_PARAMETERS = tuple(name for name in DEFAULTS if name not in ("dataset", "images", "labels", "image_size"))
 SWEEPABLE = TRIAL_PARAMETERS + ("images_per_client",)
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+MAX_NAME_LENGTH = 100  # the name is the default results directory: keep it well inside a file name's limit
+MAX_FILE_BYTES = 1 << 20  # a study file is a few kB; even 50,000 listed image indices fit
+MAX_ALIAS_VALUES = 10_000  # values that aliases may add by repeating what they refer to
+MAX_TRIALS = 1_000_000  # trials (grid points x clients) a study may expand to unless raised
 
 
 class StudyError(ConfigError):
@@ -45,9 +55,10 @@ class Resources:
 class Study:
     name: str
     path: str
-    trials: tuple[TrialSpec, ...]  # resolved and de-duplicated, in sweep order
-    collapsed: int  # grid points that resolved to an earlier trial
+    trials: tuple[TrialSpec, ...] | None  # resolved and de-duplicated, in sweep order; None: over the cap
+    collapsed: int | None  # grid points that resolved to an earlier trial; None: not expanded
     axes: dict  # axis name -> values, for the dry run
+    points: int  # trials before collapsing: datasets x grid points x zip rows x clients
     resources: Resources = Resources()
     max_retries: int = 3
     timeout: float | None = None  # seconds per trial
@@ -59,39 +70,119 @@ class Study:
 # ---------------------------------------------------------------------------------------------
 # YAML with line numbers
 
+_COLLECTION_TAGS = {yaml.MappingNode: "tag:yaml.org,2002:map", yaml.SequenceNode: "tag:yaml.org,2002:seq"}
+_SCALAR_TAGS = set(yaml.SafeLoader.yaml_constructors) - {None, *_COLLECTION_TAGS.values()}
 
-def _plain(node: yaml.Node, path: tuple, lines: dict) -> Any:
-    """A composed YAML node as plain Python data, recording the line of every mapping key."""
-    lines[path] = node.start_mark.line + 1
-    if isinstance(node, yaml.MappingNode):
-        result = {}
-        for key_node, value_node in node.value:
-            key = key_node.value
-            lines[path + (key,)] = key_node.start_mark.line + 1
-            result[key] = _plain(value_node, path + (key,), lines)
+
+class _Plain:
+    """A composed YAML node as plain Python data, recording the line of every mapping key.
+
+    Composing shares an aliased node; walking it copies it, so the copies are counted and bounded
+    (a "billion laughs" file would otherwise expand to billions of values). Only the safe loader's
+    tags are accepted, and a key may appear once per mapping.
+    """
+
+    def __init__(self, path: Path, lines: dict):
+        self.path, self.lines = path, lines
+        self.loader = yaml.SafeLoader("")
+        self.seen: set[int] = set()
+        self.open: set[int] = set()  # collections being walked: an alias to one of them is a cycle
+        self.repeated = 0  # values walked again through aliases
+        self.alias: tuple | None = None  # where the outermost alias being copied is used
+
+    def fail(self, node: yaml.Node, where: tuple, message: str):
+        self.fail_at(node.start_mark.line + 1, where, message)
+
+    def fail_at(self, line: int | None, where: tuple, message: str):
+        raise StudyError(self.path, line, ".".join(str(p) for p in where) or "study", message)
+
+    def check_tag(self, node: yaml.Node):
+        allowed = _COLLECTION_TAGS.get(type(node))
+        if (node.tag != allowed) if allowed else (node.tag not in _SCALAR_TAGS):
+            self.fail(node, ("yaml",), f"tag {node.tag!r} is not allowed in a study file; remove it")
+
+    def value(self, node: yaml.Node, where: tuple) -> Any:
+        if id(node) not in self.seen:
+            self.seen.add(id(node))
+            self.lines[where] = node.start_mark.line + 1
+            return self.build(node, where)
+        # An alias: it has no node of its own, so it is located where it is used (its key, or its list).
+        outer = self.alias or where
+        line = self.lines[where] = self.lines.get(outer) or self.lines.get(outer[:-1])
+        if id(node) in self.open:
+            self.fail_at(line, where, "the alias refers to itself, so it never ends; remove it")
+        self.repeated += 1
+        if self.repeated > MAX_ALIAS_VALUES:
+            self.fail_at(line, outer, f"aliases expand to more than {MAX_ALIAS_VALUES} values in all; use fewer")
+        if self.alias:
+            return self.build(node, where)
+        self.alias = where
+        try:
+            return self.build(node, where)
+        finally:
+            self.alias = None
+
+    def build(self, node: yaml.Node, where: tuple) -> Any:
+        self.check_tag(node)
+        if isinstance(node, yaml.ScalarNode):
+            return self.scalar(node, where)
+        self.open.add(id(node))
+        if isinstance(node, yaml.MappingNode):
+            result = self.mapping(node, where)
+        else:
+            result = [self.value(item, where + (i,)) for i, item in enumerate(node.value)]
+        self.open.discard(id(node))
         return result
-    if isinstance(node, yaml.SequenceNode):
-        return [_plain(item, path + (i,), lines) for i, item in enumerate(node.value)]
-    loader = yaml.SafeLoader("")
-    return loader.construct_object(node, deep=True)
+
+    def mapping(self, node: yaml.MappingNode, where: tuple) -> dict:
+        result, key_lines = {}, {}
+        for key_node, value_node in node.value:
+            if not isinstance(key_node, yaml.ScalarNode):
+                self.fail(key_node, where, "a key must be plain text, not a list or mapping")
+            self.check_tag(key_node)
+            key, line = key_node.value, key_node.start_mark.line + 1
+            if key in key_lines:
+                self.fail(key_node, where + (key,), f"set twice (lines {key_lines[key]} and {line}); keep one")
+            key_lines[key] = self.lines[where + (key,)] = line
+            result[key] = self.value(value_node, where + (key,))
+        return result
+
+    def scalar(self, node: yaml.ScalarNode, where: tuple) -> Any:
+        try:
+            return self.loader.construct_object(node, deep=True)
+        except (ValueError, TypeError, KeyError, AttributeError):  # e.g. `!!int abc`, or an int of 5,000 digits
+            self.fail(node, where, f"{node.value[:40]!r} cannot be read as {node.tag.rsplit(':', 1)[-1]}; fix it")
+
+
+def _text(path: Path) -> str:
+    try:
+        with path.open("rb") as file:
+            data = file.read(MAX_FILE_BYTES + 1)
+    except OSError as error:
+        raise StudyError(path, None, "file", f"cannot read it ({error.strerror}); check the path") from None
+    if len(data) > MAX_FILE_BYTES:
+        raise StudyError(path, None, "file", f"larger than {MAX_FILE_BYTES} bytes; a study file is a few kB of YAML")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        byte = f"0x{data[error.start]:02x} at offset {error.start}"
+        raise StudyError(path, None, "file", f"byte {byte} is not UTF-8; a study file must be UTF-8 text") from None
 
 
 def read_yaml(path: Path) -> tuple[dict, dict]:
+    text = _text(path)
+    lines: dict = {}
     try:
-        text = path.read_text()
-    except OSError as error:
-        raise StudyError(path, None, "file", f"cannot read it ({error.strerror}); check the path") from None
-    try:
-        yaml.safe_load(text)  # rejects every tag a safe loader cannot construct (!!python/..., ...)
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-        lines: dict = {}
-        document = _plain(node, (), lines) if node is not None else None
+        node = yaml.compose(text, Loader=yaml.SafeLoader)  # composing shares aliased nodes: cheap
+        document = _Plain(path, lines).value(node, ()) if node is not None else None
     except yaml.MarkedYAMLError as error:
         mark = error.problem_mark or error.context_mark
         problem = (error.problem or error.context or "invalid YAML").replace("\n", " ")
         raise StudyError(path, mark.line + 1 if mark else None, "yaml", f"{problem}; fix the YAML syntax") from None
     except yaml.YAMLError as error:
         raise StudyError(path, None, "yaml", f"{str(error).splitlines()[0]}; fix the YAML syntax") from None
+    except RecursionError:
+        raise StudyError(path, None, "yaml", "nested too deeply; flatten the lists and mappings") from None
     if not isinstance(document, dict):
         raise StudyError(path, 1, "study", "the file must be a mapping with at least 'name' and 'data'")
     return document, lines
@@ -121,7 +212,8 @@ class _Checker:
                 self.fail(where + (key,), f"unknown key; allowed: {', '.join(allowed)}")
         return value
 
-    def number(self, value, where: tuple, *, integer=False, minimum=None, positive=False):
+    def number(self, value, where: tuple, *, integer=False, minimum=None, maximum=None, positive=False):
+        """A finite number; with ``maximum``, one in [minimum, maximum]."""
         kinds = (int,) if integer else (int, float)
         if isinstance(value, bool) or not isinstance(value, kinds):
             self.fail(where, f"expected {'a whole number' if integer else 'a number'}, got {value!r}")
@@ -129,27 +221,44 @@ class _Checker:
             self.fail(where, f"expected a finite number, got {value!r}")
         if positive and value <= 0:
             self.fail(where, f"must be greater than 0, got {value!r}")
+        if maximum is not None and not minimum <= value <= maximum:
+            self.fail(where, f"{value!r} is out of range; use {minimum} to {maximum}")
         if minimum is not None and value < minimum:
             self.fail(where, f"must be at least {minimum}, got {value!r}")
         return value
+
+
+def _column_range(column: str) -> tuple[int, int]:
+    """The integers the results column (or its list items) can hold: writing more would overflow."""
+    kind = SCHEMA.field(column).type
+    if pa.types.is_list(kind):
+        kind = kind.value_type
+    half = 1 << (kind.bit_width - 1)
+    return -half, half - 1
 
 
 _TYPES = {f.name: f.type for f in dataclasses.fields(TrialSpec)}
 
 
 def _coerce(checker: _Checker, name: str, value, where: tuple):
-    """A YAML value as the trial field's type (ints stay ints, floats accept ints)."""
+    """A YAML value as the trial field's type (ints stay ints and fit their column, floats accept ints)."""
     kind = _TYPES.get(name, "int")
     if name == "layers":
-        if value is None:
-            return None
+        if value is None or isinstance(value, str):  # a named set, checked by TrialSpec
+            return value
         if not isinstance(value, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
-            checker.fail(where, f"expected a list of parameter indices, got {value!r}")
-        return tuple(value)
+            checker.fail(where, f"expected a list of parameter indices or a named set, got {value!r}")
+        low, high = _column_range(name)
+        return tuple(checker.number(v, where, integer=True, minimum=low, maximum=high) for v in value)
     if "None" in kind and value is None:
         return None
+    if kind == "bool":
+        if not isinstance(value, bool):
+            checker.fail(where, f"expected true or false, got {value!r}")
+        return value
     if kind.startswith("int") or name == "images_per_client":
-        return checker.number(value, where, integer=True)
+        low, high = _column_range(name)
+        return checker.number(value, where, integer=True, minimum=low, maximum=high)
     if kind.startswith("float"):
         return float(checker.number(value, where))
     if kind.startswith("str"):
@@ -159,7 +268,18 @@ def _coerce(checker: _Checker, name: str, value, where: tuple):
     checker.fail(where, f"cannot be set here ({value!r})")
 
 
-def load_study(path: str | Path) -> Study:
+def load_study(path: str | Path, max_trials: int = MAX_TRIALS) -> Study:
+    """The validated study with its trials; refused when it makes more than ``max_trials`` trials."""
+    study = read_study(path, max_trials)
+    if study.trials is None:
+        line = study.lines.get(("grid",)) or study.lines.get(("zip",))
+        raise StudyError(study.path, line, "grid", f"{study.points} trials exceed the cap of {max_trials}; sweep "
+                         f"fewer values, or raise the cap (gradinv run --max-trials {study.points})")  # fmt: skip
+    return study
+
+
+def read_study(path: str | Path, max_trials: int = MAX_TRIALS) -> Study:
+    """The validated study, its trials counted from the axes and expanded only within ``max_trials``."""
     path = Path(path)
     document, lines = read_yaml(path)
     check = _Checker(path, lines)
@@ -167,9 +287,7 @@ def load_study(path: str | Path) -> Study:
     for required in ("name", "data"):
         if required not in document:
             check.fail((), f"missing required key '{required}'")
-    name = document["name"]
-    if not isinstance(name, str) or not NAME_PATTERN.match(name):
-        check.fail(("name",), f"{name!r}: use letters, digits, '.', '_' and '-'")
+    name = _name(check, document["name"])
     data = check.mapping(document["data"], ("data",), DATA_KEYS)
     if "dataset" not in data:
         check.fail(("data",), "missing required key 'dataset'")
@@ -188,21 +306,34 @@ def load_study(path: str | Path) -> Study:
     if len({len(v) for v in zipped.values()}) > 1:
         check.fail(("zip",), "all zip axes must have the same length")
     resources = _resources(check, document.get("resources") or {})
-    max_retries = check.number(document.get("max_retries", 3), ("max_retries",), integer=True, minimum=0)
+    last_attempt = _column_range("attempt")[1]  # a trial's last attempt is max_retries + 1
+    max_retries = check.number(document.get("max_retries", 3), ("max_retries",), integer=True, minimum=0,
+                               maximum=last_attempt - 1)  # fmt: skip
     timeout = document.get("timeout")
     if timeout is not None:
         timeout = float(check.number(timeout, ("timeout",), positive=True))
     lanes = document.get("lanes")
     if lanes is not None:
-        lanes = check.number(lanes, ("lanes",), integer=True, minimum=1)
+        lanes = check.number(lanes, ("lanes",), integer=True, minimum=1, maximum=_column_range("lanes")[1])
     tune = document.get("tune")
     if tune is not None and not isinstance(tune, dict):
         check.fail(("tune",), "expected a mapping")
-    trials, collapsed = _expand(check, data, fixed, grid, zipped)
+    sweep = _Sweep.validated(check, data, fixed, grid, zipped)
+    points = sweep.count()
+    trials, collapsed = sweep.expand(check) if points <= max_trials else (None, None)
     axes = {**grid, **{f"zip:{k}": v for k, v in zipped.items()}}
     if isinstance(data["dataset"], list):
         axes = {"dataset": data["dataset"], **axes}
-    return Study(name, str(path), tuple(trials), collapsed, axes, resources, max_retries, timeout, lanes, tune, lines)
+    return Study(name, str(path), trials, collapsed, axes, points, resources, max_retries, timeout, lanes, tune, lines)
+
+
+def _name(check: _Checker, name) -> str:
+    if isinstance(name, str) and len(name) > MAX_NAME_LENGTH:
+        check.fail(("name",), f"{name[:MAX_NAME_LENGTH] + '...'!r} is {len(name)} characters; "
+                              f"use at most {MAX_NAME_LENGTH}")  # fmt: skip
+    if not isinstance(name, str) or not NAME_PATTERN.match(name):
+        check.fail(("name",), f"{name!r}: use letters, digits, '.', '_' and '-'")
+    return name
 
 
 def _resources(check: _Checker, value) -> Resources:
@@ -214,72 +345,118 @@ def _resources(check: _Checker, value) -> Resources:
     return Resources(float(num_cpus), float(num_gpus))
 
 
-def _image_indices(check: _Checker, data: dict) -> list[int]:
-    images = data.get("images", 1)
-    if isinstance(images, list):
-        for i, index in enumerate(images):
-            check.number(index, ("data", "images", i), integer=True, minimum=0)
-        if len(set(images)) != len(images):
-            check.fail(("data", "images"), "lists an image twice")
-        return list(images)
-    count = check.number(images, ("data", "images"), integer=True, minimum=1)
-    return list(range(count))
-
-
-def _points(grid: dict, zipped: dict):
-    """Every combination: the cartesian product of grid axes times the paired zip axes."""
-    grid_names, zip_names = list(grid), list(zipped)
-    zip_rows = list(zip(*zipped.values())) if zipped else [()]
-    for combination in itertools.product(*grid.values()):
-        for row in zip_rows:
-            yield {**dict(zip(grid_names, combination)), **dict(zip(zip_names, row))}
-
-
 def _datasets(check: _Checker, data: dict) -> list[str]:
     """``data.dataset``: one name, or a list of names that acts as the outermost axis."""
     names = data["dataset"] if isinstance(data["dataset"], list) else [data["dataset"]]
     if not names:
         check.fail(("data", "dataset"), "expected a dataset name or a non-empty list of them")
-    return [_coerce(check, "dataset", name, ("data", "dataset")) for name in names]
+    for name in names:
+        try:
+            dataset_spec(_coerce(check, "dataset", name, ("data", "dataset")))
+        except ConfigError as error:
+            check.fail(("data", "dataset"), f"{error.value!r}: {error.fix}")
+    return names
 
 
-def _expand(check: _Checker, data: dict, fixed: dict, grid: dict, zipped: dict) -> tuple[list[TrialSpec], int]:
-    indices = _image_indices(check, data)
-    base = {
-        "labels": _coerce(check, "labels", data.get("labels", "known"), ("data", "labels")),
-        "image_size": _coerce(check, "image_size", data.get("image_size"), ("data", "image_size")),
-    }
-    trials, seen = [], set()
-    points = 0
-    for dataset, point in itertools.product(_datasets(check, data), list(_points(grid, zipped))):
-        base["dataset"] = dataset
-        settings = {**fixed, **point}
-        where = {name: ("grid" if name in grid else "zip" if name in zipped else "fixed", name) for name in settings}
-        values = {}
-        for name, value in settings.items():
-            values[name] = _coerce(check, name, value, where.get(name, ("fixed", name)))
-        per_client = values.pop("images_per_client", 1)
-        if per_client < 1 or per_client > len(indices):
-            check.fail(where.get("images_per_client", ("fixed", "images_per_client")),
-                       f"{per_client}: use 1 to {len(indices)} (the study's images)")  # fmt: skip
-        for start in range(0, len(indices) - per_client + 1, per_client):
-            points += 1
-            images = tuple(indices[start : start + per_client])
-            try:
-                spec = TrialSpec(**base, images=images, **values).resolved()
-            except ConfigError as error:
-                check.fail(_location(error.field, where), f"{error.value!r}: {error.fix}")
-            if spec not in seen:
-                seen.add(spec)
-                trials.append(spec)
-    return trials, points - len(trials)
+def _image_indices(check: _Checker, data: dict, datasets: list[str]) -> list[int]:
+    """``data.images``: a count or a list of test-split indices, checked against the smallest split first."""
+    smallest = min(datasets, key=lambda name: dataset_spec(name).test_images)
+    available = dataset_spec(smallest).test_images
+    images = data.get("images", 1)
+    if isinstance(images, list):
+        if not images:
+            check.fail(("data", "images"), "expected a count or a non-empty list of test-split indices")
+        for i, index in enumerate(images):
+            check.number(index, ("data", "images", i), integer=True, minimum=0)
+            if index >= available:
+                check.fail(("data", "images", i), f"{index}: use 0 to {available - 1} for {smallest}")
+        if len(set(images)) != len(images):
+            check.fail(("data", "images"), "lists an image twice")
+        return list(images)
+    count = check.number(images, ("data", "images"), integer=True, minimum=1)
+    if count > available:
+        check.fail(("data", "images"), f"{count}: {smallest} has {available} test images; use 1 to {available}")
+    return list(range(count))
+
+
+def _axes(check: _Checker, section: str, axes: dict) -> dict:
+    return {name: [_coerce(check, name, value, (section, name)) for value in values] for name, values in axes.items()}
+
+
+@dataclass
+class _Sweep:
+    """A study's settings, each value validated once: what the grid is made of before it is expanded."""
+
+    datasets: list[str]
+    indices: list[int]
+    base: dict  # data settings every trial shares
+    fixed: dict
+    grid: dict
+    zipped: dict
+
+    @classmethod
+    def validated(cls, check: _Checker, data: dict, fixed: dict, grid: dict, zipped: dict) -> "_Sweep":
+        datasets = _datasets(check, data)
+        indices = _image_indices(check, data, datasets)
+        base = {
+            "labels": _coerce(check, "labels", data.get("labels", "known"), ("data", "labels")),
+            "image_size": _coerce(check, "image_size", data.get("image_size"), ("data", "image_size")),
+        }
+        fixed = {name: _coerce(check, name, value, ("fixed", name)) for name, value in fixed.items()}
+        sweep = cls(datasets, indices, base, fixed, _axes(check, "grid", grid), _axes(check, "zip", zipped))
+        for per_client in sweep.per_client_values():
+            if not 1 <= per_client <= len(indices):
+                message = f"{per_client}: use 1 to {len(indices)} (the study's images)"
+                check.fail(sweep.where("images_per_client"), message)
+        return sweep
+
+    def where(self, name: str) -> tuple:
+        return ("grid" if name in self.grid else "zip" if name in self.zipped else "fixed", name)
+
+    def per_client_values(self) -> list[int]:
+        """``images_per_client`` wherever it is set: one value per grid point or zip row it spans."""
+        return self.grid.get("images_per_client") or self.zipped.get("images_per_client") or [
+            self.fixed.get("images_per_client", 1)]  # fmt: skip
+
+    def count(self) -> int:
+        """Trials before collapsing, from the axes' lengths: nothing is built."""
+        others = [len(v) for name, v in self.grid.items() if name != "images_per_client"]
+        if "images_per_client" not in self.zipped:
+            others.append(len(next(iter(self.zipped.values()), [None])))
+        clients = sum(len(self.indices) // per_client for per_client in self.per_client_values())
+        return len(self.datasets) * math.prod(others) * clients
+
+    def points(self):
+        """Every combination: the cartesian product of grid axes times the paired zip axes."""
+        grid_names, zip_names = list(self.grid), list(self.zipped)
+        zip_rows = list(zip(*self.zipped.values())) if self.zipped else [()]
+        for combination in itertools.product(*self.grid.values()):
+            for row in zip_rows:
+                yield {**self.fixed, **dict(zip(grid_names, combination)), **dict(zip(zip_names, row))}
+
+    def expand(self, check: _Checker) -> tuple[tuple[TrialSpec, ...], int]:
+        indices, trials, seen, points = self.indices, [], set(), 0
+        for dataset in self.datasets:
+            for values in self.points():
+                per_client = values.pop("images_per_client", 1)
+                for start in range(0, len(indices) - per_client + 1, per_client):
+                    points += 1
+                    images = tuple(indices[start : start + per_client])
+                    try:
+                        spec = TrialSpec(**self.base, dataset=dataset, images=images, **values).resolved()
+                    except ConfigError as error:
+                        check.fail(_location(error.field, self.where), f"{error.value!r}: {error.fix}")
+                    if spec not in seen:
+                        seen.add(spec)
+                        trials.append(spec)
+        return tuple(trials), points - len(trials)
 
 
 _DATA_FIELDS = {"dataset": "dataset", "image": "images", "images": "images", "labels": "labels", "image_size": "image_size"}
 
 
-def _location(field_name: str, where: dict) -> tuple:
+def _location(field_name: str, where) -> tuple:
     """Where in the file a trial-level error belongs."""
     if field_name in _DATA_FIELDS:
         return ("data", _DATA_FIELDS[field_name])
-    return where.get(field_name, ("fixed", field_name))
+    return where(field_name)

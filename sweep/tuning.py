@@ -9,7 +9,8 @@ paper's defaults are compared on held-out images with a paired bootstrap.
 
 Resume: the Optuna study (a journal file in the results directory by default) is loaded again;
 candidates a killed driver left running are marked failed and their parameters queued again, and a
-candidate whose trial keys all have finished rows takes them instead of running again.
+candidate whose trial keys all have finished rows takes them instead of running again. The sampler
+is seeded anew from the study's seed and the trials so far, so the search continues, not replays.
 """
 
 from __future__ import annotations
@@ -22,11 +23,11 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from gradinv.attacks.inverting import COSTS, DECAYS, INITS, LAYER_WEIGHTINGS
+from gradinv.attacks.inverting import DECAYS, INITS, LAYER_WEIGHTINGS
 from gradinv.errors import ConfigError
 from gradinv.trial import TrialOutcome, TrialSpec
 
-from .execution import Pack, failed_outcomes, now, outcome_row, run_pack, where_am_i
+from .execution import Pack, PackStopped, failed_outcomes, now, outcome_row, run_pack, where_am_i
 from .results import ResultsDir, trial_key
 from .study import Study, StudyError, _Checker
 
@@ -35,7 +36,8 @@ TUNE_KEYS = ("objective", "budget", "space", "sampler", "pruner", "candidates", 
              "tuning_images", "held_out_images", "bootstrap")  # fmt: skip
 OBJECTIVES = ("psnr", "ssim")
 LOG_UNIFORM = ("tv", "lr")
-CHOICES = {"restarts": None, "decay": DECAYS, "cost": COSTS, "layer_weighting": LAYER_WEIGHTINGS, "init": INITS}
+# Costs are limited to those comparable_scales makes comparable across candidates (for the pruner).
+CHOICES = {"restarts": None, "decay": DECAYS, "cost": ("cosine", "l2"), "layer_weighting": LAYER_WEIGHTINGS, "init": INITS}
 SAMPLERS = ("tpe", "random", "cmaes", "qmc", "gp")
 PRUNERS = ("median", "successive-halving", "none")
 CHECKPOINTS = 8  # invert_gradients reports at 8 evenly spaced iterations; pruning steps count them
@@ -68,10 +70,13 @@ class TuneSettings:
     budget: int  # restarts x iterations of every candidate
     space: dict  # parameter -> LogUniform or Choice
     sampler: str
-    seed: int
+    seed: int  # a fresh search's sampler seed; a resumed one derives its own (see sampler_seed)
     sampler_startup: int
     pruner: str
-    warmup_steps: int  # checkpoints before the first that may be judged
+    # Checkpoints are reported as steps 1..8. Optuna's MedianPruner (n_warmup_steps) and
+    # SuccessiveHalvingPruner (min_resource) first judge the step equal to this value, so the
+    # checkpoints before it, 1 .. warmup_steps - 1, are the warm-up.
+    warmup_steps: int
     pruner_startup: int
     candidates: int
     parallel: int
@@ -85,7 +90,7 @@ def tune_settings(study: Study) -> TuneSettings:
     """The study's tune: section, validated; every mistake is a StudyError naming file:line and field."""
     check = _Checker(Path(study.path), study.lines)
     if study.tune is None:
-        raise StudyError(study.path, None, "tune", "the study has no 'tune:' section; add one (see sweep/tuning_README.md)")
+        raise StudyError(study.path, None, "tune", "the study has no 'tune:' section; add one (see README.md, 'The tune: section')")
     tune = check.mapping(study.tune, ("tune",), TUNE_KEYS)
     base = _base_spec(check, study)
     budget = _budget(check, tune, base, study.lines)
@@ -217,7 +222,7 @@ def _pruner(check: _Checker, value, candidates: int) -> tuple[str, int, int]:
     if spec["name"] == "successive-halving" and "startup" in spec:
         check.fail(where + ("startup",), "successive-halving has no startup; remove it")
     startup = check.number(spec.get("startup", min(4, candidates)), where + ("startup",), integer=True, minimum=1)
-    # Judged only at checkpoints strictly after the warm-up fraction of the iterations.
+    # The first checkpoint strictly after the warm-up fraction of the iterations: the first judged.
     return spec["name"], math.floor(warmup * CHECKPOINTS) + 1, startup
 
 
@@ -309,15 +314,31 @@ def open_storage(url: str):
     return JournalStorage(JournalFileBackend(url))
 
 
-def make_sampler(settings: TuneSettings):
+def sampler_seed(seed: int, trials_so_far: int) -> int:
+    """The seed of a search's sampler: the study's seed when it starts, and one derived from the seed
+    and the trials already in storage when it resumes. A sampler keeps its random state in memory,
+    so a resumed search seeded as at its start would ask again for the candidates it began with."""
+    if trials_so_far == 0:
+        return seed
+    import numpy as np
+
+    return int(np.random.SeedSequence((seed, trials_so_far)).generate_state(1)[0])
+
+
+def make_sampler(settings: TuneSettings, trials_so_far: int = 0):
     import optuna
 
+    seed = sampler_seed(settings.seed, trials_so_far)
     samplers = {
-        "tpe": lambda: optuna.samplers.TPESampler(seed=settings.seed, n_startup_trials=settings.sampler_startup),
-        "random": lambda: optuna.samplers.RandomSampler(seed=settings.seed),
-        "cmaes": lambda: optuna.samplers.CmaEsSampler(seed=settings.seed, n_startup_trials=settings.sampler_startup),
-        "qmc": lambda: optuna.samplers.QMCSampler(seed=settings.seed, scramble=True, warn_independent_sampling=False),
-        "gp": lambda: optuna.samplers.GPSampler(seed=settings.seed, n_startup_trials=settings.sampler_startup),
+        "tpe": lambda: optuna.samplers.TPESampler(seed=seed, n_startup_trials=settings.sampler_startup),
+        "random": lambda: optuna.samplers.RandomSampler(seed=seed),
+        "cmaes": lambda: optuna.samplers.CmaEsSampler(seed=seed, n_startup_trials=settings.sampler_startup),
+        # QMC's position in its sequence lives in the storage, so it continues by itself; its seed (the
+        # scrambling) stays the study's, so that the points remain one low-discrepancy sequence.
+        # Categorical choices come from its independent sampler, which would replay.
+        "qmc": lambda: optuna.samplers.QMCSampler(seed=settings.seed, scramble=True, warn_independent_sampling=False,
+                                                  independent_sampler=optuna.samplers.RandomSampler(seed=seed)),
+        "gp": lambda: optuna.samplers.GPSampler(seed=seed, n_startup_trials=settings.sampler_startup),
     }
     return samplers[settings.sampler]()
 
@@ -340,6 +361,9 @@ def open_study(study: Study, settings: TuneSettings, url: str):
         storage=open_storage(url), study_name=study.name, direction="maximize", load_if_exists=True,
         sampler=make_sampler(settings), pruner=make_pruner(settings),
     )  # fmt: skip
+    resumed_after = len(tuned.get_trials(deepcopy=False))
+    if resumed_after:  # continue the search rather than replay it
+        tuned.sampler = make_sampler(settings, resumed_after)
     if tuned.direction != optuna.study.StudyDirection.MAXIMIZE:
         raise ConfigError("--storage", url, f"its study {study.name!r} minimises; use another storage")
     return tuned
@@ -378,7 +402,7 @@ def finished_candidates(tuned) -> int:
 # Inside a Ray worker: a pack streamed checkpoint by checkpoint
 
 
-class CandidateStopped(RuntimeError):
+class CandidateStopped(PackStopped):
     pass
 
 
@@ -405,20 +429,20 @@ def comparable_scales(pack: Pack) -> list[float]:
 
 
 def stream_pack(pack: Pack):
-    """Ray generator task: ("checkpoint", iteration, costs, comparable costs) at every checkpoint,
-    then ("rows", rows). The attack runs in a thread (a callback cannot yield); when the task is
-    cancelled, the thread stops at its next checkpoint."""
+    """Ray generator task: ("checkpoint", keys, iteration, costs, comparable costs) at every checkpoint
+    of the lanes running, then ("rows", rows). The attack runs in a thread (a callback cannot yield);
+    when the task is cancelled, the thread stops at its next checkpoint."""
     from .runner import current_attempt
 
     attempt = current_attempt()
-    scales = comparable_scales(pack)
+    scales = dict(zip(pack.keys, comparable_scales(pack)))
     events: queue.Queue = queue.Queue()
     stop = threading.Event()
 
-    def on_checkpoint(iteration: int, costs: list[float]) -> None:
+    def on_checkpoint(keys: tuple[str, ...], iteration: int, costs: list[float]) -> None:
         if stop.is_set():
             raise CandidateStopped("cancelled by the tuning driver")
-        events.put(("checkpoint", iteration, costs, [c * s for c, s in zip(costs, scales)]))
+        events.put(("checkpoint", keys, iteration, costs, [c * scales[k] for k, c in zip(keys, costs)]))
 
     def attack() -> None:
         try:
@@ -530,9 +554,12 @@ class Driver:
             evaluation.running.pop(gen)
             evaluation.rows.update({row["key"]: row for row in item[1]})
             return None
-        _, iteration, costs, comparable = item
-        for key, cost, value in zip(pack.keys, costs, comparable):
-            evaluation.curves.setdefault(key, []).append((iteration, cost))
+        _, keys, iteration, costs, comparable = item
+        for key, cost, value in zip(keys, costs, comparable):
+            curve = evaluation.curves.setdefault(key, [])
+            if any(done == iteration for done, _ in curve):  # run again alone after a pack-mate raised
+                continue
+            curve.append((iteration, cost))
             evaluation.costs.setdefault(key, []).append(value)
         return self.complete_checkpoints(evaluation)
 
@@ -720,7 +747,7 @@ def best_fragment(study: Study, settings: TuneSettings, best, comparison: Compar
 
 
 def dashboard_hint(url: str) -> str:
-    return f"optuna-dashboard {url}"
+    return f"optuna-dashboard {url}   (install it with: pip install -e '.[dashboard]')"
 
 
 def report(study: Study, settings: TuneSettings, best, comparison: Comparison | None, results: Path, url: str) -> None:

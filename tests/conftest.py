@@ -1,3 +1,4 @@
+import json
 import os
 import signal
 import subprocess
@@ -60,3 +61,38 @@ def driver():
     yield start
     for each in started:
         each.stop_group()
+
+
+class Bars:
+    """Numeric bars: each check asserts a value against its threshold and, when GRADINV_BAR_LOG names a
+    file, first appends ``{bar, value, threshold, ...}`` to it as a JSON line, so that
+    ``benchmarks/portability.py`` can report how far each bar's quantity moves across kernels, threads
+    and seeds. ``holds=False`` marks a control (the attack disabled): there the bar must not hold."""
+
+    def __init__(self):
+        self.seed_offset = int(os.environ.get("GRADINV_BAR_SEED", "0"))  # varied by the portability script
+
+    def seeds(self, count: int) -> list[int]:
+        """Attack seeds for ``count`` trials; ``make test`` uses 0..count-1."""
+        return list(range(self.seed_offset * count, (self.seed_offset + 1) * count))
+
+    def at_least(self, bar: str, value: float, threshold: float, *, holds: bool = True) -> None:
+        self._check(bar, value, threshold, ">=", value >= threshold, holds)
+
+    def below(self, bar: str, value: float, threshold: float, *, holds: bool = True) -> None:
+        self._check(bar, value, threshold, "<", value < threshold, holds)
+
+    def _check(self, bar, value, threshold, direction, cleared, holds):
+        log = os.environ.get("GRADINV_BAR_LOG")
+        if log:
+            record = dict(bar=bar, value=float(value), threshold=threshold, direction=direction, holds=holds,
+                          seed_offset=self.seed_offset)  # fmt: skip
+            with open(log, "a") as lines:
+                lines.write(json.dumps(record) + "\n")
+        expected = "clear" if holds else "stay short of"
+        assert cleared == holds, f"{bar}: {value:.6g} should {expected} the bar {direction} {threshold}"
+
+
+@pytest.fixture
+def bars() -> Bars:
+    return Bars()

@@ -1,6 +1,7 @@
 """Lanes: L trials in one computation agree with the same trials run one at a time."""
 
 import dataclasses
+import statistics
 
 import pandas as pd
 import pytest
@@ -12,6 +13,9 @@ from gradinv.trial import TrialSpec, build_victim, run_trials
 from sweep.cli import main
 
 BASE = TrialSpec(dataset="faces", image_size=12, model="convnet", width=4, iterations=60)
+# Packed and single-lane runs take different kernels (grouped convolutions under vmap), and signed Adam
+# amplifies the last-bit differences, so single trials part ways; their mean PSNR agrees within this.
+LANE_AGREEMENT_DB = 0.5
 
 
 def lane_inputs(spec: TrialSpec, lanes: int):
@@ -27,9 +31,10 @@ def lane_inputs(spec: TrialSpec, lanes: int):
     return model, updates, torch.stack(labels)
 
 
+@pytest.mark.numeric
 @pytest.mark.parametrize("settings", [dict(), dict(fl="fedavg", local_steps=3, local_lr=0.05, images=(0, 1),
                                                     local_batch_size=1)])  # fmt: skip
-def test_each_lane_matches_its_own_single_lane_computation(settings):
+def test_each_lane_matches_its_own_single_lane_computation(settings, bars):
     spec = dataclasses.replace(BASE, restarts=2, **settings)
     lanes = 4
     model, updates, labels = lane_inputs(spec, lanes)
@@ -40,8 +45,9 @@ def test_each_lane_matches_its_own_single_lane_computation(settings):
         own = slice(lane * spec.restarts, (lane + 1) * spec.restarts)
         alone = LaneObjective(model, updates[lane : lane + 1], labels[lane : lane + 1], configs[lane : lane + 1])
         grad, total, _ = alone(x[own])
-        assert torch.allclose(packed_total[own], total, rtol=0, atol=1e-5)
-        assert torch.allclose(packed_grad[own], grad, rtol=0, atol=1e-5)
+        for name, packed_value, alone_value in [("objective", packed_total, total), ("gradient", packed_grad, grad)]:
+            difference = (packed_value[own] - alone_value).abs().max().item()
+            bars.below(f"lanes: {name}, packed vs alone, largest difference", difference, 1e-5)
 
 
 @pytest.mark.parametrize("length", [7, 2**14 + 3])  # batched below 2**14, one BLAS dot per row above
@@ -66,32 +72,35 @@ def test_fused_cosine_cost_and_its_gradient_match_the_plain_formula(length):
     assert torch.allclose(fused_grad, reference_grad, rtol=1e-10, atol=1e-15)
 
 
-def test_packed_trials_reach_the_same_reconstructions_as_single_runs():
-    specs = [dataclasses.replace(BASE, images=(i,), attack_seed=i) for i in range(8)]
-    packed = run_trials(specs)
+@pytest.mark.numeric
+@pytest.mark.parametrize("attack", [True, False], ids=["attack", "disabled"])
+def test_packed_trials_reach_the_same_reconstructions_as_single_runs(attack, bars):
+    specs = [dataclasses.replace(BASE, images=(i,), attack_seed=seed) for i, seed in enumerate(bars.seeds(8))]
+    # The control packs a disabled attack (one iteration): the bar must tell it from the real one.
+    packed = run_trials(specs if attack else [dataclasses.replace(s, iterations=1) for s in specs])
     alone = [run_trials([spec])[0] for spec in specs]
-    gaps = [abs(p.metrics["psnr"] - a.metrics["psnr"]) for p, a in zip(packed, alone)]
-    mean_packed = sum(p.metrics["psnr"] for p in packed) / 8
-    mean_alone = sum(a.metrics["psnr"] for a in alone) / 8
-    assert abs(mean_packed - mean_alone) < 0.5, (mean_packed, mean_alone, max(gaps))
+    gap = statistics.mean(p.metrics["psnr"] for p in packed) - statistics.mean(a.metrics["psnr"] for a in alone)
+    bars.below("lanes: mean PSNR gap, packed vs alone [dB]", abs(gap), LANE_AGREEMENT_DB, holds=attack)
     assert all(p.lanes == 8 for p in packed) and all(a.lanes == 1 for a in alone)
 
 
-def test_a_study_packed_into_lanes_agrees_with_one_lane_per_task(write_study, tmp_path):
+@pytest.mark.numeric
+def test_a_study_packed_into_lanes_agrees_with_one_lane_per_task(write_study, tmp_path, bars):
     text = """
         name: lanes
         data: {{dataset: faces, images: 8, image_size: 12}}
-        fixed: {{model: convnet, width: 4, iterations: 60}}
+        fixed: {{model: convnet, width: 4, iterations: 60, attack_seed: {seed}}}
         resources: {{num_cpus: 1}}
         lanes: {lanes}
     """
     frames = {}
     for lanes in (1, 4):
         results = tmp_path / f"lanes-{lanes}"
-        study = write_study(text.format(lanes=lanes), name=f"lanes-{lanes}.yaml")
+        study = write_study(text.format(lanes=lanes, seed=bars.seeds(1)[0]), name=f"lanes-{lanes}.yaml")
         assert main(["run", str(study), "--results", str(results), "--no-progress"]) == 0
         frames[lanes] = pd.read_parquet(results).set_index("key").sort_index()
     single, packed = frames[1], frames[4]
     assert list(single.index) == list(packed.index)  # lanes are an execution setting: same keys
     assert set(packed["lanes"]) == {4} and set(single["lanes"]) == {1}
-    assert abs(packed["psnr"].mean() - single["psnr"].mean()) < 0.5
+    gap = packed["psnr"].mean() - single["psnr"].mean()  # the control is the test above: same bar
+    bars.below("lanes, study: mean PSNR gap, packed vs alone [dB]", abs(gap), LANE_AGREEMENT_DB)

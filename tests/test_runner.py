@@ -1,6 +1,7 @@
 """The sweep runner on a real local Ray instance: rows exactly once through crashes and failures."""
 
 import json
+import re
 import signal
 import time
 
@@ -10,7 +11,7 @@ import pyarrow.parquet as pq
 
 from gradinv import data
 from sweep.cli import main
-from sweep.results import SCHEMA, ResultsDir, trial_key
+from sweep.results import SCHEMA, SCHEMA_VERSION, ResultsDir, trial_key
 from sweep.study import load_study
 
 STUDY = """
@@ -47,7 +48,7 @@ def test_a_study_lands_as_one_row_per_trial_readable_by_everyone(write_study, tm
     files = ResultsDir(results).files()
     schemas = [pq.read_schema(f) for f in files]
     assert all(schema.equals(SCHEMA) for schema in schemas)
-    assert all(schema.metadata[b"gradinv.schema_version"] == b"1" for schema in schemas)
+    assert all(schema.metadata[b"gradinv.schema_version"] == str(SCHEMA_VERSION).encode() for schema in schemas)
     assert duckdb.sql(f"select count(distinct key) from read_parquet('{results}/*.parquet')").fetchall()[0][0] == 12
     from datasets import load_dataset
 
@@ -59,23 +60,37 @@ def test_a_study_lands_as_one_row_per_trial_readable_by_everyone(write_study, tm
     assert len(rows(results)) == 12
 
 
-def test_driver_killed_midway_then_rerun_gives_exactly_n_rows(write_study, tmp_path, driver):
-    study_path = write_study(STUDY.format(images=8, iterations=150))
+def test_driver_killed_midway_loses_only_the_trials_in_flight(write_study, tmp_path, driver):
+    """SIGKILL between batches: every row the driver had received is on disk (its journal); the
+    next run folds those rows in, recomputes none of them, and ends with exactly one row per trial."""
+    study_path = write_study(STUDY.format(images=8, iterations=3))
+    keys = [trial_key(t) for t in load_study(study_path).trials]
+    faults = tmp_path / "faults.json"
+    faults.write_text(json.dumps({keys[0]: "sleep:600"}))  # one trial stays in flight: the run never ends
     results = tmp_path / "results"
-    args = ("run", str(study_path), "--results", str(results), "--no-progress", "--batch-rows", "1")
-    first = driver(*args)
+    args = ("run", str(study_path), "--results", str(results), "--batch-seconds", "600")  # no batch file before the end
+    first = driver(*args, env={"GRADINV_FAULTS": str(faults)})  # with its progress bar: the driver's own count
+
+    def on_disk() -> pd.DataFrame:
+        reader, columns = ResultsDir(results), ["key", "finished_at"]
+        return pd.concat([reader.read(columns).to_pandas(), reader.read_journal(columns).to_pandas()])
+
     deadline = time.monotonic() + 240
-    while not ResultsDir(results).files() and time.monotonic() < deadline:  # wait for the first batch
+    while len(on_disk()) < 4 and time.monotonic() < deadline:
         time.sleep(0.5)
     first.signal(signal.SIGKILL)
-    first.wait()
-    written = len(rows(results))
-    assert 0 < written < 16
+    _, output = first.wait()
+    received = max(int(n) for n in re.findall(r"\| *(\d+)/16 \[", output) or ["0"])
+    kept = on_disk()
+    assert 0 < received <= len(kept) < 16, output  # lost: only what was in flight (the sleeper among it)
+
+    faults.write_text("{}")
     code, output = driver(*args).wait()
     assert code == 0, output
-    frame = rows(results)
-    assert len(frame) == 16 and frame["key"].is_unique
-    assert not list(results.glob(".*.tmp"))
+    frame = rows(results).set_index("key")
+    assert len(frame) == 16 and frame.index.is_unique
+    assert (frame.loc[kept["key"], "finished_at"].to_numpy() == kept["finished_at"].to_numpy()).all()  # not run again
+    assert not list(results.glob(".*.tmp")) and ResultsDir(results).journalled_rows() == 0
 
 
 def test_failures_timeouts_and_worker_deaths_are_rows(write_study, tmp_path, monkeypatch, capsys):

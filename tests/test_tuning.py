@@ -16,7 +16,8 @@ import pytest
 
 from sweep.results import ResultsDir
 from sweep.study import load_study
-from sweep.tuning import JOURNAL_NAME, main, paired_bootstrap, trial_specs, tune_settings, tune_study
+from sweep.tuning import (CHECKPOINTS, FIRST_DECAY, JOURNAL_NAME, main, make_pruner, open_study, paired_bootstrap,
+                          suggest, trial_specs, tune_settings, tune_study)
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -107,6 +108,46 @@ def test_fixed_and_searched_in_one_place_and_budget_shared_by_restarts(write_stu
     for restarts in (1, 2):
         specs = trial_specs(settings, {"lr": 0.1, "restarts": restarts, "cost": "l2"}, settings.tuning).values()
         assert {s.restarts * s.iterations for s in specs} == {60}
+
+
+@pytest.mark.parametrize("pruner", ["{name: median, startup: 1}", "{name: successive-halving}"])
+def test_the_pruner_judges_no_checkpoint_of_the_warm_up(pruner, write_study):
+    text = TINY.format(budget=48, candidates=4).replace("{name: median, startup: 1}", pruner)
+    settings = tune_settings(load_study(write_study(text)))
+    first_judged = settings.warmup_steps
+    assert (first_judged - 1) / CHECKPOINTS <= FIRST_DECAY < first_judged / CHECKPOINTS  # 3 of 8, then 4 of 8
+    tuned = optuna.create_study(direction="maximize", pruner=make_pruner(settings))
+    for value in (1.0, 2.0):  # candidates that ran to the end, every checkpoint better than the next one's
+        strong = tuned.ask()
+        for step in range(1, CHECKPOINTS + 1):
+            strong.report(value, step)
+            strong.should_prune()
+        tuned.tell(strong, value)
+    weak = tuned.ask()
+    judged = []
+    for step in range(1, first_judged + 1):
+        weak.report(0.0, step)
+        judged.append(weak.should_prune())
+    assert judged == [False] * (first_judged - 1) + [True]  # spared through the warm-up's last checkpoint
+
+
+def test_a_resumed_search_continues_rather_than_replaying_its_first_candidates(write_study, tmp_path):
+    study = load_study(write_study(TINY.format(budget=48, candidates=6)))
+    settings = tune_settings(study)
+
+    def ask(tuned, count: int) -> list[dict]:
+        asked = []
+        for _ in range(count):
+            trial = tuned.ask()
+            asked.append(suggest(trial, settings.space))
+            tuned.tell(trial, 1.0)
+        return asked
+
+    url = str(tmp_path / JOURNAL_NAME)
+    first = ask(open_study(study, settings, url), 3)
+    resumed = ask(open_study(study, settings, url), 3)  # the sampler rebuilt, as a restarted driver does
+    assert not [params for params in resumed if params in first]
+    assert ask(open_study(study, settings, str(tmp_path / "fresh.journal")), 3) == first  # a fresh search: seeded
 
 
 def test_paired_bootstrap_interval_is_seeded_and_brackets_the_mean():

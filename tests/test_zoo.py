@@ -1,5 +1,10 @@
-"""The model zoo: reproducible training, one training under contention, clear errors, trained studies."""
+"""The model zoo: reproducible training, one training under contention, clear errors (and only for damage,
+not for bugs), group-readable files, trained studies."""
 
+import dataclasses
+import os
+import re
+import stat
 import subprocess
 import sys
 
@@ -7,9 +12,11 @@ import pandas as pd
 import pytest
 import torch
 
-from gradinv import zoo
+from gradinv import data, models, zoo
 from gradinv.errors import ConfigError
+from gradinv.trial import TrialOutcome, TrialSpec
 from sweep.cli import main
+from sweep.single import write_outcome
 
 SMALL = zoo.Recipe("fashion-mnist", "convnet", 4, epochs=2, train_subset=600, image_size=10, batch_size=32)
 TINY = ["--dataset", "faces", "--model", "convnet", "--width", "2", "--epochs", "1", "--image-size", "8"]
@@ -28,7 +35,7 @@ def test_cache_round_trip_and_listing(tmp_path):
     again, trained_again = zoo.ensure(recipe, tmp_path)
     assert trained and not trained_again
     assert all(torch.equal(checkpoint.state[k], again.state[k]) for k in checkpoint.state)
-    info = zoo.listing(tmp_path)[0]
+    info = zoo.listing(tmp_path)[0].info
     assert info["key"] == recipe.key and info["epochs"] == 2 and info["torch"] == torch.__version__
     assert 0 <= info["test_accuracy"] <= 1 and info["training_seconds"] > 0
 
@@ -81,3 +88,94 @@ def test_a_study_over_trained_epochs_carries_checkpoint_key_and_accuracy(write_s
     assert trained["train_subset"].eq(64).all() and untrained["train_subset"].isna().all()
     assert untrained["checkpoint_key"].isna().all()
     assert zoo.load(recipe, tmp_path / "cache") is not None  # trained once, in this node's cache
+
+
+def stored(recipe: zoo.Recipe, cache) -> None:
+    """A checkpoint of the untrained weights in the cache, as training would leave it (no training)."""
+    sidecar = {"key": recipe.key, "test_accuracy": 0.5, "epochs": recipe.epochs, "seed": recipe.model_seed,
+               "training_seconds": 1.0, "torch": torch.__version__, "recipe": dataclasses.asdict(recipe)}  # fmt: skip
+    zoo.store(zoo.Checkpoint(recipe, recipe.untrained().state_dict(), sidecar), cache)
+
+
+def test_zoo_train_without_width_builds_the_checkpoint_a_study_looks_up(tmp_path, capsys):
+    assert zoo.Recipe("faces", "convnet", None, 1).key == zoo.Recipe("faces", "convnet", 64, 1).key
+    assert zoo.Recipe("fashion-mnist", "convnet", 2, epochs=1, image_size=8).key == "convnet-fashion-mnist-e1-1a9b391213c1"  # as before
+    flags = ["--dataset", "faces", "--model", "mlp", "--epochs", "1", "--train-subset", "32", "--image-size", "8"]
+    assert main(["zoo", "train", *flags, "--cache", str(tmp_path)]) == 0
+    recipe = TrialSpec(dataset="faces", model="mlp", trained_epochs=1, train_subset=32, image_size=8).recipe()
+    assert zoo.load(recipe, tmp_path) is not None
+    # The rebuild hint of a damaged checkpoint names every flag of its recipe, and rebuilds that very key.
+    weights, sidecar = zoo.paths(recipe, tmp_path)
+    weights.write_bytes(b"")
+    with pytest.raises(ConfigError) as caught:
+        zoo.load(recipe, tmp_path)
+    command = re.search(r"'(gradinv zoo train [^']*)'", str(caught.value)).group(1)
+    assert "--width 256" in command and "--train-subset 32" in command and "--image-size 8" in command
+    weights.unlink()
+    sidecar.unlink()
+    assert main([*command.split()[1:], "--cache", str(tmp_path)]) == 0
+    assert zoo.load(recipe, tmp_path) is not None and len(list(tmp_path.glob("*.pt"))) == 1
+
+
+def test_a_programming_error_while_loading_a_checkpoint_is_not_called_damage(tmp_path, monkeypatch):
+    recipe = zoo.Recipe("faces", "convnet", 2, epochs=1, image_size=8)
+    stored(recipe, tmp_path)
+    assert zoo.load(recipe, tmp_path) is not None
+
+    def broken(*args, **kwargs):
+        raise TypeError("a bug")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(models, "build_model", broken)
+        with pytest.raises(TypeError, match="a bug"):
+            zoo.load(recipe, tmp_path)
+    monkeypatch.setattr(torch, "load", broken)
+    with pytest.raises(TypeError, match="a bug"):
+        zoo.load(recipe, tmp_path)
+
+
+def test_a_fault_while_opening_a_dataset_is_not_called_missing(tmp_path, monkeypatch):
+    import torchvision
+
+    with pytest.raises(ConfigError, match="no mnist files under"):  # really missing: one clear line
+        data.open_dataset("mnist", tmp_path)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("expected all tensors to be on the same device")
+
+    monkeypatch.setattr(torchvision.datasets, "MNIST", broken)
+    with pytest.raises(RuntimeError, match="same device"):
+        data.open_dataset("mnist", tmp_path)
+
+
+def test_zoo_list_names_a_damaged_sidecar_in_one_line_and_lists_the_rest(tmp_path, capsys):
+    good = zoo.Recipe("faces", "convnet", 2, epochs=1, image_size=8)
+    stored(good, tmp_path)
+    (tmp_path / "broken.json").write_text('{"key": "broken", "test_acc')
+    (tmp_path / "empty.json").write_text("{}")
+    assert main(["zoo", "list", "--cache", str(tmp_path)]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == 3
+    assert out[0].startswith("broken  unreadable (broken.json: JSONDecodeError); delete broken.pt and broken.json")
+    assert out[1].startswith("convnet-faces-e1-") and "accuracy 0.5000" in out[1]
+    assert out[2].startswith("empty  unreadable (empty.json lacks key, test_accuracy, epochs, seed, training_seconds)")
+    _, sidecar = zoo.paths(good, tmp_path)
+    sidecar.write_text("{}")
+    with pytest.raises(ConfigError, match="lacks key"):
+        zoo.load(good, tmp_path)
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o027, 0o640)], ids=["umask-022", "umask-027"])
+def test_checkpoints_and_attack_outputs_are_readable_as_the_umask_allows(umask, mode, tmp_path):
+    previous = os.umask(umask)
+    try:
+        recipe = zoo.Recipe("faces", "convnet", 2, epochs=1, image_size=8)
+        stored(recipe, tmp_path / "cache")
+        spec = TrialSpec(dataset="faces", image_size=8)
+        outcome = TrialOutcome(spec=spec, status="ok", truth=torch.zeros(1, 1, 8, 8), reconstruction=torch.ones(1, 1, 8, 8))
+        write_outcome(outcome, tmp_path / "out", "cpu")
+    finally:
+        os.umask(previous)
+    files = [*zoo.paths(recipe, tmp_path / "cache"), tmp_path / "out" / "metrics.json", tmp_path / "out" / "reconstruction.png"]
+    assert {path.name: stat.S_IMODE(path.stat().st_mode) for path in files} == {path.name: mode for path in files}
+    assert not list((tmp_path / "cache").glob(".*")) and not list((tmp_path / "out").glob(".*"))

@@ -1,7 +1,8 @@
 """Deep Leakage from Gradients (Zhu et al., 2019): Euclidean matching with L-BFGS.
 
 Images and (when unknown) soft labels are optimised jointly. The gradient reaches only the images
-and the label logits: the model's parameters are constants of the cost.
+and the label logits: the model's parameters are constants of the cost. Everything runs on the device
+of the client update; the starting points are drawn on the CPU, so every device starts alike.
 """
 
 from __future__ import annotations
@@ -43,15 +44,17 @@ def deep_leakage(
         if on_progress is not None:
             on_progress(config.iterations * (lane + 1) // len(updates))
     result = AttackResult(
-        torch.stack(images), torch.tensor(scores).view(-1, 1), curve, time.perf_counter() - start
+        torch.stack(images), torch.tensor(scores, device="cpu").view(-1, 1), curve, time.perf_counter() - start
     )
     return result, torch.stack(found_labels)
 
 
 def _one_lane(model, params, buffers, update, labels, config, seed, image_shape, num_classes, deadline):
-    generator = torch.Generator().manual_seed(seed)
-    x = torch.randn(tuple(image_shape), generator=generator).requires_grad_(True)
-    label_logits = torch.randn(image_shape[0], num_classes, generator=generator).requires_grad_(labels is None)
+    device = update.tensors[0].device
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    x = torch.randn(tuple(image_shape), generator=generator, device="cpu").to(device).requires_grad_(True)
+    label_logits = torch.randn(image_shape[0], num_classes, generator=generator, device="cpu")
+    label_logits = label_logits.to(device).requires_grad_(labels is None)
     schedule = minibatch_schedule(image_shape[0], update.fl)
     squared_distance = GradientCost([t.unsqueeze(0) for t in update.tensors], [1.0] * len(update.tensors), "l2")
     optimiser = torch.optim.LBFGS([x, label_logits] if labels is None else [x], lr=config.lr, max_iter=1,

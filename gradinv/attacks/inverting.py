@@ -1,4 +1,9 @@
-"""Inverting Gradients (Geiping et al., 2020): cosine gradient matching with TV, signed Adam.
+"""Inverting Gradients (Geiping et al., 2020): gradient matching with TV, the reference's attack.
+
+The defaults are the reference implementation's (``inversefed``) attack knob for knob: cosine cost over
+all parameter tensors, Adam on the sign of the image gradient, its step-decay milestones, an
+unclamped random-normal start, the box projection after every step and the restart of least gradient
+cost. Each of the reference's other choices is a named setting of :class:`IGConfig`.
 
 The attack optimises ``L`` independent trials ("lanes"), each with ``R`` restarts, as one batched
 computation: ``torch.func.vmap`` over the ``L * R`` runs of a per-run cost whose gradient flows only
@@ -7,22 +12,35 @@ into the images. ``L = 1`` is the ordinary single-trial attack.
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.func import vmap
 
 from ..errors import require
 from ..fl import ClientUpdate, minibatch_schedule, model_state, parameter_update
 
-COSTS = ("cosine", "l2")
-DECAYS = ("step", "cosine", "none")
+COSTS = ("cosine", "l2", "l1", "max", "simlocal")
+DECAYS = ("step", "step-eighths", "cosine", "none")
 INITS = ("randn", "rand", "zeros")
 LAYER_WEIGHTINGS = ("equal", "linear", "exp")
+# Named tensor sets: the first / last K parameter tensors (fewer when the model has fewer), the K of
+# largest target norm, or `batch`: 8 tensors drawn afresh at every evaluation.
+LAYER_SETS = ("all", "first4", "first5", "first10", "first50", "last5", "last10", "last50", "top10", "top50", "batch")
+BATCH_LAYERS = 8
+OPTIMIZERS = ("adam", "sgd", "lbfgs")
+SCORINGS = ("loss", "tv", "pixelmean", "pixelmedian")
+MEDIAN_FILTER_EVERY = 500  # iterations between the reference's 3x3 median filters
+SGD_LR, SGD_MOMENTUM = 0.01, 0.9  # the reference's SGD: a fixed step with Nesterov momentum
+LBFGS_LR = 1.0  # the reference's L-BFGS: torch's defaults
+COSINE_EPS = 1e-10  # simlocal: torch's cosine_similarity with the reference's eps
 
 
 @dataclass(frozen=True)
@@ -32,36 +50,46 @@ class IGConfig:
     iterations: int = 24_000
     restarts: int = 1
     tv: float = 1e-4
-    lr: float = 0.1
+    lr: float = 0.1  # Adam's step size; SGD and L-BFGS use the reference's fixed ones
     cost: str = "cosine"
-    decay: str = "step"  # step: x0.1 at 3/8, 5/8, 7/8 of the iterations
+    decay: str = "step"  # step: x0.1 at the reference's milestones (about 3/8, 5/8, 7/8 of the iterations)
     init: str = "randn"
-    layer_weighting: str = "equal"  # linear/exp: earlier layers weigh more
-    layers: tuple[int, ...] | None = None  # parameter indices to match; None: all
-    signed: bool = True  # Adam on the sign of the image gradient
+    clamp_init: bool = False  # True: project the first images into the pixel box (the reference does not)
+    layer_weighting: str = "equal"  # linear/exp: earlier tensors weigh more
+    layers: tuple[int, ...] | None = None  # parameter indices to match (negative from the end); None: all
+    layer_set: str = "all"  # a named set of tensors instead (LAYER_SETS)
+    signed: bool = True  # step on the sign of the image gradient
+    boxed: bool = True  # project into the valid pixel box after every step
+    median_filter: bool = False  # a 3x3 median filter every 500 iterations
+    optimizer: str = "adam"
+    scoring: str = "loss"  # how restarts become one reconstruction
+    tol: float | None = None  # restarts after the first whose score is at most tol are dropped
 
     def __post_init__(self):
         require(self.iterations >= 1, "iterations", self.iterations, "use at least 1 iteration")
         require(self.restarts >= 1, "restarts", self.restarts, "use at least 1 restart")
         require(self.tv >= 0, "tv", self.tv, "use a TV weight of 0 or more")
         require(self.lr > 0, "lr", self.lr, "use a positive step size")
-        require(self.cost in COSTS, "cost", self.cost, f"choose one of {', '.join(COSTS)}")
-        require(self.decay in DECAYS, "decay", self.decay, f"choose one of {', '.join(DECAYS)}")
-        require(self.init in INITS, "init", self.init, f"choose one of {', '.join(INITS)}")
-        require(
-            self.layer_weighting in LAYER_WEIGHTINGS,
-            "layer_weighting", self.layer_weighting, f"choose one of {', '.join(LAYER_WEIGHTINGS)}",
-        )  # fmt: skip
+        choices = {"cost": COSTS, "decay": DECAYS, "init": INITS, "layer_weighting": LAYER_WEIGHTINGS,
+                   "layer_set": LAYER_SETS, "optimizer": OPTIMIZERS}  # fmt: skip
+        for name, allowed in choices.items():
+            require(getattr(self, name) in allowed, name, getattr(self, name), f"choose one of {', '.join(allowed)}")
+        require(self.scoring != "inception", "scoring", self.scoring, "it needs Inception weights that gradinv "
+                "does not ship; use loss, tv, pixelmean or pixelmedian")  # fmt: skip
+        require(self.scoring in SCORINGS, "scoring", self.scoring, f"choose one of {', '.join(SCORINGS)}")
+        require(self.layers is None or len(self.layers) >= 1, "layers", self.layers, "list at least one index")
+        require(self.layers is None or self.layer_set == "all", "layer_set", self.layer_set,
+                "give explicit layers or a named set, not both")  # fmt: skip
+        require(self.tol is None or math.isfinite(self.tol), "tol", self.tol, "use a finite number")
 
     def shared(self) -> tuple:
-        """The settings that every lane of one computation must share."""
-        return (self.iterations, self.restarts, self.cost, self.decay, self.init, self.layer_weighting,
-                self.layers, self.signed)  # fmt: skip
+        """The settings that every lane of one computation must share: all but ``tv`` and ``lr``."""
+        return dataclasses.astuple(dataclasses.replace(self, tv=0.0, lr=1.0))
 
 
 @dataclass
 class AttackResult:
-    images: torch.Tensor  # [L, B, C, H, W] in normalised coordinates, the winning restart per lane
+    images: torch.Tensor  # [L, B, C, H, W] in normalised coordinates, each lane's reconstruction
     restart_scores: torch.Tensor  # [L, R] final gradient cost without TV (inf for NaN)
     curve: list[tuple[int, list[float]]] = field(default_factory=list)  # (iteration, best cost per lane)
     seconds: float = 0.0
@@ -82,17 +110,48 @@ def total_variation(x: torch.Tensor) -> torch.Tensor:
     return dx + dy
 
 
+def median_filter(x: torch.Tensor) -> torch.Tensor:
+    """The 3x3 median of every image plane of ``[..., H, W]``, edges reflected."""
+    planes = F.pad(x.reshape(-1, 1, *x.shape[-2:]), (1, 1, 1, 1), mode="reflect")
+    windows = planes.unfold(2, 3, 1).unfold(3, 3, 1)
+    return windows.reshape(*windows.shape[:4], 9).median(dim=-1).values.reshape(x.shape)
+
+
+def layer_indices(count: int, layers: Sequence[int]) -> list[int]:
+    """Explicit parameter indices as positions 0..count-1 (negative ones count from the end)."""
+    require(all(-count <= i < count for i in layers), "layers", list(layers),
+            f"use indices from {-count} to {count - 1}: the model has {count} parameter tensors")  # fmt: skip
+    positions = [i % count for i in layers]
+    require(len(set(positions)) == len(positions), "layers", list(layers), "list each parameter tensor once")
+    return positions
+
+
 def layer_weights(count: int, weighting: str, layers: Sequence[int] | None) -> list[float]:
+    """One weight per parameter tensor; tensors outside explicit ``layers`` weigh 0."""
     if weighting == "linear":
         weights = [1.0 - i / count for i in range(count)]
-    elif weighting == "exp":
-        weights = [math.exp(-4.0 * i / count) for i in range(count)]
+    elif weighting == "exp":  # the reference's softmax over count..1, divided by its first entry
+        weights = [math.exp(-i) for i in range(count)]
     else:
         weights = [1.0] * count
     if layers is not None:
-        chosen = set(layers)
+        chosen = set(layer_indices(count, layers))
         weights = [w if i in chosen else 0.0 for i, w in enumerate(weights)]
     return weights
+
+
+def named_set_mask(targets: Sequence[torch.Tensor], layer_set: str) -> torch.Tensor:
+    """``[N, tensors]``: 1 where run ``n`` compares the tensor under ``layer_set``, from ``[N, ...]`` targets."""
+    count, runs = len(targets), len(targets[0])
+    mask = torch.zeros(runs, count, dtype=targets[0].dtype, device=targets[0].device)
+    kind, size = re.fullmatch(r"([a-z]+)(\d+)", layer_set).groups()
+    size = int(size)
+    if kind == "top":
+        norms = torch.stack([t.reshape(runs, -1).norm(dim=1) for t in targets], dim=1)
+        return mask.scatter_(1, norms.topk(min(size, count), dim=1).indices, 1.0)
+    chosen = range(count)[-size:] if kind == "last" else range(count)[:size]
+    mask[:, list(chosen)] = 1.0
+    return mask
 
 
 def _row_dots(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -128,50 +187,83 @@ class _RunDots(torch.autograd.Function):
 
 
 class GradientCost:
-    """How far each run's candidate update is from its target: 1 - the weighted cosine similarity
-    over all layers together, or the weighted squared distance.
+    """How far each run's candidate update is from its target, by the reference's costs (weights w):
 
-    ``targets`` are ``[N, ...]`` tensors (one entry per run) in parameter order and ``weights`` one
-    weight per tensor; tensors of weight 0 are never compared. Calling it with the candidate tensors
-    of the compared layers, in the same order, gives ``[N]``.
+    - ``cosine``: 1 - the w-weighted cosine similarity of all compared tensors together;
+    - ``l2`` / ``l1``: sum of w x the squared / absolute differences;
+    - ``max``: sum of w x each tensor's largest absolute difference;
+    - ``simlocal``: sum over compared tensors of 1 - w x their own cosine similarity.
+
+    ``targets`` are ``[N, ...]`` tensors (one entry per run) in parameter order; ``weights`` one weight
+    per tensor, or ``[N, tensors]`` for each run. A weight of 0 leaves a tensor out; one that no run
+    compares is never computed. Calling it with the candidate tensors of the compared tensors, in the
+    same order, gives ``[N]``; ``mask`` (``[N, compared]``, 0 or 1) leaves tensors out of one evaluation.
     """
 
-    def __init__(self, targets: Sequence[torch.Tensor], weights: Sequence[float], cost: str):
-        self.compared = [i for i, w in enumerate(weights) if w != 0.0]
+    def __init__(self, targets: Sequence[torch.Tensor], weights, cost: str):
+        weights = torch.as_tensor(weights, dtype=targets[0].dtype, device=targets[0].device).reshape(-1, len(targets))
+        self.compared = weights.ne(0).any(dim=0).nonzero().flatten().tolist()
         self.targets = [targets[i].reshape(len(targets[i]), -1) for i in self.compared]
-        self.weights = [weights[i] for i in self.compared]
+        self.weights = weights[:, self.compared]
         self.cost = cost
-        if cost == "cosine":  # constant: computed once, not every iteration
-            self.target_norm = sum(w * torch.linalg.vecdot(t, t) for t, w in zip(self.targets, self.weights)).sqrt()
+        if cost in ("cosine", "simlocal"):  # constant: computed once, not every iteration
+            self.target_squares = torch.stack([torch.linalg.vecdot(t, t) for t in self.targets], dim=1)
+            self.target_norm = (self.weights * self.target_squares).sum(1).sqrt()
 
-    def __call__(self, candidate: Sequence[torch.Tensor]) -> torch.Tensor:
-        pairs = [(c.reshape(len(c), -1), t, w) for c, t, w in zip(candidate, self.targets, self.weights)]
-        if self.cost == "l2":
-            return sum(w * (c - t).pow(2).sum(1) for c, t, w in pairs)
-        dot = norm_c = 0.0
-        for c, t, w in pairs:
-            layer_dot, layer_square = _RunDots.apply(c, t)
-            dot, norm_c = dot + w * layer_dot, norm_c + w * layer_square
-        return 1 - dot / (norm_c.sqrt() * self.target_norm)
+    def __call__(self, candidate: Sequence[torch.Tensor], mask: torch.Tensor | None = None) -> torch.Tensor:
+        weights = self.weights if mask is None else self.weights * mask
+        columns = weights.unbind(1)
+        flat = [c.reshape(len(c), -1) for c in candidate]
+        if self.cost in ("l2", "l1", "max"):
+            distance = {"l2": lambda d: d.pow(2).sum(1), "l1": lambda d: d.abs().sum(1),
+                        "max": lambda d: d.abs().amax(1)}[self.cost]  # fmt: skip
+            return sum(w * distance(c - t) for c, t, w in zip(flat, self.targets, columns))
+        dots = [_RunDots.apply(c, t) for c, t in zip(flat, self.targets)]
+        if self.cost == "simlocal":
+            target_norms = self.target_squares.sqrt().clamp_min(COSINE_EPS).unbind(1)
+            return sum(
+                w.ne(0) * (1 - w * dot / (square.sqrt().clamp_min(COSINE_EPS) * norm))
+                for (dot, square), w, norm in zip(dots, columns, target_norms)
+            )  # fmt: skip
+        dot = sum(w * layer_dot for (layer_dot, _), w in zip(dots, columns))
+        norm_c = sum(w * layer_square for (_, layer_square), w in zip(dots, columns))
+        target_norm = self.target_norm if mask is None else (weights * self.target_squares).sum(1).sqrt()
+        return 1 - dot / (norm_c.sqrt() * target_norm)
+
+
+def step_milestones(iterations: int, decay: str) -> tuple[float, ...]:
+    """The iterations from which the step size is divided by 10 once more.
+
+    ``step`` is the reference's ``MultiStepLR`` schedule (floor divisions by 2.667, 1.6 and 1.142, close
+    to 3/8, 5/8 and 7/8); ``step-eighths`` falls at exactly 3/8, 5/8 and 7/8 of the iterations.
+    """
+    if decay == "step":
+        return (iterations // 2.667, iterations // 1.6, iterations // 1.142)
+    if decay == "step-eighths":
+        return tuple(iterations * m for m in (3 / 8, 5 / 8, 7 / 8))
+    return ()
 
 
 def step_size_factor(iteration: int, iterations: int, decay: str) -> float:
-    if decay == "step":
-        return 0.1 ** sum(iteration >= iterations * m for m in (3 / 8, 5 / 8, 7 / 8))
+    """The step size of 0-based ``iteration`` relative to the optimiser's own."""
+    if decay in ("step", "step-eighths"):
+        return 0.1 ** sum(iteration >= m for m in step_milestones(iterations, decay))
     if decay == "cosine":
         return 0.5 * (1 + math.cos(math.pi * iteration / iterations))
     return 1.0
 
 
-def initial_images(shape: Sequence[int], restarts: int, init: str, seed: int) -> torch.Tensor:
-    """``[R, B, C, H, W]`` starting points drawn from the trial's own attack seed."""
+def initial_images(shape: Sequence[int], restarts: int, init: str, seed: int,
+                   dtype: torch.dtype = torch.float32) -> torch.Tensor:  # fmt: skip
+    """``[R, B, C, H, W]`` starting points drawn from the trial's own attack seed (on the CPU, so that
+    every device starts from the same images): standard normal, uniform in [-1, 1), or zeros."""
     generator = torch.Generator().manual_seed(seed)
     full = (restarts, *shape)
     if init == "randn":
-        return torch.randn(full, generator=generator)
+        return torch.randn(full, generator=generator, dtype=dtype, device="cpu")
     if init == "rand":
-        return torch.rand(full, generator=generator)
-    return torch.zeros(full)
+        return (torch.rand(full, generator=generator, dtype=dtype, device="cpu") - 0.5) * 2
+    return torch.zeros(full, dtype=dtype, device="cpu")
 
 
 class LaneObjective:
@@ -183,10 +275,11 @@ class LaneObjective:
     only input, gives every run's image gradient (a run's cost depends only on its own images, so the
     sum's gradient is each run's own gradient). ``vmap`` over a single run is that run's function
     applied directly, so ``L * R = 1`` is the same computation without the batching overhead.
+    ``seed`` draws the ``batch`` layer set's tensors.
     """
 
     def __init__(self, model: nn.Module, updates: Sequence[ClientUpdate], labels: torch.Tensor,
-                 configs: Sequence[IGConfig]):  # fmt: skip
+                 configs: Sequence[IGConfig], seed: int = 0):  # fmt: skip
         require(len({c.shared() for c in configs}) == 1, "lanes", len(configs), "pack only trials with equal shared settings")
         config = configs[0]
         self.restarts = config.restarts
@@ -194,10 +287,15 @@ class LaneObjective:
         fl = updates[0].fl
         schedule = minibatch_schedule(updates[0].num_images, fl)
         targets = [self.per_run(torch.stack([u.tensors[i] for u in updates])) for i in range(len(params))]
-        self.gradient_cost = GradientCost(targets, layer_weights(len(params), config.layer_weighting, config.layers),
-                                          config.cost)  # fmt: skip
+        dtype, device = targets[0].dtype, labels.device
+        weights = layer_weights(len(params), config.layer_weighting, config.layers)
+        weights = torch.tensor(weights, dtype=dtype, device=device)
+        if config.layer_set not in ("all", "batch"):
+            weights = weights * named_set_mask(targets, config.layer_set)
+        self.gradient_cost = GradientCost(targets, weights, config.cost)
+        self.draws = torch.Generator(device).manual_seed(seed) if config.layer_set == "batch" else None
         self.labels = self.per_run(labels)
-        self.tv_weights = self.per_run(torch.tensor([c.tv for c in configs], device=labels.device))
+        self.tv_weights = self.per_run(torch.tensor([c.tv for c in configs], dtype=dtype, device=device))
         compared = self.gradient_cost.compared
 
         def update(x, y):  # one run's client update, the compared tensors only
@@ -217,9 +315,18 @@ class LaneObjective:
         """``[L, ...]`` to ``[L * R, ...]``."""
         return per_lane.repeat_interleave(self.restarts, dim=0)
 
+    def _batch_mask(self) -> torch.Tensor | None:
+        """The ``batch`` set: each run compares 8 tensors of the model drawn afresh (None: no draw)."""
+        if self.draws is None:
+            return None
+        runs, count = len(self.labels), self.gradient_cost.weights.shape[1]
+        order = torch.rand(runs, count, generator=self.draws, device=self.labels.device).argsort(dim=1)
+        mask = torch.zeros(runs, count, dtype=self.gradient_cost.weights.dtype, device=self.labels.device)
+        return mask.scatter_(1, order[:, :BATCH_LAYERS], 1.0)
+
     def match(self, x: torch.Tensor) -> torch.Tensor:
         """The gradient cost alone (no TV) per run, ``[N]``."""
-        return self.gradient_cost(self.updates_per_run(x, self.labels))
+        return self.gradient_cost(self.updates_per_run(x, self.labels), self._batch_mask())
 
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The image gradient of the full cost, the full cost and the gradient cost alone, per run.
@@ -235,6 +342,106 @@ class LaneObjective:
         return image_grad, total.detach(), match.detach()
 
 
+# An optimiser step: (images, 0-based iteration, step-size factor) -> (new images, gradient cost per run
+# at the images it started from).
+Step = Callable[[torch.Tensor, int, float], tuple[torch.Tensor, torch.Tensor]]
+
+
+def _adam(objective: LaneObjective, step_sizes: torch.Tensor, signed: bool) -> Step:
+    """Adam with torch's defaults, per pixel, so every run keeps its own moments."""
+    beta1, beta2, eps = 0.9, 0.999, 1e-8
+    moments: list[torch.Tensor] = []
+
+    def step(x, iteration, factor):
+        image_grad, _, match = objective(x)
+        direction = image_grad.sign() if signed else image_grad
+        if not moments:
+            moments.extend((torch.zeros_like(x), torch.zeros_like(x)))
+        m, v = moments
+        m.mul_(beta1).add_(direction, alpha=1 - beta1)
+        v.mul_(beta2).addcmul_(direction, direction, value=1 - beta2)
+        m_hat = m / (1 - beta1 ** (iteration + 1))
+        v_hat = v / (1 - beta2 ** (iteration + 1))
+        return x - (factor * step_sizes) * m_hat / (v_hat.sqrt() + eps), match
+
+    return step
+
+
+def _sgd(objective: LaneObjective, signed: bool) -> Step:
+    """torch's SGD as the reference sets it up: step 0.01, Nesterov momentum 0.9, per pixel."""
+    buffers: list[torch.Tensor] = []
+
+    def step(x, iteration, factor):
+        image_grad, _, match = objective(x)
+        direction = image_grad.sign() if signed else image_grad
+        if buffers:
+            buffers[0].mul_(SGD_MOMENTUM).add_(direction)
+        else:
+            buffers.append(direction.clone())
+        return x - (SGD_LR * factor) * direction.add(buffers[0], alpha=SGD_MOMENTUM), match
+
+    return step
+
+
+def _lbfgs(model, updates, labels, configs, seed: int) -> Step:
+    """torch's L-BFGS with its defaults (as in the reference), one optimiser per run, run by run:
+    its line of search couples every number it optimises, so runs cannot share one."""
+    restarts, signed = configs[0].restarts, configs[0].signed
+    per_lane = [
+        LaneObjective(model, updates[lane : lane + 1], labels[lane : lane + 1],
+                      [dataclasses.replace(configs[lane], restarts=1)], seed)  # fmt: skip
+        for lane in range(len(updates))
+    ]
+    leaves: list[torch.Tensor] = []
+    optimisers: list[torch.optim.LBFGS] = []
+
+    def step(x, iteration, factor):
+        if not leaves:
+            leaves.extend(image.detach().clone().requires_grad_(True) for image in x)
+            optimisers.extend(torch.optim.LBFGS([leaf], lr=LBFGS_LR) for leaf in leaves)
+        matches = []
+        for run, (leaf, optimiser) in enumerate(zip(leaves, optimisers)):
+            with torch.no_grad():
+                leaf.copy_(x[run])  # the box and the filter act between steps
+            objective, first = per_lane[run // restarts], []
+
+            def closure(leaf=leaf, objective=objective, first=first):
+                image_grad, total, match = objective(leaf.unsqueeze(0))
+                leaf.grad = image_grad[0].sign() if signed else image_grad[0]
+                first.append(match)
+                return total[0]
+
+            optimiser.param_groups[0]["lr"] = LBFGS_LR * factor
+            optimiser.step(closure)
+            matches.append(first[0])
+        return torch.stack([leaf.detach() for leaf in leaves]), torch.cat(matches)
+
+    return step
+
+
+def final_images(runs: torch.Tensor, scores: torch.Tensor, config: IGConfig) -> torch.Tensor:
+    """Each lane's reconstruction from its restarts ``runs`` ``[L, R, ...]``, by ``config.scoring``.
+
+    ``loss``: the restart of least gradient cost ``scores`` ``[L, R]``; ``tv``: of least total
+    variation; ``pixelmean`` / ``pixelmedian``: the pixel-wise mean / (lower) median of the restarts.
+    The reference runs restarts in turn and stops at the first whose score (the gradient cost for the
+    pixel-wise choices) is at most ``tol``; restarts after it are dropped here, as if never run.
+    """
+    lanes, restarts = scores.shape
+    ranking = scores
+    if config.scoring == "tv":
+        ranking = _finite(total_variation(runs.flatten(0, 1))).view(lanes, restarts)
+    kept = torch.ones_like(ranking, dtype=torch.bool)
+    if config.tol is not None:
+        reached = (ranking <= config.tol).long()
+        kept = reached.cumsum(dim=1) - reached == 0
+    if config.scoring in ("pixelmean", "pixelmedian"):
+        masked = torch.where(kept.view(lanes, restarts, *[1] * (runs.dim() - 2)), runs, math.nan)
+        return masked.nanmean(dim=1) if config.scoring == "pixelmean" else masked.nanmedian(dim=1).values
+    winners = torch.where(kept, ranking, math.inf).argmin(dim=1)
+    return runs[torch.arange(lanes, device=runs.device), winners]
+
+
 def invert_gradients(
     model: nn.Module,
     updates: Sequence[ClientUpdate],
@@ -246,6 +453,7 @@ def invert_gradients(
     *,
     checkpoints: int = 8,
     on_checkpoint: Callable[[int, list[float]], None] | None = None,
+    on_images: Callable[[int, torch.Tensor], None] | None = None,
     on_progress: Callable[[int], None] | None = None,
     deadline: float | None = None,
 ) -> AttackResult:
@@ -253,49 +461,54 @@ def invert_gradients(
 
     ``labels`` is ``[L, B]`` (known or recovered), ``seeds`` one attack seed per lane, ``box`` the
     valid pixel range in normalised coordinates (``[C, 1, 1]`` each), ``image_shape`` ``(B, C, H, W)``.
-    ``on_checkpoint(iteration, best_cost_per_lane)`` is called at ``checkpoints`` evenly spaced
-    iterations (and may raise to stop); ``on_progress(done)`` every 1 % of the iterations.
+    The attack runs in the updates' dtype. ``on_checkpoint(iteration, best_cost_per_lane)`` is called
+    at ``checkpoints`` evenly spaced iterations (and may raise to stop); ``on_images(iteration, images)``
+    at the same iterations with each lane's best restart so far, ``[L, B, C, H, W]`` (to score quality
+    along the way); ``on_progress(done)`` every 1 % of the iterations.
     """
     lanes = len(updates)
     config = configs[0]
     restarts, runs = config.restarts, lanes * config.restarts
-    device = labels.device
-    objective = LaneObjective(model, updates, labels, configs)
-    step_sizes = objective.per_run(torch.tensor([c.lr for c in configs], device=device)).view(runs, 1, 1, 1, 1)
-    lower, upper = (bound.to(device) for bound in box)
+    device, dtype = labels.device, updates[0].tensors[0].dtype
+    objective = LaneObjective(model, updates, labels, configs, seeds[0])
+    lower, upper = (bound.to(device, dtype) for bound in box)
 
-    x = torch.cat([initial_images(image_shape, restarts, config.init, seed) for seed in seeds]).to(device)
-    x = torch.maximum(torch.minimum(x, upper), lower)
-    adam_m, adam_v = torch.zeros_like(x), torch.zeros_like(x)
-    beta1, beta2, eps = 0.9, 0.999, 1e-8
+    x = torch.cat([initial_images(image_shape, restarts, config.init, seed, dtype) for seed in seeds]).to(device)
+    if config.clamp_init:
+        x = torch.maximum(torch.minimum(x, upper), lower)
+    if config.optimizer == "adam":
+        step_sizes = objective.per_run(torch.tensor([c.lr for c in configs], dtype=dtype, device=device))
+        step = _adam(objective, step_sizes.view(runs, 1, 1, 1, 1), config.signed)
+    elif config.optimizer == "sgd":
+        step = _sgd(objective, config.signed)
+    else:
+        step = _lbfgs(model, updates, labels, configs, seeds[0])
     check_at = {max(1, round(config.iterations * (k + 1) / checkpoints)) for k in range(checkpoints)}
     progress_every = max(1, config.iterations // 100)
     curve: list[tuple[int, list[float]]] = []
     start = time.perf_counter()
     for iteration in range(config.iterations):
-        image_grad, _, match = objective(x)
-        step = image_grad.sign() if config.signed else image_grad
-        adam_m.mul_(beta1).add_(step, alpha=1 - beta1)
-        adam_v.mul_(beta2).addcmul_(step, step, value=1 - beta2)
-        m_hat = adam_m / (1 - beta1 ** (iteration + 1))
-        v_hat = adam_v / (1 - beta2 ** (iteration + 1))
-        factor = step_size_factor(iteration, config.iterations, config.decay)
-        x = x - (factor * step_sizes) * m_hat / (v_hat.sqrt() + eps)
-        x = torch.maximum(torch.minimum(x, upper), lower)
+        x, match = step(x, iteration, step_size_factor(iteration, config.iterations, config.decay))
+        if config.boxed:
+            x = torch.maximum(torch.minimum(x, upper), lower)
         done = iteration + 1
+        if config.median_filter and done % MEDIAN_FILTER_EVERY == 0:
+            x = median_filter(x)
         if deadline is not None and time.monotonic() > deadline:
             raise TrialTimeout(f"stopped at iteration {done} of {config.iterations}: past the trial timeout")
         if on_progress is not None and done % progress_every == 0:
             on_progress(done)
         if done in check_at:
-            best = _finite(match.detach()).view(lanes, restarts).min(dim=1).values.tolist()
+            costs = _finite(match.detach()).view(lanes, restarts)
+            best = costs.min(dim=1).values.tolist()
             curve.append((done, best))
+            if on_images is not None:
+                on_images(done, x.detach().view(lanes, restarts, *image_shape)[torch.arange(lanes, device=device), costs.argmin(dim=1)])
             if on_checkpoint is not None:
                 on_checkpoint(done, best)
     with torch.no_grad():
         scores = _finite(objective.match(x)).view(lanes, restarts)
-    winners = scores.argmin(dim=1)
-    images = x.view(lanes, restarts, *image_shape)[torch.arange(lanes, device=device), winners]
+    images = final_images(x.view(lanes, restarts, *image_shape), scores, config)
     return AttackResult(images.detach(), scores.cpu(), curve, time.perf_counter() - start)
 
 

@@ -1,4 +1,4 @@
-"""Label recovery from the last layer's part of a client update."""
+"""Label recovery from the last layer's part of a client update; labels come back on the update's device."""
 
 from __future__ import annotations
 
@@ -55,10 +55,10 @@ def batch_labels(update: ClientUpdate, num_classes: int) -> torch.Tensor:
         best = int(remainder.argmax()) if present.any() else int(signal.argmin())
         counts[best] += 1
         remainder[best] -= 1
-    return torch.repeat_interleave(torch.arange(num_classes), counts.long())
+    return torch.repeat_interleave(torch.arange(num_classes, device=counts.device), counts.long())
 
 
 def recover_labels(update: ClientUpdate, num_classes: int) -> torch.Tensor:
     if update.num_images == 1:
-        return torch.tensor([idlg_label(update, num_classes)])
+        return torch.tensor([idlg_label(update, num_classes)], device=update.tensors[0].device)
     return batch_labels(update, num_classes)

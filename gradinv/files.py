@@ -1,0 +1,24 @@
+"""Files written whole or not at all, with the permissions of any other file the process creates.
+
+The content first fills a temporary file beside the target, which is then renamed into place: a
+reader sees the old file or the new one, never half of one. The temporary file is created like
+``open()`` creates any file, mode 0o666 narrowed by the umask (0644 under the usual 022), so that a
+cache or an output folder shared by a group stays readable to it; ``tempfile``'s files are 0600.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+
+
+def write_atomic(path: Path, content: bytes) -> None:
+    partial = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
+    try:
+        with open(partial, "xb") as handle:  # x: a new file, never another writer's
+            handle.write(content)
+        os.replace(partial, path)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
