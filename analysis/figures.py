@@ -108,6 +108,13 @@ def _outside_legend(figure: Figure, handles: list, columns: int = 3) -> None:
                   fontsize=9)  # fmt: skip
 
 
+def _row_panels(groups) -> tuple[Figure, np.ndarray]:
+    """One panel per group, stacked, each as tall as its rows (one row per setting), sharing x."""
+    heights = [max(len(part), 1) * 0.34 + 0.8 for _, part in groups]
+    figure = Figure(figsize=(WIDTH, sum(heights) + 1.2), layout="constrained")
+    return figure, figure.subplots(len(groups), 1, squeeze=False, sharex=True, height_ratios=heights).ravel()
+
+
 # ---------------------------------------------------------------------------------------------
 # Does each setting leak?
 
@@ -117,9 +124,7 @@ def gain_per_setting(table: pd.DataFrame, by: list[str], question: str) -> Figur
     panels = [name for name in ("dataset",) if name in by]
     rows = [name for name in by if name not in panels]
     groups = _groups(table, panels)
-    heights = [max(len(part), 1) * 0.34 + 0.8 for _, part in groups]
-    figure = Figure(figsize=(WIDTH, sum(heights) + 1.2), layout="constrained")
-    all_axes = figure.subplots(len(groups), 1, squeeze=False, sharex=True, height_ratios=heights).ravel()
+    figure, all_axes = _row_panels(groups)
     for axes, (panel, part) in zip(all_axes, groups):
         part = part.reset_index(drop=True)
         y = np.arange(len(part))[::-1]
@@ -159,9 +164,7 @@ def paired_arms(table: pd.DataFrame, rows: list[str], panels: list[str], value: 
                 xlabel: str) -> Figure:  # fmt: skip
     """Per compared setting, the untrained and the trained arm's mean ``value`` joined by a line."""
     groups = _groups(table, panels)
-    heights = [max(len(part), 1) * 0.34 + 0.8 for _, part in groups]
-    figure = Figure(figsize=(WIDTH, sum(heights) + 1.2), layout="constrained")
-    all_axes = figure.subplots(len(groups), 1, squeeze=False, sharex=True, height_ratios=heights).ravel()
+    figure, all_axes = _row_panels(groups)
     for axes, (panel, part) in zip(all_axes, groups):
         part = part.reset_index(drop=True)
         y = np.arange(len(part))[::-1]
