@@ -18,12 +18,7 @@ import torch
 from gradinv.errors import ConfigError
 from gradinv.trial import TrialSpec, run_trials
 
-
-def positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} is not valid; use 1 or more")
-    return value
+from arguments import positive  # benchmarks/ is on sys.path when a script runs
 
 
 def main() -> None:

@@ -34,6 +34,8 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
+from arguments import positive  # benchmarks/ is on sys.path when a script runs
+
 REPO = Path(__file__).resolve().parent.parent
 ATEN = ("default", "avx2", "avx512")
 ONEDNN = ("SSE41", "AVX2", "AVX512_CORE")
@@ -124,13 +126,6 @@ def missed(record: dict) -> bool:
     value, threshold = record["value"], record["threshold"]
     cleared = value >= threshold if record["direction"] == ">=" else value < threshold
     return cleared != record["holds"]
-
-
-def positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} is not valid; use 1 or more")
-    return value
 
 
 def main() -> int:
