@@ -11,13 +11,25 @@ from __future__ import annotations
 import os
 import uuid
 from pathlib import Path
+from typing import BinaryIO, Callable
 
 
-def write_atomic(path: Path, content: bytes) -> None:
+def write_atomic(path: Path, content: bytes | Callable[[BinaryIO], None], *, sync: bool = False) -> None:
+    """Write ``content`` (bytes, or a function that writes into the open file) to ``path`` atomically.
+
+    ``sync``: flush to the disk before the rename, so the new file survives a power loss too. A failed
+    write (a full or read-only disk) leaves nothing behind.
+    """
     partial = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
     try:
         with open(partial, "xb") as handle:  # x: a new file, never another writer's
-            handle.write(content)
+            if callable(content):
+                content(handle)
+            else:
+                handle.write(content)
+            if sync:
+                handle.flush()
+                os.fsync(handle.fileno())
         os.replace(partial, path)
     except BaseException:
         partial.unlink(missing_ok=True)

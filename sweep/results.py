@@ -22,6 +22,7 @@ import pyarrow.parquet as pq
 
 from gradinv import models
 from gradinv.errors import ConfigError
+from gradinv.files import write_atomic
 from gradinv.trial import DEFAULTS, TrialSpec
 
 from .journal import JOURNAL_DIR, RowJournal, journal_files, read_journals
@@ -275,18 +276,8 @@ class ResultsDir:
 
     @staticmethod
     def _write_atomically(table: pa.Table, final: Path) -> None:
-        """Write under a hidden name, sync, rename into place: a reader sees the whole file or none,
-        and a failed write (full or read-only disk) leaves nothing behind."""
-        partial = final.with_name(f".{final.name}.tmp")
-        try:
-            with open(partial, "wb") as sink:
-                pq.write_table(table, sink)
-                sink.flush()
-                os.fsync(sink.fileno())
-            os.replace(partial, final)
-        except BaseException:
-            partial.unlink(missing_ok=True)
-            raise
+        """A reader sees the whole file or none; synced, so a batch outlives the journal it replaces."""
+        write_atomic(final, lambda sink: pq.write_table(table, sink), sync=True)
 
     # The row journal (sweep/journal.py): finished rows on disk before their batch file is written.
 
