@@ -17,9 +17,9 @@ import pandas as pd
 from gradinv.errors import ConfigError
 
 from . import load
+from .roles import PER_IMAGE_SUFFIX, Roles
 
 IMAGES_DIR = "images"
-PER_IMAGE = ("psnr", "psnr_gain", "ssim", "mse", "feature_mse")
 FILE_SAFE_KEY = re.compile(r"[0-9A-Za-z]{1,64}")
 
 
@@ -36,7 +36,8 @@ def export(results: str | Path, to: str | Path) -> pd.DataFrame:
     except OSError as error:
         raise ConfigError("--to", str(to), f"cannot write there ({error.strerror or error}: {error.filename}); "
                                            "name a writable directory") from None  # fmt: skip
-    entries = [entry for row in load.iter_image_rows(results) for entry in _write_trial(row, to)]
+    roles = load.column_roles(results)
+    entries = [entry for row in load.iter_image_rows(results) for entry in _write_trial(row, to, roles)]
     index = pd.DataFrame(entries)
     _write_index(index, to)
     return index
@@ -51,9 +52,9 @@ def _require_file_safe_keys(results: str | Path) -> None:
                                           f"(gradinv writes 20 hex digits); remove that row's file {file}")  # fmt: skip
 
 
-def _write_trial(row: dict, to: Path) -> list[dict]:
-    settings = {name: _text(value) for name, value in row.items() if _is_setting(name)}
-    images = row.get("images") or []
+def _write_trial(row: dict, to: Path, roles: Roles) -> list[dict]:
+    settings = {name: _text(row[name]) for name in roles.settings if name in row}
+    images, per_image = row.get("images") or [], roles.per_image()
     entries = []
     for position, (truth, recon) in enumerate(zip(row["truth_png"] or [], row["reconstruction_png"] or [])):
         names = {kind: f"{IMAGES_DIR}/{row['key']}-{position}-{kind}.png" for kind in ("truth", "reconstruction")}
@@ -63,7 +64,7 @@ def _write_trial(row: dict, to: Path) -> list[dict]:
             "key": row["key"], "study": row["study"], "candidate": row.get("candidate"), "position": position,
             "image": images[position] if position < len(images) else None,
             "truth_file": names["truth"], "reconstruction_file": names["reconstruction"],
-            **{name: _at(row.get(f"{name}_per_image"), position) for name in PER_IMAGE},
+            **{name: _at(row.get(f"{name}{PER_IMAGE_SUFFIX}"), position) for name in per_image},
             "trial_psnr": row["psnr"], "baseline_psnr": row["baseline_psnr"], "label_accuracy": row["label_accuracy"],
             "model_accuracy": row["model_accuracy"], **settings,
         })  # fmt: skip
@@ -77,10 +78,6 @@ def _inside(to: Path, name: str) -> Path:
         raise ConfigError("--to", str(to), f"{name} would be written outside it, to {path.resolve()}; "
                                            "name a directory whose folders are not links")  # fmt: skip
     return path
-
-
-def _is_setting(name: str) -> bool:
-    return name in load.SETTINGS
 
 
 def _text(value):

@@ -1,8 +1,9 @@
 """Reading a results directory: the Parquet files directly, light columns first, images on demand.
 
-Every trial's scalars fit in memory even for very large studies; the PNG columns do not, so they
-are read only for the trials a view needs (``load_images``) or streamed batch by batch
-(``iter_image_rows``).
+Every trial's scalars fit in memory even for very large studies; the heavy columns (images, curves)
+do not, so they are read only for the trials a view needs (``load_images``, ``load_curves``) or
+streamed batch by batch (``iter_image_rows``). Which columns are settings, outcomes or heavy the
+files say (analysis.roles).
 """
 
 from __future__ import annotations
@@ -18,18 +19,13 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from gradinv.errors import ConfigError
-from sweep.results import _PARAMETER_TYPES, SCHEMA, ResultsDir
+from sweep.results import ResultsDir
 
-METRICS = ("psnr", "psnr_gain", "ssim", "label_accuracy")
-# A setting is what defines a trial: every trial parameter, and the client's image count. Every other
-# column (metrics, baselines, curves, timings, provenance) is an outcome, so columns the schema gains
-# later never split a setting in two.
-SETTINGS = (*_PARAMETER_TYPES, "images_per_client")
-HEAVY = ("truth_png", "reconstruction_png", "restart_scores", "curve_iterations", "curve_costs", "curve_psnr",
-         "curve_ssim")  # fmt: skip
-CURVES = ("curve_iterations", "curve_psnr", "curve_ssim")
-# Settings that tell repetitions apart (which client, which seed) rather than define a setting.
-REPETITION = ("images", "model_seed", "data_order_seed", "attack_seed")
+from . import roles
+from .roles import Roles
+
+IMAGES = ("truth_png", "reconstruction_png")
+CURVES = ("curve_iterations", "curve_psnr", "curve_ssim")  # the best restart's quality at each checkpoint
 _NULLABLE_INTS = {pa.int32(): pd.Int32Dtype(), pa.int64(): pd.Int64Dtype()}
 
 
@@ -55,19 +51,28 @@ def require_outside(flag: str, target: str | Path, results: str | Path) -> None:
 
 
 def dataset(path: str | Path) -> ds.Dataset:
-    """All files as one dataset under the current schema: columns an older file lacks read as nulls
-    (every column a file has is the schema's, of the same type: ``result_files`` checked that)."""
-    return ds.dataset([str(f) for f in result_files(path)], schema=SCHEMA, format="parquet")
+    """All files as one dataset, each column with its role in the field metadata; columns an older
+    file lacks read as nulls (every column a file has is the schema's, of the same type:
+    ``result_files`` checked that)."""
+    files = result_files(path)
+    schema = roles.annotated(pq.read_schema(f) for f in files)
+    return ds.dataset([str(f) for f in files], schema=schema, format="parquet")
+
+
+def column_roles(path: str | Path) -> Roles:
+    """Each column's role, as the directory's files declare it."""
+    return Roles.of_schema(dataset(path).schema)
 
 
 def load_trials(path: str | Path) -> pd.DataFrame:
-    """One row per trial with every column except images and curves; list settings become text."""
+    """One row per trial with every column except the heavy ones; list settings become text."""
     data = dataset(path)
-    columns = [name for name in data.schema.names if name not in HEAVY]
+    declared = Roles.of_schema(data.schema)
+    columns = [name for name in data.schema.names if name not in declared.heavy]
     with _damage_named(path, data, columns):
         table = data.to_table(columns=columns)
     frame = table.to_pandas(types_mapper=_NULLABLE_INTS.get)
-    for name in settings_columns(frame):
+    for name in declared.settings_in(frame):
         if pa.types.is_list(data.schema.field(name).type):
             frame[name] = frame[name].map(_list_text)
     return frame
@@ -77,26 +82,16 @@ def _list_text(values) -> str | None:
     return None if values is None else ",".join(str(v) for v in values)
 
 
-def settings_columns(frame: pd.DataFrame) -> list[str]:
-    return [name for name in frame.columns if name in SETTINGS]
-
-
-def varying_settings(frame: pd.DataFrame) -> list[str]:
-    """Settings with more than one value across ``frame``, repetitions left out. Nulls do not count:
-    a null means "does not apply" (local steps under FedSGD), which another setting already says."""
-    return [name for name in settings_columns(frame) if name not in REPETITION and frame[name].nunique() > 1]
-
-
 def load_images(path: str | Path, keys: list[str]) -> dict[str, tuple[list[bytes], list[bytes]]]:
     """Key -> (ground-truth PNGs, reconstruction PNGs) for the given trials only."""
     if not keys:
         return {}
-    data, columns = dataset(path), ["key", "truth_png", "reconstruction_png"]
+    data, columns = dataset(path), ["key", *IMAGES]
     with _damage_named(path, data, columns):
         table = data.to_table(columns=columns, filter=pc.field("key").isin(list(keys)))
     return {
         key: (truth or [], recon or [])
-        for key, truth, recon in zip(*(table[c].to_pylist() for c in ("key", "truth_png", "reconstruction_png")))
+        for key, truth, recon in zip(*(table[c].to_pylist() for c in columns))
     }
 
 
@@ -131,7 +126,8 @@ def finished_keys(path: str | Path) -> list[tuple[str, str]]:
 def iter_image_rows(path: str | Path, batch_rows: int = 256) -> Iterator[dict]:
     """Finished trials one at a time, images included, without holding more than one batch."""
     data = dataset(path)
-    columns = [name for name in data.schema.names if name not in HEAVY or name.endswith("_png")]
+    heavy = Roles.of_schema(data.schema).heavy
+    columns = [name for name in data.schema.names if name not in heavy or name in IMAGES]
     with _damage_named(path, data, columns):
         for batch in data.to_batches(columns=columns, filter=pc.field("status") == "ok", batch_size=batch_rows):
             yield from batch.to_pylist()

@@ -11,7 +11,8 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from . import load, stats
+from . import stats
+from .roles import Roles
 
 
 def tuned_studies(frame: pd.DataFrame) -> list[str]:
@@ -26,11 +27,11 @@ def split(rows: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]
     return rows[searched & ~held_out], rows[searched & held_out], defaults
 
 
-def history(tuning: pd.DataFrame) -> pd.DataFrame:
+def history(tuning: pd.DataFrame, roles: Roles) -> pd.DataFrame:
     """Per candidate in the order proposed: its searched settings, trials, state, mean PSNR over the
     tuning images (as the driver scores it: an exact copy counts as PSNR_CAP) and the best so far,
     carried through pruned and failed candidates."""
-    searched = load.varying_settings(tuning)
+    searched = roles.varying_settings(tuning)
     grouped = tuning.groupby("candidate", sort=True)
     table = grouped[searched].first() if searched else pd.DataFrame(index=grouped.size().index)
     table["trials"] = grouped.size()

@@ -69,7 +69,7 @@ def setup(case: Case, lanes: int, device: str):
 def ours(case: Case, lanes: int, iterations: int, device: str) -> float:
     model, updates, labels, box, shape = setup(case, lanes, device)
     config = IGConfig(iterations=iterations, restarts=1, tv=1e-4, lr=0.1)
-    run = lambda n: invert_gradients(model, updates, labels, [IGConfig(n, 1, 1e-4, 0.1)] * lanes,  # noqa: E731
+    run = lambda n: invert_gradients(model, updates, labels, [IGConfig(iterations=n, restarts=1, tv=1e-4, lr=0.1)] * lanes,  # noqa: E731
                                      list(range(lanes)), box, shape)  # fmt: skip
     run(1)  # warm-up
     # Time 1 + N iterations minus 1 iteration: per-call work (building the objective, the final

@@ -1,5 +1,6 @@
-"""What a federated client sends: a FedSGD gradient or a FedAvg weight update.
+"""What a federated client sends: a FedSGD gradient or a FedAvg weight update, after its defences.
 
+The pipeline: the victim's weights -> local training (:class:`FLConfig`) -> defences -> the update.
 One pure function, :func:`parameter_update`, computes the update from images and labels. The client
 calls it on its real data; the attacker calls the same function on its guesses inside
 ``torch.func.grad`` and so unrolls the client's local training differentiably, with the gradient
@@ -9,36 +10,17 @@ flowing only into the images.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad
 
-from .errors import require
+from .parameters import BATCH_ORDERS, FL_MODES, ClientSettings  # noqa: F401  (declared with the knobs)
 
-FL_MODES = ("fedsgd", "fedavg")
-BATCH_ORDERS = ("shuffled", "sequential")
-
-
-@dataclass(frozen=True)
-class FLConfig:
-    """How the client computes its update; the attacker knows all of it."""
-
-    mode: str = "fedsgd"
-    local_steps: int = 1  # FedAvg: SGD steps on the client's images
-    local_lr: float = 1e-4  # FedAvg: the paper's local learning rate
-    local_batch_size: int = 0  # FedAvg: images per local step; 0 means all of them
-    data_order_seed: int = 0  # FedAvg: shuffles the mini-batches of each local epoch
-    batch_order: str = "shuffled"  # FedAvg mini-batches: see minibatch_schedule
-
-    def __post_init__(self):
-        require(self.mode in FL_MODES, "fl", self.mode, f"choose one of {', '.join(FL_MODES)}")
-        require(self.local_steps >= 1, "local_steps", self.local_steps, "use at least 1 local step")
-        require(self.local_lr > 0, "local_lr", self.local_lr, "use a positive local learning rate")
-        require(self.local_batch_size >= 0, "local_batch_size", self.local_batch_size, "use 0 (all) or more")
-        require(self.batch_order in BATCH_ORDERS, "batch_order", self.batch_order,
-                f"choose one of {', '.join(BATCH_ORDERS)}")  # fmt: skip
+FLConfig = ClientSettings  # how the client computes its update (gradinv.parameters); the attacker knows all of it
+Defence = Callable[[tuple[torch.Tensor, ...]], tuple[torch.Tensor, ...]]  # an update in, the update sent out
 
 
 @dataclass(frozen=True)
@@ -48,6 +30,7 @@ class ClientUpdate:
     tensors: tuple[torch.Tensor, ...]
     fl: FLConfig
     num_images: int
+    defences: tuple[Defence, ...] = ()  # applied after local training, in order; the attacker knows them
 
 
 def model_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
@@ -65,8 +48,8 @@ def minibatch_schedule(num_images: int, fl: FLConfig) -> list[torch.Tensor | Non
     step ``i`` takes the fixed slice ``i mod (n // batch)``; the last ``n mod batch`` images are never used.
     """
     batch = fl.local_batch_size or num_images
-    if fl.mode == "fedsgd" or batch >= num_images:
-        return [None] * (fl.local_steps if fl.mode == "fedavg" else 1)
+    if fl.fl == "fedsgd" or batch >= num_images:
+        return [None] * (fl.local_steps if fl.fl == "fedavg" else 1)
     if fl.batch_order == "sequential":
         slices = num_images // batch
         return [torch.arange(i % slices * batch, (i % slices + 1) * batch) for i in range(fl.local_steps)]
@@ -95,7 +78,7 @@ def parameter_update(
     def loss(p, x, y):
         return F.cross_entropy(functional_call(model, (p, buffers), (x,)), y)
 
-    if fl.mode == "fedsgd":
+    if fl.fl == "fedsgd":
         return tuple(grad(loss)(params, images, labels).values())
     current = params
     for indices in schedule:
@@ -105,10 +88,20 @@ def parameter_update(
     return tuple(current[name] - params[name] for name in params)
 
 
-def client_update(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, fl: FLConfig) -> ClientUpdate:
-    """What the client sends after training on its normalised ``images``."""
+def local_training(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, fl: FLConfig) -> tuple[torch.Tensor, ...]:
+    """The client's training on its normalised ``images``: the gradient (FedSGD) or theta_K - theta_0 (FedAvg)."""
     params, buffers = model_state(model)
     schedule = minibatch_schedule(len(images), fl)
     with torch.no_grad():
         tensors = parameter_update(model, params, buffers, images, labels, fl, schedule)
-    return ClientUpdate(tuple(t.detach() for t in tensors), fl, len(images))
+    return tuple(t.detach() for t in tensors)
+
+
+def client_update(
+    model: nn.Module, images: torch.Tensor, labels: torch.Tensor, fl: FLConfig, defences: tuple[Defence, ...] = ()
+) -> ClientUpdate:
+    """What the client sends: the victim's weights -> local training -> each defence in turn -> the update."""
+    tensors = local_training(model, images, labels, fl)
+    for defence in defences:
+        tensors = defence(tensors)
+    return ClientUpdate(tensors, fl, len(images), tuple(defences))

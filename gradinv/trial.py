@@ -9,66 +9,27 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import time
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Callable, Sequence
 
 import torch
 
-from . import data, metrics, models, zoo
+from . import data, metrics, models, parameters
+from .attacks.inverting import LAYER_SETS, AttackResult, IGConfig, layer_indices
 from .baselines import BaselinePool, score_baselines
-from .attacks.analytic import first_linear_input
-from .attacks.dlg import deep_leakage
-from .attacks.inverting import LAYER_SETS, AttackResult, IGConfig, invert_gradients, layer_indices
 from .attacks.labels import recover_labels
+from .attacks.registry import FAMILIES, AttackJob, settings_parts
 from .errors import require
-from .fl import FL_MODES, FLConfig, client_update
+from .fl import FLConfig, client_update
+from .parameters import FL_MODES, LABELS, extract, trained_victim  # noqa: F401  (importable from here too)
+from .victims import Untrained, recipe_of, victim_source
 
-ATTACKS = ("ig", "dlg", "analytic")
-LABELS = ("known", "recovered")
-FEDAVG_FIELDS = ("local_steps", "local_lr", "local_batch_size", "data_order_seed", "batch_order")
-OPTIMISER_FIELDS = ("iterations", "restarts", "tv", "lr", "cost", "decay", "init", "layer_weighting", "layers", "attack_seed")
-IG_FIELDS = ("clamp_init", "layer_set", "signed", "boxed", "median_filter", "optimizer", "scoring", "tol")
+ATTACKS = tuple(FAMILIES)
 
 
-@dataclass(frozen=True)
-class TrialSpec:
-    """Everything that determines a trial's result. Defaults never change (keys depend on them)."""
-
-    dataset: str = "fashion-mnist"
-    images: tuple[int, ...] = (0,)  # indices into the test split: the client's images
-    image_size: int | None = None  # None: the dataset's own size
-    labels: str = "known"  # known to the attacker, or recovered from the update
-    model: str = "convnet"
-    width: int | None = None  # None: the model's default width
-    model_seed: int = 0
-    trained_epochs: int = 0  # 0: the seeded untrained model; else a checkpoint from gradinv.zoo
-    train_subset: int | None = None  # trained victims: the first N training images; None: all
-    fl: str = "fedsgd"
-    local_steps: int = 1
-    local_lr: float = 1e-4
-    local_batch_size: int = 0
-    data_order_seed: int = 0
-    batch_order: str = "shuffled"  # FedAvg mini-batches: reshuffled each epoch, or the reference's fixed slices
-    attack: str = "ig"
-    iterations: int = 24_000
-    restarts: int = 1
-    tv: float = 1e-4
-    lr: float = 0.1
-    cost: str = "cosine"
-    decay: str = "step"
-    init: str = "randn"
-    layer_weighting: str = "equal"
-    layers: tuple[int, ...] | None = None  # also accepts a named set (LAYER_SETS), kept as layer_set
-    attack_seed: int = 0
-    clamp_init: bool = False
-    layer_set: str = "all"
-    signed: bool = True
-    boxed: bool = True
-    median_filter: bool = False
-    optimizer: str = "adam"
-    scoring: str = "loss"
-    tol: float | None = None
+class TrialRules:
+    """What a trial does with its fields, whatever parts (gradinv.parameters) it is made of."""
 
     def __post_init__(self):
         if isinstance(self.layers, str):  # a named set where indices go (study files, --layers)
@@ -77,20 +38,13 @@ class TrialSpec:
             require(self.layer_set == "all", "layers", self.layers, f"the named set is already {self.layer_set!r}")
             object.__setattr__(self, "layer_set", self.layers)
             object.__setattr__(self, "layers", None)
+        parameters.validate(self)
         spec = data.dataset_spec(self.dataset)
-        require(len(self.images) >= 1, "images", list(self.images), "give at least one image index")
-        require(len(set(self.images)) == len(self.images), "images", list(self.images), "list each image once")
         for index in self.images:
             require(0 <= index < spec.test_images, "image", index, f"use 0 to {spec.test_images - 1} for {self.dataset}")
-        require(self.image_size is None or self.image_size >= 4, "image_size", self.image_size, "use 4 or more")
-        require(self.labels in LABELS, "labels", self.labels, "use 'known' or 'recovered'")
         models.default_width(self.model)  # validates the name
-        require(self.width is None or self.width >= 1, "width", self.width, "use a whole number of at least 1")
-        require(self.trained_epochs >= 0, "trained_epochs", self.trained_epochs, "use 0 (untrained) or more")
-        require(self.trained_epochs == 0 or spec.trainable, "trained_epochs", self.trained_epochs,
+        require(not trained_victim(self) or spec.trainable, "trained_epochs", self.trained_epochs,
                 f"{self.dataset} keeps no images to train on (every image is attacked); use 0")  # fmt: skip
-        require(self.train_subset is None or self.train_subset >= 1, "train_subset", self.train_subset, "use 1 or more")
-        require(self.attack in ATTACKS, "attack", self.attack, f"choose one of {', '.join(ATTACKS)}")
         require(
             self.attack != "analytic" or len(self.images) == 1,
             "images_per_client", len(self.images), "the analytic attack recovers one image per client",
@@ -99,9 +53,7 @@ class TrialSpec:
             self.attack != "analytic" or self.model == "mlp",
             "model", self.model, "the analytic attack needs the 'mlp' model (a fully connected first layer)",
         )  # fmt: skip
-        require(self.fl in FL_MODES, "fl", self.fl, f"choose one of {', '.join(FL_MODES)}")
-        self.fl_config()
-        self.ig_config()
+        self.ig_config()  # the settings that constrain each other
         if self.layers is not None:
             count = parameter_tensors(self.model, spec.channels, spec.num_classes, self.side, self.width)
             layer_indices(count, self.layers)
@@ -115,46 +67,32 @@ class TrialSpec:
         return self.image_size or self.data_spec.size
 
     def fl_config(self) -> FLConfig:
-        return FLConfig(self.fl, self.local_steps, self.local_lr, self.local_batch_size, self.data_order_seed,
-                        self.batch_order)  # fmt: skip
+        return extract(FLConfig, self)
 
     def ig_config(self) -> IGConfig:
-        return IGConfig(
-            iterations=self.iterations, restarts=self.restarts, tv=self.tv, lr=self.lr, cost=self.cost,
-            decay=self.decay, init=self.init, clamp_init=self.clamp_init, layer_weighting=self.layer_weighting,
-            layers=self.layers, layer_set=self.layer_set, signed=self.signed, boxed=self.boxed,
-            median_filter=self.median_filter, optimizer=self.optimizer, scoring=self.scoring, tol=self.tol,
-        )  # fmt: skip
+        return extract(IGConfig, self)
 
     def not_applicable(self) -> set[str]:
-        """Fields that cannot affect this trial (local steps under FedSGD, say)."""
-        names = set()
-        if self.fl == "fedsgd":
-            names.update(FEDAVG_FIELDS)
-        elif self.batch_order == "sequential":
-            names.add("data_order_seed")
-        if self.attack == "analytic":
-            names.update(OPTIMISER_FIELDS)
-        if self.attack != "ig":
-            names.update(IG_FIELDS)
-        elif self.optimizer != "adam":
-            names.add("lr")  # SGD and L-BFGS take the reference's fixed step sizes
-        if self.restarts == 1:
-            names.update(("scoring", "tol"))  # they only choose among restarts
-        if models.default_width(self.model) is None:
-            names.add("width")
-        if self.trained_epochs == 0:
-            names.add("train_subset")
-        return names
+        """Fields that cannot affect this trial: another family's settings, and each field whose
+        declared condition fails (local steps under FedSGD, say) once the others are at their defaults."""
+        declared, defaults = parameters.declarations(self), parameters.defaults(self)
+        reads = FAMILIES[self.attack].reads
+        names = {name for part in settings_parts() - set(reads) for name in parameters.declarations(part)}
+        while True:
+            view = SimpleNamespace(**{name: defaults[name] if name in names else getattr(self, name) for name in declared})
+            failing = {name for name, knob in declared.items() if knob.applies is not None and not knob.applies(view)}
+            if failing <= names:
+                return names
+            names |= failing
 
-    def recipe(self) -> zoo.Recipe:
+    def recipe(self):
         """The checkpoint a trained victim comes from."""
-        return zoo.Recipe(self.dataset, self.model, self.width or models.default_width(self.model),
-                          self.trained_epochs, self.model_seed, self.train_subset, self.image_size)  # fmt: skip
+        return recipe_of(self)
 
-    def resolved(self) -> "TrialSpec":
+    def resolved(self):
         """The same trial with inapplicable fields at their defaults, so that duplicates collapse."""
-        reset = {name: DEFAULTS[name] for name in self.not_applicable()}
+        defaults = parameters.defaults(self)
+        reset = {name: defaults[name] for name in self.not_applicable()}
         if self.width == models.default_width(self.model):
             reset["width"] = None
         return dataclasses.replace(self, **reset)
@@ -167,15 +105,25 @@ class TrialSpec:
 
     def non_default(self) -> dict:
         """The resolved fields that differ from the defaults, as plain JSON-ready values."""
+        defaults = parameters.defaults(self)
         resolved = self.resolved()
         return {
-            name: _plain(value)
-            for name, value in dataclasses.asdict(resolved).items()
-            if value != DEFAULTS[name]
+            name: _plain(getattr(resolved, name))
+            for name in defaults
+            if getattr(resolved, name) != defaults[name]
         }
 
 
-DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrialSpec)}
+def spec_class(parts, name: str = "TrialSpec") -> type:
+    """A flat, frozen, keyword-constructed trial class made of ``parts``, fields in the parts' order."""
+    cls = dataclasses.make_dataclass(name, [], bases=(TrialRules, *reversed(parts)), frozen=True, kw_only=True)
+    cls.__module__ = __name__
+    cls.__doc__ = "Everything that determines a trial's result. Defaults never change (keys depend on them)."
+    return cls
+
+
+TrialSpec = spec_class(parameters.PARTS)
+DEFAULTS = parameters.defaults(TrialSpec)
 
 
 @functools.lru_cache(maxsize=None)
@@ -190,12 +138,15 @@ def _plain(value):
     return list(value) if isinstance(value, tuple) else value
 
 
-def lane_signature(spec: TrialSpec) -> tuple:
-    """Trials with equal signatures share model, shape, client recipe and optimiser schedule."""
-    return (
-        spec.attack, spec.dataset, spec.image_size, spec.model, spec.width, spec.model_seed, spec.trained_epochs,
-        spec.train_subset, len(spec.images), spec.fl_config(), spec.ig_config().shared(),
+def lane_signature(spec) -> tuple:
+    """Trials with equal signatures can run as one computation: they share every field declared
+    lane-shared (model, shape, client recipe, optimiser schedule, ...)."""
+    shared = tuple(
+        (name, knob.lane_shared(getattr(spec, name)) if callable(knob.lane_shared) else getattr(spec, name))
+        for name, knob in parameters.declarations(spec).items()
+        if knob.lane_shared is not False
     )  # fmt: skip
+    return shared if FAMILIES[spec.attack].lanes else (*shared, ("trial", spec))
 
 
 @dataclass
@@ -216,23 +167,20 @@ class TrialOutcome:
     lanes: int = 1
 
 
+NO_FINITE_RESTART = ("every restart ended in NaN: the attack diverged, or the victim's update for the attacker's "
+                     "guesses is exactly zero (saturated predictions: try init rand or zeros)")
+
 VictimLoader = Callable[[TrialSpec], torch.nn.Module]
 
 
 def cached_victim(spec: TrialSpec) -> torch.nn.Module:
     """The untrained model, or the trained checkpoint from this machine's zoo (trained here if missing)."""
-    if spec.trained_epochs == 0:
-        return build_victim(spec)
-    checkpoint, _ = zoo.ensure(spec.recipe())
-    return checkpoint.model()
+    return victim_source(spec).model()
 
 
 def build_victim(spec: TrialSpec) -> torch.nn.Module:
-    info = spec.data_spec
-    return models.build_model(
-        spec.model, channels=info.channels, num_classes=info.num_classes, image_size=spec.side,
-        width=spec.width, seed=spec.model_seed,
-    )  # fmt: skip
+    """The seeded untrained model."""
+    return Untrained(spec).model()
 
 
 def run_trials(
@@ -261,8 +209,6 @@ def run_trials(
         known = spec.labels == "known"
         attacker_labels.append(labels if known else recover_labels(update, info.num_classes).to(device))
     shape = tuple(truths[0].shape)
-    seeds = [s.attack_seed for s in specs]
-    configs = [s.ig_config() for s in specs]
     labels = torch.stack(attacker_labels)
     labels_known = [s.labels == "known" for s in specs]
     quality: list[list[tuple[float, float]]] = [[] for _ in specs]
@@ -272,17 +218,11 @@ def run_trials(
             recon01 = _matched(data.denormalise(recon, info).clamp(0, 1), truth, true_labels[lane] if labels_known[lane] else None)
             quality[lane].append((float(metrics.psnr(recon01, truth).mean()), float(metrics.ssim(recon01, truth).mean())))
 
-    if first.attack == "ig":
-        box = data.pixel_box(info, truths[0])
-        result = invert_gradients(model, updates, labels, configs, seeds, box, shape, on_checkpoint=on_checkpoint,
-                                  on_images=score_checkpoint, on_progress=on_progress, deadline=deadline)  # fmt: skip
-    elif first.attack == "dlg":
-        result, labels = deep_leakage(model, updates, labels if all(labels_known) else None, configs, seeds, shape,
-                                      info.num_classes, on_progress=on_progress, deadline=deadline)  # fmt: skip
-    else:
-        start = time.perf_counter()
-        flat = torch.stack([first_linear_input(model, u) for u in updates])
-        result = AttackResult(flat.view(len(specs), *shape), torch.zeros(len(specs), 1), [], time.perf_counter() - start)
+    job = AttackJob(model, specs, updates, labels, labels_known, shape, info.num_classes, data.pixel_box(info, truths[0]),
+                    on_progress=on_progress, on_checkpoint=on_checkpoint, on_images=score_checkpoint, deadline=deadline)  # fmt: skip
+    result = FAMILIES[first.attack].runner()(job)
+    if result.labels is not None:  # the attack settled on labels of its own
+        labels = result.labels
     pool = _baseline_pool(first, data_root)
     return [
         _score(spec, model, info, truth, result, lane, labels[lane], truth_labels, pool, quality[lane])
@@ -311,7 +251,7 @@ def _score(spec, model, info, truth01, result: AttackResult, lane, predicted_lab
     )  # fmt: skip
     recon = result.images[lane]
     if not torch.isfinite(recon).all() or not math.isfinite(min(common["restart_scores"])):
-        return TrialOutcome(status="failed", error="the attack diverged: every restart ended in NaN", **common)
+        return TrialOutcome(status="failed", error=NO_FINITE_RESTART, **common)
     recon01 = data.denormalise(recon, info).clamp(0, 1)
     unmatched_psnr = metrics.psnr(recon01, truth01)  # position b against image b, as the reference scores
     known = truth_labels if spec.labels == "known" else None  # position b was optimised for image b's label

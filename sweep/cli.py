@@ -10,59 +10,29 @@ from pathlib import Path
 from analysis import cli as analysis_cli
 from gradinv.errors import ConfigError
 
-from . import tuning
-
-EXIT_USAGE, EXIT_INTERRUPTED = 2, 130
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line that says where to look, not a usage dump."""
-
-    def error(self, message: str):
-        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}; see '{self.prog} --help'\n")
+from . import tuning  # light: the tune command's arguments; its work is imported when it runs
+from .parser import EXIT_INTERRUPTED, EXIT_USAGE
+from .parser import Parser as _Parser
 
 
 def _add_trial_flags(parser: argparse.ArgumentParser) -> None:
-    from gradinv.trial import DEFAULTS
+    """A flag per declared trial parameter (gradinv.parameters), plus where data and checkpoints live."""
+    from gradinv.parameters import parameter_defaults, parameters
 
-    add = parser.add_argument
-    add("--dataset", default=DEFAULTS["dataset"], help="fashion-mnist, faces, photos, mnist, cifar10, cifar100, imagenet")
+    add, defaults = parser.add_argument, parameter_defaults()
     add("--data-root", default=None, help="dataset root (default $GRADINV_DATA)")
-    add("--image", type=int, action="append", dest="images", metavar="INDEX", help="a client image (repeatable)")
-    add("--image-size", type=int, default=None, help="resize images to this side length")
-    add("--labels", default=DEFAULTS["labels"], help="known or recovered")
-    add("--model", default=DEFAULTS["model"])
-    add("--width", type=int, default=None)
-    add("--model-seed", type=int, default=DEFAULTS["model_seed"])
-    add("--trained-epochs", type=int, default=DEFAULTS["trained_epochs"], help="0: untrained; else from the zoo")
-    add("--train-subset", type=int, default=None, help="trained victims: the first N training images")
     add("--cache", default=None, help="checkpoint cache (default $GRADINV_CACHE)")
-    add("--fl", default=DEFAULTS["fl"], help="fedsgd or fedavg")
-    add("--local-steps", type=int, default=DEFAULTS["local_steps"])
-    add("--local-lr", type=float, default=DEFAULTS["local_lr"])
-    add("--local-batch-size", type=int, default=DEFAULTS["local_batch_size"], help="0: all images per step")
-    add("--data-order-seed", type=int, default=DEFAULTS["data_order_seed"])
-    add("--batch-order", default=DEFAULTS["batch_order"], help="shuffled or sequential (the reference's fixed slices)")
-    add("--attack", default=DEFAULTS["attack"], help="ig, dlg or analytic")
-    add("--iterations", type=int, default=DEFAULTS["iterations"])
-    add("--restarts", type=int, default=DEFAULTS["restarts"])
-    add("--tv", type=float, default=DEFAULTS["tv"])
-    add("--lr", type=float, default=DEFAULTS["lr"], help="Adam's step size")
-    add("--cost", default=DEFAULTS["cost"], help="cosine, l2, l1, max or simlocal")
-    add("--decay", default=DEFAULTS["decay"], help="step, step-eighths, cosine or none")
-    add("--init", default=DEFAULTS["init"], help="randn, rand or zeros")
-    switch = argparse.BooleanOptionalAction
-    add("--clamp-init", action=switch, default=DEFAULTS["clamp_init"], help="project the first images into the pixel box")
-    add("--layer-weighting", default=DEFAULTS["layer_weighting"], help="equal, linear or exp")
-    add("--layers", default=None, metavar="I,J,.. | SET",
-        help="parameter indices to match (--layers=-1,-2 for negative ones) or a named set (last5, top10, batch, ...)")
-    add("--signed", action=switch, default=DEFAULTS["signed"], help="step on the gradient's sign")
-    add("--boxed", action=switch, default=DEFAULTS["boxed"], help="keep pixels in the valid box")
-    add("--median-filter", action=switch, default=DEFAULTS["median_filter"], help="3x3 median filter every 500 iterations")
-    add("--optimizer", default=DEFAULTS["optimizer"], help="adam, sgd or lbfgs")
-    add("--scoring", default=DEFAULTS["scoring"], help="loss, tv, pixelmean or pixelmedian (choosing among restarts)")
-    add("--tol", type=float, default=DEFAULTS["tol"], help="stop restarting once a restart's score is at most this")
-    add("--attack-seed", type=int, default=DEFAULTS["attack_seed"])
+    for name, knob in parameters().items():
+        allowed = knob.allowed()
+        text = knob.help + (f" ({', '.join(map(str, allowed))})" if allowed else "")
+        if knob.repeat_flag:
+            add(f"--{knob.repeat_flag.replace('_', '-')}", dest=name, type=int, action="append", metavar="INDEX",
+                help=f"{text}; one per flag, repeatable{_default_text(defaults[name])}".replace("%", "%%"))  # fmt: skip
+            continue
+        kind = {"int": {"type": int}, "float": {"type": float}, "str": {}, "bool": {"action": argparse.BooleanOptionalAction},
+                "ints": {"metavar": "I,J,.." + (" | NAME" if knob.names else "")}}[knob.kind]  # fmt: skip
+        add(f"--{name.replace('_', '-')}", dest=name, default=defaults[name], **kind,
+            help=f"{text}{_default_text(defaults[name])}".replace("%", "%%"))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -71,7 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     attack = verbs.add_parser("attack", help="one reconstruction: images and metrics.json")
     _add_trial_flags(attack)
-    attack.add_argument("--out", type=Path, required=True, help="output directory")
+    attack.add_argument("--out", type=Path, default=None, help="output directory (required unless --replay)")
+    attack.add_argument("--replay", nargs=2, metavar=("RESULTS", "KEY"), default=None,
+                        help="run a results row's trial again and compare its metrics (the trial flags are ignored)")
     attack.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     attack.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     run = verbs.add_parser("run", help="run a study's trials on Ray into a Parquet results directory")
@@ -85,10 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
     run.add_argument("--batch-rows", type=int, default=64, help="write a results file every N finished trials")
     run.add_argument("--batch-seconds", type=float, default=15.0, help="... or every S seconds")
-    from .study import MAX_TRIALS
-
-    run.add_argument("--max-trials", type=int, default=MAX_TRIALS,
-                     help=f"refuse a study of more trials, counted before collapsing (default {MAX_TRIALS})")  # fmt: skip
+    # The cap's default is read when the study is (sweep.study imports torch; --help does not).
+    run.add_argument("--max-trials", type=int, default=None,
+                     help="refuse a study of more trials, counted before collapsing (default one million)")  # fmt: skip
     run.add_argument("--set-aside-bad-files", action="store_true",
                      help="move damaged or foreign *.parquet files of the results into its _quarantine/ (else refuse)")
 
@@ -115,29 +86,37 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _default_text(value) -> str:
+    if value is None:  # the help says what None means
+        return ""
+    return f" (default {','.join(map(str, value)) if isinstance(value, tuple) else value})"
+
+
 def _trial_spec(args: argparse.Namespace):
+    from gradinv.parameters import parameter_defaults, parameters
     from gradinv.trial import TrialSpec
 
-    return TrialSpec(
-        dataset=args.dataset, images=tuple(args.images or [0]), image_size=args.image_size, labels=args.labels,
-        model=args.model, width=args.width, model_seed=args.model_seed, trained_epochs=args.trained_epochs,
-        train_subset=args.train_subset, fl=args.fl, local_steps=args.local_steps, local_lr=args.local_lr, local_batch_size=args.local_batch_size,
-        data_order_seed=args.data_order_seed, batch_order=args.batch_order, attack=args.attack,
-        iterations=args.iterations, restarts=args.restarts, tv=args.tv, lr=args.lr, cost=args.cost, decay=args.decay,
-        init=args.init, clamp_init=args.clamp_init, layer_weighting=args.layer_weighting, layers=_layers(args.layers),
-        signed=args.signed, boxed=args.boxed, median_filter=args.median_filter, optimizer=args.optimizer,
-        scoring=args.scoring, tol=args.tol, attack_seed=args.attack_seed,
-    )  # fmt: skip
+    values, defaults = {}, parameter_defaults()
+    for name, knob in parameters().items():
+        value = getattr(args, name)
+        if knob.kind == "ints":
+            flag = f"--{(knob.repeat_flag or name).replace('_', '-')}"
+            value = defaults[name] if value is None else _int_list(value, flag, knob.names)
+        values[name] = value
+    return TrialSpec(**values)
 
 
-def _layers(text: str | None) -> tuple[int, ...] | str | None:
-    """--layers: comma-separated parameter indices, or a named set (checked by TrialSpec)."""
-    if text is None or text[:1].isalpha():
-        return text
+def _int_list(value: str | list[int], flag: str, names: tuple) -> tuple[int, ...] | str:
+    """A list flag: repeated values, comma-separated integers, or a name (checked by TrialSpec)."""
+    if isinstance(value, list):
+        return tuple(value)
+    if names and value[:1].isalpha():
+        return value
     try:
-        return tuple(int(part) for part in text.split(","))
+        return tuple(int(part) for part in value.split(","))
     except ValueError:
-        raise ConfigError("--layers", text, "give indices such as 0,1,-1 or a named set such as last5") from None
+        example = " or a named set such as " + names[-2] if names else ""
+        raise ConfigError(flag, value, f"give integers such as 0,1,-1{example}") from None
 
 
 def _set_threads(threads: int | None) -> None:
@@ -150,11 +129,17 @@ def _set_threads(threads: int | None) -> None:
 
 
 def _run_attack(args: argparse.Namespace) -> int:
+    if args.cache:
+        os.environ["GRADINV_CACHE"] = args.cache
+    if args.replay:  # the row's own thread count and device kind, not the flags
+        from .replay import command
+
+        return command(*args.replay, data_root=args.data_root, out=args.out)
+    if args.out is None:
+        raise ConfigError("--out", None, "name the output directory (--out DIR); only --replay runs without one")
     from .single import attack
 
     _set_threads(args.threads)
-    if args.cache:
-        os.environ["GRADINV_CACHE"] = args.cache
     spec = _trial_spec(args)
     outcome = attack(spec, args.out, data_root=args.data_root, device=args.device)
     if outcome.status != "ok":
@@ -170,8 +155,9 @@ def _run_study(args: argparse.Namespace) -> int:
     import math
 
     from .runner import RunOptions, run_study
-    from .study import load_study, read_study
+    from .study import MAX_TRIALS, load_study, read_study
 
+    args.max_trials = MAX_TRIALS if args.max_trials is None else args.max_trials
     if args.max_trials < 1:
         raise ConfigError("--max-trials", args.max_trials, "use 1 or more")
     if args.dry_run:
@@ -230,7 +216,7 @@ def _status(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"attack": _run_attack, "run": _run_study, "zoo": _zoo, "tune": lambda args: tuning.command(args),
+COMMANDS = {"attack": _run_attack, "run": _run_study, "zoo": _zoo, "tune": tuning.command,
             "status": _status, **analysis_cli.COMMANDS}  # fmt: skip
 
 

@@ -89,6 +89,13 @@ def where_am_i(device: str) -> dict:
     }  # fmt: skip
 
 
+def current_attempt() -> int:
+    """1 for a Ray task's first run, 2 for its first retry, ... (Ray's core worker counts from 0)."""
+    from ray._private.worker import global_worker
+
+    return global_worker.core_worker.get_current_task_attempt_number() + 1
+
+
 def failed_outcomes(pack: Pack, error: str) -> list[TrialOutcome]:
     return [TrialOutcome(spec=spec, status="failed", error=error, lanes=len(pack.specs)) for spec in pack.specs]
 

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from gradinv.errors import ConfigError
 
-from .results import ResultsDir
-from .study import Study
+from .results import REPETITION, ROLE_KEY, SCHEMA, SETTING, ResultsDir
+
+if TYPE_CHECKING:  # sweep.study imports torch through gradinv.trial: `gradinv status` does without
+    from .study import Study
 
 
 def dry_run(study: Study, max_trials: int) -> str:
@@ -31,24 +34,33 @@ def dry_run(study: Study, max_trials: int) -> str:
     return "\n".join(lines)
 
 
-SUMMARY_BY = ["dataset", "trained_epochs", "fl", "local_steps", "images_per_client"]
+# The settings a status table may group by: the schema's, less those that only tell repetitions apart
+GROUPING = [f.name for f in SCHEMA if f.metadata[ROLE_KEY] == SETTING.encode() and f.name not in REPETITION]
+SHOWN = ["psnr", "baseline_psnr", "psnr_gain"]
 
 
 def psnr_table(frame) -> list[str]:
-    """Mean PSNR of the finished trials per setting, the settings that vary only."""
-    ok = frame[frame["status"] == "ok"]
-    varying = [c for c in SUMMARY_BY if ok[c].nunique(dropna=False) > 1]
+    """PSNR, the no-information baseline and the gain over it, per setting (the settings that vary)."""
+    ok = frame[frame["status"] == "ok"].copy()
+    for column in GROUPING:  # lists (layers) as text, so that they group
+        ok[column] = ok[column].map(lambda value: value if value is None or isinstance(value, (int, float, str)) else repr(value))
+    # a null means "does not apply" (local steps under FedSGD), which another setting already says
+    varying = [c for c in GROUPING if ok[c].nunique() > 1]
     if ok.empty or not varying:
         return []
-    grouped = ok.groupby(varying, dropna=False)["psnr"].agg(["count", "mean", "std"]).round(2)
-    return ["mean PSNR (dB) of ok trials:", grouped.to_string(), ""]
+    grouped = ok.groupby(varying, dropna=False).agg(
+        trials=("psnr", "size"), psnr=("psnr", "mean"), baseline=("baseline_psnr", "mean"),
+        median_gain=("psnr_gain", "median"),
+    ).round(2)  # fmt: skip
+    return ["ok trials: mean PSNR, mean no-information baseline and median gain over it (dB):",
+            grouped.to_string(), ""]  # fmt: skip
 
 
 def status(path: Path, newest_errors: int = 5) -> str:
     if not path.is_dir():
         raise ConfigError("results", str(path), "name an existing results directory (gradinv run --results DIR)")
     results = ResultsDir(path)  # reading only: no lock, no repair
-    columns = ["study", "key", "status", "error", "finished_at", *SUMMARY_BY, "psnr"]
+    columns = ["study", "key", "status", "error", "finished_at", *GROUPING, *SHOWN]
     journalled = results.read_journal(columns)  # finished rows a running or killed driver has not batched yet
     batched = results.read(columns)
     replaced = pc.is_in(batched["key"], value_set=journalled["key"])  # a journalled retry replaces its old row

@@ -18,24 +18,23 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
-from itertools import groupby
 from pathlib import Path
 
 from tqdm import tqdm
 
 from gradinv.errors import ConfigError
 from gradinv.provenance import commit
-from gradinv.trial import TrialSpec, lane_signature
+from gradinv.trial import TrialSpec
 
 from .checkpoints import Victims, victim_from_checkpoint
-from .execution import Pack, failed_outcomes, now, outcome_row, run_pack, where_am_i
+from .execution import Pack, current_attempt, run_pack
 from .journal import JOURNAL_DIR
 from .ray_connection import connect
 from .results import ResultsDir, to_table, trial_key
 from .study import Resources, Study
+from .tasks import collect, device_of, failed_rows, make_packs, pack_task, ready
 
 EXIT_OK, EXIT_INCOMPLETE, EXIT_WRITE_FAILED, EXIT_INTERRUPTED, EXIT_TERMINATED = 0, 1, 1, 130, 143
-DEFAULT_LANES = {"cpu": 1, "cuda": 16}
 
 
 @dataclass(frozen=True)
@@ -61,24 +60,6 @@ def pending_trials(study: Study, statuses: dict[str, str], retry_failed: bool) -
     return todo
 
 
-def make_packs(study: Study, todo: list[tuple[str, TrialSpec]], device: str) -> list[Pack]:
-    """Group lane-compatible trials into packs of at most ``lanes`` trials, in study order."""
-    lanes = study.lanes or DEFAULT_LANES[device]
-    threads = max(1, int(study.resources.num_cpus))
-    order = {key: i for i, (key, _) in enumerate(todo)}
-    ordered = sorted(todo, key=lambda item: (repr(lane_signature(item[1])), order[item[0]]))
-    packs = []
-    for _, group in groupby(ordered, key=lambda item: repr(lane_signature(item[1]))):
-        group = list(group)
-        for start in range(0, len(group), lanes):
-            chunk = group[start : start + lanes]
-            keys, specs = zip(*chunk)
-            timeout = study.timeout * len(chunk) if study.timeout else None
-            packs.append(Pack(study.name, keys, specs, threads, device, timeout))
-    packs.sort(key=lambda pack: min(order[k] for k in pack.keys))
-    return packs
-
-
 def runtime_environment(data_root_arg: str | None) -> dict:
     """What remote workers need from the driver's environment (not its disk)."""
     env = {"GRADINV_COMMIT": commit()}
@@ -89,13 +70,6 @@ def runtime_environment(data_root_arg: str | None) -> dict:
     if os.environ.get("GRADINV_FAULTS"):
         env["GRADINV_FAULTS"] = os.environ["GRADINV_FAULTS"]
     return {"env_vars": env}
-
-
-def current_attempt() -> int:
-    """1 for a task's first run, 2 for its first retry, ... (Ray's core worker counts from 0)."""
-    from ray._private.worker import global_worker
-
-    return global_worker.core_worker.get_current_task_attempt_number() + 1
 
 
 def remote_pack(pack: Pack, weights: bytes | None = None, sidecar: dict | None = None) -> list[dict]:
@@ -253,12 +227,9 @@ def run_study(study: Study, results_path: str | Path, options: RunOptions, *, da
 
 
 def _drive(ray, study: Study, todo, results: ResultsDir, options: RunOptions, fit: NodeFit) -> int:
-    device = "cuda" if study.resources.num_gpus > 0 else "cpu"
+    device = device_of(study)
     victims = Victims(ray, study.resources.num_cpus, study.max_retries, [spec for _, spec in todo])
-    task = ray.remote(remote_pack).options(
-        num_cpus=study.resources.num_cpus, num_gpus=study.resources.num_gpus,
-        max_retries=study.max_retries, retry_exceptions=False,
-    )  # fmt: skip
+    task = pack_task(ray, remote_pack, study)
     capacity = ray.cluster_resources().get("CPU", 1) / max(study.resources.num_cpus, 1e-3)
     limit = options.max_concurrent or max(2, math.ceil(2 * capacity))
     bar = tqdm(total=len(todo), desc=study.name, unit="trial", disable=not options.progress, dynamic_ncols=True)
@@ -311,17 +282,14 @@ class _Drive:
     def _launch(self) -> None:
         for pack in _startable(self.waiting, self.victims, self.limit - len(self.in_flight)):
             if self.victims.state(pack.specs[0]) == "failed":  # no victim, no attack: failed rows with the reason
-                self._finished(_failed_rows(pack, self.victims.error(pack.specs[0]), attempt=1))
+                self._finished(failed_rows(pack, self.victims.error(pack.specs[0]), attempt=1))
                 continue
             pack = dataclasses.replace(pack, extra=self.victims.columns(pack.specs[0]))
             self.in_flight[self.task.remote(pack, *self.victims.payload(pack.specs[0]))] = pack
 
     def _collect_ready(self) -> None:
-        done, _ = self.ray.wait(list(self.in_flight), num_returns=1, timeout=1.0)
-        if done:  # take everything else that is ready too: one wait per burst, not per task
-            done, _ = self.ray.wait(list(self.in_flight), num_returns=len(self.in_flight), timeout=0)
-        for ref in done:
-            self._finished(_collect(self.ray, ref, self.in_flight.pop(ref), self.max_retries))
+        for ref in ready(self.ray, list(self.in_flight), timeout=1.0):
+            self._finished(collect(self.ray, ref, self.in_flight.pop(ref), self.max_retries))
 
     def _finished(self, rows: list[dict]) -> None:
         self.batcher.add(rows)  # in the journal, on disk, before anything else happens
@@ -353,23 +321,6 @@ def _startable(waiting: list[Pack], victims: Victims, slots: int) -> list[Pack]:
             waiting.remove(pack)
             chosen.append(pack)
     return chosen
-
-
-def _collect(ray, ref, pack: Pack, max_retries: int) -> list[dict]:
-    """The pack's rows; a task that failed for good (its worker died every time) gives failed rows."""
-    try:
-        return ray.get(ref)
-    except ray.exceptions.RayError as error:
-        message = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
-        return _failed_rows(pack, message, attempt=max_retries + 1)
-
-
-def _failed_rows(pack: Pack, message: str, attempt: int) -> list[dict]:
-    """Rows for trials that never produced their own (the task died for good, or had no victim)."""
-    timing = {"started_at": now(), "finished_at": now(), "task_seconds": None}
-    where = {name: None for name in where_am_i(pack.device)}
-    return [outcome_row(pack, key, outcome, attempt, timing, where)
-            for key, outcome in zip(pack.keys, failed_outcomes(pack, message))]  # fmt: skip
 
 
 def _summary(study: Study, results: ResultsDir) -> int:

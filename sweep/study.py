@@ -7,7 +7,6 @@ before anything large is built.
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import math
 import re
@@ -20,14 +19,15 @@ import yaml
 
 from gradinv.data import dataset_spec
 from gradinv.errors import ConfigError
+from gradinv.parameters import DataSettings, declarations, parameters
 from gradinv.trial import DEFAULTS, TrialSpec
 
 from .results import SCHEMA
 
 TOP_LEVEL = ("name", "data", "fixed", "grid", "zip", "resources", "max_retries", "timeout", "lanes", "tune")
-DATA_KEYS = ("dataset", "images", "labels", "image_size")
+DATA_KEYS = tuple(declarations(DataSettings))  # the data: section
 # Parameters a study may set in fixed/grid/zip: every trial field but the data's, plus the dealing.
-TRIAL_PARAMETERS = tuple(name for name in DEFAULTS if name not in ("dataset", "images", "labels", "image_size"))
+TRIAL_PARAMETERS = tuple(name for name in DEFAULTS if name not in DATA_KEYS)
 SWEEPABLE = TRIAL_PARAMETERS + ("images_per_client",)
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 MAX_NAME_LENGTH = 100  # the name is the default results directory: keep it well inside a file name's limit
@@ -230,42 +230,41 @@ class _Checker:
 
 def _column_range(column: str) -> tuple[int, int]:
     """The integers the results column (or its list items) can hold: writing more would overflow."""
-    kind = SCHEMA.field(column).type
+    from .results import parameter_types
+
+    kind = parameter_types().get(column) or SCHEMA.field(column).type
     if pa.types.is_list(kind):
         kind = kind.value_type
     half = 1 << (kind.bit_width - 1)
     return -half, half - 1
 
 
-_TYPES = {f.name: f.type for f in dataclasses.fields(TrialSpec)}
-
-
 def _coerce(checker: _Checker, name: str, value, where: tuple):
-    """A YAML value as the trial field's type (ints stay ints and fit their column, floats accept ints)."""
-    kind = _TYPES.get(name, "int")
-    if name == "layers":
-        if value is None or isinstance(value, str):  # a named set, checked by TrialSpec
+    """A YAML value as the parameter's declared kind (ints stay ints and fit their column, floats accept ints)."""
+    knob = parameters().get(name)
+    kind = knob.kind if knob else "int"  # images_per_client
+    if knob is not None and knob.optional and value is None:
+        return None
+    if kind == "ints":
+        if knob.names and isinstance(value, str):  # a named set, checked by TrialSpec
             return value
         if not isinstance(value, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
-            checker.fail(where, f"expected a list of parameter indices or a named set, got {value!r}")
+            named = " or a named set" if knob.names else ""
+            checker.fail(where, f"expected a list of whole numbers{named}, got {value!r}")
         low, high = _column_range(name)
         return tuple(checker.number(v, where, integer=True, minimum=low, maximum=high) for v in value)
-    if "None" in kind and value is None:
-        return None
     if kind == "bool":
         if not isinstance(value, bool):
             checker.fail(where, f"expected true or false, got {value!r}")
         return value
-    if kind.startswith("int") or name == "images_per_client":
+    if kind == "int":
         low, high = _column_range(name)
         return checker.number(value, where, integer=True, minimum=low, maximum=high)
-    if kind.startswith("float"):
+    if kind == "float":
         return float(checker.number(value, where))
-    if kind.startswith("str"):
-        if not isinstance(value, str):
-            checker.fail(where, f"expected text, got {value!r}")
-        return value
-    checker.fail(where, f"cannot be set here ({value!r})")
+    if not isinstance(value, str):
+        checker.fail(where, f"expected text, got {value!r}")
+    return value
 
 
 def load_study(path: str | Path, max_trials: int = MAX_TRIALS) -> Study:

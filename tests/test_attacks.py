@@ -120,7 +120,7 @@ def test_attacker_unrolls_the_clients_update_exactly(settings, bars):
 
 
 def test_minibatch_schedule_covers_each_image_once_per_epoch():
-    schedule = minibatch_schedule(5, FLConfig("fedavg", local_steps=6, local_batch_size=2, data_order_seed=3))
+    schedule = minibatch_schedule(5, FLConfig(fl="fedavg", local_steps=6, local_batch_size=2, data_order_seed=3))
     first_epoch = torch.cat(schedule[:3]).sort().values
     second_epoch = torch.cat(schedule[3:]).sort().values
     assert first_epoch.tolist() == second_epoch.tolist() == [0, 1, 2, 3, 4]
@@ -162,11 +162,11 @@ def test_restart_winner_is_lowest_gradient_cost_and_nan_never_wins():
     spec = dataclasses.replace(SMALL, iterations=30)
     model, images, labels, update = client(spec)
     box = data.pixel_box(spec.data_spec, images)
-    good = invert_gradients(model, [update], labels[None], [IGConfig(30, 3, 1e-4, 0.1)], [0], box, images.shape)
+    good = invert_gradients(model, [update], labels[None], [IGConfig(iterations=30, restarts=3, tv=1e-4, lr=0.1)], [0], box, images.shape)
     assert good.restart_scores.shape == (1, 3)
     poisoned = dataclasses.replace(update, tensors=tuple(t * float("nan") for t in update.tensors))
     both = invert_gradients(model, [update, poisoned], torch.stack([labels, labels]),
-                            [IGConfig(30, 3, 1e-4, 0.1)] * 2, [0, 0], box, images.shape)  # fmt: skip
+                            [IGConfig(iterations=30, restarts=3, tv=1e-4, lr=0.1)] * 2, [0, 0], box, images.shape)  # fmt: skip
     assert torch.isinf(both.restart_scores[1]).all()
     assert torch.isfinite(both.restart_scores[0]).all()
     assert torch.isfinite(both.images[0]).all()

@@ -26,7 +26,7 @@ from gradinv.trial import TrialSpec, run_trials
 
 SPEC = data.dataset_spec("faces")
 FEDSGD = FLConfig()
-FEDAVG = FLConfig("fedavg", local_steps=2, local_batch_size=1)  # mini-batches: a shuffled schedule
+FEDAVG = FLConfig(fl="fedavg", local_steps=2, local_batch_size=1)  # mini-batches: a shuffled schedule
 
 
 class MetaWatcher(TorchFunctionMode):

@@ -210,7 +210,7 @@ def test_cost_and_image_gradient_match_the_reference(setting, settings, referenc
 @pytest.mark.parametrize("steps, batch_size", [(2, 0), (5, 0), (3, 2), (5, 3)])
 def test_fedavg_cost_matches_the_reference_with_sequential_slices(setting, steps, batch_size):
     model, images, labels, guess = setting
-    fl = FLConfig("fedavg", local_steps=steps, local_lr=0.05, local_batch_size=batch_size, batch_order="sequential")
+    fl = FLConfig(fl="fedavg", local_steps=steps, local_lr=0.05, local_batch_size=batch_size, batch_order="sequential")
     total, grad, update = ours(model, images, labels, guess, IGConfig(), fl)
     local = dict(local_steps=steps, local_lr=0.05, batch_size=batch_size)
     cost, reference_grad = reference_closure(model, guess, labels, list(update.tensors), **local)
@@ -218,7 +218,7 @@ def test_fedavg_cost_matches_the_reference_with_sequential_slices(setting, steps
 
 
 def test_sequential_batches_are_the_reference_slices_and_drop_the_rest():
-    fl = FLConfig("fedavg", local_steps=5, local_batch_size=2, batch_order="sequential")
+    fl = FLConfig(fl="fedavg", local_steps=5, local_batch_size=2, batch_order="sequential")
     assert [s.tolist() for s in minibatch_schedule(5, fl)] == [[0, 1], [2, 3], [0, 1], [2, 3], [0, 1]]
 
 

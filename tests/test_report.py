@@ -538,9 +538,10 @@ def test_page_puts_plots_before_long_tables_and_few_series_per_axes(synthetic, t
 
 
 def test_outcome_columns_are_never_settings():
-    from analysis.load import SETTINGS
+    from analysis.roles import Roles
     from sweep.results import SCHEMA
 
+    SETTINGS = Roles.of_schema(SCHEMA).settings
     new = {"baseline_psnr", "baseline_psnr_mean_image", "baseline_psnr_flat", "baseline_psnr_class_mean",
            "baseline_ssim_mean_image", "baseline_ssim_flat", "baseline_ssim_class_mean", "psnr_gain",
            "psnr_gain_per_image", "curve_psnr", "curve_ssim", "pack_id", "lane_index", "trial_seconds",

@@ -196,6 +196,39 @@ def test_an_older_file_lacking_newer_columns_is_still_read(results, capsys):
     assert "5 rows in 2 files" in capsys.readouterr().out
 
 
+def test_status_shows_psnr_beside_the_baseline_and_the_gain_per_setting(tmp_path, capsys):
+    rows = trial_rows()
+    for i, row in enumerate(rows):
+        row.update(baseline_psnr=9.0, psnr_gain=row["psnr"] - 9.0)
+    with ResultsDir(tmp_path / "r") as directory:
+        directory.write(rows)
+    assert main(["status", str(tmp_path / "r")]) == 0
+    table = capsys.readouterr().out.split("gain over it (dB):\n")[1].splitlines()
+    assert table[0].split() == ["trials", "psnr", "baseline", "median_gain"] and table[1].split() == ["fl"]
+    assert table[2].split() == ["fedavg", "2", "12.0", "9.0", "3.0"]  # psnr 11 and 13
+    assert table[3].split() == ["fedsgd", "2", "11.0", "9.0", "2.0"]  # psnr 10 and 12
+
+
+@pytest.mark.parametrize("schema_version", [b"1", b"2", None])
+def test_run_into_a_directory_of_another_results_format_refuses_in_one_line(schema_version, results, tmp_path,
+                                                                            capsys, no_ray):  # fmt: skip
+    """Keys of another format never match ours: `run` would redo every trial beside the old rows."""
+    old = to_table(trial_rows(1, study="old"))
+    old = old.replace_schema_metadata({b"gradinv.schema_version": schema_version} if schema_version else None)
+    pq.write_table(old, results / "part-0000000000000000000-old.parquet")
+    before = listing(results)
+    assert main(verb_args("run", results, tmp_path)) == 2
+    error = one_line_error(capsys, "run")
+    held = f"results format {schema_version.decode()}" if schema_version else "an unknown results format"
+    assert held in error and f"format {results_module.RESULTS_FORMAT}" in error and "new directory" in error
+    assert listing(results) == before
+    assert main(["status", str(results)]) == 0  # still read
+
+
+def test_files_written_now_record_their_results_format(results):
+    assert {results_module.results_format(f) for f in ResultsDir(results).files()} == {results_module.RESULTS_FORMAT}
+
+
 # ---------------------------------------------------------------------------------------------
 # 2. a read-only results directory
 

@@ -10,14 +10,19 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import optuna
 import pandas as pd
 import pytest
 
+from analysis import load, tuning_history
 from sweep.results import ResultsDir
 from sweep.study import load_study
-from sweep.tuning import (CHECKPOINTS, FIRST_DECAY, JOURNAL_NAME, main, make_pruner, open_study, paired_bootstrap,
-                          suggest, trial_specs, tune_settings, tune_study)
+from sweep.tune_report import TOO_SMALL, compare_on_held_out
+from sweep.tune_search import JOURNAL_NAME, make_pruner, open_study, suggest
+from sweep.tune_section import CHECKPOINTS, FIRST_DECAY, PAPER_DEFAULTS, trial_specs, tune_settings
+from sweep.tuner import tune_study
+from sweep.tuning import main
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -84,6 +89,7 @@ BAD = [
     ("  tuning_images: 4\n  held_out_images: 4\n  space: {tv: [1.0e-6, 1.0e-1]}\n", ":6: tune.held_out_images: needs 4"),
     ("  space: {tv: [1.0e-6, 1.0e-1]}\n  candidates: 0\n", ":6: tune.candidates: must be at least 1"),
     ("  colour: blue\n", ":5: tune.colour: unknown key"),
+    ("  bootstrap: 10000\n  space: {tv: [1.0e-6, 1.0e-1]}\n", ":5: tune.bootstrap: the held-out interval is the report's"),
 ]
 
 
@@ -150,11 +156,47 @@ def test_a_resumed_search_continues_rather_than_replaying_its_first_candidates(w
     assert ask(open_study(study, settings, str(tmp_path / "fresh.journal")), 3) == first  # a fresh search: seeded
 
 
-def test_paired_bootstrap_interval_is_seeded_and_brackets_the_mean():
-    gains = [1.0, 2.0, 1.5, 0.5, 2.5, 1.2]
-    mean, low, high = paired_bootstrap(gains, 2000, seed=0)
-    assert (mean, low, high) == paired_bootstrap(gains, 2000, seed=0)
-    assert low < mean < high and low > 0 and mean == pytest.approx(sum(gains) / 6)
+class HeldOutDriver:
+    """Stands in for the Ray driver: every held-out trial finishes with the PSNR ``psnr`` gives it."""
+
+    def __init__(self, psnr):
+        self.psnr, self.rows = psnr, []
+
+    def evaluate(self, *evaluations):
+        answers = []
+        for evaluation in evaluations:
+            rows = [{"study": "tiny-tune", "key": key, "candidate": evaluation.number, "images": list(spec.images),
+                     "images_per_client": 1, "status": "ok", "psnr": self.psnr(evaluation.number, spec.images[0]),
+                     "baseline_psnr": 10.0} for key, spec in evaluation.specs.items()]  # fmt: skip
+            self.rows += rows
+            answers.append(rows)
+        return answers
+
+
+def test_the_held_out_interval_is_the_reports(write_study, tmp_path):
+    text = TINY.format(budget=48, candidates=4).replace("images: 6", "images: 22").replace("_images: 3", "_images: 11")
+    settings = tune_settings(load_study(write_study(text)))
+    best = type("Best", (), {"number": 2, "params": {"lr": 0.05, "restarts": 1, "cost": "cosine"}})()
+    rng = np.random.default_rng(0)
+    gains = {image: float(g) for image, g in zip(range(11, 22), rng.normal(1.0, 2.0, 11))}
+    gains[11] = float("inf")  # an exact copy: counted as 100 dB on both sides
+    driver = HeldOutDriver(lambda number, image: 20.0 + (gains.get(image, 1.0) if number is not None else 0.0))
+    comparison = compare_on_held_out(driver, settings, best)
+    with ResultsDir(tmp_path / "results") as results:
+        results.write(driver.rows)
+    _, tuned, defaults = tuning_history.split(load.load_trials(tmp_path / "results"))
+    reported = tuning_history.comparison(tuned, defaults)
+    assert reported["clients"] == len(comparison.tuned) == 11
+    assert comparison.gain == pytest.approx(reported["gain"], rel=1e-12)
+    assert (comparison.low, comparison.high) == (pytest.approx(reported["ci_low"], rel=1e-12),
+                                                 pytest.approx(reported["ci_high"], rel=1e-12))  # fmt: skip
+    assert comparison.low < comparison.gain < comparison.high
+    assert "BCa" in comparison.interval() and f"{comparison.low:+.2f}" in comparison.interval()
+    # Under stats.MIN_BOOTSTRAP clients there is no interval, and the line says so.
+    few = compare_on_held_out(driver, tune_settings(load_study(write_study(TINY.format(budget=48, candidates=4)))), best)
+    assert np.isnan(few.low) and few.interval().startswith(TOO_SMALL)
+    assert set(trial_specs(settings, PAPER_DEFAULTS, settings.held_out)) == {
+        row["key"] for row in driver.rows if row["candidate"] is None and row["images"][0] >= 11}
 
 
 def test_pruning_stops_weak_candidates_early_and_rows_carry_candidates(write_study, tmp_path, ray_tmpdir, capsys):
@@ -182,7 +224,7 @@ def test_pruning_stops_weak_candidates_early_and_rows_carry_candidates(write_stu
     assert len(held_out) == 6 and (held_out["status"] == "ok").all()
     assert held_out["candidate"].isna().sum() == 3  # the paper's defaults belong to no candidate
     out = capsys.readouterr().out
-    assert "paired bootstrap" in out and f"optuna-dashboard {results / JOURNAL_NAME}" in out
+    assert TOO_SMALL in out and f"optuna-dashboard {results / JOURNAL_NAME}" in out
     fragment = (results / "_best.yaml").read_text()
     import yaml
 

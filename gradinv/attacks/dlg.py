@@ -14,14 +14,15 @@ import torch
 from torch import nn
 
 from ..fl import ClientUpdate, minibatch_schedule, model_state, parameter_update
-from .inverting import AttackResult, GradientCost, IGConfig, TrialTimeout
+from ..parameters import OptimiserSettings, extract
+from .inverting import AttackResult, GradientCost, TrialTimeout
 
 
 def deep_leakage(
     model: nn.Module,
     updates: Sequence[ClientUpdate],
     labels: torch.Tensor | None,
-    configs: Sequence[IGConfig],
+    configs: Sequence[OptimiserSettings],  # DLG reads iterations and lr alone
     seeds: Sequence[int],
     image_shape: Sequence[int],
     num_classes: int,
@@ -86,3 +87,13 @@ def _one_lane(model, params, buffers, update, labels, config, seed, image_shape,
         score = float(distance())
         found = labels if labels is not None else label_logits.argmax(dim=-1)
     return x.detach(), found, score if score == score else float("inf")
+
+
+def run(job) -> AttackResult:
+    """The registry's entry (gradinv.attacks.registry): DLG on each lane in turn."""
+    configs = [extract(OptimiserSettings, spec) for spec in job.specs]
+    known = job.labels if all(job.labels_known) else None
+    result, labels = deep_leakage(job.model, job.updates, known, configs, job.seeds, job.image_shape, job.num_classes,
+                                  on_progress=job.on_progress, deadline=job.deadline)  # fmt: skip
+    result.labels = labels
+    return result

@@ -27,64 +27,31 @@ from torch.func import vmap
 from ..errors import require
 from ..fl import ClientUpdate, minibatch_schedule, model_state, parameter_update
 
-COSTS = ("cosine", "l2", "l1", "max", "simlocal")
-DECAYS = ("step", "step-eighths", "cosine", "none")
-INITS = ("randn", "rand", "zeros")
-LAYER_WEIGHTINGS = ("equal", "linear", "exp")
-# Named tensor sets: the first / last K parameter tensors (fewer when the model has fewer), the K of
-# largest target norm, or `batch`: 8 tensors drawn afresh at every evaluation.
-LAYER_SETS = ("all", "first4", "first5", "first10", "first50", "last5", "last10", "last50", "top10", "top50", "batch")
-BATCH_LAYERS = 8
-OPTIMIZERS = ("adam", "sgd", "lbfgs")
-SCORINGS = ("loss", "tv", "pixelmean", "pixelmedian")
+from ..parameters import (  # noqa: F401  (the choices, declared with the knobs; importable from here too)
+    COSTS, DECAYS, INITS, LAYER_SETS, LAYER_WEIGHTINGS, OPTIMIZERS, SCORINGS, InvertingSettings, OptimiserSettings,
+    declarations, extract,
+)
+
+BATCH_LAYERS = 8  # the `batch` layer set: tensors drawn afresh at every evaluation
 MEDIAN_FILTER_EVERY = 500  # iterations between the reference's 3x3 median filters
 SGD_LR, SGD_MOMENTUM = 0.01, 0.9  # the reference's SGD: a fixed step with Nesterov momentum
 LBFGS_LR = 1.0  # the reference's L-BFGS: torch's defaults
 COSINE_EPS = 1e-10  # simlocal: torch's cosine_similarity with the reference's eps
 
 
-@dataclass(frozen=True)
-class IGConfig:
-    """One trial's attack settings. Lanes packed together share all but ``tv`` and ``lr``."""
-
-    iterations: int = 24_000
-    restarts: int = 1
-    tv: float = 1e-4
-    lr: float = 0.1  # Adam's step size; SGD and L-BFGS use the reference's fixed ones
-    cost: str = "cosine"
-    decay: str = "step"  # step: x0.1 at the reference's milestones (about 3/8, 5/8, 7/8 of the iterations)
-    init: str = "randn"
-    clamp_init: bool = False  # True: project the first images into the pixel box (the reference does not)
-    layer_weighting: str = "equal"  # linear/exp: earlier tensors weigh more
-    layers: tuple[int, ...] | None = None  # parameter indices to match (negative from the end); None: all
-    layer_set: str = "all"  # a named set of tensors instead (LAYER_SETS)
-    signed: bool = True  # step on the sign of the image gradient
-    boxed: bool = True  # project into the valid pixel box after every step
-    median_filter: bool = False  # a 3x3 median filter every 500 iterations
-    optimizer: str = "adam"
-    scoring: str = "loss"  # how restarts become one reconstruction
-    tol: float | None = None  # restarts after the first whose score is at most tol are dropped
+@dataclass(frozen=True, kw_only=True)
+class IGConfig(InvertingSettings, OptimiserSettings):
+    """One trial's attack settings (declared in gradinv.parameters). Lanes packed together share
+    all but the settings declared free across lanes (``tv`` and ``lr``)."""
 
     def __post_init__(self):
-        require(self.iterations >= 1, "iterations", self.iterations, "use at least 1 iteration")
-        require(self.restarts >= 1, "restarts", self.restarts, "use at least 1 restart")
-        require(self.tv >= 0, "tv", self.tv, "use a TV weight of 0 or more")
-        require(self.lr > 0, "lr", self.lr, "use a positive step size")
-        choices = {"cost": COSTS, "decay": DECAYS, "init": INITS, "layer_weighting": LAYER_WEIGHTINGS,
-                   "layer_set": LAYER_SETS, "optimizer": OPTIMIZERS}  # fmt: skip
-        for name, allowed in choices.items():
-            require(getattr(self, name) in allowed, name, getattr(self, name), f"choose one of {', '.join(allowed)}")
-        require(self.scoring != "inception", "scoring", self.scoring, "it needs Inception weights that gradinv "
-                "does not ship; use loss, tv, pixelmean or pixelmedian")  # fmt: skip
-        require(self.scoring in SCORINGS, "scoring", self.scoring, f"choose one of {', '.join(SCORINGS)}")
-        require(self.layers is None or len(self.layers) >= 1, "layers", self.layers, "list at least one index")
+        super().__post_init__()
         require(self.layers is None or self.layer_set == "all", "layer_set", self.layer_set,
                 "give explicit layers or a named set, not both")  # fmt: skip
-        require(self.tol is None or math.isfinite(self.tol), "tol", self.tol, "use a finite number")
 
     def shared(self) -> tuple:
-        """The settings that every lane of one computation must share: all but ``tv`` and ``lr``."""
-        return dataclasses.astuple(dataclasses.replace(self, tv=0.0, lr=1.0))
+        """The settings that every lane of one computation must share."""
+        return tuple(getattr(self, name) for name, knob in declarations(self).items() if knob.lane_shared is True)
 
 
 @dataclass
@@ -93,6 +60,7 @@ class AttackResult:
     restart_scores: torch.Tensor  # [L, R] final gradient cost without TV (inf for NaN)
     curve: list[tuple[int, list[float]]] = field(default_factory=list)  # (iteration, best cost per lane)
     seconds: float = 0.0
+    labels: torch.Tensor | None = None  # [L, B] labels the attack settled on; None: the ones it was given
 
 
 class TrialTimeout(RuntimeError):
@@ -206,6 +174,9 @@ class GradientCost:
         self.targets = [targets[i].reshape(len(targets[i]), -1) for i in self.compared]
         self.weights = weights[:, self.compared]
         self.cost = cost
+        if cost == "cosine":
+            scale = _exact_scale(self.targets)
+            self.targets = [t / scale for t in self.targets]
         if cost in ("cosine", "simlocal"):  # constant: computed once, not every iteration
             self.target_squares = torch.stack([torch.linalg.vecdot(t, t) for t in self.targets], dim=1)
             self.target_norm = (self.weights * self.target_squares).sum(1).sqrt()
@@ -218,6 +189,9 @@ class GradientCost:
             distance = {"l2": lambda d: d.pow(2).sum(1), "l1": lambda d: d.abs().sum(1),
                         "max": lambda d: d.abs().amax(1)}[self.cost]  # fmt: skip
             return sum(w * distance(c - t) for c, t, w in zip(flat, self.targets, columns))
+        if self.cost == "cosine":
+            scale = _exact_scale(flat)
+            flat = [c / scale for c in flat]
         dots = [_RunDots.apply(c, t) for c, t in zip(flat, self.targets)]
         if self.cost == "simlocal":
             target_norms = self.target_squares.sqrt().clamp_min(COSINE_EPS).unbind(1)
@@ -229,6 +203,18 @@ class GradientCost:
         norm_c = sum(w * layer_square for (_, layer_square), w in zip(dots, columns))
         target_norm = self.target_norm if mask is None else (weights * self.target_squares).sum(1).sqrt()
         return 1 - dot / (norm_c.sqrt() * target_norm)
+
+
+def _exact_scale(flat: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Per run (``[N, 1]``), the power of two just above its largest magnitude over all ``flat`` tensors.
+
+    A confident victim's update can be around 1e-22, whose squares underflow float32 and turn the
+    cosine into 0/0. The cosine ignores either side's scale, and dividing by a power of two is exact,
+    so rescaling changes no bit of an ordinary trial's cost and keeps a tiny one finite.
+    """
+    largest = torch.stack([f.detach().abs().amax(1) for f in flat], dim=1).amax(1)
+    _, exponent = torch.frexp(largest)  # largest = m * 2**exponent, 0.5 <= m < 1 (0 for 0: no change)
+    return torch.ldexp(torch.ones_like(largest), exponent).unsqueeze(1)
 
 
 def step_milestones(iterations: int, decay: str) -> tuple[float, ...]:
@@ -515,3 +501,11 @@ def invert_gradients(
 def _finite(values: torch.Tensor) -> torch.Tensor:
     """NaN costs become +inf so that a diverged restart never wins."""
     return torch.nan_to_num(values, nan=math.inf)
+
+
+def run(job) -> AttackResult:
+    """The registry's entry (gradinv.attacks.registry): inverting gradients on a pack of lanes."""
+    configs = [extract(IGConfig, spec) for spec in job.specs]
+    return invert_gradients(job.model, job.updates, job.labels, configs, job.seeds, job.box, job.image_shape,
+                            on_checkpoint=job.on_checkpoint, on_images=job.on_images, on_progress=job.on_progress,
+                            deadline=job.deadline)  # fmt: skip

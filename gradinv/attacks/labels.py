@@ -12,7 +12,7 @@ def last_layer(update: ClientUpdate, num_classes: int) -> tuple[torch.Tensor, to
 
     A FedAvg update points against the gradient, so its sign is flipped back.
     """
-    sign = -1.0 if update.fl.mode == "fedavg" else 1.0
+    sign = -1.0 if update.fl.fl == "fedavg" else 1.0
     tensors = list(update.tensors)
     for index in range(len(tensors) - 1, -1, -1):
         if tensors[index].dim() == 2 and tensors[index].shape[0] == num_classes:

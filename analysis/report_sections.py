@@ -1,0 +1,294 @@
+"""The report's sections, in the order of its questions: the summary and context, leakage per setting,
+trained against untrained victims, the attack's progress and leakage against local steps and images
+per client; then the tuning history, every table and the failures. (The reconstructions' sections are
+in report_images.)"""
+
+from __future__ import annotations
+
+import html
+from pathlib import Path
+
+import pandas as pd
+
+from . import figures, load, stats, tuning_history
+from . import report_html as markup
+from .roles import Roles
+
+METRIC_TITLES = {"psnr": "PSNR (dB)", "psnr_gain": "PSNR gain over the no-information baseline (dB)", "ssim": "SSIM",
+                 "label_accuracy": "Label accuracy"}  # fmt: skip
+FIXED_PER_ROW = 4  # name/value pairs per row of the fixed-settings table
+VICTIM_MARGIN = 0.10  # a trained victim within this of chance accuracy has not learnt
+
+
+# ---------------------------------------------------------------------------------------------
+# Summary and context
+
+
+def summary(frame: pd.DataFrame, runs: pd.DataFrame, results, by: list[str], per_setting: pd.DataFrame,
+            roles: Roles) -> str:  # fmt: skip
+    counts = frame["status"].value_counts()
+    verdicts = per_setting["verdict"].value_counts()
+    items = {
+        "results": str(Path(results).resolve()),
+        "studies": ", ".join(sorted(frame["study"].unique())),
+        "trials": len(frame),
+        **{status: int(counts.get(status, 0)) for status in ("ok", "failed", "pruned")},
+        "tuning rows": int(frame["candidate"].notna().sum()),
+        "compute time (sum of each trial's share of its task)": markup.duration(load.compute_seconds(frame).sum()),
+        "settings compared": ", ".join(by) or "none (one setting)",
+    }  # fmt: skip
+    if not runs.empty:
+        items["settings that leak"] = (
+            f"{int(verdicts.get(stats.LEAKS, 0))} of {len(per_setting)} (median PSNR gain over the no-information "
+            "baseline, 95% interval above 0)" if per_setting["gain_median"].notna().any()
+            else "– (no baseline recorded in these rows)")  # fmt: skip
+    rows = "".join(f"<tr><th class=text>{html.escape(k)}</th><td class=text>{html.escape(str(v))}</td></tr>"
+                   for k, v in items.items())  # fmt: skip
+    parts = [f"<table id=summary>{rows}</table>", _provenance(frame)]
+    if not runs.empty:
+        parts += [_fixed(runs, roles), _victims(runs, roles)]
+    return markup.section("Summary", *parts)
+
+
+def _provenance(frame: pd.DataFrame) -> str:
+    started, finished = frame["started_at"].min(), frame["finished_at"].max()
+    items = {
+        "wall-clock span": markup.duration((finished - started).total_seconds()) if pd.notna(started) else "–",
+        "first start / last finish": f"{markup.when(started)} / {markup.when(finished)}",
+        "hosts": markup.tally(frame["host"]), "nodes": frame["node_id"].nunique(),
+        "devices": markup.tally(frame["device"]),
+        **{f"{name} version": markup.tally(frame[f"{name}_version"])
+           for name in ("gradinv", "torch", "torchvision", "python")},
+        "commits": markup.tally(frame["commit"]),
+    }  # fmt: skip
+    rows = "".join(f"<tr><th class=text>{html.escape(k)}</th><td class=text>{html.escape(str(v))}</td></tr>"
+                   for k, v in items.items())  # fmt: skip
+    return f"<details><summary>Where and when it ran</summary><table id=provenance>{rows}</table></details>"
+
+
+def _fixed(runs: pd.DataFrame, roles: Roles) -> str:
+    """Settings every trial shares: what a reader needs to tell a toy budget from the paper's."""
+    fixed = {name: values[0] for name in roles.settings_in(runs)
+             if name != "images" and len(values := runs[name].unique()) == 1 and pd.notna(values[0])}  # fmt: skip
+    if not fixed:
+        return ""
+    cells = [f"<th class=text>{html.escape(name.replace('_', ' '))}</th>"
+             f"<td class=num>{html.escape(markup.cell(value, None))}</td>"
+             for name, value in fixed.items()]  # fmt: skip
+    rows = "".join(f"<tr>{''.join(cells[i:i + FIXED_PER_ROW])}</tr>" for i in range(0, len(cells), FIXED_PER_ROW))
+    return f"<h3>Fixed in every trial</h3><table id=fixed>{rows}</table>"
+
+
+def _victims(runs: pd.DataFrame, roles: Roles) -> str:
+    """The trained victims' test accuracy beside chance: trained vs untrained means something only
+    when the trained victim has learnt."""
+    trained = runs[runs["trained_epochs"].astype("Float64") > 0]
+    if trained.empty:
+        return ""
+    columns = [c for c in ("dataset", "model", "width", "trained_epochs", "train_subset", "model_seed")
+               if trained[c].notna().any()]  # fmt: skip
+    table = trained.groupby(columns, dropna=False, sort=True).agg(
+        checkpoints=("checkpoint_key", "nunique"), model_accuracy=("model_accuracy", "mean")).reset_index()
+    table["chance"] = table["dataset"].map(_chance)
+    table["reading"] = [_accuracy_reading(accuracy, chance)
+                        for accuracy, chance in zip(table["model_accuracy"], table["chance"])]  # fmt: skip
+    note = markup.note(f"Test accuracy of each trained victim beside chance (1 / classes). Within "
+                       f"{VICTIM_MARGIN:.0%} of chance the victim has not learnt, and trained vs untrained is not "
+                       "being tested.")  # fmt: skip
+    return "<h3>Trained victims</h3>" + note + markup.table(table, "victims", 3, roles.settings)
+
+
+def _chance(dataset: str) -> float:
+    from gradinv.datasets import DATASETS  # the class counts live with the dataset specs (no torch)
+
+    spec = DATASETS.get(dataset)
+    return 1 / spec.num_classes if spec else float("nan")
+
+
+def _accuracy_reading(accuracy: float, chance: float) -> str:
+    if pd.isna(accuracy):
+        return "accuracy not recorded"
+    return "near chance: not a trained victim" if accuracy < chance + VICTIM_MARGIN else "above chance"
+
+
+# ---------------------------------------------------------------------------------------------
+# Leakage
+
+
+def leakage(table: pd.DataFrame, by: list[str], roles: Roles) -> str:
+    question = "Does each setting reconstruct more than an attacker who knows nothing about the client?"
+    note = markup.note(
+        "Baseline: the best score of a data-only attacker without the update (the mean image of a pool of "
+        "training images, a flat image at the data mean, or the class-mean image for the labels it has). "
+        "Gain: a trial's PSNR minus that baseline. A setting leaks when the 95% interval of its median gain "
+        "lies above 0 (an order-statistic interval, valid for any distribution; it needs 6 or more trials, "
+        "fewer say \u201cn too small\u201d); otherwise it is marked \u201cno leakage detected\u201d. The mean "
+        "gain with its interval is under All tables.")  # fmt: skip
+    parts = [note]
+    if table["gain_median"].notna().any():
+        parts.append(markup.figure(figures.gain_per_setting(table, by, question), question))
+    else:
+        parts.append(markup.note("These rows carry no baseline (written before baselines were recorded): their "
+                                 "PSNR cannot be read as leakage, so there is nothing to plot."))  # fmt: skip
+    shown = table[[*by, "trials", "baseline_psnr", "psnr", "gain_median"]].assign(
+        interval=markup.intervals(table["gain_median"], table["median_low"], table["median_high"]),
+        verdict=table["verdict"])
+    return markup.section("Leakage per setting", *parts, markup.table(shown, "leakage", 2, roles.settings))
+
+
+# ---------------------------------------------------------------------------------------------
+# Trained vs untrained
+
+
+def trained(runs: pd.DataFrame, by: list[str], seed: int, roles: Roles) -> str:
+    title = "Trained vs untrained victims"
+    epochs = sorted(stats.finished(runs)["trained_epochs"].dropna().unique())
+    if len(epochs) < 2 or epochs[0] != 0:
+        which = "untrained" if epochs == [0] else f"trained for {epochs} epochs" if epochs else "none finished"
+        return markup.empty_section(title, f"All finished trials share one model state ({which}): nothing to pair.")
+    pair_on = [name for name in roles.settings_in(runs) if name not in stats.MODEL_STATE]
+    pairs = stats.trained_pairs(runs, pair_on)
+    if pairs.empty:
+        return markup.empty_section(title, "No image was attacked under both an untrained and a trained victim with "
+                                           "every other setting equal: nothing to pair.")  # fmt: skip
+    arms = [name for name in stats.MODEL_STATE if pairs[name].nunique(dropna=False) > 1]
+    compared = [name for name in by if name not in stats.MODEL_STATE and pairs[name].nunique(dropna=False) > 1]
+    table = stats.paired_difference(pairs, [*compared, *arms], seed)
+    value = "gain" if table["untrained_gain"].notna().any() else "psnr"
+    question = "Do trained victims leak as much as untrained ones? (the same images under both)"
+    xlabel = {"gain": "mean PSNR gain over the no-information baseline (dB)", "psnr": "mean PSNR (dB)"}[value]
+    panels = [name for name in ("dataset",) if name in compared]
+    rows = [name for name in [*compared, *arms] if name not in panels]
+    note = markup.note(
+        "Each pair is one image attacked under an untrained and a trained victim with every other setting "
+        "equal (images, seeds, FL recipe, attack). Difference: trained minus untrained PSNR, averaged over "
+        f"pairs, with a BCa bootstrap interval from {stats.MIN_BOOTSTRAP} pairs on.")  # fmt: skip
+    shown = table.drop(columns=["untrained_gain", "trained_gain", "ci_low", "ci_high", "reading"]).assign(
+        interval=markup.intervals(table["difference"], table["ci_low"], table["ci_high"]), reading=table["reading"])
+    plot = figures.paired_arms(table, rows, panels, value, question, xlabel)
+    return markup.section(title, note, markup.figure(plot, question), markup.table(shown, "trained", 2, roles.settings))
+
+
+# ---------------------------------------------------------------------------------------------
+# Quality against iterations and against settings
+
+
+def quality(results, runs: pd.DataFrame, by: list[str]) -> str:
+    title, question = "Attack progress", "Was the attack budget enough? PSNR of the best restart at each checkpoint"
+    done = stats.finished(runs)
+    curves = load.load_curves(results, done["key"].tolist())
+    curves = curves[curves["curve_psnr"].map(len) > 0]
+    if curves.empty:
+        return markup.empty_section(title, "No quality curves in these rows (written before they were recorded).")
+    points = curves.explode(["curve_iterations", "curve_psnr"]).rename(columns={"curve_iterations": "iteration"})
+    points = points.astype({"iteration": int, "curve_psnr": float}).merge(
+        done[["key", "baseline_psnr", *by]], on="key")
+    panels, series = figures.split_panels(points, by)
+    note = markup.note("Median over a setting's trials of the best restart's PSNR at each checkpoint; the dashed line "
+                       "is the median no-information baseline of the panel's trials. A curve still rising at the end "
+                       "means the budget was too short.")  # fmt: skip
+    return markup.section(title, note, _panel_cap(points, panels),
+                          markup.figure(figures.quality_curves(points, panels, series, question), question))
+
+
+def gain_against(runs: pd.DataFrame, by: list[str], x: str, title: str, question: str) -> str:
+    done = stats.finished(runs)
+    values = sorted(done[x].dropna().unique())
+    if len(values) < 2:
+        what = f"One value of {x} ({values[0]})" if values else f"No finished trial has a value of {x}"
+        return markup.empty_section(title, f"{what}: nothing to compare.")
+    subset = done[done[x].notna()]
+    if subset["psnr_gain"].isna().all():
+        return markup.empty_section(title, "These rows carry no baseline (written before baselines were recorded).")
+    others = [name for name in by if name != x and subset[name].nunique(dropna=False) > 1]
+    table = stats.leakage(subset, [*others, x])
+    panels, series = figures.split_panels(table, others)
+    notes = [markup.note("Median PSNR gain over the no-information baseline, its 95% interval shaded (6 or more "
+                         "trials).")]
+    if skipped := len(done) - len(subset):
+        notes.append(markup.note(f"{skipped} finished trials have no {x} (it does not apply to them) and are left "
+                                 "out."))  # fmt: skip
+    return markup.section(title, *notes, _panel_cap(table, panels),
+                          markup.figure(figures.gain_against(table, x, panels, series, question), question))
+
+
+def _panel_cap(frame: pd.DataFrame, panels: list[str]) -> str:
+    count = len(frame.groupby(panels, dropna=False)) if panels else 1
+    if count <= figures.MAX_PANELS:
+        return ""
+    return markup.note(f"Showing {figures.MAX_PANELS} of {count} panels; group more coarsely with --by.")
+
+
+# ---------------------------------------------------------------------------------------------
+# Tuning, the full tables, failures
+
+
+def tuning(frame: pd.DataFrame, tuned: list[str], seed: int, roles: Roles) -> str:
+    title = "Tuning"
+    if not tuned:
+        return markup.empty_section(title, "No tuning candidates in these results.")
+    parts = [markup.note("Each candidate's numbers come from its own trials on the tuning images (held-out trials "
+                         "are shown only in the comparison). Mean PSNR as the driver scores it (an exact copy counts "
+                         f"as {stats.PSNR_CAP:g} dB); pruned and failed candidates carry the best so far.")]
+    for study in tuned:
+        rows = frame[frame["study"] == study]
+        searched, held_tuned, held_defaults = tuning_history.split(rows)
+        table = tuning_history.history(searched, roles)
+        question = "Did the search find a stronger attack as it went?"
+        baseline = searched["baseline_psnr"].astype(float).mean()
+        compute = markup.duration(load.compute_seconds(rows).sum())
+        parts += [f"<h3>{html.escape(study)}</h3>",
+                  markup.note(f"Compute: {compute} (each trial's share of its task)."),
+                  markup.figure(figures.tuning_history(table, baseline, question), question),
+                  markup.table(table, f"tuning-{markup.slug(study)}", 2, roles.settings),
+                  _held_out(study, held_tuned, held_defaults, seed)]  # fmt: skip
+    return markup.section(title, *parts)
+
+
+def _held_out(study: str, tuned: pd.DataFrame, defaults: pd.DataFrame, seed: int) -> str:
+    result = tuning_history.comparison(tuned, defaults, seed)
+    if result is None:
+        return markup.note("No held-out comparison in these rows (the driver writes it after the search ends).")
+    shown = pd.DataFrame([{
+        "candidate": result["candidate"], "clients": result["clients"], "baseline_psnr": result["baseline_psnr"],
+        "tuned_psnr": result["tuned_psnr"], "defaults_psnr": result["defaults_psnr"], "gain": result["gain"],
+        "interval": markup.intervals(*(pd.Series([result[name]]) for name in ("gain", "ci_low", "ci_high")))[0],
+    }])  # fmt: skip
+    note = markup.note(f"The best candidate against the paper's defaults (tv 1e-4, lr 0.1, step decay) on the same "
+                       f"held-out clients: mean PSNR of each, and the mean paired gain with a BCa bootstrap interval "
+                       f"from {stats.MIN_BOOTSTRAP} clients on.")  # fmt: skip
+    return "<h4>Held-out comparison</h4>" + note + markup.table(shown, f"held-out-{markup.slug(study)}", digits=2)
+
+
+def all_tables(runs: pd.DataFrame, by: list[str], threshold: float, seed: int, roles: Roles) -> str:
+    parts = [markup.note(f"One observation per finished trial (its metric is the mean over the client's images). "
+                         f"Interval: {stats.CONFIDENCE:.0%} BCa bootstrap interval of the mean ({stats.RESAMPLES} "
+                         f"resamples, seed {seed}), none under {stats.MIN_BOOTSTRAP} trials "
+                         f"(\u201c{stats.TOO_SMALL}\u201d); success rates with Wilson intervals.")]  # fmt: skip
+    for metric, table in stats.summarise_all(runs, by, seed).items():
+        shown = table.assign(interval=markup.intervals(table["mean"], table["ci_low"], table["ci_high"]))
+        shown = shown[[*by, "trials", "mean", "interval", "median", "std"]]
+        shown_table = markup.table(shown, metric.replace("_", "-"), settings=roles.settings)
+        parts.append(f"<h3>{METRIC_TITLES[metric]}</h3>" + shown_table)
+    parts += [f"<h3>Success rate</h3>", markup.note(f"A trial succeeds when its PSNR reaches {threshold:g} dB."),
+              markup.table(stats.success_rate(runs, by, threshold), "success", settings=roles.settings)]  # fmt: skip
+    best = stats.best_of_restarts(runs, by, seed)
+    parts.append("<h3>Best of restarts</h3>")
+    if best is None:
+        parts.append(markup.note("Each client's images were attacked with one attack seed: nothing to pick the best "
+                                 "from."))  # fmt: skip
+    else:
+        parts += [markup.note("Per client, the highest PSNR over trials that differ only in the attack seed."),
+                  markup.table(best, "best-of-restarts", settings=roles.settings)]  # fmt: skip
+    body = "\n".join(parts)
+    return markup.section("All tables", f"<details><summary>Metrics, success rates and best of restarts per setting"
+                                        f"</summary>{body}</details>")  # fmt: skip
+
+
+def failures(frame: pd.DataFrame) -> str:
+    failed = frame[frame["status"] == "failed"]
+    if failed.empty:
+        return markup.empty_section("Failures", "No failed trials.")
+    table = failed[["key", "study", "attempt", "error"]].sort_values(["study", "key"])
+    return markup.section("Failures", markup.note(f"{len(failed)} failed trial{'s' * (len(failed) != 1)}."),
+                          markup.table(table, "failures"))

@@ -1,0 +1,79 @@
+"""The datasets by name: shape, classes, normalisation and split, without loading anything.
+
+Torch-free, so that commands that only read results (the report's class counts) stay light.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .errors import require
+
+PHOTO_NAMES = ("astronaut", "chelsea", "coffee", "rocket", "immunohistochemistry", "hubble_deep_field")
+
+
+@dataclass(frozen=True)
+class BundledSplit:
+    """A disjoint train/test split of a bundled image set, as indices into its images.
+
+    Checkpoint recipes and trial keys carry ``version``: change the indices only with a new version.
+    """
+
+    version: int
+    test: tuple[int, ...]
+    train: tuple[int, ...]
+
+    def __post_init__(self):
+        assert not set(self.test) & set(self.train), "a split's test and train images must be disjoint"
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    name: str
+    channels: int
+    size: int  # native side length; images are square after loading
+    num_classes: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    test_images: int  # how many images the test split holds
+    split: BundledSplit | None = None  # bundled sets: the split defined here; None: the source's own
+    trainable: bool = True  # False: every image is attacked, none is left to train on
+
+    @property
+    def split_version(self) -> int:
+        """0 for a source's own published split, else the version of the split defined here."""
+        return self.split.version if self.split else 0
+
+
+# skimage's lfw_subset holds 100 faces (label 1), then 100 non-faces (label 0). The attacked test split
+# is the first 25 of each, faces first, so the first test images are faces a reader recognises. The
+# other 150 train victims, alternating face and non-face so that any first N are balanced.
+FACES_SPLIT = BundledSplit(
+    version=1,
+    test=(*range(0, 25), *range(100, 125)),
+    train=tuple(index for pair in zip(range(25, 100), range(125, 200)) for index in pair),
+)
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+
+DATASETS = {
+    s.name: s
+    for s in (
+        DatasetSpec("fashion-mnist", 1, 28, 10, (0.2860,), (0.3530,), 10_000),
+        DatasetSpec("mnist", 1, 28, 10, (0.1307,), (0.3081,), 10_000),
+        DatasetSpec("cifar10", 3, 32, 10, CIFAR10_MEAN, CIFAR10_STD, 10_000),
+        DatasetSpec("cifar100", 3, 32, 100, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762), 10_000),
+        DatasetSpec("imagenet", 3, 224, 1000, IMAGENET_MEAN, IMAGENET_STD, 50_000),
+        # Labeled Faces in the Wild subset bundled with scikit-image, split by FACES_SPLIT.
+        DatasetSpec("faces", 1, 25, 2, (0.3771,), (0.2728,), len(FACES_SPLIT.test), split=FACES_SPLIT),
+        DatasetSpec(
+            "photos", 3, 224, len(PHOTO_NAMES), IMAGENET_MEAN, IMAGENET_STD, len(PHOTO_NAMES), trainable=False
+        ),
+    )
+}
+
+
+def dataset_spec(name: str) -> DatasetSpec:
+    require(name in DATASETS, "dataset", name, f"choose one of {', '.join(DATASETS)}")
+    return DATASETS[name]

@@ -1,0 +1,348 @@
+"""Every trial parameter, declared once, in the parts a trial is made of.
+
+A part is a frozen dataclass whose fields are declared with :func:`knob`: default, kind, help text,
+validation and its one-line fix, when the field applies, whether trials packed into lanes share it,
+its Arrow column type and its search range for ``tune``. :class:`gradinv.trial.TrialSpec` is the
+registered parts combined; the command-line flags, study-file coercion, the results columns, the
+inapplicable fields, the lane signature and the tune space are all read from these declarations.
+Adding a knob is one :func:`knob` line here plus the code that uses it.
+
+This module imports neither torch nor pyarrow: commands that only read results stay light.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+from .errors import require
+
+KNOB = "gradinv.knob"  # the field-metadata key of a declaration
+KINDS = ("int", "float", "str", "bool", "ints")
+ARROW = {"int": "int32", "float": "float64", "str": "string", "bool": "bool", "ints": "list<int32>"}
+Rule = tuple[Callable[[Any], bool], str]  # a value passes when the predicate holds; else the fix is shown
+
+
+@dataclass(frozen=True)
+class Knob:
+    """One parameter's declaration (the field's metadata)."""
+
+    kind: str
+    help: str
+    choices: tuple | Callable[[], tuple] | None  # allowed values (a callable: looked up when needed)
+    rules: tuple[Rule, ...]
+    applies: Callable[[Any], bool] | None  # on the trial; None: always
+    lane_shared: bool | Callable[[Any], Any]  # True: lanes share the value; a callable: they share its result
+    arrow: str
+    search: str | tuple | None  # "log": a log-uniform range; "choices": the choices; a tuple: those choices
+    optional: bool  # None is a value (the default's meaning is in the help)
+    names: tuple = ()  # kind "ints" only: a name that may stand in for the list
+    repeat_flag: str | None = None  # on the command line: a singular flag given once per item
+
+    def allowed(self) -> tuple | None:
+        return self.choices() if callable(self.choices) else self.choices
+
+    def validate(self, name: str, value) -> None:
+        """Raises ConfigError (one line naming the field, the value and the fix) unless ``value`` fits."""
+        if value is None and self.optional:
+            return
+        for holds, fix in self.rules:
+            require(holds(value), name, _shown(value), fix)
+        allowed = self.allowed()
+        if allowed is not None:
+            require(value in allowed, name, value, f"choose one of {', '.join(map(str, allowed))}")
+
+
+def knob(
+    default,
+    *,
+    kind: str,
+    help: str,
+    choices: tuple | Callable[[], tuple] | None = None,
+    check: Callable[[Any], bool] | None = None,
+    fix: str = "",
+    rules: Sequence[Rule] = (),
+    applies: Callable[[Any], bool] | None = None,
+    lane_shared: bool | Callable[[Any], Any] = True,
+    arrow: str | None = None,
+    search: str | tuple | None = None,
+    names: tuple = (),
+    repeat_flag: str | None = None,
+):
+    """A declared trial parameter: a dataclass field whose metadata is its :class:`Knob`."""
+    assert kind in KINDS, kind
+    declared = Knob(
+        kind=kind, help=help, choices=choices, rules=(*rules, *([(check, fix)] if check else [])), applies=applies,
+        lane_shared=lane_shared, arrow=arrow or ARROW[kind], search=search, optional=default is None, names=names,
+        repeat_flag=repeat_flag,
+    )  # fmt: skip
+    return dataclasses.field(default=default, metadata={KNOB: declared})
+
+
+class Part:
+    """Base of the parts: a part validates its own declared fields when built."""
+
+    def __post_init__(self):
+        validate(self)
+
+
+def declarations(cls_or_spec) -> dict[str, Knob]:
+    """Name -> declaration of every declared field of a part, a spec class or an instance, in order."""
+    return {f.name: f.metadata[KNOB] for f in dataclasses.fields(cls_or_spec) if KNOB in f.metadata}
+
+
+def defaults(cls_or_spec) -> dict:
+    return {f.name: f.default for f in dataclasses.fields(cls_or_spec) if KNOB in f.metadata}
+
+
+def validate(instance) -> None:
+    for name, declared in declarations(instance).items():
+        declared.validate(name, getattr(instance, name))
+
+
+def extract(part: type, source):
+    """The ``part`` built from the same-named fields of ``source`` (a trial, or a larger part)."""
+    return part(**{name: getattr(source, name) for name in declarations(part)})
+
+
+def _shown(value):
+    return list(value) if isinstance(value, tuple) else value
+
+
+def _positive(value) -> bool:
+    return value > 0
+
+
+def _at_least(low) -> Callable[[Any], bool]:
+    return lambda value: value >= low
+
+
+def _attack_families() -> tuple[str, ...]:
+    from .attacks.registry import FAMILIES  # the registry imports the parts below
+
+    return tuple(FAMILIES)
+
+
+def trained_victim(trial) -> bool:
+    """Whether the victim is a checkpoint from the model zoo rather than the seeded untrained model."""
+    return trial.trained_epochs > 0
+
+
+def _has_width(trial) -> bool:
+    from . import models  # torch: only a built trial asks, and building one needs torch anyway
+
+    return models.default_width(trial.model) is not None
+
+
+LABELS = ("known", "recovered")
+FL_MODES = ("fedsgd", "fedavg")
+BATCH_ORDERS = ("shuffled", "sequential")
+COSTS = ("cosine", "l2", "l1", "max", "simlocal")
+DECAYS = ("step", "step-eighths", "cosine", "none")
+INITS = ("randn", "rand", "zeros")
+LAYER_WEIGHTINGS = ("equal", "linear", "exp")
+# Named tensor sets: the first / last K parameter tensors (fewer when the model has fewer), the K of
+# largest target norm, or `batch`: 8 tensors drawn afresh at every evaluation.
+LAYER_SETS = ("all", "first4", "first5", "first10", "first50", "last5", "last10", "last50", "top10", "top50", "batch")
+OPTIMIZERS = ("adam", "sgd", "lbfgs")
+SCORINGS = ("loss", "tv", "pixelmean", "pixelmedian")
+
+
+# ------------------------------------------------------------------------------------------------
+# The parts. Field order is column order; defaults never change (trial keys leave defaults out).
+
+
+@dataclass(frozen=True, kw_only=True)
+class DataSettings(Part):
+    """Whose images the client holds."""
+
+    dataset: str = knob("fashion-mnist", kind="str",
+                        help="fashion-mnist, faces, photos, mnist, cifar10, cifar100 or imagenet")  # fmt: skip
+    images: tuple[int, ...] = knob(
+        (0,), kind="ints", help="the client's images: indices into the test split", lane_shared=len,
+        rules=[(lambda v: len(v) >= 1, "give at least one image index"),
+               (lambda v: len(set(v)) == len(v), "list each image once")],
+        repeat_flag="image",
+    )  # fmt: skip
+    image_size: int | None = knob(None, kind="int", help="resize images to this side (default: the dataset's own)",
+                                  check=_at_least(4), fix="use 4 or more")  # fmt: skip
+    labels: str = knob("known", kind="str", help="known to the attacker, or recovered from the update",
+                       choices=LABELS, lane_shared=False)  # fmt: skip
+
+
+@dataclass(frozen=True, kw_only=True)
+class VictimSettings(Part):
+    """The model the client trains: seeded and untrained, or a checkpoint of the model zoo."""
+
+    model: str = knob("convnet", kind="str", help="convnet, lenet, resnet20, resnet18, mlp, ... (gradinv.models)")
+    width: int | None = knob(None, kind="int", help="the model's width (default: the model's own)",
+                             check=_at_least(1), fix="use a whole number of at least 1", applies=_has_width)  # fmt: skip
+    model_seed: int = knob(0, kind="int", help="seeds the untrained weights (and a checkpoint's training)",
+                           arrow="int64")  # fmt: skip
+    trained_epochs: int = knob(0, kind="int", help="0: the seeded untrained model; else a checkpoint from the zoo",
+                               check=_at_least(0), fix="use 0 (untrained) or more")  # fmt: skip
+    train_subset: int | None = knob(None, kind="int", help="trained victims: the first N training images (default all)",
+                                    check=_at_least(1), fix="use 1 or more", applies=trained_victim)  # fmt: skip
+
+
+def _fedavg(trial) -> bool:
+    return trial.fl == "fedavg"
+
+
+@dataclass(frozen=True, kw_only=True)
+class ClientSettings(Part):
+    """How the client computes its update (FedSGD or FedAvg); the attacker knows all of it."""
+
+    fl: str = knob("fedsgd", kind="str", help="fedsgd (one gradient) or fedavg (local SGD steps)", choices=FL_MODES)
+    local_steps: int = knob(1, kind="int", help="FedAvg: SGD steps on the client's images", applies=_fedavg,
+                            check=_at_least(1), fix="use at least 1 local step")  # fmt: skip
+    local_lr: float = knob(1e-4, kind="float", help="FedAvg: the local learning rate", applies=_fedavg,
+                           check=_positive, fix="use a positive local learning rate")  # fmt: skip
+    local_batch_size: int = knob(0, kind="int", help="FedAvg: images per local step; 0: all of them", applies=_fedavg,
+                                 check=_at_least(0), fix="use 0 (all) or more")  # fmt: skip
+    data_order_seed: int = knob(0, kind="int", help="FedAvg: shuffles the mini-batches of each local epoch",
+                                arrow="int64", applies=lambda t: _fedavg(t) and t.batch_order != "sequential")  # fmt: skip
+    batch_order: str = knob("shuffled", kind="str", choices=BATCH_ORDERS, applies=_fedavg,
+                            help="FedAvg mini-batches: reshuffled each epoch, or the reference's fixed slices")  # fmt: skip
+
+
+def _seeded_attack(trial) -> bool:
+    from .attacks.registry import FAMILIES
+
+    return FAMILIES[trial.attack].seeded
+
+
+@dataclass(frozen=True, kw_only=True)
+class AttackSettings(Part):
+    """Which attack family runs, and the seed of its random start."""
+
+    attack: str = knob("ig", kind="str", help="the attack family (gradinv.attacks.registry)", choices=_attack_families)
+    attack_seed: int = knob(0, kind="int", help="seeds the attack's starting images", arrow="int64",
+                            lane_shared=False, applies=_seeded_attack)  # fmt: skip
+
+
+@dataclass(frozen=True, kw_only=True)
+class OptimiserSettings(Part):
+    """What every optimising attack (inverting gradients, DLG) reads."""
+
+    iterations: int = knob(24_000, kind="int", help="optimisation steps per restart",
+                           check=_at_least(1), fix="use at least 1 iteration")  # fmt: skip
+    lr: float = knob(0.1, kind="float", help="the step size (inverting gradients: Adam's only)", lane_shared=False,
+                     check=_positive, fix="use a positive step size", search="log",
+                     applies=lambda t: t.optimizer == "adam")  # fmt: skip
+
+
+def _restarts(trial) -> bool:
+    return trial.restarts > 1
+
+
+@dataclass(frozen=True, kw_only=True)
+class InvertingSettings(Part):
+    """Inverting gradients only: each of the reference implementation's choices, by name."""
+
+    restarts: int = knob(1, kind="int", help="independent starts; the best one is kept", search="choices",
+                         check=_at_least(1), fix="use at least 1 restart")  # fmt: skip
+    tv: float = knob(1e-4, kind="float", help="the total-variation weight", lane_shared=False, search="log",
+                     check=_at_least(0), fix="use a TV weight of 0 or more")  # fmt: skip
+    # tune searches only the costs that its pruner can compare across candidates
+    # tune searches only the costs whose scales the pruner can compare across candidates
+    cost: str = knob("cosine", kind="str", help="the gradient distance", choices=COSTS, search=("cosine", "l2"))
+    decay: str = knob("step", kind="str", choices=DECAYS, search="choices",
+                      help="step-size schedule (step: x0.1 at the reference's milestones)")  # fmt: skip
+    init: str = knob("randn", kind="str", help="the starting images", choices=INITS, search="choices")
+    layer_weighting: str = knob("equal", kind="str", choices=LAYER_WEIGHTINGS, search="choices",
+                                help="the weight of each parameter tensor (linear/exp: earlier ones weigh more)")  # fmt: skip
+    layers: tuple[int, ...] | None = knob(
+        None, kind="ints", names=LAYER_SETS, help="parameter indices to match (negative from the end), or a named set",
+        check=lambda v: len(v) >= 1, fix="list at least one index",
+    )  # fmt: skip
+    clamp_init: bool = knob(False, kind="bool", help="project the first images into the pixel box")
+    layer_set: str = knob("all", kind="str", help="a named set of parameter tensors to match", choices=LAYER_SETS)
+    signed: bool = knob(True, kind="bool", help="step on the sign of the image gradient")
+    boxed: bool = knob(True, kind="bool", help="keep pixels in the valid box after every step")
+    median_filter: bool = knob(False, kind="bool", help="a 3x3 median filter every 500 iterations")
+    optimizer: str = knob("adam", kind="str", help="adam, or the reference's sgd or lbfgs", choices=OPTIMIZERS)
+    scoring: str = knob(
+        "loss", kind="str", help="how restarts become one reconstruction", choices=SCORINGS, applies=_restarts,
+        check=lambda v: v != "inception", fix="it needs Inception weights that gradinv does not ship; use loss, tv, "
+        "pixelmean or pixelmedian",
+    )  # fmt: skip
+    tol: float | None = knob(None, kind="float", help="drop the restarts after one that scores at most this",
+                             applies=_restarts, check=math.isfinite, fix="use a finite number")  # fmt: skip
+
+
+PARTS: list[type] = [DataSettings, VictimSettings, ClientSettings, AttackSettings, OptimiserSettings, InvertingSettings]
+
+
+def register(part: type) -> type:
+    """Adds a part to every trial (use as a class decorator in the module that declares it)."""
+    PARTS.append(part)
+    return part
+
+
+def parameters() -> dict[str, Knob]:
+    """Every declared trial parameter, in column order."""
+    return {name: declared for part in PARTS for name, declared in declarations(part).items()}
+
+
+def parameter_defaults() -> dict:
+    return {name: value for part in PARTS for name, value in defaults(part).items()}
+
+
+def search_space() -> tuple[tuple[str, ...], dict[str, tuple | None]]:
+    """What ``tune`` may search: the log-uniform names, and name -> choices (None: any count of 1 or more)."""
+    declared = parameters()
+    log_uniform = tuple(name for name, d in declared.items() if d.search == "log")
+    choices = {name: (d.allowed() if d.search == "choices" else d.search)
+               for name, d in declared.items() if d.search not in (None, "log")}  # fmt: skip
+    return log_uniform, choices
+
+
+def paper_defaults() -> dict:
+    """The declared defaults (the paper's settings) of every searchable parameter."""
+    log_uniform, choices = search_space()
+    every = parameter_defaults()
+    return {name: every[name] for name in (*log_uniform, *choices)}
+
+
+# ------------------------------------------------------------------------------------------------
+# The README's parameter table, generated from the declarations (a test keeps README.md in step).
+
+README_START, README_END = "<!-- parameters: generated by `python -m gradinv.parameters README.md` -->", "<!-- /parameters -->"
+
+
+def markdown_table() -> str:
+    """Every declared parameter as a row of a Markdown table: part, name, type, default, values, meaning."""
+    rows = ["| part | parameter | type | default | values | meaning |", "|---|---|---|---|---|---|"]
+    for part in PARTS:
+        part_defaults = defaults(part)
+        for name, declared in declarations(part).items():
+            allowed = declared.allowed()
+            values = ", ".join(f"`{v}`" for v in allowed) if allowed else ""
+            if declared.names:
+                values = "or a name: " + ", ".join(f"`{v}`" for v in declared.names)
+            default = part_defaults[name]
+            shown = "none" if default is None else f"`{_shown(default)}`".replace("True", "true").replace("False", "false")
+            title = part.__name__.removesuffix("Settings").lower()
+            rows.append(f"| {title} | `{name}` | {declared.kind} | {shown} | {values} | {declared.help} |")
+    return "\n".join(rows)
+
+
+def readme_block() -> str:
+    return f"{README_START}\n{markdown_table()}\n{README_END}"
+
+
+def _rewrite_readme(path: str) -> None:
+    from pathlib import Path
+
+    text = Path(path).read_text()
+    start, end = text.index(README_START), text.index(README_END) + len(README_END)
+    Path(path).write_text(text[:start] + readme_block() + text[end:])
+
+
+if __name__ == "__main__":
+    import sys
+
+    _rewrite_readme(sys.argv[1])

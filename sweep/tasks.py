@@ -1,0 +1,94 @@
+"""The driver's side of Ray tasks, shared by `run` and `tune`: trials grouped into packs, a pack
+submitted as a task (retried by Ray when its worker dies), waiting on what is ready, and the rows of
+a task lost for good or stopped before its trials finished.
+"""
+
+from __future__ import annotations
+
+import functools
+from itertools import groupby
+
+from gradinv.trial import TrialOutcome, TrialSpec, lane_signature
+
+from .execution import Pack, failed_outcomes, now, outcome_row, where_am_i
+from .study import Study
+
+DEFAULT_LANES = {"cpu": 1, "cuda": 16}
+
+
+def make_packs(study: Study, todo: list[tuple[str, TrialSpec]], device: str) -> list[Pack]:
+    """Group lane-compatible trials into packs of at most ``lanes`` trials, in study order."""
+    lanes = study.lanes or DEFAULT_LANES[device]
+    threads = max(1, int(study.resources.num_cpus))
+    order = {key: i for i, (key, _) in enumerate(todo)}
+    ordered = sorted(todo, key=lambda item: (repr(lane_signature(item[1])), order[item[0]]))
+    packs = []
+    for _, group in groupby(ordered, key=lambda item: repr(lane_signature(item[1]))):
+        group = list(group)
+        for start in range(0, len(group), lanes):
+            chunk = group[start : start + lanes]
+            keys, specs = zip(*chunk)
+            timeout = study.timeout * len(chunk) if study.timeout else None
+            packs.append(Pack(study.name, keys, specs, threads, device, timeout))
+    packs.sort(key=lambda pack: min(order[k] for k in pack.keys))
+    return packs
+
+
+def pack_task(ray, function, study: Study, **options):
+    """``function`` as a Ray task with a trial's resources; Ray runs it again only when its worker dies
+    (an exception in a trial is a failed row, not a retry)."""
+    resources = study.resources
+    return ray.remote(function).options(num_cpus=resources.num_cpus, num_gpus=resources.num_gpus,
+                                        max_retries=study.max_retries, retry_exceptions=False, **options)  # fmt: skip
+
+
+def device_of(study: Study) -> str:
+    return "cuda" if study.resources.num_gpus > 0 else "cpu"
+
+
+def ready(ray, refs: list, timeout: float) -> list:
+    """The refs that are ready: waits up to ``timeout`` for the first, then takes every other one
+    ready by then (one wait per burst, not per task)."""
+    if not refs:
+        return []
+    done, _ = ray.wait(refs, num_returns=1, timeout=timeout)
+    if done:
+        done, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
+    return done
+
+
+def task_error(error: BaseException) -> str:
+    """A task's failure in one line: its type and the first line of its message."""
+    return f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+
+
+def failed_rows(pack: Pack, message: str, attempt: int, started_at=None) -> list[dict]:
+    """Rows for trials that never produced their own (the task died for good, or had no victim)."""
+    timing = {"started_at": started_at or now(), "finished_at": now(), "task_seconds": None}
+    return [outcome_row(pack, key, outcome, attempt, timing, nowhere(pack.device))
+            for key, outcome in zip(pack.keys, failed_outcomes(pack, message))]  # fmt: skip
+
+
+def stopped_rows(pack: Pack, status: str, reason: str, curves: dict, started_at) -> list[dict]:
+    """Rows for a pack's trials stopped by the driver (a pruned candidate): ``status``, the reason,
+    and the cost curve each had streamed so far."""
+    timing = {"started_at": started_at, "finished_at": now(), "task_seconds": None}
+    rows = []
+    for key, spec in zip(pack.keys, pack.specs):
+        outcome = TrialOutcome(spec=spec, status=status, error=reason, curve=curves.get(key, []), lanes=len(pack.keys))
+        rows.append(outcome_row(pack, key, outcome, 1, timing, nowhere(pack.device)))
+    return rows
+
+
+@functools.lru_cache(maxsize=None)
+def nowhere(device: str) -> dict:
+    """The host and provenance columns of a row no worker wrote: null."""
+    return {name: None for name in where_am_i(device)}
+
+
+def collect(ray, ref, pack: Pack, max_retries: int) -> list[dict]:
+    """A finished task's rows; a task that failed for good (its worker died every time) gives failed rows."""
+    try:
+        return ray.get(ref)
+    except ray.exceptions.RayError as error:
+        return failed_rows(pack, task_error(error), attempt=max_retries + 1)

@@ -1,0 +1,220 @@
+"""Evaluating candidates on Ray: each candidate's trials run as lane packs in Ray generator tasks
+that stream a comparable cost at every checkpoint and then their rows. The driver collects the
+streams, cancels a pruned candidate's tasks (its trials become pruned rows), and writes an
+evaluation's rows once it has them all. A candidate whose trial keys all have finished rows takes
+them instead of running again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import queue
+import threading
+from dataclasses import dataclass, field
+
+from gradinv.trial import TrialSpec
+
+from .execution import Pack, PackStopped, current_attempt, now, run_pack
+from .results import ResultsDir
+from .study import Study
+from .tasks import device_of, failed_rows, make_packs, pack_task, ready, stopped_rows, task_error
+
+
+# ---------------------------------------------------------------------------------------------
+# Inside a Ray worker: a pack streamed checkpoint by checkpoint
+
+
+class CandidateStopped(PackStopped):
+    pass
+
+
+def comparable_scales(pack: Pack) -> list[float]:
+    """Per-lane factors that make gradient costs comparable across candidates: 1 - cos as is, and
+    the squared distance over twice the target's weighted squared norm (equal to 1 - cos when the
+    two gradients have equal norms)."""
+    if pack.specs[0].cost != "l2":
+        return [1.0] * len(pack.specs)
+    from gradinv import data
+    from gradinv.attacks.inverting import layer_weights
+    from gradinv.fl import client_update
+    from gradinv.trial import build_victim
+
+    scales = []
+    model = build_victim(pack.specs[0]).eval()
+    for spec in pack.specs:
+        images01, labels = data.load_images(spec.dataset, spec.images, None, image_size=spec.image_size)
+        update = client_update(model, data.normalise(images01, spec.data_spec), labels, spec.fl_config())
+        weights = layer_weights(len(update.tensors), spec.layer_weighting, spec.layers)
+        norm = sum(w * float(t.pow(2).sum()) for w, t in zip(weights, update.tensors))
+        scales.append(1.0 / (2.0 * norm) if norm > 0 else 1.0)
+    return scales
+
+
+def stream_pack(pack: Pack):
+    """Ray generator task: ("checkpoint", keys, iteration, costs, comparable costs) at every checkpoint
+    of the lanes running, then ("rows", rows). The attack runs in a thread (a callback cannot yield);
+    when the task is cancelled, the thread stops at its next checkpoint."""
+    attempt = current_attempt()
+    scales = dict(zip(pack.keys, comparable_scales(pack)))
+    events: queue.Queue = queue.Queue()
+    stop = threading.Event()
+
+    def on_checkpoint(keys: tuple[str, ...], iteration: int, costs: list[float]) -> None:
+        if stop.is_set():
+            raise CandidateStopped("cancelled by the tuning driver")
+        events.put(("checkpoint", keys, iteration, costs, [c * scales[k] for k, c in zip(keys, costs)]))
+
+    def attack() -> None:
+        try:
+            events.put(("rows", run_pack(pack, attempt, on_checkpoint=on_checkpoint)))
+        except BaseException as error:  # noqa: BLE001 - handed to the task's thread to raise
+            events.put(("error", error))
+
+    worker = threading.Thread(target=attack, name="attack", daemon=True)
+    worker.start()
+    try:
+        while True:
+            try:
+                item = events.get(timeout=0.2)  # short waits: a cancellation interrupts between them
+            except queue.Empty:
+                continue
+            if item[0] == "error":
+                raise item[1]
+            yield item
+            if item[0] == "rows":
+                return
+    finally:
+        stop.set()
+        worker.join()
+
+
+# ---------------------------------------------------------------------------------------------
+# The driver
+
+
+@dataclass
+class Evaluation:
+    """One candidate's (or comparison's) trials in flight, and what they have streamed so far."""
+
+    number: int | None  # the Optuna trial number; None for the paper-defaults comparison
+    specs: dict[str, TrialSpec]
+    trial: object = None  # optuna.trial.Trial while tuning
+    running: dict = field(default_factory=dict)  # generator -> Pack
+    costs: dict = field(default_factory=dict)  # key -> comparable cost per checkpoint
+    curves: dict = field(default_factory=dict)  # key -> [(iteration, cost)]
+    rows: dict = field(default_factory=dict)  # key -> row
+    reported: int = 0  # checkpoints reported to Optuna
+    started: object = None
+    pruned: bool = False
+
+    def done(self) -> bool:
+        return not self.running
+
+
+class Driver:
+    """Ray tasks in flight for several evaluations; rows written once per finished evaluation."""
+
+    def __init__(self, ray, study: Study, results: ResultsDir):
+        self.ray, self.study, self.results = ray, study, results
+        self.device = device_of(study)
+        self.task = pack_task(ray, stream_pack, study, num_returns="streaming")
+        self.known = self._finished_rows()
+        self.active: list[Evaluation] = []
+
+    def _finished_rows(self) -> dict[str, dict]:
+        """Key -> {status, psnr, ssim} of every ok or failed row (pruned rows are incomplete)."""
+        table = self.results.read(["key", "status", "psnr", "ssim"]).to_pylist()
+        return {row["key"]: row for row in table if row["status"] in ("ok", "failed")}
+
+    def reusable(self, specs: dict) -> bool:
+        return all(key in self.known for key in specs)
+
+    def start(self, evaluation: Evaluation) -> Evaluation:
+        study = dataclasses.replace(self.study, lanes=self.study.lanes or len(evaluation.specs))
+        evaluation.started = now()
+        for pack in make_packs(study, list(evaluation.specs.items()), self.device):
+            pack = dataclasses.replace(pack, candidate=evaluation.number)
+            evaluation.running[self.task.remote(pack)] = pack
+        self.active.append(evaluation)
+        return evaluation
+
+    def poll(self, timeout: float = 1.0) -> list[tuple[Evaluation, int | None]]:
+        """Take what a ready stream holds: (evaluation, checkpoints complete on all its trials, or None)."""
+        generators = {gen: ev for ev in self.active for gen in ev.running}
+        if not generators:
+            return []
+        events = []
+        for gen in ready(self.ray, list(generators), timeout):
+            evaluation = generators[gen]
+            if gen in evaluation.running:  # not cancelled by an earlier event of this poll
+                events.append((evaluation, self._take(evaluation, gen)))
+        return events
+
+    def _take(self, evaluation: Evaluation, gen) -> int | None:
+        pack = evaluation.running[gen]
+        try:
+            item = self.ray.get(next(gen))
+        except StopIteration:  # ended without rows: only if the stream was cut short
+            evaluation.running.pop(gen)
+            self._add_failed(evaluation, pack, RuntimeError("the task's stream ended without rows"))
+            return None
+        except self.ray.exceptions.RayError as error:  # the task failed for good (its worker died every time)
+            evaluation.running.pop(gen)
+            self._add_failed(evaluation, pack, error)
+            return None
+        if item[0] == "rows":
+            evaluation.running.pop(gen)
+            evaluation.rows.update({row["key"]: row for row in item[1]})
+            return None
+        _, keys, iteration, costs, comparable = item
+        for key, cost, value in zip(keys, costs, comparable):
+            curve = evaluation.curves.setdefault(key, [])
+            if any(done == iteration for done, _ in curve):  # run again alone after a pack-mate raised
+                continue
+            curve.append((iteration, cost))
+            evaluation.costs.setdefault(key, []).append(value)
+        return self.complete_checkpoints(evaluation)
+
+    def complete_checkpoints(self, evaluation: Evaluation) -> int:
+        return min((len(evaluation.costs.get(key, [])) for key in evaluation.specs), default=0)
+
+    def _add_failed(self, evaluation: Evaluation, pack: Pack, error: Exception) -> None:
+        rows = failed_rows(pack, task_error(error), self.study.max_retries + 1, evaluation.started)
+        evaluation.rows.update({row["key"]: row for row in rows})
+
+    def cancel(self, evaluation: Evaluation, reason: str) -> None:
+        """Stop the evaluation's tasks; its unfinished trials become pruned rows."""
+        for gen, pack in evaluation.running.items():
+            self.ray.cancel(gen)
+            rows = stopped_rows(pack, "pruned", reason, evaluation.curves, evaluation.started)
+            evaluation.rows.update({row["key"]: row for row in rows})
+        evaluation.running.clear()
+        evaluation.pruned = True
+
+    def abandon(self, evaluation: Evaluation) -> None:
+        for gen in evaluation.running:
+            self.ray.cancel(gen)
+        evaluation.running.clear()
+        self.active.remove(evaluation)
+
+    def finish(self, evaluation: Evaluation) -> list[dict]:
+        """Write the evaluation's rows (replacing older rows of the same keys); its rows, in order."""
+        self.active.remove(evaluation)
+        rows = [evaluation.rows[key] for key in evaluation.specs]
+        # A pruned row never replaces a finished one from an earlier evaluation of the same trial.
+        self.results.write([row for row in rows if row["status"] != "pruned" or row["key"] not in self.known])
+        for row in rows:
+            if row["status"] in ("ok", "failed"):
+                self.known[row["key"]] = {k: row.get(k) for k in ("key", "status", "psnr", "ssim")}
+        return rows
+
+    def evaluate(self, *evaluations: Evaluation) -> list[list[dict]]:
+        """Run evaluations side by side to the end (or take their rows from the results); their rows."""
+        for evaluation in evaluations:
+            if not self.reusable(evaluation.specs):
+                self.start(evaluation)
+        while any(evaluation in self.active for evaluation in evaluations):
+            for evaluation, _ in self.poll():
+                if evaluation.done():
+                    self.finish(evaluation)
+        return [[self.known.get(key) or evaluation.rows[key] for key in evaluation.specs] for evaluation in evaluations]

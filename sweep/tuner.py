@@ -1,0 +1,128 @@
+"""`gradinv tune`'s search: Optuna's ask/tell around the candidate driver, then the held-out comparison.
+
+The driver alone talks to Optuna and writes results. A candidate (one Optuna trial) is evaluated as
+ordinary trials, one per tuning client (sweep/tune_driver.py); the driver reports the mean comparable
+cost over the candidate's clients at every checkpoint, asks the pruner, and cancels a pruned
+candidate's tasks. Every trial lands as a row of the results dataset with its candidate number. At
+the end the best parameters and the paper's defaults are compared on held-out images
+(sweep/tune_report.py). A killed driver's candidates are queued again (sweep/tune_search.py).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tqdm import tqdm
+
+from .ray_connection import connect
+from .results import ResultsDir
+from .runner import runtime_environment
+from .study import Study
+from .tune_driver import Driver, Evaluation
+from .tune_report import compare_on_held_out, objective_value, report
+from .tune_search import best_trial, finished_candidates, open_study, requeue, requeue_interrupted, storage_url, suggest
+from .tune_section import CHECKPOINTS, TuneSettings, trial_specs, tune_settings
+
+EXIT_OK, EXIT_INCOMPLETE, EXIT_INTERRUPTED = 0, 1, 130
+
+
+class Tuner:
+    """Optuna's ask/tell around the driver: candidates started, reported, pruned and told."""
+
+    def __init__(self, driver: Driver, tuned, settings: TuneSettings, bar):
+        self.driver, self.tuned, self.settings, self.bar = driver, tuned, settings, bar
+
+    def run(self) -> None:
+        while finished_candidates(self.tuned) < self.settings.candidates or self.driver.active:
+            while self._room():
+                self._ask()
+            for evaluation, checkpoint in self.driver.poll():
+                if checkpoint and not evaluation.pruned:
+                    self._report(evaluation, checkpoint)
+                if evaluation.done() and evaluation in self.driver.active:
+                    self._tell(evaluation, self.driver.finish(evaluation))
+
+    def _room(self) -> bool:
+        busy = len(self.driver.active)
+        return busy < self.settings.parallel and finished_candidates(self.tuned) + busy < self.settings.candidates
+
+    def _ask(self) -> None:
+        trial = self.tuned.ask()
+        specs = trial_specs(self.settings, suggest(trial, self.settings.space), self.settings.tuning)
+        evaluation = Evaluation(trial.number, specs, trial)
+        if self.driver.reusable(specs):  # the same parameters ran before: their rows stand
+            self._tell(evaluation, [self.driver.known[key] for key in specs])
+            return
+        self.driver.start(evaluation)
+
+    def _report(self, evaluation: Evaluation, checkpoint: int) -> None:
+        for step in range(evaluation.reported + 1, checkpoint + 1):
+            costs = [evaluation.costs[key][step - 1] for key in evaluation.specs]
+            value = max(-sum(costs) / len(costs), -1e9)  # maximised, like the objective; a diverged lane is inf
+            evaluation.trial.report(value, step)
+            evaluation.reported = step
+            if step < CHECKPOINTS and evaluation.trial.should_prune() and not self._leading(value, step):
+                reason = f"pruned by the {self.settings.pruner} pruner at checkpoint {step} of {CHECKPOINTS}"
+                self.driver.cancel(evaluation, reason)
+                return
+
+    def _leading(self, value: float, step: int) -> bool:
+        """Whether no finished candidate did better at this checkpoint: the best always runs to the end."""
+        from optuna.trial import TrialState
+
+        finished = self.tuned.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        others = [t.intermediate_values.get(step) for t in finished]
+        return all(other is None or value >= other for other in others)
+
+    def _tell(self, evaluation: Evaluation, rows: list[dict]) -> None:
+        from optuna.trial import TrialState
+
+        if evaluation.pruned:
+            self.tuned.tell(evaluation.number, state=TrialState.PRUNED)
+        else:
+            value = objective_value(rows, self.settings.objective)
+            if value is None:  # a diverged or lost trial: the candidate failed
+                self.tuned.tell(evaluation.number, state=TrialState.FAIL)
+            else:
+                self.tuned.tell(evaluation.number, value)
+        self.bar.update(1)
+
+    def interrupt(self) -> None:
+        """Ctrl-C: write nothing half-done, requeue the candidates in flight."""
+        for evaluation in list(self.driver.active):
+            self.driver.abandon(evaluation)
+            requeue(self.tuned, evaluation.number)
+
+
+def tune_study(study: Study, results_path: str | Path, *, address: str | None = None, storage: str | None = None,
+               progress: bool = True, data_root_arg: str | None = None) -> int:  # fmt: skip
+    """Tune the study's attack; the exit code says whether the search and comparison finished."""
+    settings = tune_settings(study)
+    with ResultsDir(results_path) as results:
+        url = storage_url(results.path, storage)
+        tuned = open_study(study, settings, url)
+        requeued = requeue_interrupted(tuned)
+        if requeued:
+            print(f"{requeued} candidates left running by a stopped driver: failed and queued again")
+        ray = connect(address, runtime_environment(data_root_arg), study.max_retries)
+        bar = tqdm(total=settings.candidates, initial=min(finished_candidates(tuned), settings.candidates),
+                   desc=f"tune {study.name}", unit="candidate", disable=not progress, dynamic_ncols=True)  # fmt: skip
+        tuner = Tuner(Driver(ray, study, results), tuned, settings, bar)
+        try:
+            tuner.run()
+            bar.close()
+            best = best_trial(tuned)
+            if best is None:
+                print(f"no candidate of {study.name} finished; see `gradinv status {results.path}`")
+                return EXIT_INCOMPLETE
+            comparison = compare_on_held_out(tuner.driver, settings, best)
+            report(study, settings, best, comparison, results.path, url)
+            return EXIT_OK if comparison else EXIT_INCOMPLETE
+        except KeyboardInterrupt:
+            tuner.interrupt()
+            bar.close()
+            print("interrupted: candidates in flight are queued again; run the same command to continue")
+            return EXIT_INTERRUPTED
+        finally:
+            ray.shutdown()
+

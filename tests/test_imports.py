@@ -1,0 +1,139 @@
+"""The light verbs stay light and the modules layer without cycles: `gradinv status`, `report`,
+`export` and `--help` read Parquet and never load torch; no module of sweep/ or analysis/ imports
+itself back through another, at the top or inside a function."""
+
+import ast
+import io
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from sweep.results import ResultsDir
+
+REPO = Path(__file__).resolve().parent.parent
+PACKAGES = ("sweep", "analysis")
+
+
+def png(pixels: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray((pixels * 255).astype(np.uint8)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory) -> Path:
+    """Four finished one-image trials, written as `gradinv run` writes them; the last has a trained victim
+    (the report's accuracy table reads the dataset's class count)."""
+    path = tmp_path_factory.mktemp("light") / "results"
+    rng = np.random.default_rng(0)
+    rows = []
+    for image in range(4):
+        truth = rng.random((8, 8))
+        rows.append({
+            "study": "light", "key": f"{image:020d}", "dataset": "faces", "images": [image], "images_per_client": 1,
+            "model": "convnet", "width": 2, "attack": "ig", "iterations": 8, "status": "ok", "psnr": 20.0 + image,
+            "psnr_per_image": [20.0 + image], "ssim": 0.5, "label_accuracy": 1.0, "baseline_psnr": 15.0,
+            "psnr_gain": 5.0 + image, "truth_png": [png(truth)], "reconstruction_png": [png(truth[::-1])],
+            "trained_epochs": 2 if image == 3 else 0, "model_accuracy": 0.9 if image == 3 else None,
+        })  # fmt: skip
+    with ResultsDir(path) as written:
+        written.write(rows)
+    return path
+
+
+def run_fresh(code: str) -> dict:
+    """``code`` in a fresh interpreter of this venv; what it printed last, as JSON."""
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("verb", ["status", "report", "export", "--help"])
+def test_light_verbs_do_not_import_torch(verb, results, tmp_path):
+    argv = {
+        "status": ["status", str(results)],
+        "report": ["report", str(results), "--out", str(tmp_path / "report.html")],
+        "export": ["export", str(results), "--to", str(tmp_path / "export")],
+        "--help": ["--help"],
+    }[verb]
+    code = (
+        "import contextlib, io, json, sys\n"
+        "from sweep.cli import main\n"
+        "with contextlib.redirect_stdout(io.StringIO()):\n"
+        "    try:\n"
+        f"        exit_code = main({argv!r})\n"
+        "    except SystemExit as stop:\n"
+        "        exit_code = stop.code\n"
+        "print(json.dumps({'exit': exit_code, 'torch': 'torch' in sys.modules}))\n"
+    )
+    outcome = run_fresh(code)
+    assert outcome == {"exit": 0, "torch": False}
+    if verb == "report":
+        assert (tmp_path / "report.html").stat().st_size > 0
+    if verb == "export":
+        assert len(list((tmp_path / "export").rglob("*.png"))) == 8  # 4 reconstructions and their truths
+
+
+def module_imports(path: Path, name: str) -> set[str]:
+    """The sweep/ and analysis/ modules ``name`` (at ``path``) imports, anywhere in its body."""
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parent = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join(parent + ([node.module] if node.module else []))
+            found.add(base)
+            found |= {f"{base}.{alias.name}" for alias in node.names}  # `from . import tuning`
+    return found
+
+
+def import_graph() -> dict[str, set[str]]:
+    modules = {}
+    for package in PACKAGES:
+        for path in (REPO / package).glob("*.py"):
+            name = package if path.stem == "__init__" else f"{package}.{path.stem}"
+            modules[name] = path
+    return {name: (module_imports(path, name) & set(modules)) - {name} for name, path in modules.items()}
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import cycle as the modules along it, or None."""
+    state: dict[str, str] = {}
+
+    def visit(module: str, trail: list[str]) -> list[str] | None:
+        state[module] = "open"
+        for target in sorted(graph[module]):
+            if state.get(target) == "open":
+                return trail[trail.index(target) :] + [module, target] if target in trail else [module, target]
+            if target not in state:
+                cycle = visit(target, trail + [module])
+                if cycle:
+                    return cycle
+        state[module] = "done"
+        return None
+
+    for module in sorted(graph):
+        if module not in state:
+            cycle = visit(module, [])
+            if cycle:
+                return cycle
+    return None
+
+
+def test_the_import_graph_of_sweep_and_analysis_has_no_cycle():
+    graph = import_graph()
+    assert "sweep.tuning" in graph["sweep.cli"] and "sweep.results" in graph["analysis.load"]  # the walk sees imports
+    assert find_cycle(graph) is None, " -> ".join(find_cycle(graph))
+
+
+def test_the_cycle_finder_finds_a_cycle():
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": set()}) == ["a", "b", "c", "a"]

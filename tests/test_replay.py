@@ -1,0 +1,108 @@
+"""`gradinv attack --replay`: a row's trial computed again gives its stored numbers, to the last digit."""
+
+import json
+import textwrap
+
+import pandas as pd
+import pytest
+
+from sweep import replay
+from sweep.cli import main
+from sweep.results import ResultsDir
+
+# Two clients per setting, packed two lanes to a computation: replay must rebuild the pack.
+STUDY = """
+name: replay-tiny
+data: {dataset: faces, images: 4, image_size: 8}
+fixed: {model: convnet, width: 4, iterations: 20, images_per_client: 2, train_subset: 32}
+zip:
+  fl: [fedsgd, fedavg, fedsgd]
+  local_steps: [1, 2, 1]
+  trained_epochs: [0, 0, 1]
+resources: {num_cpus: 1}
+lanes: 2
+"""
+
+SETTINGS = {
+    "fedsgd": "fl == 'fedsgd' and trained_epochs == 0",
+    "fedavg": "fl == 'fedavg' and local_steps == 2",
+    "trained": "trained_epochs == 1",
+}
+
+
+@pytest.fixture(scope="module")
+def study_results(tmp_path_factory):
+    """The study run once on a local Ray instance (started and stopped by the command), its
+    checkpoint cache kept in the environment while the module's tests replay its rows."""
+    root = tmp_path_factory.mktemp("replay")
+    study = root / "study.yaml"
+    study.write_text(textwrap.dedent(STUDY).lstrip())
+    results = root / "results"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("GRADINV_CACHE", str(root / "cache"))
+        assert main(["run", str(study), "--results", str(results), "--no-progress"]) == 0
+        yield results, pd.read_parquet(results)
+
+
+@pytest.mark.parametrize("setting", SETTINGS)
+def test_replay_reproduces_a_row_to_the_last_digit(study_results, setting):
+    results, frame = study_results
+    rows = frame.query(SETTINGS[setting])
+    assert len(rows) == 2 and (rows["status"] == "ok").all() and (rows["lanes"] == 2).all()
+    assert rows["pack_id"].nunique() == 1  # the two clients ran as one pack
+    row = rows[rows["lane_index"] == 1].iloc[0]  # the second lane: its numbers depend on the first
+    found, pack = replay.find_pack(results, row["key"])
+    assert found["key"] == row["key"] and [mate["key"] for mate in pack] == list(rows.sort_values("lane_index")["key"])
+    result = replay.replay(results, row["key"])
+    assert result.outcome.status == "ok" and result.notes == ()
+    for name in replay.COMPARED:
+        assert result.outcome.metrics[name] == row[name], name
+    assert result.outcome.per_image["psnr"] == list(row["psnr_per_image"])
+    assert replay.identical(replay.compare(result.row, result.outcome))
+
+
+def test_the_command_prints_both_columns_and_writes_the_outcome(study_results, tmp_path, capsys):
+    results, frame = study_results
+    row = frame.query(SETTINGS["trained"]).iloc[0]
+    out = tmp_path / "again"
+    assert main(["attack", "--replay", str(results), row["key"], "--out", str(out)]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[-1] == "identical: yes"
+    psnr = next(line for line in lines if line.startswith("psnr "))
+    assert psnr.split()[1:] == [repr(float(row["psnr"]))] * 2
+    assert json.loads((out / "metrics.json").read_text())["psnr"] == row["psnr"]
+
+
+def one_line_error(argv, capsys) -> str:
+    try:
+        code = main(argv)
+    except SystemExit as stop:
+        code = stop.code
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
+    return err[0]
+
+
+def test_a_key_not_in_the_results_is_one_line(study_results, capsys):
+    results, _ = study_results
+    assert "no row of" in one_line_error(["attack", "--replay", str(results), "0" * 20], capsys)
+
+
+def test_a_missing_directory_is_one_line(tmp_path, capsys):
+    missing = tmp_path / "nowhere"
+    assert str(missing) in one_line_error(["attack", "--replay", str(missing), "0" * 20], capsys)
+
+
+def test_a_row_whose_parameters_give_another_key_is_refused(study_results, tmp_path, capsys):
+    """A row written under another results format: its parameters no longer hash to its key."""
+    results, _ = study_results
+    rows = ResultsDir(results).read().to_pylist()
+    first, *mates = [row for row in rows if row["pack_id"] == rows[0]["pack_id"]]
+    foreign = tmp_path / "foreign"
+    with ResultsDir(foreign) as writer:
+        writer.write([{**first, "key": "f" * 20}, *mates])
+    assert "another results format" in one_line_error(["attack", "--replay", str(foreign), "f" * 20], capsys)
+
+
+def test_attack_without_out_or_replay_is_one_line(capsys):
+    assert "--out" in one_line_error(["attack", "--dataset", "faces"], capsys)
