@@ -37,7 +37,7 @@ def write_study(directory: Path, trials: int, lanes: int = 1) -> Path:
 
 def plain_loop(study) -> float:
     from sweep.execution import Pack, run_pack
-    from sweep.results import trial_key
+    from sweep.schema import trial_key
 
     start = time.perf_counter()
     for spec in study.trials:

@@ -16,7 +16,8 @@ from typing import Callable, Sequence
 import torch
 
 from . import data, metrics, models, parameters
-from .attacks.inverting import LAYER_SETS, AttackResult, IGConfig, layer_indices
+from .attacks.costs import layer_indices
+from .attacks.inverting import LAYER_SETS, AttackResult, IGConfig
 from .baselines import BaselinePool, score_baselines
 from .attacks.labels import recover_labels
 from .attacks.registry import FAMILIES, AttackJob, settings_parts

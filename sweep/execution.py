@@ -26,7 +26,7 @@ from gradinv.attacks.inverting import TrialTimeout
 from gradinv.provenance import provenance
 from gradinv.trial import TrialOutcome, TrialSpec, run_trials
 
-from .results import parameter_columns
+from .schema import parameter_columns
 
 
 class PackStopped(RuntimeError):

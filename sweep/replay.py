@@ -19,7 +19,8 @@ from gradinv.errors import ConfigError
 from gradinv.trial import TrialOutcome, TrialSpec, run_trials
 from gradinv.victims import victim_source
 
-from .results import SCHEMA, ResultsDir, trial_key
+from .results import ResultsDir
+from .schema import SCHEMA, trial_key
 
 COMPARED = ("psnr", "ssim", "mse", "feature_mse", "psnr_gain", "label_accuracy")
 PROVENANCE = ("host", "device", "torch_version", "commit")  # where a difference explains differing numbers

@@ -10,7 +10,8 @@ import pyarrow.compute as pc
 
 from gradinv.errors import ConfigError
 
-from .results import REPETITION, ROLE_KEY, SCHEMA, SETTING, ResultsDir
+from .results import ResultsDir
+from .schema import REPETITION, ROLE_KEY, SCHEMA, SETTING
 
 if TYPE_CHECKING:  # sweep.study imports torch through gradinv.trial: `gradinv status` does without
     from .study import Study

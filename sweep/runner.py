@@ -30,7 +30,8 @@ from .checkpoints import Victims, victim_from_checkpoint
 from .execution import Pack, current_attempt, run_pack
 from .journal import JOURNAL_DIR
 from .ray_connection import connect
-from .results import ResultsDir, to_table, trial_key
+from .results import ResultsDir
+from .schema import to_table, trial_key
 from .study import Resources, Study
 from .tasks import collect, device_of, failed_rows, make_packs, pack_task, ready
 

@@ -35,7 +35,7 @@ def comparable_scales(pack: Pack) -> list[float]:
     if pack.specs[0].cost != "l2":
         return [1.0] * len(pack.specs)
     from gradinv import data
-    from gradinv.attacks.inverting import layer_weights
+    from gradinv.attacks.costs import layer_weights
     from gradinv.fl import client_update
     from gradinv.trial import build_victim
 

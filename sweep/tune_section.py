@@ -15,7 +15,7 @@ from gradinv.errors import ConfigError
 from gradinv.parameters import DataSettings, declarations, paper_defaults, search_space
 from gradinv.trial import TrialSpec
 
-from .results import trial_key
+from .schema import trial_key
 from .study import Study, StudyError, _Checker
 
 TUNE_KEYS = ("objective", "budget", "space", "sampler", "pruner", "candidates", "parallel",

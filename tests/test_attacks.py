@@ -222,7 +222,7 @@ def test_metrics_on_known_answers():
 
 def test_layers_take_named_sets_and_negative_indices_and_refuse_bad_ones(tmp_path, capsys):
     from sweep.cli import main
-    from sweep.results import trial_key
+    from sweep.schema import trial_key
 
     named = TrialSpec(layers="top10")
     assert (named.layers, named.layer_set) == (None, "top10")

@@ -10,15 +10,14 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-import sweep.results as results_module
+import sweep.schema as schema_module
 from analysis import load
 from analysis.export import export
 from analysis.report import build_report
 from analysis.roles import Roles
 from gradinv.errors import ConfigError
-from sweep.results import (
-    _PARAMETER_TYPES, REPETITION_KEY, ROLE_KEY, ROLES, SCHEMA, SCHEMA_VERSION, ResultsDir, to_table,
-)  # fmt: skip
+from sweep.results import ResultsDir
+from sweep.schema import _PARAMETER_TYPES, REPETITION_KEY, ROLE_KEY, ROLES, SCHEMA, SCHEMA_VERSION, to_table
 
 HEAVY = {"truth_png", "reconstruction_png", "restart_scores", "curve_iterations", "curve_costs", "curve_psnr",
          "curve_ssim"}  # fmt: skip
@@ -110,7 +109,7 @@ def test_a_new_column_takes_the_role_its_file_declares(tmp_path, monkeypatch):
     new = [pa.field("lpips", pa.float64(), metadata={ROLE_KEY: b"outcome"}),
            pa.field("defence", pa.string(), metadata={ROLE_KEY: b"setting"}),
            pa.field("unmarked", pa.float64())]  # fmt: skip
-    monkeypatch.setattr(results_module, "SCHEMA", pa.schema([*SCHEMA, *new], metadata=SCHEMA.metadata))
+    monkeypatch.setattr(schema_module, "SCHEMA", pa.schema([*SCHEMA, *new], metadata=SCHEMA.metadata))
     path = tmp_path / "results"
     rows = [trial(n, lpips=0.1 * n, defence=("none", "clip")[n // 12], unmarked=float(n)) for n in range(24)]
     with ResultsDir(path) as results:

@@ -15,7 +15,8 @@ import pytest
 from sweep import runner
 from sweep.cli import main
 from sweep.journal import JOURNAL_DIR, RowJournal
-from sweep.results import ResultsDir, to_table, trial_key
+from sweep.results import ResultsDir
+from sweep.schema import to_table, trial_key
 from sweep.study import Resources, load_study
 
 STUDY = """

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from gradinv import data
-from gradinv.attacks.inverting import GradientCost, LaneObjective
+from gradinv.attacks.costs import GradientCost
+from gradinv.attacks.inverting import LaneObjective
 from gradinv.trial import TrialSpec, build_victim, run_trials
 from sweep.cli import main
 

@@ -22,7 +22,7 @@ from gradinv.parameters import knob
 from gradinv.trial import TrialSpec, lane_signature
 from gradinv.victims import Untrained, ZooCheckpoint, victim_source
 from sweep import cli, study
-from sweep.results import SCHEMA, parameter_columns, parameter_types
+from sweep.schema import SCHEMA, parameter_columns, parameter_types
 
 REPO = Path(__file__).resolve().parent.parent
 DATA_SECTION = ("dataset", "images", "labels", "image_size")

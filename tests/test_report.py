@@ -539,7 +539,7 @@ def test_page_puts_plots_before_long_tables_and_few_series_per_axes(synthetic, t
 
 def test_outcome_columns_are_never_settings():
     from analysis.roles import Roles
-    from sweep.results import SCHEMA
+    from sweep.schema import SCHEMA
 
     SETTINGS = Roles.of_schema(SCHEMA).settings
     new = {"baseline_psnr", "baseline_psnr_mean_image", "baseline_psnr_flat", "baseline_psnr_class_mean",
@@ -556,7 +556,7 @@ def test_outcome_columns_are_never_settings():
 
 def schema_1_copy(rows: list[dict], path: Path) -> Path:
     """The rows as a schema-1 file: without any column that version 2 added."""
-    from sweep.results import to_table
+    from sweep.schema import to_table
 
     added = {"baseline_psnr", "baseline_psnr_mean_image", "baseline_psnr_flat", "baseline_psnr_class_mean",
              "baseline_ssim_mean_image", "baseline_ssim_flat", "baseline_ssim_class_mean", "psnr_gain",

@@ -21,7 +21,8 @@ from gradinv import data
 from gradinv.trial import TrialSpec
 from sweep import results as results_module
 from sweep.cli import main
-from sweep.results import SET_ASIDE_DIR, SET_ASIDE_FLAG, ResultsDir, parameter_columns, to_table, trial_key
+from sweep.results import SET_ASIDE_DIR, SET_ASIDE_FLAG, ResultsDir
+from sweep.schema import RESULTS_FORMAT, parameter_columns, results_format, to_table, trial_key
 
 STUDY = """\
 name: faults
@@ -220,13 +221,13 @@ def test_run_into_a_directory_of_another_results_format_refuses_in_one_line(sche
     assert main(verb_args("run", results, tmp_path)) == 2
     error = one_line_error(capsys, "run")
     held = f"results format {schema_version.decode()}" if schema_version else "an unknown results format"
-    assert held in error and f"format {results_module.RESULTS_FORMAT}" in error and "new directory" in error
+    assert held in error and f"format {RESULTS_FORMAT}" in error and "new directory" in error
     assert listing(results) == before
     assert main(["status", str(results)]) == 0  # still read
 
 
 def test_files_written_now_record_their_results_format(results):
-    assert {results_module.results_format(f) for f in ResultsDir(results).files()} == {results_module.RESULTS_FORMAT}
+    assert {results_format(f) for f in ResultsDir(results).files()} == {RESULTS_FORMAT}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -11,7 +11,8 @@ import pyarrow.parquet as pq
 
 from gradinv import data
 from sweep.cli import main
-from sweep.results import SCHEMA, SCHEMA_VERSION, ResultsDir, trial_key
+from sweep.results import ResultsDir
+from sweep.schema import SCHEMA, SCHEMA_VERSION, trial_key
 from sweep.study import load_study
 
 STUDY = """

@@ -9,7 +9,7 @@ import pytest
 from gradinv.data import dataset_spec
 from gradinv.trial import TrialSpec
 from sweep.cli import main
-from sweep.results import trial_key
+from sweep.schema import trial_key
 from sweep.study import StudyError, load_study
 
 GOOD = """
@@ -254,7 +254,7 @@ def test_batch_flags_must_be_finite_and_positive(write_study, tmp_path, capsys, 
 
 
 def test_oversized_file_is_refused_unread(write_study):
-    from sweep.study import MAX_FILE_BYTES
+    from sweep.study_yaml import MAX_FILE_BYTES
 
     with pytest.raises(StudyError, match=r"study\.yaml: file: larger than \d+ bytes"):
         load_study(write_study("name: x\ndata: {dataset: faces}\n" + "#" * MAX_FILE_BYTES))

@@ -15,7 +15,8 @@ from torch import nn
 
 from ..fl import ClientUpdate, minibatch_schedule, model_state, parameter_update
 from ..parameters import OptimiserSettings, extract
-from .inverting import AttackResult, GradientCost, TrialTimeout
+from .costs import GradientCost
+from .inverting import AttackResult, TrialTimeout
 
 
 def deep_leakage(
