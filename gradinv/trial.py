@@ -46,14 +46,8 @@ class TrialRules:
         models.default_width(self.model)  # validates the name
         require(not trained_victim(self) or spec.trainable, "trained_epochs", self.trained_epochs,
                 f"{self.dataset} keeps no images to train on (every image is attacked); use 0")  # fmt: skip
-        require(
-            self.attack != "analytic" or len(self.images) == 1,
-            "images_per_client", len(self.images), "the analytic attack recovers one image per client",
-        )  # fmt: skip
-        require(
-            self.attack != "analytic" or self.model == "mlp",
-            "model", self.model, "the analytic attack needs the 'mlp' model (a fully connected first layer)",
-        )  # fmt: skip
+        for requirement in FAMILIES[self.attack].requires:
+            requirement.check(self)
         self.ig_config()  # the settings that constrain each other
         if self.layers is not None:
             count = parameter_tensors(self.model, spec.channels, spec.num_classes, self.side, self.width)

@@ -8,6 +8,8 @@ receives weights keeps a copy in its own cache for later runs.
 
 from __future__ import annotations
 
+import functools
+
 from gradinv import zoo
 from gradinv.trial import TrialSpec
 
@@ -18,31 +20,35 @@ def train_task(recipe: zoo.Recipe) -> tuple[bytes, dict]:
 
 
 class Victims:
-    """The checkpoints a study's trials need: training in flight, ready, or failed."""
+    """The checkpoints a study's trials need: training in flight (on the driver's task loop), ready, or failed."""
 
-    def __init__(self, ray, num_cpus: float, max_retries: int, specs: list[TrialSpec]):
-        self.ray = ray
-        recipes = {spec.recipe().key: spec.recipe() for spec in specs if spec.trained_epochs}
-        train = ray.remote(train_task).options(num_cpus=num_cpus, max_retries=max_retries, num_returns=2)
-        self.training = {key: train.remote(recipe) for key, recipe in recipes.items()}  # key -> (weights, sidecar)
+    def __init__(self, loop, num_cpus: float, max_retries: int, specs: list[TrialSpec]):
+        self.ray = loop.ray
+        self.loop = loop
+        self.train = self.ray.remote(train_task).options(num_cpus=num_cpus, max_retries=max_retries, num_returns=2)
+        self.training: set[str] = set()
         self.ready: dict[str, tuple] = {}  # key -> (weights ref, sidecar)
         self.errors: dict[str, str] = {}
+        for spec in specs:
+            self.need(spec)
 
-    def poll(self, timeout: float = 0) -> None:
-        """Take the trainings that have finished (waiting up to ``timeout`` for the first)."""
-        waiting = {sidecar: key for key, (_, sidecar) in self.training.items()}
-        if not waiting:
+    def need(self, spec: TrialSpec) -> None:
+        """Start training the trial's checkpoint unless it is untrained, training, ready or failed."""
+        if spec.trained_epochs == 0:
             return
-        finished, _ = self.ray.wait(list(waiting), num_returns=1, timeout=timeout)
-        if finished:
-            finished, _ = self.ray.wait(list(waiting), num_returns=len(waiting), timeout=0)
-        for ref in finished:
-            key = waiting[ref]
-            weights, _ = self.training.pop(key)
-            try:
-                self.ready[key] = (weights, self.ray.get(ref))
-            except self.ray.exceptions.RayError as error:
-                self.errors[key] = f"training the victim {key} failed: {str(error).strip().splitlines()[-1]}"
+        recipe = spec.recipe()
+        if recipe.key in self.training or recipe.key in self.ready or recipe.key in self.errors:
+            return
+        weights, sidecar = self.train.remote(recipe)
+        self.training.add(recipe.key)
+        self.loop.submit(sidecar, functools.partial(self._trained, recipe.key, weights))
+
+    def _trained(self, key: str, weights, sidecar) -> None:
+        self.training.discard(key)
+        try:
+            self.ready[key] = (weights, self.ray.get(sidecar))
+        except self.ray.exceptions.RayError as error:
+            self.errors[key] = f"training the victim {key} failed: {str(error).strip().splitlines()[-1]}"
 
     def state(self, spec: TrialSpec) -> str:
         """untrained, ready, training or failed."""

@@ -33,7 +33,7 @@ from .ray_connection import connect
 from .results import ResultsDir
 from .schema import to_table, trial_key
 from .study import Resources, Study
-from .tasks import collect, device_of, failed_rows, make_packs, pack_task, ready
+from .tasks import TaskLoop, collect, device_of, failed_rows, make_packs, pack_task
 
 EXIT_OK, EXIT_INCOMPLETE, EXIT_WRITE_FAILED, EXIT_INTERRUPTED, EXIT_TERMINATED = 0, 1, 1, 130, 143
 
@@ -229,12 +229,13 @@ def run_study(study: Study, results_path: str | Path, options: RunOptions, *, da
 
 def _drive(ray, study: Study, todo, results: ResultsDir, options: RunOptions, fit: NodeFit) -> int:
     device = device_of(study)
-    victims = Victims(ray, study.resources.num_cpus, study.max_retries, [spec for _, spec in todo])
+    loop = TaskLoop(ray)
+    victims = Victims(loop, study.resources.num_cpus, study.max_retries, [spec for _, spec in todo])
     task = pack_task(ray, remote_pack, study)
     capacity = ray.cluster_resources().get("CPU", 1) / max(study.resources.num_cpus, 1e-3)
     limit = options.max_concurrent or max(2, math.ceil(2 * capacity))
     bar = tqdm(total=len(todo), desc=study.name, unit="trial", disable=not options.progress, dynamic_ncols=True)
-    run = _Drive(ray, task, make_packs(study, todo, device), victims, limit, study.max_retries, fit, bar,
+    run = _Drive(loop, task, make_packs(study, todo, device), victims, limit, study.max_retries, fit, bar,
                  _Batcher(results, options.flush_rows, options.flush_seconds))  # fmt: skip
     with _sigterm_as_interrupt() as signals:
         try:
@@ -251,14 +252,14 @@ def _drive(ray, study: Study, todo, results: ResultsDir, options: RunOptions, fi
 
 
 class _Drive:
-    """The drive loop's state: packs waiting, tasks in flight, finished rows."""
+    """The drive loop's state: packs waiting, tasks in flight (on the shared task loop), finished rows."""
 
-    def __init__(self, ray, task, packs: list[Pack], victims: Victims, limit: int, max_retries: int, fit: NodeFit,
-                 bar, batcher: _Batcher):  # fmt: skip
-        self.ray, self.task, self.victims, self.limit, self.max_retries = ray, task, victims, limit, max_retries
+    def __init__(self, loop: TaskLoop, task, packs: list[Pack], victims: Victims, limit: int, max_retries: int,
+                 fit: NodeFit, bar, batcher: _Batcher):  # fmt: skip
+        self.loop, self.task, self.victims, self.limit, self.max_retries = loop, task, victims, limit, max_retries
         self.fit, self.bar, self.batcher = fit, bar, batcher
         self.waiting = list(packs)  # in study order; a pack whose victim is still training waits its turn
-        self.in_flight: dict = {}
+        self.in_flight: dict = {}  # ref -> pack
         self.failed = 0
 
     def until_done(self) -> KeyboardInterrupt | None:
@@ -266,17 +267,14 @@ class _Drive:
         try:
             while self.waiting or self.in_flight:
                 self.fit.check()
-                self.victims.poll(timeout=0 if self.in_flight else 1.0)
                 self._launch()
-                if self.in_flight:
-                    self._collect_ready()
+                self.loop.wait(timeout=1.0)  # pack rows and finished victim trainings alike
         except KeyboardInterrupt as stop:
             return stop
         return None
 
     def stop(self) -> None:
-        for ref in self.in_flight:
-            self.ray.cancel(ref, force=True)
+        self.loop.cancel(self.in_flight, force=True)
         self.batcher.journal.close()
         self.bar.close()
 
@@ -286,11 +284,13 @@ class _Drive:
                 self._finished(failed_rows(pack, self.victims.error(pack.specs[0]), attempt=1))
                 continue
             pack = dataclasses.replace(pack, extra=self.victims.columns(pack.specs[0]))
-            self.in_flight[self.task.remote(pack, *self.victims.payload(pack.specs[0]))] = pack
+            ref = self.task.remote(pack, *self.victims.payload(pack.specs[0]))
+            self.in_flight[ref] = pack
+            self.loop.submit(ref, self._collect)
 
-    def _collect_ready(self) -> None:
-        for ref in ready(self.ray, list(self.in_flight), timeout=1.0):
-            self._finished(collect(self.ray, ref, self.in_flight.pop(ref), self.max_retries))
+    def _collect(self, ref) -> None:
+        pack = self.in_flight.pop(ref)
+        self._finished(collect(self.loop.ray, ref, pack, self.max_retries))
 
     def _finished(self, rows: list[dict]) -> None:
         self.batcher.add(rows)  # in the journal, on disk, before anything else happens

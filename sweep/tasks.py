@@ -1,12 +1,14 @@
-"""The driver's side of Ray tasks, shared by `run` and `tune`: trials grouped into packs, a pack
-submitted as a task (retried by Ray when its worker dies), waiting on what is ready, and the rows of
-a task lost for good or stopped before its trials finished.
+"""The driver's side of Ray tasks, shared by `run`, `tune` and victim training: trials grouped into
+packs, a pack submitted as a task (retried by Ray when its worker dies), one loop that waits on
+everything in flight and hands each ready task to its owner, and the rows of a task lost for good or
+stopped before its trials finished.
 """
 
 from __future__ import annotations
 
 import functools
 from itertools import groupby
+from typing import Callable
 
 from gradinv.trial import TrialOutcome, TrialSpec, lane_signature
 
@@ -55,6 +57,36 @@ def ready(ray, refs: list, timeout: float) -> list:
     if done:
         done, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
     return done
+
+
+class TaskLoop:
+    """Everything the driver has in flight (trial packs, streamed candidates, victim trainings) and one
+    wait over all of it: each ref is submitted with the callback that takes it once it is ready. A
+    streaming task's callback submits its generator again while the stream goes on."""
+
+    def __init__(self, ray):
+        self.ray = ray
+        self.pending: dict = {}  # ref or generator -> on_ready(ref)
+
+    def __len__(self) -> int:
+        return len(self.pending)
+
+    def submit(self, ref, on_ready: Callable[[object], None]):
+        self.pending[ref] = on_ready
+        return ref
+
+    def wait(self, timeout: float) -> None:
+        """Hand every ready ref to its callback, waiting up to ``timeout`` for the first."""
+        for ref in ready(self.ray, list(self.pending), timeout):
+            on_ready = self.pending.pop(ref, None)
+            if on_ready is not None:  # not cancelled by an earlier callback of this burst
+                on_ready(ref)
+
+    def cancel(self, refs, *, force: bool = False) -> None:
+        """Stop tasks still in flight (force: kill a plain task's worker; a stream stops at its next checkpoint)."""
+        for ref in list(refs):
+            if self.pending.pop(ref, None) is not None:
+                self.ray.cancel(ref, force=force)
 
 
 def task_error(error: BaseException) -> str:

@@ -8,16 +8,18 @@ them instead of running again.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import queue
 import threading
 from dataclasses import dataclass, field
 
 from gradinv.trial import TrialSpec
 
+from .checkpoints import Victims, victim_from_checkpoint
 from .execution import Pack, PackStopped, current_attempt, now, run_pack
 from .results import ResultsDir
 from .study import Study
-from .tasks import device_of, failed_rows, make_packs, pack_task, ready, stopped_rows, task_error
+from .tasks import TaskLoop, device_of, failed_rows, make_packs, pack_task, stopped_rows, task_error
 
 
 # ---------------------------------------------------------------------------------------------
@@ -28,7 +30,7 @@ class CandidateStopped(PackStopped):
     pass
 
 
-def comparable_scales(pack: Pack) -> list[float]:
+def comparable_scales(pack: Pack, victim=None) -> list[float]:
     """Per-lane factors that make gradient costs comparable across candidates: 1 - cos as is, and
     the squared distance over twice the target's weighted squared norm (equal to 1 - cos when the
     two gradients have equal norms)."""
@@ -40,7 +42,7 @@ def comparable_scales(pack: Pack) -> list[float]:
     from gradinv.trial import build_victim
 
     scales = []
-    model = build_victim(pack.specs[0]).eval()
+    model = (victim or build_victim)(pack.specs[0]).eval()
     for spec in pack.specs:
         images01, labels = data.load_images(spec.dataset, spec.images, None, image_size=spec.image_size)
         update = client_update(model, data.normalise(images01, spec.data_spec), labels, spec.fl_config())
@@ -50,12 +52,14 @@ def comparable_scales(pack: Pack) -> list[float]:
     return scales
 
 
-def stream_pack(pack: Pack):
+def stream_pack(pack: Pack, weights: bytes | None = None, sidecar: dict | None = None):
     """Ray generator task: ("checkpoint", keys, iteration, costs, comparable costs) at every checkpoint
     of the lanes running, then ("rows", rows). The attack runs in a thread (a callback cannot yield);
-    when the task is cancelled, the thread stops at its next checkpoint."""
+    when the task is cancelled, the thread stops at its next checkpoint. A trained victim arrives as
+    its weights and sidecar, as in `gradinv run`."""
     attempt = current_attempt()
-    scales = dict(zip(pack.keys, comparable_scales(pack)))
+    victim = victim_from_checkpoint(weights, sidecar) if weights is not None else None
+    scales = dict(zip(pack.keys, comparable_scales(pack, victim)))
     events: queue.Queue = queue.Queue()
     stop = threading.Event()
 
@@ -66,7 +70,7 @@ def stream_pack(pack: Pack):
 
     def attack() -> None:
         try:
-            events.put(("rows", run_pack(pack, attempt, on_checkpoint=on_checkpoint)))
+            events.put(("rows", run_pack(pack, attempt, victim=victim, on_checkpoint=on_checkpoint)))
         except BaseException as error:  # noqa: BLE001 - handed to the task's thread to raise
             events.put(("error", error))
 
@@ -118,8 +122,11 @@ class Driver:
         self.ray, self.study, self.results = ray, study, results
         self.device = device_of(study)
         self.task = pack_task(ray, stream_pack, study, num_returns="streaming")
+        self.loop = TaskLoop(ray)
+        self.victims = Victims(self.loop, study.resources.num_cpus, study.max_retries, [])
         self.known = self._finished_rows()
         self.active: list[Evaluation] = []
+        self.events: list[tuple[Evaluation, int | None]] = []  # taken by the loop's callbacks, returned by poll
 
     def _finished_rows(self) -> dict[str, dict]:
         """Key -> {status, psnr, ssim} of every ok or failed row (pruned rows are incomplete)."""
@@ -130,25 +137,43 @@ class Driver:
         return all(key in self.known for key in specs)
 
     def start(self, evaluation: Evaluation) -> Evaluation:
+        """Submit the evaluation's packs once their victims are trained (other streams go on meanwhile)."""
         study = dataclasses.replace(self.study, lanes=self.study.lanes or len(evaluation.specs))
         evaluation.started = now()
+        self.active.append(evaluation)
         for pack in make_packs(study, list(evaluation.specs.items()), self.device):
             pack = dataclasses.replace(pack, candidate=evaluation.number)
-            evaluation.running[self.task.remote(pack)] = pack
-        self.active.append(evaluation)
+            victim = self._victim(pack.specs[0])
+            if victim == "failed":
+                evaluation.rows.update({row["key"]: row for row in failed_rows(pack, self.victims.error(pack.specs[0]), 1)})
+                continue
+            pack = dataclasses.replace(pack, extra=self.victims.columns(pack.specs[0]))
+            gen = self.task.remote(pack, *self.victims.payload(pack.specs[0]))
+            evaluation.running[gen] = pack
+            self.loop.submit(gen, functools.partial(self._ready, evaluation))
+        if evaluation.done():  # every victim failed: nothing will stream, so say so now
+            self.events.append((evaluation, None))
         return evaluation
 
+    def _victim(self, spec: TrialSpec) -> str:
+        """The victim's state once it is not training: untrained, ready or failed."""
+        self.victims.need(spec)
+        while self.victims.state(spec) == "training":
+            self.loop.wait(timeout=1.0)  # streams of other evaluations keep arriving as events
+        return self.victims.state(spec)
+
     def poll(self, timeout: float = 1.0) -> list[tuple[Evaluation, int | None]]:
-        """Take what a ready stream holds: (evaluation, checkpoints complete on all its trials, or None)."""
-        generators = {gen: ev for ev in self.active for gen in ev.running}
-        if not generators:
-            return []
-        events = []
-        for gen in ready(self.ray, list(generators), timeout):
-            evaluation = generators[gen]
-            if gen in evaluation.running:  # not cancelled by an earlier event of this poll
-                events.append((evaluation, self._take(evaluation, gen)))
+        """Take what the ready streams hold: (evaluation, checkpoints complete on all its trials, or None)."""
+        self.loop.wait(timeout)
+        events, self.events = self.events, []
         return events
+
+    def _ready(self, evaluation: Evaluation, gen) -> None:
+        """One item of a ready stream; the stream goes back on the loop while it has more."""
+        checkpoint = self._take(evaluation, gen)
+        if gen in evaluation.running:
+            self.loop.submit(gen, functools.partial(self._ready, evaluation))
+        self.events.append((evaluation, checkpoint))
 
     def _take(self, evaluation: Evaluation, gen) -> int | None:
         pack = evaluation.running[gen]
@@ -184,16 +209,15 @@ class Driver:
 
     def cancel(self, evaluation: Evaluation, reason: str) -> None:
         """Stop the evaluation's tasks; its unfinished trials become pruned rows."""
-        for gen, pack in evaluation.running.items():
-            self.ray.cancel(gen)
+        self.loop.cancel(evaluation.running)
+        for pack in evaluation.running.values():
             rows = stopped_rows(pack, "pruned", reason, evaluation.curves, evaluation.started)
             evaluation.rows.update({row["key"]: row for row in rows})
         evaluation.running.clear()
         evaluation.pruned = True
 
     def abandon(self, evaluation: Evaluation) -> None:
-        for gen in evaluation.running:
-            self.ray.cancel(gen)
+        self.loop.cancel(evaluation.running)
         evaluation.running.clear()
         self.active.remove(evaluation)
 

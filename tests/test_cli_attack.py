@@ -44,7 +44,7 @@ BAD = [
     (["--tv=-1e-4"], "tv: -0.0001"),
     (["--fl", "fedprox"], "fl: 'fedprox'"),
     (["--labels", "guessed"], "labels: 'guessed'"),
-    (["--attack", "analytic"], "the analytic attack"),
+    (["--attack", "analytic"], "images_per_client: 2 is not valid; the analytic attack recovers one image"),
     (["--local-steps", "0", "--fl", "fedavg"], "local_steps: 0"),
     (["--restarts", "0"], "restarts: 0"),
     (["--iterations", "many"], "invalid int value"),
@@ -77,3 +77,9 @@ def test_a_real_process_prints_no_traceback(tmp_path):
         "gradinv attack: error: model: 'nope' is not valid; choose one of convnet, lenet-zhu, mlp, resnet20, "
         "resnet32, resnet44, resnet18, resnet50"
     ]
+
+
+def test_the_analytic_attack_names_the_model_it_needs(tmp_path, capsys):
+    code = exit_code(["attack", "--dataset", "faces", "--image", "0", "--attack", "analytic", "--out", str(tmp_path / "x")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "model: 'convnet' is not valid; the analytic attack needs the 'mlp'" in err[0], err

@@ -276,3 +276,17 @@ def test_driver_killed_mid_search_resumes_without_losing_or_doubling_a_candidate
     assert frame["key"].is_unique
     # Rows written just before the kill keep the candidate number they were written under.
     assert set(frame["candidate"].dropna().astype(int)) <= {t.number for t in tuned.trials}
+
+
+def test_a_trained_victim_is_trained_once_and_every_candidate_attacks_it(write_study, tmp_path, ray_tmpdir, monkeypatch):
+    monkeypatch.setenv("GRADINV_CACHE", str(tmp_path / "cache"))
+    trained = TINY.format(budget=16, candidates=2).replace(
+        "fixed: {model: convnet, width: 2}", "fixed: {model: convnet, width: 2, trained_epochs: 1, train_subset: 40}")
+    study = load_study(write_study(trained))
+    results = tmp_path / "results"
+    assert tune_study(study, results, progress=False) == 0
+    frame = pd.read_parquet(results)
+    assert len(frame) == 2 * 3 + 2 * 3  # two candidates and the comparison's two settings, 3 images each
+    assert (frame["status"] == "ok").all() and frame["checkpoint_key"].nunique() == 1
+    assert frame["model_accuracy"].between(0, 1).all()
+    assert len(list((tmp_path / "cache").rglob("*.pt"))) == 1  # one checkpoint, trained once

@@ -23,12 +23,28 @@ if TYPE_CHECKING:
 
 
 @dataclass(frozen=True)
+class Requirement:
+    """A condition the family puts on the rest of the trial, and the one-line error when it fails."""
+
+    field: str  # the setting the error names
+    value: Callable[[Any], Any]  # the trial -> the value shown
+    holds: Callable[[Any], bool]  # on the trial
+    fix: str
+
+    def check(self, trial) -> None:
+        from ..errors import require
+
+        require(self.holds(trial), self.field, self.value(trial), self.fix)
+
+
+@dataclass(frozen=True)
 class Family:
     name: str
     reads: tuple[type, ...]  # the attack-setting parts it reads; the others do not apply to its trials
     seeded: bool  # starts from random images drawn from the trial's attack_seed
     lanes: bool  # False: every trial runs alone (a pack of one)
     run: str  # "module:function", the function taking an AttackJob and returning an AttackResult
+    requires: tuple[Requirement, ...] = ()  # what it needs of the victim and the data
 
     def runner(self) -> Callable[["AttackJob"], "AttackResult"]:
         module, function = self.run.split(":")
@@ -57,12 +73,18 @@ class AttackJob:
         return [spec.attack_seed for spec in self.specs]
 
 
+ONE_IMAGE = Requirement("images_per_client", lambda t: len(t.images), lambda t: len(t.images) == 1,
+                        "the analytic attack recovers one image per client")  # fmt: skip
+FULLY_CONNECTED = Requirement("model", lambda t: t.model, lambda t: t.model == "mlp",
+                              "the analytic attack needs the 'mlp' model (a fully connected first layer)")  # fmt: skip
+
 FAMILIES: dict[str, Family] = {
     family.name: family
     for family in (
         Family("ig", (OptimiserSettings, InvertingSettings), seeded=True, lanes=True, run="gradinv.attacks.inverting:run"),
         Family("dlg", (OptimiserSettings,), seeded=True, lanes=True, run="gradinv.attacks.dlg:run"),
-        Family("analytic", (), seeded=False, lanes=True, run="gradinv.attacks.analytic:run"),
+        Family("analytic", (), seeded=False, lanes=True, run="gradinv.attacks.analytic:run",
+               requires=(ONE_IMAGE, FULLY_CONNECTED)),
     )
 }
 
