@@ -21,6 +21,7 @@ from gradinv.errors import ConfigError
 from . import load, stats, tuning_history
 from . import report_html as markup
 from . import report_images as images
+from . import report_privacy as privacy
 from . import report_sections as sections
 from .roles import Roles
 
@@ -71,6 +72,7 @@ def build_report(results: str | Path, by: list[str] | None = None, threshold: fl
         parts += [
             sections.leakage(leakage, by, roles),
             sections.trained(runs, by, seed, roles),
+            privacy.section(results, runs, by, seed),
             sections.quality(results, runs, by),
             sections.gain_against(runs, by, "local_steps", "Leakage vs local steps",
                                   "Does leakage fall with more local steps?"),

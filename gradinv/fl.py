@@ -1,6 +1,8 @@
 """What a federated client sends: a FedSGD gradient or a FedAvg weight update, after its defences.
 
-The pipeline: the victim's weights -> local training (:class:`FLConfig`) -> defences -> the update.
+The pipeline: the victim's weights -> local training (:class:`FLConfig`, DP-SGD when the trial asks)
+-> defences (gradinv.defences) -> the update -> with secure aggregation, the mean of several clients'
+updates (:func:`aggregate`), which is all the server sees.
 One pure function, :func:`parameter_update`, computes the update from images and labels. The client
 calls it on its real data; the attacker calls the same function on its guesses inside
 ``torch.func.grad`` and so unrolls the client's local training differentiably, with the gradient
@@ -10,7 +12,7 @@ flowing only into the images.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -24,13 +26,31 @@ Defence = Callable[[tuple[torch.Tensor, ...]], tuple[torch.Tensor, ...]]  # an u
 
 
 @dataclass(frozen=True)
+class PrivateTraining:
+    """DP-SGD in the client's local training (gradinv.dp): per-example clip, noise, Poisson batches."""
+
+    clip: float
+    noise_multiplier: float
+    sample_rate: float
+    seed: int  # the batches and the noise
+
+
+@dataclass(frozen=True)
 class ClientUpdate:
-    """A client's message: tensors in the model's parameter order, and how they were made."""
+    """A client's message (or, under secure aggregation, the mean of ``clients`` messages): tensors in
+    the model's parameter order, and how they were made."""
 
     tensors: tuple[torch.Tensor, ...]
     fl: FLConfig
-    num_images: int
+    num_images: int  # every client's together; each client holds num_images // clients
     defences: tuple[Defence, ...] = ()  # applied after local training, in order; the attacker knows them
+    private: PrivateTraining | None = None  # DP-SGD in the local training (the clients differ only in seed)
+    batches: tuple[list[torch.Tensor], ...] | None = None  # DP-SGD: per client, each step's indices into its images
+    clients: int = 1  # secure aggregation: how many clients' updates the tensors average
+
+    @property
+    def images_per_client(self) -> int:
+        return self.num_images // self.clients
 
 
 def model_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
@@ -98,10 +118,39 @@ def local_training(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
 
 
 def client_update(
-    model: nn.Module, images: torch.Tensor, labels: torch.Tensor, fl: FLConfig, defences: tuple[Defence, ...] = ()
+    model: nn.Module, images: torch.Tensor, labels: torch.Tensor, fl: FLConfig, defences: tuple[Defence, ...] = (),
+    private: PrivateTraining | None = None,
 ) -> ClientUpdate:
-    """What the client sends: the victim's weights -> local training -> each defence in turn -> the update."""
-    tensors = local_training(model, images, labels, fl)
+    """What the client sends: the victim's weights -> local training (DP-SGD when ``private``) -> each
+    defence in turn -> the update."""
+    batches = None
+    if private is None:
+        tensors = local_training(model, images, labels, fl)
+    else:
+        from .dp import dp_local_training  # Opacus: only trials with DP-SGD load it
+
+        tensors, batches = dp_local_training(model, images, labels, fl=fl, clip=private.clip, seed=private.seed,
+                                             noise_multiplier=private.noise_multiplier, sample_rate=private.sample_rate)  # fmt: skip
     for defence in defences:
         tensors = defence(tensors)
-    return ClientUpdate(tensors, fl, len(images), tuple(defences))
+    return ClientUpdate(tensors, fl, len(images), tuple(defences), private, None if batches is None else (batches,))
+
+
+def average(updates: Sequence[tuple[torch.Tensor, ...]]) -> tuple[torch.Tensor, ...]:
+    """The server's arithmetic under secure aggregation: the coordinate-wise mean of the updates."""
+    return tuple(torch.stack(parts).mean(dim=0) for parts in zip(*updates))
+
+
+def aggregate(updates: Sequence[ClientUpdate]) -> ClientUpdate:
+    """Secure aggregation: the server learns only the mean of the clients' updates (one client: its own).
+
+    With FedSGD and equally many images per client the mean of the clients' mean gradients is the
+    gradient over all their images, as if one client held them; FedAvg's local steps or the clients'
+    defences make the two differ.
+    """
+    if len(updates) == 1:
+        return updates[0]
+    first = updates[0]
+    batches = None if first.batches is None else tuple(b for u in updates for b in u.batches)
+    return ClientUpdate(average([u.tensors for u in updates]), first.fl, sum(u.num_images for u in updates),
+                        first.defences, first.private, batches, clients=sum(u.clients for u in updates))  # fmt: skip

@@ -125,9 +125,14 @@ def default_width(name: str) -> int | None:
 
 
 def build_model(
-    name: str, *, channels: int, num_classes: int, image_size: int, width: int | None = None, seed: int = 0
+    name: str, *, channels: int, num_classes: int, image_size: int, width: int | None = None, seed: int = 0,
+    norm: str = "batch",
 ) -> nn.Module:
-    """The model ``name`` initialised from ``seed`` (same seed, same weights), in eval mode."""
+    """The model ``name`` initialised from ``seed`` (same seed, same weights), in eval mode.
+
+    ``norm="group"``: every BatchNorm replaced by GroupNorm with Opacus' own fixer (``gcd(32, C)``
+    groups), which DP-SGD training needs (BatchNorm mixes the examples of a batch); the other layers'
+    weights are the same as with BatchNorm."""
     info_width = default_width(name)
     width = info_width if width is None else width
     if info_width is not None:
@@ -135,4 +140,8 @@ def build_model(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = MODELS[name].build(channels, num_classes, width, image_size)
+    if norm == "group":
+        from opacus.validators import ModuleValidator
+
+        model = ModuleValidator.fix(model)
     return model.eval()

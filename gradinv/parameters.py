@@ -130,6 +130,12 @@ def trained_victim(trial) -> bool:
     return trial.trained_epochs > 0
 
 
+def defended(trial) -> bool:
+    """Whether the client applies a defence (DP-SGD, or one on its update)."""
+    return (trial.dp_clip is not None or trial.clip_update is not None or trial.noise_std > 0 or trial.keep_fraction < 1
+            or trial.quant_bits is not None)  # fmt: skip
+
+
 def _has_width(trial) -> bool:
     from . import models  # torch: only a built trial asks, and building one needs torch anyway
 
@@ -147,6 +153,7 @@ LAYER_WEIGHTINGS = ("equal", "linear", "exp")
 # largest target norm, or `batch`: 8 tensors drawn afresh at every evaluation.
 LAYER_SETS = ("all", "first4", "first5", "first10", "first50", "last5", "last10", "last50", "top10", "top50", "batch")
 OPTIMIZERS = ("adam", "sgd", "lbfgs")
+NORMS = ("batch", "group")
 SCORINGS = ("loss", "tv", "pixelmean", "pixelmedian")
 
 
@@ -179,12 +186,16 @@ class VictimSettings(Part):
     model: str = knob("convnet", kind="str", help="convnet, lenet, resnet20, resnet18, mlp, ... (gradinv.models)")
     width: int | None = knob(None, kind="int", help="the model's width (default: the model's own)",
                              check=_at_least(1), fix="use a whole number of at least 1", applies=_has_width)  # fmt: skip
+    norm: str = knob("batch", kind="str", choices=NORMS,
+                     help="BatchNorm, or GroupNorm (Opacus' replacement, which DP-SGD training needs)")  # fmt: skip
     model_seed: int = knob(0, kind="int", help="seeds the untrained weights (and a checkpoint's training)",
                            arrow="int64")  # fmt: skip
     trained_epochs: int = knob(0, kind="int", help="0: the seeded untrained model; else a checkpoint from the zoo",
                                check=_at_least(0), fix="use 0 (untrained) or more")  # fmt: skip
     train_subset: int | None = knob(None, kind="int", help="trained victims: the first N training images (default all)",
                                     check=_at_least(1), fix="use 1 or more", applies=trained_victim)  # fmt: skip
+    defended_training: bool = knob(False, kind="bool", applies=lambda t: trained_victim(t) and defended(t),
+                                   help="trained victims: train under the trial's defences (each step's gradient)")  # fmt: skip
 
 
 def _fedavg(trial) -> bool:
@@ -273,7 +284,91 @@ class InvertingSettings(Part):
                              applies=_restarts, check=math.isfinite, fix="use a finite number")  # fmt: skip
 
 
-PARTS: list[type] = [DataSettings, VictimSettings, ClientSettings, AttackSettings, OptimiserSettings, InvertingSettings]
+PRUNE_SCOPES = ("layer", "global")
+ROUNDINGS = ("stochastic", "nearest")
+
+
+def _pruned(trial) -> bool:
+    return trial.keep_fraction < 1
+
+
+def _quantised(trial) -> bool:
+    return trial.quant_bits is not None
+
+
+def _dp_sgd(trial) -> bool:
+    return trial.dp_clip is not None
+
+
+def _randomised(trial) -> bool:
+    """Whether a defence draws random numbers (from ``defence_seed``)."""
+    return (trial.noise_std > 0 or (_quantised(trial) and trial.quant_rounding == "stochastic")
+            or (_dp_sgd(trial) and (trial.dp_noise > 0 or trial.dp_sample_rate < 1)))  # fmt: skip
+
+
+def _dp_mechanism(trial) -> bool:
+    """Whether a differentially private mechanism runs, so that ``dp_delta`` sets its (epsilon, delta).
+    The update-level Gaussian mechanism (the clip bounds the sensitivity, the noise hides it), and
+    DP-SGD in the local training (per-example clip and noise)."""
+    return (trial.clip_update is not None and trial.noise_std > 0) or (_dp_sgd(trial) and trial.dp_noise > 0)
+
+
+def _unrolls_defences(trial) -> bool:
+    """Whether the attack can mirror the defences in its cost (inverting gradients' LaneObjective)."""
+    return trial.attack == "ig"
+
+
+def _fraction(value) -> bool:
+    return 0 < value <= 1
+
+
+@dataclass(frozen=True, kw_only=True)
+class DefenceSettings(Part):
+    """What the client does to its update before sending it (gradinv.defences, applied in this order:
+    clip, noise, pruning, quantisation), DP-SGD in its local training (gradinv.dp), how much of it the
+    attacker mirrors, and secure aggregation over several clients. Defaults: no defence."""
+
+    dp_clip: float | None = knob(None, kind="float", help="DP-SGD in local training: the per-example clipping norm "
+                                 "(default: no DP-SGD)", rules=[(math.isfinite, "use a finite norm")], check=_positive,
+                                 fix="use a positive clipping norm, or leave it out for no DP-SGD")  # fmt: skip
+    dp_noise: float = knob(0.0, kind="float", help="DP-SGD: the noise multiplier (noise std over dp_clip); 0: none",
+                           applies=_dp_sgd, rules=[(math.isfinite, "use a finite multiplier")], check=_at_least(0),
+                           fix="use 0 (no noise) or more")  # fmt: skip
+    dp_sample_rate: float = knob(1.0, kind="float", applies=_dp_sgd, check=_fraction,
+                                 help="DP-SGD: each image's chance to be in a step's batch (Poisson); 1: every image",
+                                 fix="use a rate above 0 and at most 1 (1: every image in every step)")  # fmt: skip
+    dp_aware: bool = knob(False, kind="bool", help="the attacker unrolls DP-SGD's per-example clip and batches",
+                          applies=lambda t: _dp_sgd(t) and _unrolls_defences(t))  # fmt: skip
+
+    clip_update: float | None = knob(None, kind="float", help="clip the whole update to this L2 norm (default: no clip)",
+                                     rules=[(math.isfinite, "use a finite norm")], check=_positive,
+                                     fix="use a positive norm, or leave it out for no clip")  # fmt: skip
+    noise_std: float = knob(0.0, kind="float", help="std of the Gaussian noise added to the update; 0: none",
+                            rules=[(math.isfinite, "use a finite std")], check=_at_least(0), fix="use 0 (no noise) or more")  # fmt: skip
+    keep_fraction: float = knob(1.0, kind="float", help="keep this fraction of largest-magnitude coordinates; 1: all",
+                                check=_fraction, fix="use a fraction above 0 and at most 1 (1: no pruning)")  # fmt: skip
+    prune_scope: str = knob("layer", kind="str", choices=PRUNE_SCOPES, applies=_pruned,
+                            help="prune within each parameter tensor, or over the whole update")  # fmt: skip
+    quant_bits: int | None = knob(None, kind="int", help="quantise each tensor to this many bits (default: none)",
+                                  check=_at_least(1), fix="use 1 bit or more, or leave it out for no quantisation")  # fmt: skip
+    quant_rounding: str = knob("stochastic", kind="str", choices=ROUNDINGS, applies=_quantised,
+                               help="stochastic (unbiased, QSGD-style) or nearest (1 bit: scaled signSGD)")  # fmt: skip
+    defence_seed: int = knob(0, kind="int", help="seeds the noise and the stochastic rounding", arrow="int64",
+                             applies=_randomised)  # fmt: skip
+    prune_aware: bool = knob(False, kind="bool", help="the attacker compares only the coordinates the update kept",
+                             applies=lambda t: _pruned(t) and _unrolls_defences(t))  # fmt: skip
+    clip_aware: bool = knob(False, kind="bool", help="the attacker clips its candidate update the same way",
+                            applies=lambda t: t.clip_update is not None and _unrolls_defences(t))  # fmt: skip
+    dp_delta: float = knob(1e-5, kind="float", help="the delta of the reported (epsilon, delta) privacy",
+                           applies=_dp_mechanism, check=lambda v: 0 < v < 1, fix="use a delta between 0 and 1")  # fmt: skip
+    aggregated_clients: int = knob(1, kind="int", check=_at_least(1), fix="use 1 (no aggregation) or more clients",
+                                   help="secure aggregation: the server sees only the mean update of this many clients; "
+                                   "the trial's images are split in order into equal groups, one per client; 1: none")  # fmt: skip
+
+
+PARTS: list[type] = [
+    DataSettings, VictimSettings, ClientSettings, AttackSettings, OptimiserSettings, InvertingSettings, DefenceSettings,
+]  # fmt: skip
 
 
 def register(part: type) -> type:

@@ -22,7 +22,8 @@ from .baselines import BaselinePool, score_baselines
 from .attacks.labels import recover_labels
 from .attacks.registry import FAMILIES, AttackJob, settings_parts
 from .errors import require
-from .fl import FLConfig, client_update
+from .defences import sent_update
+from .fl import FLConfig
 from .parameters import FL_MODES, LABELS, extract, trained_victim  # noqa: F401  (importable from here too)
 from .victims import Untrained, recipe_of, victim_source
 
@@ -48,6 +49,10 @@ class TrialRules:
                 f"{self.dataset} keeps no images to train on (every image is attacked); use 0")  # fmt: skip
         for requirement in FAMILIES[self.attack].requires:
             requirement.check(self)
+        require(len(self.images) % self.aggregated_clients == 0, "aggregated_clients", self.aggregated_clients,
+                f"use a number of clients that divides the trial's {len(self.images)} images (1: no aggregation)")  # fmt: skip
+        require(self.dp_clip is None or self.fl != "fedavg" or not 0 < self.local_batch_size < self.images_per_client,
+                "local_batch_size", self.local_batch_size, "DP-SGD draws its own batches at dp_sample_rate; use 0")  # fmt: skip
         self.ig_config()  # the settings that constrain each other
         if self.layers is not None:
             count = parameter_tensors(self.model, spec.channels, spec.num_classes, self.side, self.width)
@@ -56,6 +61,11 @@ class TrialRules:
     @property
     def data_spec(self) -> data.DatasetSpec:
         return data.dataset_spec(self.dataset)
+
+    @property
+    def images_per_client(self) -> int:
+        """Each client's images: the trial's, split equally among the ``aggregated_clients``."""
+        return len(self.images) // self.aggregated_clients
 
     @property
     def side(self) -> int:
@@ -197,7 +207,7 @@ def run_trials(
     for spec in specs:
         images01, labels = data.load_images(spec.dataset, spec.images, data_root, image_size=spec.image_size)
         images01, labels = images01.to(device), labels.to(device)
-        update = client_update(model, data.normalise(images01, info), labels, spec.fl_config())
+        update = sent_update(model, data.normalise(images01, info), labels, spec)
         truths.append(images01)
         true_labels.append(labels)
         updates.append(update)

@@ -23,12 +23,19 @@ from typing import Callable
 import filelock
 import torch
 import torch.nn.functional as F
+from opacus.data_loader import DPDataLoader
 
 from . import data, models
 from .errors import ConfigError, require
 from .files import write_atomic
 
 RECIPE_VERSION = 2  # 2: lr 0.01 (0.05 diverged for ConvNet-32 on Fashion-MNIST: loss 12.7, accuracy 0.11)
+
+
+# The defence settings a training step applies (TrainingStep): DP-SGD's clip, noise and delta (its
+# batches are the recipe's, Poisson-sampled), then the update-level defences on each step's gradient.
+TRAINING_DEFENCE = ("dp_clip", "dp_noise", "dp_delta", "clip_update", "noise_std", "keep_fraction", "prune_scope",
+                    "quant_bits", "quant_rounding", "defence_seed")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -45,6 +52,10 @@ class Recipe:
     batch_size: int = 128
     lr: float = 0.01  # SGD with Nesterov momentum 0.9, weight decay 5e-4, linear decay to 0
     version: int = RECIPE_VERSION
+    # Defences applied to every training step's gradient, as (name, value) pairs of
+    # gradinv.parameters.DefenceSettings named in TRAINING_DEFENCE; () plain.
+    defence: tuple = ()
+    norm: str = "batch"  # or "group" (gradinv.models.build_model)
 
     def __post_init__(self):
         spec = data.dataset_spec(self.dataset)
@@ -54,10 +65,17 @@ class Recipe:
             object.__setattr__(self, "width", default_width)
         require(self.epochs >= 1, "epochs", self.epochs, "train for at least 1 epoch (0 is the untrained model)")
         require(self.train_subset is None or self.train_subset >= 1, "train_subset", self.train_subset, "use 1 or more")
+        require(self.norm == "group" or "dp_clip" not in dict(self.defence), "norm", self.norm,
+                "DP-SGD training needs norm: group (BatchNorm mixes the examples of a batch); compare it with "
+                "plain norm: group victims")  # fmt: skip
+        object.__setattr__(self, "defence", tuple(sorted((str(k), v) for k, v in self.defence)))  # JSON gives lists
 
     @property
     def key(self) -> str:
         fields = dataclasses.asdict(self)
+        for name, plain in (("defence", ()), ("norm", "batch")):  # plain recipes keep the keys they had before
+            if fields[name] == plain or fields[name] == list(plain):
+                del fields[name]
         if split := data.dataset_spec(self.dataset).split_version:  # a new split trains on other images
             fields["split_version"] = split
         canonical = json.dumps(fields, sort_keys=True, separators=(",", ":"))
@@ -67,13 +85,16 @@ class Recipe:
         """The `gradinv zoo train` command that builds this checkpoint."""
         flags = {"--dataset": self.dataset, "--model": self.model, "--width": self.width, "--epochs": self.epochs,
                  "--model-seed": self.model_seed, "--train-subset": self.train_subset, "--image-size": self.image_size}
-        return "gradinv zoo train " + " ".join(f"{flag} {value}" for flag, value in flags.items() if value is not None)
+        command = "gradinv zoo train " + " ".join(f"{flag} {value}" for flag, value in flags.items() if value is not None)
+        if self.defence:  # no flags for them: a study with `defended_training: true` trains it
+            command += "  (with the defences " + ", ".join(f"{k}={v}" for k, v in self.defence) + ": run the study)"
+        return command
 
     def untrained(self) -> torch.nn.Module:
         spec = data.dataset_spec(self.dataset)
         return models.build_model(
             self.model, channels=spec.channels, num_classes=spec.num_classes,
-            image_size=self.image_size or spec.size, width=self.width, seed=self.model_seed,
+            image_size=self.image_size or spec.size, width=self.width, seed=self.model_seed, norm=self.norm,
         )  # fmt: skip
 
 
@@ -207,30 +228,102 @@ def train(recipe: Recipe, *, data_root=None, on_epoch=None) -> Checkpoint:
         train_set = torch.utils.data.Subset(train_set, range(min(recipe.train_subset, len(train_set))))
     order = torch.Generator().manual_seed(recipe.model_seed)
     loader = torch.utils.data.DataLoader(train_set, batch_size=recipe.batch_size, shuffle=True, generator=order)
-    optimiser = torch.optim.SGD(model.parameters(), lr=recipe.lr, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    step = TrainingStep(model, recipe, sample_rate=1 / len(loader), expected_batch_size=len(train_set) / len(loader))
+    if step.private is not None:  # DP-SGD: Poisson-sampled batches, as its accountant assumes
+        loader = DPDataLoader.from_data_loader(loader, generator=order)
     steps = recipe.epochs * len(loader)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimiser, lambda step: 1 - step / steps)
+    schedule = torch.optim.lr_scheduler.LambdaLR(step.optimiser, lambda done: 1 - done / steps)
     for epoch in range(recipe.epochs):
         seen, loss_sum, correct = 0, 0.0, 0
-        for images, labels in loader:
-            logits = model(data.normalise(images, spec))
-            loss = F.cross_entropy(logits, labels)
-            optimiser.zero_grad(set_to_none=True)
-            loss.backward()
-            optimiser.step()
+        for images, labels in loader:  # under DP-SGD a Poisson batch may be empty: its step is noise alone
+            logits, loss = step(data.normalise(images, spec), labels)
             schedule.step()
             seen += len(labels)
-            loss_sum += loss.item() * len(labels)
-            correct += int((logits.argmax(1) == labels).sum())
+            loss_sum += loss * len(labels)
+            correct += int((logits.argmax(1) == labels).sum()) if len(labels) else 0
         if on_epoch is not None:
-            on_epoch(epoch + 1, loss_sum / seen, correct / seen)
+            on_epoch(epoch + 1, loss_sum / max(seen, 1), correct / max(seen, 1))
+    step.finish()
     model.eval()
     sidecar = {
         "key": recipe.key, "test_accuracy": test_accuracy(model, recipe, data_root), "epochs": recipe.epochs,
         "seed": recipe.model_seed, "training_seconds": time.perf_counter() - start, "torch": torch.__version__,
-        "recipe": dataclasses.asdict(recipe),
+        "recipe": dataclasses.asdict(recipe), **step.privacy(steps),
     }  # fmt: skip
     return Checkpoint(recipe, {k: v.detach().clone() for k, v in model.state_dict().items()}, sidecar)
+
+
+class TrainingStep:
+    """One SGD step of the recipe (Nesterov momentum 0.9, weight decay 5e-4) on a batch, with the
+    recipe's defences on its gradient: DP-SGD through Opacus (gradinv.dp; the recipe's model has
+    GroupNorm, since BatchNorm mixes a batch's examples) and then the update-level defences
+    (gradinv.defences), their random numbers drawn afresh at every step."""
+
+    def __init__(self, model: torch.nn.Module, recipe: Recipe, sample_rate: float, expected_batch_size: float):
+        from .parameters import DefenceSettings, defaults
+
+        self.model, self.recipe, self.sample_rate = model, recipe, sample_rate
+        self.settings = DefenceSettings(**{**defaults(DefenceSettings), **dict(recipe.defence)})
+        self.private = self.module = None
+        self.count = 0
+
+        def sgd(parameters):
+            return torch.optim.SGD(parameters, lr=recipe.lr, momentum=0.9, nesterov=True, weight_decay=5e-4)
+
+        if self.settings.dp_clip is None:
+            self.optimiser = sgd(model.parameters())
+            self.parameters = list(model.parameters())
+            return
+        from . import dp
+
+        self.private = self.settings
+        self.module, wrapped = dp.make_private(model, sgd, clip=self.settings.dp_clip, noise_seed=self.settings.defence_seed,
+                                               noise_multiplier=self.settings.dp_noise, expected_batch_size=expected_batch_size)  # fmt: skip
+        self.dp_optimiser, self.optimiser = wrapped, wrapped.original_optimizer
+        self.parameters = list(wrapped.params)
+
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, float]:
+        if self.private is not None:
+            from . import dp
+
+            logits = dp.noisy_gradient(self.module, self.dp_optimiser, images, labels)
+            loss = float(F.cross_entropy(logits.detach(), labels)) if len(labels) else 0.0
+        else:
+            logits = self.model(images)
+            loss_tensor = F.cross_entropy(logits, labels)
+            self.optimiser.zero_grad(set_to_none=True)
+            loss_tensor.backward()
+            loss = loss_tensor.item()
+        self._defend_gradient()
+        self.optimiser.step()
+        self.count += 1
+        return logits.detach(), loss
+
+    def _defend_gradient(self) -> None:
+        from .defences import client_defences
+
+        defences = client_defences(dataclasses.replace(self.settings, defence_seed=self.settings.defence_seed * 1_000_003 + self.count))
+        if not defences:
+            return
+        gradient = tuple(p.grad for p in self.parameters)
+        for defence in defences:
+            gradient = defence(gradient)
+        for parameter, defended in zip(self.parameters, gradient):
+            parameter.grad = defended
+
+    def finish(self) -> None:
+        """The trained weights back in the model (a DP copy's parameters carry the model's names)."""
+        if self.module is not None:
+            self.model.load_state_dict(self.module.to_standard_module().state_dict(), strict=False)
+
+    def privacy(self, steps: int) -> dict:
+        """The sidecar's privacy fields: DP-SGD's epsilon over the whole training, at the recipe's delta."""
+        if self.private is None:
+            return {}
+        from .privacy import ACCOUNTANT, epsilon
+
+        return {"training_epsilon": epsilon(self.settings.dp_noise, self.sample_rate, steps, self.settings.dp_delta),
+                "accountant": ACCOUNTANT, "delta": self.settings.dp_delta}  # fmt: skip
 
 
 def test_accuracy(model: torch.nn.Module, recipe: Recipe, data_root=None) -> float:

@@ -12,6 +12,7 @@ import functools
 
 from gradinv import zoo
 from gradinv.trial import TrialSpec
+from gradinv.victims import ZooCheckpoint
 
 
 def train_task(recipe: zoo.Recipe) -> tuple[bytes, dict]:
@@ -68,9 +69,7 @@ class Victims:
         """The columns a trial's row carries about its victim."""
         if spec.trained_epochs == 0:
             return {}
-        key = spec.recipe().key
-        sidecar = self.ready.get(key, (None, {}))[1]
-        return {"checkpoint_key": key, "model_accuracy": sidecar.get("test_accuracy")}
+        return ZooCheckpoint(spec).row_columns(self.ready.get(spec.recipe().key, (None, {}))[1])
 
 
 def victim_from_checkpoint(weights: bytes, sidecar: dict):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from pathlib import Path
@@ -146,9 +147,19 @@ def _run_attack(args: argparse.Namespace) -> int:
         print(f"gradinv attack: failed: {outcome.error}", file=sys.stderr)
         return 1
     m = outcome.metrics
-    print(f"PSNR {m['psnr']:.2f} dB  SSIM {m['ssim']:.3f}  labels {m['label_accuracy']:.0%}  "
-          f"{outcome.seconds:.1f} s  -> {args.out}")  # fmt: skip
+    print(f"PSNR {m['psnr']:.2f} dB (gain {m.get('psnr_gain', math.nan):+.2f})  SSIM {m['ssim']:.3f}  "
+          f"labels {m['label_accuracy']:.0%}{_privacy(spec)}  {outcome.seconds:.1f} s  -> {args.out}")  # fmt: skip
     return 0
+
+
+def _privacy(spec) -> str:
+    """The update's privacy, where a defence gives one: "  epsilon 3.1 (DP-SGD, delta 1e-05)"."""
+    from gradinv.privacy import privacy_columns
+
+    columns = privacy_columns(spec)
+    shown = [f"{columns[name]:.3g} ({what})" for name, what in (("epsilon", "DP-SGD"), ("update_epsilon", "update"))
+             if columns[name] is not None]  # fmt: skip
+    return f"  epsilon {', '.join(shown)} at delta {spec.dp_delta:g}" if shown else ""
 
 
 def _run_study(args: argparse.Namespace) -> int:

@@ -23,6 +23,7 @@ import torch
 
 from gradinv import data
 from gradinv.attacks.inverting import TrialTimeout
+from gradinv.privacy import privacy_columns
 from gradinv.provenance import provenance
 from gradinv.trial import TrialOutcome, TrialSpec, run_trials
 
@@ -57,7 +58,7 @@ def now() -> dt.datetime:
 def outcome_row(pack: Pack, key: str, outcome: TrialOutcome, attempt: int, timing: dict, where: dict) -> dict:
     row = {
         "study": pack.study, "key": key, "candidate": pack.candidate, **parameter_columns(outcome.spec),
-        **pack.extra, **outcome.metrics, **{f"{name}_per_image": v for name, v in outcome.per_image.items()},
+        **pack.extra, **privacy_columns(outcome.spec), **outcome.metrics, **{f"{name}_per_image": v for name, v in outcome.per_image.items()},
         "restart_scores": outcome.restart_scores,
         "curve_iterations": [i for i, _ in outcome.curve], "curve_costs": [c for _, c in outcome.curve],
         "curve_psnr": [q for q, _ in outcome.quality_curve] or None, "curve_ssim": [q for _, q in outcome.quality_curve] or None,

@@ -18,8 +18,9 @@ import pyarrow.parquet as pq
 if TYPE_CHECKING:  # gradinv.trial imports torch: readers of results (status, report, export) do without
     from gradinv.trial import TrialSpec
 
-SCHEMA_VERSION = 3  # 2: baselines, gains, quality curves, pack ids
+SCHEMA_VERSION = 4  # 2: baselines, gains, quality curves, pack ids
 # 3: each column's role (ROLE_KEY) in its field metadata
+# 4: the defences' settings and their privacy (epsilon, accountant, update_epsilon, training_epsilon)
 RESULTS_FORMAT = 3  # part of every trial key: bump only when old results can no longer be compared
 # 2: the step decay's milestones are the reference's, the first images are no longer clamped into the
 #    pixel box, `exp` layer weights are e^-i and `rand` starts are uniform in [-1, 1)
@@ -76,6 +77,12 @@ SCHEMA = pa.schema(
         *_with_role(PROVENANCE, pa.field("checkpoint_key", pa.string())),  # the zoo checkpoint the settings named
         *_with_role(OUTCOME,
             pa.field("model_accuracy", pa.float64()),
+            pa.field("training_epsilon", pa.float64()),  # a victim trained with DP-SGD: its training's epsilon
+            # The client's privacy for this one update (gradinv.privacy): DP-SGD's example-level epsilon,
+            # the accountant, and the update-level Gaussian mechanism's epsilon (clip_update, noise_std)
+            pa.field("epsilon", pa.float64()),
+            pa.field("accountant", pa.string()),
+            pa.field("update_epsilon", pa.float64()),
             *[pa.field(name, pa.float64()) for name in METRICS],
             pa.field("label_accuracy", pa.float64()),
             # What a data-only attacker scores without the update (gradinv.baselines), and the gain over the best
@@ -142,7 +149,7 @@ def parameter_columns(spec: TrialSpec) -> dict:
     if values["width"] is None and "width" not in spec.not_applicable():
         values["width"] = models.default_width(spec.model)
     values = {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}
-    values["images_per_client"] = len(spec.images)
+    values["images_per_client"] = spec.images_per_client
     return values
 
 

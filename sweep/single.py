@@ -10,6 +10,7 @@ from tqdm import tqdm
 
 from gradinv import data
 from gradinv.files import write_atomic
+from gradinv.privacy import privacy_columns
 from gradinv.provenance import provenance
 from gradinv.trial import TrialOutcome, TrialSpec, cached_victim, run_trials
 
@@ -35,6 +36,7 @@ def metrics_document(outcome: TrialOutcome, device: str) -> dict:
         "status": outcome.status,
         "error": outcome.error,
         **outcome.metrics,
+        **privacy_columns(outcome.spec),
         **{f"{name}_per_image": values for name, values in outcome.per_image.items()},
         "seconds": outcome.seconds,
         "restart_scores": outcome.restart_scores,

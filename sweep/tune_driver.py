@@ -38,14 +38,14 @@ def comparable_scales(pack: Pack, victim=None) -> list[float]:
         return [1.0] * len(pack.specs)
     from gradinv import data
     from gradinv.attacks.costs import layer_weights
-    from gradinv.fl import client_update
+    from gradinv.defences import sent_update
     from gradinv.trial import build_victim
 
     scales = []
     model = (victim or build_victim)(pack.specs[0]).eval()
     for spec in pack.specs:
         images01, labels = data.load_images(spec.dataset, spec.images, None, image_size=spec.image_size)
-        update = client_update(model, data.normalise(images01, spec.data_spec), labels, spec.fl_config())
+        update = sent_update(model, data.normalise(images01, spec.data_spec), labels, spec)
         weights = layer_weights(len(update.tensors), spec.layer_weighting, spec.layers)
         norm = sum(w * float(t.pow(2).sum()) for w, t in zip(weights, update.tensors))
         scales.append(1.0 / (2.0 * norm) if norm > 0 else 1.0)

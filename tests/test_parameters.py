@@ -26,6 +26,10 @@ from sweep.schema import SCHEMA, parameter_columns, parameter_types
 
 REPO = Path(__file__).resolve().parent.parent
 DATA_SECTION = ("dataset", "images", "labels", "image_size")
+DEFENDED_FIXED = {"clip_update": 1.0, "noise_std": 0.1, "keep_fraction": 0.5, "quant_bits": 4, "dp_clip": 1.0}  # every defence knob applies
+DEFENDED = [arg for name, value in DEFENDED_FIXED.items() for arg in (f"--{name.replace('_', '-')}", str(value))]
+# a value that needs more than the default image: (flags, study-file settings) that give each trial two
+IMAGES_FOR = {"aggregated_clients": (["--image", "0", "--image", "1"], {"images_per_client": 2})}
 
 
 def _flag(name: str) -> str:
@@ -35,7 +39,8 @@ def _flag(name: str) -> str:
 
 def _good_value(name: str, declared: parameters.Knob, default):
     """A valid value other than the default (the YAML value, and what the trial then holds)."""
-    special = {"dataset": "faces", "model": "mlp", "images": [1], "layers": [0], "image_size": 16}
+    special = {"dataset": "faces", "model": "mlp", "images": [1], "layers": [0], "image_size": 16, "keep_fraction": 0.25,
+               "noise_std": 0.5, "dp_delta": 0.001, "dp_sample_rate": 0.5, "aggregated_clients": 2}  # fmt: skip
     if name in special:
         value = special[name]
         return value, tuple(value) if isinstance(value, list) else value
@@ -119,8 +124,9 @@ def test_every_declared_parameter_is_a_flag_a_column_and_a_study_key(tmp_path):
         yaml_value, held = _good_value(name, declared, default)
         # the flag
         flag_value = _flag_arguments(name, declared, yaml_value)
-        where_all_apply = ["--fl", "fedavg", "--restarts", "2", "--trained-epochs", "1"]  # the flag itself comes last
-        args = cli.build_parser().parse_args(["attack", "--out", str(tmp_path), *where_all_apply, *flag_value])
+        where_all_apply = ["--fl", "fedavg", "--restarts", "2", "--trained-epochs", "1", *DEFENDED]  # the flag comes last
+        image_flags, image_settings = IMAGES_FOR.get(name, ([], {}))
+        args = cli.build_parser().parse_args(["attack", "--out", str(tmp_path), *where_all_apply, *image_flags, *flag_value])
         assert getattr(cli._trial_spec(args), name) == held, name
         # the column, of the declared type
         column = SCHEMA.field(name).type
@@ -128,7 +134,7 @@ def test_every_declared_parameter_is_a_flag_a_column_and_a_study_key(tmp_path):
                           "bool": pa.bool_(), "list<int32>": pa.list_(pa.int32())}[declared.arrow], name  # fmt: skip
         # the study key
         data = {"dataset": "faces", "images": 2}
-        fixed = {"fl": "fedavg", "restarts": 2, "trained_epochs": 1}  # where every parameter applies
+        fixed = {"fl": "fedavg", "restarts": 2, "trained_epochs": 1, **DEFENDED_FIXED, **image_settings}  # where all apply
         (data if name in DATA_SECTION else fixed)[name] = yaml_value
         path = _study(tmp_path, f"name: p\ndata: {json.dumps(data)}\nfixed: {json.dumps(fixed)}\n")
         trials = study.read_study(path).trials
@@ -188,7 +194,8 @@ def test_victim_sources_and_the_default_width_share_one_checkpoint():
     assert isinstance(victim_source(TrialSpec()), Untrained) and victim_source(TrialSpec()).recipe is None
     named = victim_source(TrialSpec(trained_epochs=2, width=default_width("convnet")))
     assert isinstance(named, ZooCheckpoint) and named.recipe.key == victim_source(TrialSpec(trained_epochs=2)).recipe.key
-    assert named.row_columns({"test_accuracy": 0.5}) == {"checkpoint_key": named.recipe.key, "model_accuracy": 0.5}
+    assert named.row_columns({"test_accuracy": 0.5}) == {"checkpoint_key": named.recipe.key, "model_accuracy": 0.5,
+                                                         "training_epsilon": None}
 
 
 def test_a_client_update_passes_through_its_defences_in_order():

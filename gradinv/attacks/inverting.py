@@ -23,11 +23,12 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import vmap
 
+from ..defences import attacker_update, kept_masks
 from ..errors import require
-from ..fl import ClientUpdate, minibatch_schedule, model_state, parameter_update
+from ..fl import ClientUpdate, model_state
 from ..parameters import (  # noqa: F401  (the choices, declared with the knobs; importable from here too)
-    COSTS, DECAYS, INITS, LAYER_SETS, LAYER_WEIGHTINGS, OPTIMIZERS, SCORINGS, InvertingSettings, OptimiserSettings,
-    declarations, extract,
+    COSTS, DECAYS, INITS, LAYER_SETS, LAYER_WEIGHTINGS, OPTIMIZERS, SCORINGS, DefenceSettings, InvertingSettings,
+    OptimiserSettings, declarations, extract,
 )
 from .costs import BATCH_LAYERS, GradientCost, layer_weights, named_set_mask
 
@@ -37,9 +38,10 @@ LBFGS_LR = 1.0  # the reference's L-BFGS: torch's defaults
 
 
 @dataclass(frozen=True, kw_only=True)
-class IGConfig(InvertingSettings, OptimiserSettings):
-    """One trial's attack settings (declared in gradinv.parameters). Lanes packed together share
-    all but the settings declared free across lanes (``tv`` and ``lr``)."""
+class IGConfig(InvertingSettings, OptimiserSettings, DefenceSettings):
+    """One trial's attack settings (declared in gradinv.parameters), with the client's defences the
+    attacker knows and how far it mirrors them. Lanes packed together share all but the settings
+    declared free across lanes (``tv`` and ``lr``)."""
 
     def __post_init__(self):
         super().__post_init__()
@@ -126,7 +128,10 @@ class LaneObjective:
     only input, gives every run's image gradient (a run's cost depends only on its own images, so the
     sum's gradient is each run's own gradient). ``vmap`` over a single run is that run's function
     applied directly, so ``L * R = 1`` is the same computation without the batching overhead.
-    ``seed`` draws the ``batch`` layer set's tensors.
+    ``seed`` draws the ``batch`` layer set's tensors. The candidate update goes through the defences
+    the attacker mirrors (gradinv.defences: the clip when ``clip_aware``; with ``prune_aware`` only
+    the coordinates the sent update kept are compared) before the cost; under secure aggregation it
+    is the mean over the clients' groups of images (gradinv.defences.attacker_update).
     """
 
     def __init__(self, model: nn.Module, updates: Sequence[ClientUpdate], labels: torch.Tensor,
@@ -135,8 +140,6 @@ class LaneObjective:
         config = configs[0]
         self.restarts = config.restarts
         params, buffers = model_state(model)
-        fl = updates[0].fl
-        schedule = minibatch_schedule(updates[0].num_images, fl)
         targets = [self.per_run(torch.stack([u.tensors[i] for u in updates])) for i in range(len(params))]
         dtype, device = targets[0].dtype, labels.device
         weights = layer_weights(len(params), config.layer_weighting, config.layers)
@@ -148,9 +151,12 @@ class LaneObjective:
         self.labels = self.per_run(labels)
         self.tv_weights = self.per_run(torch.tensor([c.tv for c in configs], dtype=dtype, device=device))
         compared = self.gradient_cost.compared
+        predicted = attacker_update(config, updates[0])  # lanes share the client recipe and its DP batches
+        kept = kept_masks(config, targets)
+        self.kept = None if kept is None else [kept[i] for i in compared]  # [N, ...] per compared tensor
 
-        def update(x, y):  # one run's client update, the compared tensors only
-            full = parameter_update(model, params, buffers, x, y, fl, schedule)
+        def update(x, y):  # one run's update as the attacker predicts it, the compared tensors only
+            full = predicted(model, params, buffers, x, y)
             return tuple(full[i] for i in compared)
 
         batched = vmap(update)
@@ -177,7 +183,10 @@ class LaneObjective:
 
     def match(self, x: torch.Tensor) -> torch.Tensor:
         """The gradient cost alone (no TV) per run, ``[N]``."""
-        return self.gradient_cost(self.updates_per_run(x, self.labels), self._batch_mask())
+        candidate = self.updates_per_run(x, self.labels)
+        if self.kept is not None:
+            candidate = tuple(c * mask for c, mask in zip(candidate, self.kept))
+        return self.gradient_cost(candidate, self._batch_mask())
 
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The image gradient of the full cost, the full cost and the gradient cost alone, per run.
