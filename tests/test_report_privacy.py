@@ -17,6 +17,7 @@ import pytest
 from PIL import Image
 
 from analysis import report_privacy as privacy
+from analysis.privacy_table import DEFENCE_COLUMNS, defence_of, privacy_table, shown_table, strength_of
 from analysis.report import write_report
 from sweep.results import ResultsDir
 from sweep.schema import to_table
@@ -183,13 +184,13 @@ def test_the_section_is_absent_without_a_defence_and_in_files_without_defence_co
         results.write(plain)
     assert privacy.TITLE not in write_report(tmp_path / "plain", tmp_path / "plain.html").read_text()
     table = to_table(plain)  # as written before defences existed: no defence column at all
-    table = table.select([name for name in table.schema.names if name not in privacy.DEFENCE_COLUMNS])
+    table = table.select([name for name in table.schema.names if name not in DEFENCE_COLUMNS])
     (tmp_path / "old").mkdir()
     pq.write_table(table, tmp_path / "old" / "part-1.parquet")
     assert "noise_std" not in pq.read_schema(tmp_path / "old" / "part-1.parquet").names
     assert privacy.TITLE not in write_report(tmp_path / "old", tmp_path / "old.html").read_text()
     frame = pd.DataFrame(plain).drop(columns=["images"]).assign(images="0")
-    assert privacy.privacy_table(frame, ["fl"]) is None
+    assert privacy_table(frame, ["fl"]) is None
 
 
 @pytest.mark.parametrize("settings, defence, strength", [
@@ -209,10 +210,10 @@ def test_the_section_is_absent_without_a_defence_and_in_files_without_defence_co
      "pruning + quantisation + DP-SGD", "keep 50%, 8 bits nearest, DP σ=0.5 C=1"),
 ])  # fmt: skip
 def test_each_defence_kind_is_labelled_with_its_strength(settings, defence, strength):
-    assert privacy.defence_of(settings) == defence
-    assert privacy.strength_of(settings) == strength
+    assert defence_of(settings) == defence
+    assert strength_of(settings) == strength
     with_nulls = {name: np.nan for name in ("noise_std", "keep_fraction", "quant_bits", "dp_noise")} | settings
-    assert privacy.defence_of(with_nulls) == defence  # a null knob (it does not apply) is off
+    assert defence_of(with_nulls) == defence  # a null knob (it does not apply) is off
 
 
 def test_epsilon_delta_awareness_and_a_defended_checkpoint_come_from_the_columns():
@@ -226,8 +227,8 @@ def test_epsilon_delta_awareness_and_a_defended_checkpoint_come_from_the_columns
               "model_accuracy": 0.6} for i in IMAGES]  # a victim trained under DP-SGD: a checkpoint of its own
     rows += [trial(update, i, 1.0, rng, trained_epochs=2) for i in IMAGES]
     frame = pd.DataFrame(rows).assign(images=lambda f: f["images"].map(lambda i: ",".join(map(str, i))))
-    table = privacy.privacy_table(frame, []).set_index("defence")
-    shown = privacy._shown(privacy.privacy_table(frame, [])).set_index("defence")
+    table = privacy_table(frame, []).set_index("defence")
+    shown = shown_table(privacy_table(frame, [])).set_index("defence")
     assert shown.loc["DP-SGD", "strength"] == "DP σ=1 C=1" and shown.loc["DP-SGD", "attacker knew"] == "yes"
     assert float(shown.loc["DP-SGD", "\u03b5 (DP-SGD)"]) == pytest.approx(3.217)
     assert float(shown.loc["DP-SGD", "\u03b4"]) == 1e-5 and shown.loc["DP-SGD", "accountant"] == "rdp"
@@ -240,5 +241,5 @@ def test_epsilon_delta_awareness_and_a_defended_checkpoint_come_from_the_columns
     assert table.loc["update clip+noise", "accuracy_from"] == "plain victim"
     assert table.loc["update clip+noise", "accuracy"] == pytest.approx(ACCURACY)
     assert table.loc["DP-SGD", "psnr"] == pytest.approx(frame["psnr"].iloc[10:20].mean())
-    notes = privacy._epsilon_notes(privacy.privacy_table(frame, []))
+    notes = privacy._epsilon_notes(privacy_table(frame, []))
     assert len(notes) == 2 and "example-level" in notes[0] and "not the federation" in notes[0]

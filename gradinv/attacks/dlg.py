@@ -13,8 +13,9 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
-from ..fl import ClientUpdate, minibatch_schedule, model_state, parameter_update
-from ..parameters import OptimiserSettings, extract
+from ..defences import attacker_update
+from ..fl import ClientUpdate, model_state
+from ..parameters import DefenceSettings, OptimiserSettings, extract
 from .costs import GradientCost
 from .inverting import AttackResult, TrialTimeout
 
@@ -57,7 +58,7 @@ def _one_lane(model, params, buffers, update, labels, config, seed, image_shape,
     x = torch.randn(tuple(image_shape), generator=generator, device="cpu").to(device).requires_grad_(True)
     label_logits = torch.randn(image_shape[0], num_classes, generator=generator, device="cpu")
     label_logits = label_logits.to(device).requires_grad_(labels is None)
-    schedule = minibatch_schedule(image_shape[0], update.fl)
+    predict = attacker_update(DefenceSettings(), update)  # the client's training (and aggregation); no defence mirrored
     squared_distance = GradientCost([t.unsqueeze(0) for t in update.tensors], [1.0] * len(update.tensors), "l2")
     optimiser = torch.optim.LBFGS([x, label_logits] if labels is None else [x], lr=config.lr, max_iter=1,
                                   line_search_fn="strong_wolfe", tolerance_grad=0.0, tolerance_change=0.0)  # fmt: skip
@@ -66,7 +67,7 @@ def _one_lane(model, params, buffers, update, labels, config, seed, image_shape,
         return labels if labels is not None else label_logits.softmax(dim=-1)
 
     def distance():
-        update_guess = parameter_update(model, params, buffers, x, current_labels(), update.fl, schedule)
+        update_guess = predict(model, params, buffers, x, current_labels())
         return squared_distance([t.unsqueeze(0) for t in update_guess])[0]
 
     # Relative to the starting distance: the same minimiser, but L-BFGS's first step and tolerances

@@ -30,11 +30,10 @@ from ..parameters import (  # noqa: F401  (the choices, declared with the knobs;
     COSTS, DECAYS, INITS, LAYER_SETS, LAYER_WEIGHTINGS, OPTIMIZERS, SCORINGS, DefenceSettings, InvertingSettings,
     OptimiserSettings, declarations, extract,
 )
+from . import steps
 from .costs import BATCH_LAYERS, GradientCost, layer_weights, named_set_mask
 
 MEDIAN_FILTER_EVERY = 500  # iterations between the reference's 3x3 median filters
-SGD_LR, SGD_MOMENTUM = 0.01, 0.9  # the reference's SGD: a fixed step with Nesterov momentum
-LBFGS_LR = 1.0  # the reference's L-BFGS: torch's defaults
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -202,81 +201,13 @@ class LaneObjective:
         return image_grad, total.detach(), match.detach()
 
 
-# An optimiser step: (images, 0-based iteration, step-size factor) -> (new images, gradient cost per run
-# at the images it started from).
-Step = Callable[[torch.Tensor, int, float], tuple[torch.Tensor, torch.Tensor]]
-
-
-def _adam(objective: LaneObjective, step_sizes: torch.Tensor, signed: bool) -> Step:
-    """Adam with torch's defaults, per pixel, so every run keeps its own moments."""
-    beta1, beta2, eps = 0.9, 0.999, 1e-8
-    moments: list[torch.Tensor] = []
-
-    def step(x, iteration, factor):
-        image_grad, _, match = objective(x)
-        direction = image_grad.sign() if signed else image_grad
-        if not moments:
-            moments.extend((torch.zeros_like(x), torch.zeros_like(x)))
-        m, v = moments
-        m.mul_(beta1).add_(direction, alpha=1 - beta1)
-        v.mul_(beta2).addcmul_(direction, direction, value=1 - beta2)
-        m_hat = m / (1 - beta1 ** (iteration + 1))
-        v_hat = v / (1 - beta2 ** (iteration + 1))
-        return x - (factor * step_sizes) * m_hat / (v_hat.sqrt() + eps), match
-
-    return step
-
-
-def _sgd(objective: LaneObjective, signed: bool) -> Step:
-    """torch's SGD as the reference sets it up: step 0.01, Nesterov momentum 0.9, per pixel."""
-    buffers: list[torch.Tensor] = []
-
-    def step(x, iteration, factor):
-        image_grad, _, match = objective(x)
-        direction = image_grad.sign() if signed else image_grad
-        if buffers:
-            buffers[0].mul_(SGD_MOMENTUM).add_(direction)
-        else:
-            buffers.append(direction.clone())
-        return x - (SGD_LR * factor) * direction.add(buffers[0], alpha=SGD_MOMENTUM), match
-
-    return step
-
-
-def _lbfgs(model, updates, labels, configs, seed: int) -> Step:
-    """torch's L-BFGS with its defaults (as in the reference), one optimiser per run, run by run:
-    its line of search couples every number it optimises, so runs cannot share one."""
-    restarts, signed = configs[0].restarts, configs[0].signed
-    per_lane = [
+def _single_run_objectives(model, updates, labels, configs, seed: int) -> list[LaneObjective]:
+    """Each lane's objective for one run at a time (L-BFGS optimises run by run)."""
+    return [
         LaneObjective(model, updates[lane : lane + 1], labels[lane : lane + 1],
                       [dataclasses.replace(configs[lane], restarts=1)], seed)  # fmt: skip
         for lane in range(len(updates))
     ]
-    leaves: list[torch.Tensor] = []
-    optimisers: list[torch.optim.LBFGS] = []
-
-    def step(x, iteration, factor):
-        if not leaves:
-            leaves.extend(image.detach().clone().requires_grad_(True) for image in x)
-            optimisers.extend(torch.optim.LBFGS([leaf], lr=LBFGS_LR) for leaf in leaves)
-        matches = []
-        for run, (leaf, optimiser) in enumerate(zip(leaves, optimisers)):
-            with torch.no_grad():
-                leaf.copy_(x[run])  # the box and the filter act between steps
-            objective, first = per_lane[run // restarts], []
-
-            def closure(leaf=leaf, objective=objective, first=first):
-                image_grad, total, match = objective(leaf.unsqueeze(0))
-                leaf.grad = image_grad[0].sign() if signed else image_grad[0]
-                first.append(match)
-                return total[0]
-
-            optimiser.param_groups[0]["lr"] = LBFGS_LR * factor
-            optimiser.step(closure)
-            matches.append(first[0])
-        return torch.stack([leaf.detach() for leaf in leaves]), torch.cat(matches)
-
-    return step
 
 
 def final_images(runs: torch.Tensor, scores: torch.Tensor, config: IGConfig) -> torch.Tensor:
@@ -338,11 +269,11 @@ def invert_gradients(
         x = torch.maximum(torch.minimum(x, upper), lower)
     if config.optimizer == "adam":
         step_sizes = objective.per_run(torch.tensor([c.lr for c in configs], dtype=dtype, device=device))
-        step = _adam(objective, step_sizes.view(runs, 1, 1, 1, 1), config.signed)
+        step = steps.adam(objective, step_sizes.view(runs, 1, 1, 1, 1), config.signed)
     elif config.optimizer == "sgd":
-        step = _sgd(objective, config.signed)
+        step = steps.sgd(objective, config.signed)
     else:
-        step = _lbfgs(model, updates, labels, configs, seeds[0])
+        step = steps.lbfgs(_single_run_objectives(model, updates, labels, configs, seeds[0]), restarts, config.signed)
     check_at = {max(1, round(config.iterations * (k + 1) / checkpoints)) for k in range(checkpoints)}
     progress_every = max(1, config.iterations // 100)
     curve: list[tuple[int, list[float]]] = []
