@@ -15,7 +15,6 @@ import math
 import os
 import signal
 import sys
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -123,34 +122,6 @@ class _Batcher:
         self.rows, self.journalled, self.since = [], 0, time.monotonic()
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM (a scheduler's stop, `kill`): handled like Ctrl-C, with its own exit code."""
-
-
-@contextlib.contextmanager
-def _sigterm_as_interrupt():
-    """While the driver drives, SIGTERM raises Terminated: Ray's own handler (installed by
-    ray.init) would exit at once and lose the rows not yet in a batch file. Later SIGTERMs are
-    ignored while those rows are written. Yields a set that holds SIGTERM once one came: Ray's
-    code may turn the exception into a plain KeyboardInterrupt on its way up, so the exit code
-    is read from the set, not from the exception's type."""
-    received: set[int] = set()
-    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
-        yield received
-        return
-
-    def terminate(signum, frame):
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        received.add(signum)
-        raise Terminated
-
-    previous = signal.signal(signal.SIGTERM, terminate)
-    try:
-        yield received
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
 class NodeFit:
     """Whether some node of the cluster can run one trial (its CPUs and GPUs on one node).
 
@@ -237,7 +208,7 @@ def _drive(ray, study: Study, todo, results: ResultsDir, options: RunOptions, fi
     bar = tqdm(total=len(todo), desc=study.name, unit="trial", disable=not options.progress, dynamic_ncols=True)
     run = _Drive(loop, task, make_packs(study, todo, device), victims, limit, study.max_retries, fit, bar,
                  _Batcher(results, options.flush_rows, options.flush_seconds))  # fmt: skip
-    with _sigterm_as_interrupt() as signals:
+    with loop.stopping_on_signals():
         try:
             stopped = run.until_done()
             run.batcher.flush()
@@ -247,7 +218,7 @@ def _drive(ray, study: Study, todo, results: ResultsDir, options: RunOptions, fi
             run.stop()
         if stopped is not None:
             print(f"interrupted: {run.batcher.written} rows written to {results.path}; run the same command to finish")
-            return EXIT_TERMINATED if signals or isinstance(stopped, Terminated) else EXIT_INTERRUPTED
+            return EXIT_TERMINATED if loop.stop_signal == signal.SIGTERM else EXIT_INTERRUPTED
     return _summary(study, results)
 
 

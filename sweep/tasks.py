@@ -6,7 +6,10 @@ stopped before its trials finished.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import signal
+import threading
 from itertools import groupby
 from typing import Callable
 
@@ -59,6 +62,14 @@ def ready(ray, refs: list, timeout: float) -> list:
     return done
 
 
+class Stopped(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM reached the driver; ``signum`` says which."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
 class TaskLoop:
     """Everything the driver has in flight (trial packs, streamed candidates, victim trainings) and one
     wait over all of it: each ref is submitted with the callback that takes it once it is ready. A
@@ -67,6 +78,28 @@ class TaskLoop:
     def __init__(self, ray):
         self.ray = ray
         self.pending: dict = {}  # ref or generator -> on_ready(ref)
+        self.stop_signal: int | None = None
+
+    @contextlib.contextmanager
+    def stopping_on_signals(self):
+        """Inside, Ctrl-C and SIGTERM are recorded and raised as Stopped at the next `wait`, not wherever
+        they land: an interrupt raised inside Ray's wait was once lost, and Ray's own SIGTERM handler
+        exits at once, losing rows not yet in a batch file. Later signals are ignored while those rows
+        are written."""
+        if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+            yield
+            return
+
+        def record(signum, frame):
+            if self.stop_signal is None:
+                self.stop_signal = signum
+
+        previous = {signum: signal.signal(signum, record) for signum in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
 
     def __len__(self) -> int:
         return len(self.pending)
@@ -76,11 +109,18 @@ class TaskLoop:
         return ref
 
     def wait(self, timeout: float) -> None:
-        """Hand every ready ref to its callback, waiting up to ``timeout`` for the first."""
+        """Hand every ready ref to its callback, waiting up to ``timeout`` for the first; raises Stopped
+        once a stop signal came (see `stopping_on_signals`)."""
+        self._raise_if_stopped()
         for ref in ready(self.ray, list(self.pending), timeout):
             on_ready = self.pending.pop(ref, None)
             if on_ready is not None:  # not cancelled by an earlier callback of this burst
                 on_ready(ref)
+        self._raise_if_stopped()
+
+    def _raise_if_stopped(self) -> None:
+        if self.stop_signal is not None:
+            raise Stopped(self.stop_signal)
 
     def cancel(self, refs, *, force: bool = False) -> None:
         """Stop tasks still in flight (force: kill a plain task's worker; a stream stops at its next checkpoint)."""

@@ -1,6 +1,7 @@
 """The sweep runner on a real local Ray instance: rows exactly once through crashes and failures."""
 
 import json
+import os
 import re
 import signal
 import time
@@ -8,12 +9,14 @@ import time
 import duckdb
 import pandas as pd
 import pyarrow.parquet as pq
+import pytest
 
 from gradinv import data
 from sweep.cli import main
 from sweep.results import ResultsDir
 from sweep.schema import SCHEMA, SCHEMA_VERSION, trial_key
 from sweep.study import load_study
+from sweep.tasks import Stopped, TaskLoop
 
 STUDY = """
 name: tiny-run
@@ -148,3 +151,16 @@ def test_ctrl_c_writes_what_finished_and_exits_130(write_study, tmp_path, driver
 def test_status_of_a_missing_directory_is_one_line(tmp_path, capsys):
     assert main(["status", str(tmp_path / "nothing")]) == 2
     assert len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_stop_signal_is_raised_at_the_loops_next_wait_and_the_handlers_are_restored(signum):
+    loop = TaskLoop(ray=None)  # nothing in flight: wait never reaches Ray
+    before = signal.getsignal(signum)
+    with loop.stopping_on_signals():
+        os.kill(os.getpid(), signum)  # recorded, not raised here
+        with pytest.raises(Stopped) as stopped:
+            loop.wait(timeout=0)
+        os.kill(os.getpid(), signal.SIGINT)  # a second signal while rows are written changes nothing
+    assert stopped.value.signum == loop.stop_signal == signum
+    assert signal.getsignal(signum) is before
