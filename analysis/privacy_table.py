@@ -19,7 +19,7 @@ from . import report_html as markup
 
 NONE = "none"
 VICTIM_STATE = stats.MODEL_STATE  # what makes a victim untrained or trained (and on how much data)
-VICTIM_IDENTITY = ("dataset", "model", "width", "image_size", "model_seed", *VICTIM_STATE)  # one checkpoint
+VICTIM_IDENTITY = ("dataset", "model", "width", "norm", "image_size", "model_seed", *VICTIM_STATE)  # one checkpoint
 EPSILONS = {"epsilon": "ε (DP-SGD)", "update_epsilon": "ε (update)"}  # outcome column -> its heading
 PLAIN, OWN, UNTRAINED, UNRECORDED = "plain victim", "defended checkpoint", "untrained", "not recorded"
 
@@ -68,6 +68,10 @@ def _bits(row) -> int | None:
     return _value(row, "quant_bits")
 
 
+def _clients(row) -> int:
+    return int(_value(row, "aggregated_clients", 1))
+
+
 def _dp_on(row) -> bool:
     return _value(row, "dp_clip") is not None or _value(row, "dp_noise", 0.0) > 0
 
@@ -95,12 +99,14 @@ DEFENCES = (
             lambda r: f"{_bits(r)} bit{'s' * (_bits(r) != 1)} {_value(r, 'quant_rounding', 'stochastic')}",
             lambda r: -_bits(r)),
     Defence("DP-SGD", _dp_on, _dp_strength, lambda r: _value(r, "dp_noise", 0.0), aware="dp_aware"),
+    Defence("secure aggregation", lambda r: _clients(r) > 1, lambda r: f"{_clients(r)} clients", _clients),
 )  # fmt: skip
-# The defence knobs (with the seed of their randomness): the section groups by defence and strength, so
-# none of them is part of a row's other settings
+# The defence knobs (with the seed of their randomness, and whether the victim trained under them): the
+# section groups by defence and strength (and says where the accuracy comes from), so none of them is part
+# of a row's other settings
 DEFENCE_COLUMNS = ("clip_update", "noise_std", "keep_fraction", "prune_scope", "quant_bits", "quant_rounding",
                    "defence_seed", "prune_aware", "clip_aware", "dp_delta", "dp_clip", "dp_noise", "dp_sample_rate",
-                   "dp_aware")  # fmt: skip
+                   "dp_aware", "aggregated_clients", "defended_training")  # fmt: skip
 
 
 def _active(row: Mapping) -> list[Defence]:

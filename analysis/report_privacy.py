@@ -9,6 +9,7 @@ analysis.privacy_table's; this module draws the figure and the image grids and w
 from __future__ import annotations
 
 import html
+import textwrap
 
 import numpy as np
 import pandas as pd
@@ -93,7 +94,8 @@ def _scatter_panel(axes, part: pd.DataFrame, look: dict, title: str) -> None:
                           fontsize=7.5, color="#333333")  # fmt: skip
     _baseline(axes, part)
     axes.margins(x=0.15)  # room for the strength labels right of the points
-    axes.set_title(f"{title}: PSNR against the victim's accuracy", fontsize=10, loc="left")
+    wrapped = textwrap.fill(f"{title}: PSNR against the victim's accuracy", 48)  # two panels share a row
+    axes.set_title(wrapped, fontsize=10, loc="left")
     axes.set_xlabel("the defended victim's test accuracy")
     axes.set_ylabel("mean PSNR (dB)")
     axes.grid(alpha=0.3)
@@ -239,11 +241,14 @@ def _epsilon_notes(table: pd.DataFrame) -> list[str]:
 
 
 def _accuracy_note(table: pd.DataFrame) -> str:
-    plain = table[(table["accuracy_from"].str.contains(PLAIN)) & (table["defence"] != NONE)]
+    costless = table["defence"] == "secure aggregation"  # averaging updates changes nothing in training
+    plain = table[(table["accuracy_from"].str.contains(PLAIN)) & (table["defence"] != NONE) & ~costless]
     text = ("Accuracy: the victim checkpoint's test accuracy (\u201cuntrained\u201d for untrained victims). The "
             "defences act on the client's update, not on how the victim was trained, so a defended row without a "
             "defended-training checkpoint of its own reuses the plain victim's accuracy (accuracy from: "
-            f"\u201c{PLAIN}\u201d) and says nothing of what the defence would cost a model trained under it.")
+            f"\u201c{PLAIN}\u201d) and says nothing of what the defence would cost a model trained under it. "
+            "Secure aggregation costs no accuracy: the server's mean of the clients' updates is what FedAvg "
+            "computes anyway.")
     if plain.empty:
         return markup.note(text)
     which = sorted({f"{row.defence} ({row.strength})" for row in plain.itertuples()})

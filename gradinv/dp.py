@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import copy
 import warnings
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
 import numpy as np
 import torch
@@ -30,10 +30,8 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 from .errors import require
+from .fl import FLConfig, local_sgd
 from .privacy import accounting_steps
-
-if TYPE_CHECKING:
-    from .fl import FLConfig
 
 Batches = list[torch.Tensor]  # the image indices of each DP-SGD step, as the client realised them
 NORM_EPSILON = 1e-6  # Opacus' clip factor: min(1, clip / (norm + 1e-6))
@@ -222,10 +220,4 @@ def clipped_update(
         factor = (clip / (norms + NORM_EPSILON)).clamp(max=1.0)
         return {name: torch.einsum("i,i...", factor, g) / denominator for name, g in grads.items()}
 
-    if fl.fl == "fedsgd":
-        return tuple(clipped_mean(params, batches[0]).values())
-    current = params
-    for indices in batches:
-        step = clipped_mean(current, indices)
-        current = {name: value - fl.local_lr * step[name] for name, value in current.items()}
-    return tuple(current[name] - params[name] for name in params)
+    return local_sgd(params, clipped_mean, fl, batches)

@@ -98,12 +98,25 @@ def parameter_update(
     def loss(p, x, y):
         return F.cross_entropy(functional_call(model, (p, buffers), (x,)), y)
 
+    def gradient(p, indices):
+        return grad(loss)(p, *((images, labels) if indices is None else (images[indices], labels[indices])))
+
+    return local_sgd(params, gradient, fl, schedule)
+
+
+def local_sgd(
+    params: dict[str, torch.Tensor],
+    gradient: Callable[[dict[str, torch.Tensor], torch.Tensor | None], dict[str, torch.Tensor]],
+    fl: FLConfig,
+    schedule: Sequence[torch.Tensor | None],
+) -> tuple[torch.Tensor, ...]:
+    """The client's local SGD, given ``gradient(params, batch indices)``: FedSGD sends the gradient at
+    ``params`` on the first batch, FedAvg theta_K - theta_0 after one plain SGD step per batch."""
     if fl.fl == "fedsgd":
-        return tuple(grad(loss)(params, images, labels).values())
+        return tuple(gradient(params, schedule[0]).values())
     current = params
     for indices in schedule:
-        x, y = (images, labels) if indices is None else (images[indices], labels[indices])
-        step = grad(loss)(current, x, y)
+        step = gradient(current, indices)
         current = {name: value - fl.local_lr * step[name] for name, value in current.items()}
     return tuple(current[name] - params[name] for name in params)
 

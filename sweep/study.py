@@ -28,6 +28,7 @@ DATA_KEYS = tuple(declarations(DataSettings))  # the data: section
 # Parameters a study may set in fixed/grid/zip: every trial field but the data's, plus the dealing.
 TRIAL_PARAMETERS = tuple(name for name in DEFAULTS if name not in DATA_KEYS)
 SWEEPABLE = TRIAL_PARAMETERS + ("images_per_client",)
+TRIAL_SIZE = ("images_per_client", "aggregated_clients")  # a trial deals images_per_client x clients images
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 MAX_NAME_LENGTH = 100  # the name is the default results directory: keep it well inside a file name's limit
 MAX_TRIALS = 1_000_000  # trials (grid points x clients) a study may expand to unless raised
@@ -268,27 +269,39 @@ class _Sweep:
         }
         fixed = {name: _coerce(check, name, value, ("fixed", name)) for name, value in fixed.items()}
         sweep = cls(datasets, indices, base, fixed, _axes(check, "grid", grid), _axes(check, "zip", zipped))
-        for per_client in sweep.per_client_values():
-            if not 1 <= per_client <= len(indices):
-                message = f"{per_client}: use 1 to {len(indices)} (the study's images)"
-                check.fail(sweep.where("images_per_client"), message)
+        for per_client, clients in sweep.client_shares():
+            if clients < 1:
+                check.fail(sweep.where("aggregated_clients"), f"{clients}: use 1 (no aggregation) or more clients")
+            if not 1 <= per_client * clients <= len(indices):
+                most = len(indices) // clients
+                dealt = f" x {clients} clients = {per_client * clients}" if clients > 1 else ""
+                check.fail(sweep.where("images_per_client"), f"{per_client}{dealt}: use 1 to {most} images per "
+                           f"client (the study has {len(indices)} images)" if most else
+                           f"{per_client}{dealt}: the study has {len(indices)} images, fewer than {clients} clients")
         return sweep
 
     def where(self, name: str) -> tuple:
         return ("grid" if name in self.grid else "zip" if name in self.zipped else "fixed", name)
 
-    def per_client_values(self) -> list[int]:
-        """``images_per_client`` wherever it is set: one value per grid point or zip row it spans."""
-        return self.grid.get("images_per_client") or self.zipped.get("images_per_client") or [
-            self.fixed.get("images_per_client", 1)]  # fmt: skip
+    def client_shares(self) -> list[tuple[int, int]]:
+        """(``images_per_client``, ``aggregated_clients``) for each combination of the axes that set them:
+        a trial holds ``images_per_client`` images for each of its clients."""
+        shares = [name for name in TRIAL_SIZE if name in self.grid]
+        zip_rows = list(zip(*self.zipped.values())) if any(name in self.zipped for name in TRIAL_SIZE) else [()]
+        result = []
+        for combination in itertools.product(*(self.grid[name] for name in shares)):
+            for row in zip_rows:
+                values = {**self.fixed, **dict(zip(shares, combination)), **dict(zip(self.zipped, row))}
+                result.append((values.get("images_per_client", 1), values.get("aggregated_clients", 1)))
+        return result
 
     def count(self) -> int:
         """Trials before collapsing, from the axes' lengths: nothing is built."""
-        others = [len(v) for name, v in self.grid.items() if name != "images_per_client"]
-        if "images_per_client" not in self.zipped:
+        others = [len(v) for name, v in self.grid.items() if name not in TRIAL_SIZE]
+        if not any(name in self.zipped for name in TRIAL_SIZE):
             others.append(len(next(iter(self.zipped.values()), [None])))
-        clients = sum(len(self.indices) // per_client for per_client in self.per_client_values())
-        return len(self.datasets) * math.prod(others) * clients
+        trials = sum(len(self.indices) // (per_client * clients) for per_client, clients in self.client_shares())
+        return len(self.datasets) * math.prod(others) * trials
 
     def points(self):
         """Every combination: the cartesian product of grid axes times the paired zip axes."""
@@ -302,10 +315,10 @@ class _Sweep:
         indices, trials, seen, points = self.indices, [], set(), 0
         for dataset in self.datasets:
             for values in self.points():
-                per_client = values.pop("images_per_client", 1)
-                for start in range(0, len(indices) - per_client + 1, per_client):
+                size = values.pop("images_per_client", 1) * values.get("aggregated_clients", 1)
+                for start in range(0, len(indices) - size + 1, size):
                     points += 1
-                    images = tuple(indices[start : start + per_client])
+                    images = tuple(indices[start : start + size])
                     try:
                         spec = TrialSpec(**self.base, dataset=dataset, images=images, **values).resolved()
                     except ConfigError as error:

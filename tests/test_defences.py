@@ -143,6 +143,10 @@ def test_the_clip_aware_attacker_clips_its_candidate_like_the_client():
         (["--clip-update", "inf"], "clip_update: inf is not valid; use a finite norm"),
         (["--dp-delta", "1"], "dp_delta: 1.0 is not valid; use a delta between 0 and 1"),
         (["--prune-scope", "row"], "prune_scope: 'row' is not valid; choose one of layer, global"),
+        (["--aggregated-clients", "0"], "aggregated_clients: 0 is not valid; use 1 (no aggregation) or more clients"),
+        (["--image", "0", "--image", "1", "--image", "2", "--aggregated-clients", "2"],
+         "aggregated_clients: 2 is not valid; use a number of clients that divides the trial's 3 images "
+         "(1: no aggregation)"),
     ],
 )  # fmt: skip
 def test_a_bad_defence_value_exits_2_with_one_line(argv, line, tmp_path, capsys):

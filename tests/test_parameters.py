@@ -29,7 +29,8 @@ DATA_SECTION = ("dataset", "images", "labels", "image_size")
 DEFENDED_FIXED = {"clip_update": 1.0, "noise_std": 0.1, "keep_fraction": 0.5, "quant_bits": 4, "dp_clip": 1.0}  # every defence knob applies
 DEFENDED = [arg for name, value in DEFENDED_FIXED.items() for arg in (f"--{name.replace('_', '-')}", str(value))]
 # a value that needs more than the default image: (flags, study-file settings) that give each trial two
-IMAGES_FOR = {"aggregated_clients": (["--image", "0", "--image", "1"], {"images_per_client": 2})}
+# (a study deals images_per_client to each of the trial's clients)
+IMAGES_FOR = {"aggregated_clients": (["--image", "0", "--image", "1"], {"images_per_client": 1})}
 
 
 def _flag(name: str) -> str:

@@ -12,7 +12,6 @@ from gradinv.attacks.inverting import LaneObjective
 from gradinv.defences import client_defences, client_settings, private_training, sent_update
 from gradinv.fl import client_update
 from gradinv.trial import TrialSpec, build_victim, lane_signature, run_trials
-from sweep.cli import main
 from sweep.schema import parameter_columns, trial_key
 
 TINY = dict(dataset="faces", image_size=8, model="convnet", width=8)
@@ -98,27 +97,7 @@ def test_an_attacker_that_ignores_the_aggregation_or_the_clients_batches_misses_
 
 
 # ------------------------------------------------------------------------------------------------
-# Settings: one-line errors, unchanged keys, the columns
-
-
-@pytest.mark.parametrize(
-    "argv, line",
-    [
-        (["--aggregated-clients", "0"], "aggregated_clients: 0 is not valid; use 1 (no aggregation) or more clients"),
-        (["--image", "0", "--image", "1", "--image", "2", "--aggregated-clients", "2"],
-         "aggregated_clients: 2 is not valid; use a number of clients that divides the trial's 3 images "
-         "(1: no aggregation)"),
-    ],
-)  # fmt: skip
-def test_a_bad_client_count_exits_2_with_one_line(argv, line, tmp_path, capsys):
-    out = tmp_path / "never"
-    try:
-        code = main(["attack", "--out", str(out), *argv])
-    except SystemExit as stop:
-        code = stop.code
-    err = capsys.readouterr().err
-    assert code == 2 and err.strip().splitlines() == [f"gradinv attack: error: {line}"], err
-    assert not out.exists()
+# Settings: unchanged keys, the columns (bad values: test_defences.py)
 
 
 def test_one_client_leaves_keys_unchanged_and_the_columns_count_each_clients_images():

@@ -39,6 +39,38 @@ def test_grid_and_zip_expand_and_inapplicable_settings_collapse(write_study):
     assert study.max_retries == 2 and study.timeout == 60 and study.resources.num_cpus == 1
 
 
+AGGREGATED = """
+name: aggregated
+data: {dataset: faces, images: 6, image_size: 8}
+fixed: {model: convnet, width: 4, iterations: 5}
+grid: {images_per_client: [1, 2]}
+zip: {aggregated_clients: [1, 3]}
+"""
+
+
+def test_a_trial_deals_images_per_client_to_each_of_its_clients(write_study):
+    study = load_study(write_study(AGGREGATED))
+    by_size = {}
+    for trial in study.trials:
+        by_size.setdefault((trial.images_per_client, trial.aggregated_clients), []).append(trial.images)
+    assert by_size[(1, 1)] == [(n,) for n in range(6)]
+    assert by_size[(2, 1)] == [(0, 1), (2, 3), (4, 5)]
+    assert by_size[(1, 3)] == [(0, 1, 2), (3, 4, 5)]  # three clients of one image each
+    assert by_size[(2, 3)] == [(0, 1, 2, 3, 4, 5)]
+    assert study.points == len(study.trials) == 6 + 3 + 2 + 1  # counted from the axes as expanded
+
+
+@pytest.mark.parametrize("axes, expected", [
+    ("grid: {images_per_client: [2]}\nzip: {aggregated_clients: [1, 4]}",
+     "grid.images_per_client: 2 x 4 clients = 8: use 1 to 1 images per client (the study has 6 images)"),
+    ("fixed: {aggregated_clients: 7}", "fixed.images_per_client: 1 x 7 clients = 7: the study has 6 images, fewer"),
+    ("zip: {aggregated_clients: [0, 1]}", "zip.aggregated_clients: 0: use 1 (no aggregation) or more clients"),
+])
+def test_trials_larger_than_the_study_are_refused_naming_the_setting(write_study, axes, expected):
+    with pytest.raises(StudyError, match=re.escape(expected)):
+        load_study(write_study("name: x\ndata: {dataset: faces, images: 6}\n" + axes + "\n"))
+
+
 def test_keys_leave_out_defaults_and_execution_settings():
     explicit = TrialSpec(dataset="faces", iterations=5, tv=1e-4, lr=0.1, width=64)  # all but iterations default
     assert trial_key(explicit) == trial_key(TrialSpec(dataset="faces", iterations=5))
