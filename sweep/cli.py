@@ -11,7 +11,7 @@ from pathlib import Path
 from analysis import cli as analysis_cli
 from gradinv.errors import ConfigError
 
-from . import tuning  # light: the tune command's arguments; its work is imported when it runs
+from . import federation_cli, tuning  # light: the tune command's arguments; its work is imported when it runs
 from .parser import EXIT_INTERRUPTED, EXIT_USAGE
 from .parser import Parser as _Parser
 
@@ -83,6 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     status = verbs.add_parser("status", help="counts per status and study, and the newest errors")
     status.add_argument("results", type=Path)
     tuning.add_parser(verbs)
+    federation_cli.add_parser(verbs)
     analysis_cli.add_parsers(verbs)
     return parser
 
@@ -228,7 +229,7 @@ def _status(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"attack": _run_attack, "run": _run_study, "zoo": _zoo, "tune": tuning.command,
-            "status": _status, **analysis_cli.COMMANDS}  # fmt: skip
+            "federation": federation_cli.command, "status": _status, **analysis_cli.COMMANDS}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,369 @@
+"""A simulated federation: FedAvg over clients that hold partitions of a training subset. The global
+model after round r is a victim like an untrained model or a zoo checkpoint.
+
+A :class:`Federation` recipe fixes everything that determines the rounds' weights. Its key leaves out
+how many rounds to train and how often to keep one: training further extends the same federation.
+
+Round r (from 1): the clients taking part are drawn by a generator seeded by ``(model_seed, r)``. Each
+trains the global model on its own images as FedAvg's clients do: plain SGD at ``local_lr`` over
+``local_epochs`` passes in mini-batches of ``local_batch_size``, shuffled by a seed derived from
+``(model_seed, r, client)``, BatchNorm in training mode, on one thread. The server averages the clients'
+states (parameters and BatchNorm statistics) weighted by their image counts, summed in client-id
+order. So a recipe gives bit-identical rounds on one machine, with the clients in Ray tasks or in this
+process. The global test accuracy of each round is measured on the first ``accuracy_images`` test
+images.
+
+An attacked client computes its update as every victim here does (gradinv.fl): from the global model
+in eval mode, so BatchNorm applies the federation's averaged statistics, which the attacker knows.
+
+Rounds are cached per machine beside the zoo's checkpoints, under ``CACHE/federations/KEY/``: ``round-00005.pt``
+(the state dict, loaded with ``weights_only=True``) and ``round-00005.json`` (the global model's test
+accuracy, which clients took part in each round so far, the recipe). Round 0 and every
+``checkpoint_every``-th round are kept, and so is each round asked for; a killed training resumes from
+the last round kept. A file lock per federation makes processes that need it train it once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import hashlib
+import io
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import filelock
+import numpy as np
+import torch
+
+from . import data, models, partition, zoo
+from .errors import ConfigError, require
+from .files import write_atomic
+
+FEDERATION_VERSION = 1
+PARTITIONS = ("iid", "dirichlet")
+ClientData = tuple[int, torch.Tensor, torch.Tensor]  # (client id, its images in [0, 1], labels)
+ClientUpdate = tuple[int, dict[str, torch.Tensor]]  # (image count, the state after local training)
+RunClients = Callable[["Federation", dict, int, Sequence[ClientData]], list[ClientUpdate]]
+
+
+def _setting(default=dataclasses.MISSING, help: str = ""):
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
+@dataclass(frozen=True)
+class Federation:
+    """Everything that determines a federation's round checkpoints (and, outside the key, how far to
+    train and how often to keep a round)."""
+
+    dataset: str = _setting(help="the dataset whose training split the clients share")
+    model: str = _setting("convnet", "the global model (gradinv.models)")
+    width: int | None = _setting(None, "the model's width (default: the model's own)")
+    norm: str = _setting("batch", "batch or group")
+    model_seed: int = _setting(0, "seeds the initial model, the partition, who takes part and the batches")
+    image_size: int | None = _setting(None, "resize images to this side (default: the dataset's own)")
+    train_subset: int = _setting(1000, "the first N training images, partitioned among the clients")
+    clients: int = _setting(10, "clients in the federation")
+    partition: str = _setting("iid", "iid, or dirichlet: label-skewed by a Dirichlet(alpha) draw per class")
+    alpha: float | None = _setting(None, "dirichlet: the concentration over labels (0.1 skewed, 100 near-uniform)")
+    min_partition_size: int = _setting(10, "dirichlet: redraw until every client holds at least this many images")
+    self_balancing: bool = _setting(False, "dirichlet: a client past len/clients images takes no more classes")
+    clients_per_round: int | None = _setting(None, "clients drawn to train in each round (default: all)")
+    local_epochs: int = _setting(1, "passes of each client over its images per round")
+    local_batch_size: int = _setting(32, "images per local SGD step")
+    local_lr: float = _setting(0.1, "the local SGD step size")
+    rounds: int = _setting(20, "rounds the recipe runs to (not in the key: training further extends it)")
+    checkpoint_every: int = _setting(1, "keep every k-th round as a resume point (not in the key)")
+    accuracy_images: int = _setting(1000, "the first N test images score each round's global model")
+    version: int = FEDERATION_VERSION
+
+    def __post_init__(self):
+        spec = data.dataset_spec(self.dataset)
+        require(spec.trainable, "dataset", self.dataset, "it keeps no images to train on (every image is attacked)")
+        default_width = models.default_width(self.model)
+        if self.width is None:
+            object.__setattr__(self, "width", default_width)
+        require(self.partition in PARTITIONS, "partition", self.partition, f"choose one of {', '.join(PARTITIONS)}")
+        if self.partition == "dirichlet":
+            require(self.alpha is not None and math.isfinite(self.alpha) and self.alpha > 0, "alpha", self.alpha,
+                    "give the Dirichlet concentration a finite value above 0 (0.1: skewed, 100: near-uniform)")  # fmt: skip
+        else:
+            object.__setattr__(self, "alpha", None)  # IID has no concentration: one key for any alpha given
+        require(self.train_subset >= 1, "train_subset", self.train_subset, "use 1 or more training images")
+        require(1 <= self.clients <= self.train_subset, "clients", self.clients,
+                f"use 1 to {self.train_subset} clients (the train_subset's images)")  # fmt: skip
+        if self.clients_per_round is None:
+            object.__setattr__(self, "clients_per_round", self.clients)  # one key for "all" and its count
+        require(1 <= self.clients_per_round <= self.clients, "clients_per_round", self.clients_per_round,
+                f"use 1 to {self.clients} (the federation's clients)")  # fmt: skip
+        for name in ("local_epochs", "local_batch_size", "checkpoint_every", "accuracy_images"):
+            require(getattr(self, name) >= 1, name, getattr(self, name), "use 1 or more")
+        require(self.rounds >= 0, "rounds", self.rounds, "use 0 (the initial model) or more rounds")
+        require(math.isfinite(self.local_lr) and self.local_lr > 0, "local_lr", self.local_lr, "use a positive step size")
+
+    @property
+    def key(self) -> str:
+        fields = dataclasses.asdict(self)
+        for execution in ("rounds", "checkpoint_every"):
+            del fields[execution]
+        if split := data.dataset_spec(self.dataset).split_version:
+            fields["split_version"] = split
+        canonical = json.dumps(fields, sort_keys=True, separators=(",", ":"))
+        digest = hashlib.sha256(canonical.encode()).hexdigest()[:12]
+        return f"{self.model}-{self.dataset}-{self.partition}-c{self.clients}-{digest}"
+
+    def initial_model(self) -> torch.nn.Module:
+        spec = data.dataset_spec(self.dataset)
+        return models.build_model(self.model, channels=spec.channels, num_classes=spec.num_classes,
+                                  image_size=self.image_size or spec.size, width=self.width, seed=self.model_seed,
+                                  norm=self.norm).eval()  # fmt: skip
+
+    def check_round(self, round_: int) -> None:
+        require(0 <= round_ <= self.rounds, "round", round_, f"use 0 to {self.rounds} (the federation's rounds)")
+
+
+# ------------------------------------------------------------------------------------------------
+# Who holds what, who takes part, and what one client computes
+
+
+def partitions(federation: Federation, labels: np.ndarray) -> list[np.ndarray]:
+    """Each client's indices into the training subset (seeded by ``model_seed``)."""
+    if federation.partition == "iid":
+        parts = partition.iid_partition(len(labels), federation.clients, federation.model_seed)
+    else:
+        parts = partition.dirichlet_partition(labels, federation.clients, federation.alpha, federation.model_seed,
+                                              min_partition_size=federation.min_partition_size,
+                                              self_balancing=federation.self_balancing)  # fmt: skip
+    empty = [client for client, part in enumerate(parts) if len(part) == 0]
+    if empty:
+        raise ConfigError("clients", federation.clients,
+                          f"client {empty[0]} holds no images; use fewer clients or a larger min_partition_size")
+    return parts
+
+
+def selected_clients(federation: Federation, round_: int) -> list[int]:
+    """The clients that train in round ``round_`` (from 1), in id order."""
+    generator = np.random.default_rng([federation.model_seed, round_])
+    return sorted(generator.choice(federation.clients, federation.clients_per_round, replace=False).tolist())
+
+
+def order_seed(federation: Federation, round_: int, client: int) -> int:
+    """Seeds the client's mini-batch order in round ``round_``."""
+    return int(np.random.SeedSequence([federation.model_seed, round_, client]).generate_state(1)[0])
+
+
+def minibatches(num_images: int, batch_size: int, generator: torch.Generator) -> list[torch.Tensor]:
+    """One epoch's shuffled mini-batches; a last batch of one image joins the one before (BatchNorm in
+    training mode needs two)."""
+    batches = list(torch.randperm(num_images, generator=generator).split(batch_size))
+    if len(batches) > 1 and len(batches[-1]) == 1:
+        batches[-2:] = [torch.cat(batches[-2:])]
+    return batches
+
+
+@contextlib.contextmanager
+def one_thread():
+    """Clients compute on one thread, so their sums are the same in any process."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def client_update(federation: Federation, state: dict, round_: int, client: ClientData) -> ClientUpdate:
+    """One client's local training from the global ``state``: its image count and its new state."""
+    client_id, images, labels = client
+    model = federation.initial_model()
+    model.load_state_dict(state)
+    model.train()
+    inputs = data.normalise(images, data.dataset_spec(federation.dataset))
+    optimiser = torch.optim.SGD(model.parameters(), lr=federation.local_lr)
+    generator = torch.Generator().manual_seed(order_seed(federation, round_, client_id))
+    with one_thread():
+        for _ in range(federation.local_epochs):
+            for batch in minibatches(len(labels), federation.local_batch_size, generator):
+                optimiser.zero_grad(set_to_none=True)
+                torch.nn.functional.cross_entropy(model(inputs[batch]), labels[batch]).backward()
+                optimiser.step()
+    return len(labels), {name: value.detach().clone() for name, value in model.state_dict().items()}
+
+
+def in_process(federation: Federation, state: dict, round_: int, clients: Sequence[ClientData]) -> list[ClientUpdate]:
+    return [client_update(federation, state, round_, client) for client in clients]
+
+
+def averaged(updates: Sequence[ClientUpdate]) -> dict:
+    """The server's FedAvg step: the clients' states (parameters and BatchNorm statistics) averaged with
+    weights proportional to their image counts, summed in the given (client-id) order. Counters (an
+    integer buffer such as BatchNorm's batches seen) take the largest value."""
+    total = sum(count for count, _ in updates)
+    first = updates[0][1]
+    new = {}
+    for name, value in first.items():
+        if not value.is_floating_point():
+            new[name] = torch.stack([state[name] for _, state in updates]).max(dim=0).values
+            continue
+        new[name] = torch.zeros_like(value)
+        for count, state in updates:
+            new[name] += (count / total) * state[name]
+    return new
+
+
+# ------------------------------------------------------------------------------------------------
+# Rounds on disk
+
+
+@dataclass
+class Round:
+    """The global model after ``number`` rounds, and its sidecar."""
+
+    federation: Federation
+    number: int
+    state: dict[str, torch.Tensor]
+    sidecar: dict
+
+    def model(self) -> torch.nn.Module:
+        model = self.federation.initial_model()
+        model.load_state_dict(self.state)
+        return model.eval()
+
+    def participation(self, client: int) -> list[int]:
+        """The rounds (up to this one) in which ``client`` trained."""
+        return [int(r) for r, chosen in self.sidecar["participants"].items() if client in chosen]
+
+
+def federation_dir(federation: Federation, cache: str | os.PathLike | None = None) -> Path:
+    """Where this machine keeps the federation's rounds: beside the zoo's checkpoints."""
+    return zoo.cache_dir(cache) / "federations" / federation.key
+
+
+def _paths(root: Path, number: int) -> tuple[Path, Path]:
+    return root / f"round-{number:05d}.pt", root / f"round-{number:05d}.json"
+
+
+def load_round(federation: Federation, number: int, root: Path) -> Round | None:
+    """Round ``number`` from ``root``, or None when it was not kept."""
+    weights, sidecar = _paths(root, number)
+    if not sidecar.exists():
+        return None
+    try:
+        info = json.loads(sidecar.read_text())
+        state = zoo.read_weights(weights, federation.initial_model().state_dict())
+    except (OSError, ValueError, zoo.Unreadable) as problem:
+        raise ConfigError("federation", str(weights), f"round {number} is unreadable ({problem}); delete "
+                          f"{weights.name} and {sidecar.name} and run again to retrain it") from None  # fmt: skip
+    return Round(federation, number, state, info)
+
+
+def _store(kept: Round, root: Path) -> None:
+    root.mkdir(parents=True, exist_ok=True)
+    weights, sidecar = _paths(root, kept.number)
+    buffer = io.BytesIO()
+    torch.save(kept.state, buffer)
+    write_atomic(weights, buffer.getvalue())
+    write_atomic(sidecar, json.dumps(kept.sidecar, indent=2).encode())  # last: it marks the round done
+
+
+def _latest_kept(federation: Federation, root: Path, up_to: int) -> Round | None:
+    kept = sorted((int(p.stem.split("-")[1]) for p in root.glob("round-*.json")), reverse=True)
+    for number in kept:
+        if number <= up_to:
+            return load_round(federation, number, root)
+    return None
+
+
+# ------------------------------------------------------------------------------------------------
+# Training
+
+
+def training_data(federation: Federation, data_root=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The training subset's images in [0, 1] and labels."""
+    train_set = data.open_dataset(federation.dataset, data_root, split="train", image_size=federation.image_size)
+    pairs = [train_set[i] for i in range(min(federation.train_subset, len(train_set)))]
+    return torch.stack([image for image, _ in pairs]), torch.tensor([int(label) for _, label in pairs])
+
+
+def train(
+    federation: Federation,
+    up_to: int,
+    *,
+    cache: str | os.PathLike | None = None,
+    data_root=None,
+    keep: Sequence[int] = (),
+    run_clients: RunClients = in_process,
+    on_round: Callable[[Round, bool], None] | None = None,
+) -> Round:
+    """The global model after ``up_to`` rounds, training the rounds this machine has not kept.
+
+    ``on_round(round, trained)`` hears of every round from the last one kept (trained False) onwards.
+    """
+    federation.check_round(up_to)
+    root = federation_dir(federation, cache)
+    root.mkdir(parents=True, exist_ok=True)
+    with filelock.FileLock(str(root / "train.lock")):
+        current = _latest_kept(federation, root, up_to)
+        if current is None or current.number < up_to:
+            images, labels = training_data(federation, data_root)
+            parts = partitions(federation, labels.numpy())
+            current = current or _initial(federation, parts, labels, data_root, root)
+        if on_round is not None:
+            on_round(current, False)
+        while current.number < up_to:
+            current = _next_round(federation, current, images, labels, parts, run_clients, data_root)
+            if current.number % federation.checkpoint_every == 0 or current.number in keep or current.number == up_to:
+                _store(current, root)
+            if on_round is not None:
+                on_round(current, True)
+        return current
+
+
+def _initial(federation: Federation, parts, labels, data_root, root: Path) -> Round:
+    model = federation.initial_model()
+    num_classes = data.dataset_spec(federation.dataset).num_classes
+    histograms = [partition.label_histogram(labels.numpy(), part, num_classes) for part in parts]
+    sidecar = {"key": federation.key, "round": 0, "test_accuracy": _accuracy(federation, model, data_root),
+               "participants": {}, "partition_sizes": [len(p) for p in parts], "label_histograms": histograms,
+               "training_seconds": 0.0, "torch": torch.__version__, "recipe": dataclasses.asdict(federation)}  # fmt: skip
+    initial = Round(federation, 0, {k: v.detach().clone() for k, v in model.state_dict().items()}, sidecar)
+    _store(initial, root)
+    return initial
+
+
+def _next_round(federation, current: Round, images, labels, parts, run_clients: RunClients, data_root) -> Round:
+    start = time.perf_counter()
+    number = current.number + 1
+    chosen = selected_clients(federation, number)
+    clients = [(client, images[parts[client]], labels[parts[client]]) for client in chosen]
+    state = averaged(run_clients(federation, current.state, number, clients))
+    model = federation.initial_model()
+    model.load_state_dict(state)
+    sidecar = {**current.sidecar, "round": number, "test_accuracy": _accuracy(federation, model, data_root),
+               "participants": {**current.sidecar["participants"], str(number): chosen},
+               "training_seconds": current.sidecar["training_seconds"] + time.perf_counter() - start}  # fmt: skip
+    return Round(federation, number, state, sidecar)
+
+
+def _accuracy(federation: Federation, model: torch.nn.Module, data_root) -> float:
+    """The global model's accuracy on the first ``accuracy_images`` test images."""
+    images, labels = _test_split(federation.dataset, federation.image_size, federation.accuracy_images, data_root)
+    with torch.no_grad():
+        correct = sum(int((model(batch).argmax(1) == truth).sum())
+                      for batch, truth in zip(images.split(1000), labels.split(1000)))  # fmt: skip
+    return correct / len(labels)
+
+
+@functools.lru_cache(maxsize=2)
+def _test_split(dataset: str, image_size: int | None, count: int, data_root) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first ``count`` test images, normalised once per process (every round is scored on them)."""
+    test_set = data.open_dataset(dataset, data_root, split="test", image_size=image_size)
+    pairs = [test_set[i] for i in range(min(count, len(test_set)))]
+    images = torch.stack([image for image, _ in pairs])
+    return data.normalise(images, data.dataset_spec(dataset)), torch.tensor([int(label) for _, label in pairs])

@@ -1,0 +1,144 @@
+"""Simulated federations: FedAvg's arithmetic, bit-identical rounds, resuming a killed training, one
+training for two processes, and one-line errors for bad recipes."""
+
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from gradinv import federation as fed
+from gradinv.errors import ConfigError
+
+REPO = Path(__file__).resolve().parent.parent
+TINY = dict(dataset="fashion-mnist", model="convnet", width=4, image_size=8, train_subset=60, clients=4,
+            clients_per_round=2, local_batch_size=8, local_lr=0.05, rounds=4)  # fmt: skip
+
+
+def _states_equal(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[name], b[name]) for name in a)
+
+
+def test_the_server_averages_states_weighted_by_image_count_in_client_order():
+    states = [(1, {"w": torch.tensor([3.0, 0.0]), "seen": torch.tensor(4)}),
+              (3, {"w": torch.tensor([-1.0, 4.0]), "seen": torch.tensor(7)})]  # fmt: skip
+    new = fed.averaged(states)
+    assert torch.equal(new["w"], torch.tensor([0.0, 3.0])), new["w"]  # 1/4 [3, 0] + 3/4 [-1, 4]
+    assert new["seen"].item() == 7 and new["seen"].dtype == torch.int64  # a counter: the largest
+
+
+def test_clients_are_drawn_per_round_from_the_seed():
+    recipe = fed.Federation(**TINY)
+    draws = [fed.selected_clients(recipe, r) for r in range(1, 9)]
+    assert all(len(d) == 2 and d == sorted(d) and len(set(d)) == 2 for d in draws)
+    assert draws == [fed.selected_clients(recipe, r) for r in range(1, 9)]
+    assert len({tuple(d) for d in draws}) > 1  # not the same pair every round
+    assert fed.selected_clients(dataclasses.replace(recipe, clients_per_round=4), 3) == [0, 1, 2, 3]
+
+
+def test_the_same_recipe_gives_bit_identical_rounds_and_extends_without_retraining(tmp_path):
+    recipe = fed.Federation(**TINY)
+    first = fed.train(recipe, 3, cache=tmp_path / "a")
+    again = fed.train(recipe, 3, cache=tmp_path / "b")
+    assert _states_equal(first.state, again.state)
+    assert not _states_equal(first.state, fed.train(recipe, 0, cache=tmp_path / "a").state)  # it trained
+    assert first.sidecar["participants"] == again.sidecar["participants"]
+    assert sorted(int(r) for r in first.sidecar["participants"]) == [1, 2, 3]
+    events = []
+    further = fed.train(recipe, 4, cache=tmp_path / "a", on_round=lambda r, trained: events.append((r.number, trained)))
+    assert events == [(3, False), (4, True)]  # round 3 was kept: only round 4 is trained
+    assert _states_equal(further.state, fed.train(recipe, 4, cache=tmp_path / "b").state)
+
+
+def test_the_key_ignores_how_far_to_train_and_alpha_under_iid():
+    recipe = fed.Federation(**TINY)
+    assert recipe.key == dataclasses.replace(recipe, rounds=50, checkpoint_every=5).key
+    assert recipe.key == fed.Federation(**{**TINY, "alpha": 0.3}).key
+    assert recipe.key != dataclasses.replace(recipe, local_lr=0.1).key
+    assert fed.Federation(**{**TINY, "partition": "dirichlet", "alpha": 0.1}).key != recipe.key
+
+
+TRAIN_SCRIPT = """
+import sys
+from gradinv import federation as fed
+recipe = fed.Federation(**{tiny}, checkpoint_every=1)
+fed.train(recipe, int(sys.argv[2]), cache=sys.argv[1],
+          on_round=lambda r, trained: print(r.number, trained, flush=True))
+"""
+
+
+def _trainer(cache: Path, up_to: int) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    script = TRAIN_SCRIPT.format(tiny={**TINY, "rounds": 6})
+    return subprocess.Popen([sys.executable, "-c", script, str(cache), str(up_to)], stdout=subprocess.PIPE, text=True,
+                            env=env, start_new_session=True)  # fmt: skip
+
+
+def test_a_killed_training_resumes_from_the_last_round_kept(tmp_path):
+    recipe = fed.Federation(**{**TINY, "rounds": 6})
+    root = fed.federation_dir(recipe, tmp_path)
+    trainer = _trainer(tmp_path, 6)
+    try:
+        while not (root / "round-00002.json").exists():
+            assert trainer.poll() is None, "the training ended before round 2 was kept"
+            time.sleep(0.05)
+    finally:
+        os.killpg(trainer.pid, signal.SIGKILL)
+        trainer.wait()
+    kept = max(int(p.stem.split("-")[1]) for p in root.glob("round-*.json"))
+    assert 2 <= kept < 6, kept
+    events = []
+    resumed = fed.train(recipe, 6, cache=tmp_path, on_round=lambda r, trained: events.append((r.number, trained)))
+    assert events == [(kept, False)] + [(n, True) for n in range(kept + 1, 7)]
+    assert not list(root.glob(".*.tmp"))  # the kill left no half-written round
+    assert _states_equal(resumed.state, fed.train(recipe, 6, cache=tmp_path / "whole").state)
+
+
+def test_two_processes_asking_for_one_federation_train_it_once(tmp_path):
+    trainers = [_trainer(tmp_path, 3) for _ in range(2)]
+    outputs = [trainer.communicate(timeout=300)[0] for trainer in trainers]
+    assert all(trainer.returncode == 0 for trainer in trainers), outputs
+    trained = [line for out in outputs for line in out.splitlines() if line.endswith("True")]
+    assert sorted(trained) == ["1 True", "2 True", "3 True"], outputs
+
+
+@pytest.mark.parametrize("change, field", [
+    ({"partition": "dirichlet", "alpha": 0.0}, "alpha"),
+    ({"partition": "dirichlet", "alpha": -1.0}, "alpha"),
+    ({"partition": "dirichlet"}, "alpha"),  # no concentration given
+    ({"clients_per_round": 5}, "clients_per_round"),
+    ({"clients": 61}, "clients"),
+    ({"partition": "shards"}, "partition"),
+    ({"local_epochs": 0}, "local_epochs"),
+    ({"local_lr": float("nan")}, "local_lr"),
+])  # fmt: skip
+def test_a_bad_recipe_is_a_config_error_naming_the_field(change, field):
+    with pytest.raises(ConfigError) as error:
+        fed.Federation(**{**TINY, **change})
+    assert error.value.field == field, error.value
+
+
+def test_a_round_beyond_the_recipe_and_a_client_without_images_are_refused(tmp_path):
+    with pytest.raises(ConfigError, match="round: 5 is not valid; use 0 to 4"):
+        fed.train(fed.Federation(**TINY), 5, cache=tmp_path)
+    skewed = fed.Federation(**{**TINY, "partition": "dirichlet", "alpha": 0.01, "min_partition_size": 0, "clients": 30})
+    with pytest.raises(ConfigError, match="holds no images"):
+        fed.train(skewed, 1, cache=tmp_path)
+    assert not list(fed.federation_dir(skewed, tmp_path).glob("round-*"))
+
+
+def test_rounds_record_accuracy_and_who_took_part(tmp_path):
+    recipe = fed.Federation(**TINY)
+    final = fed.train(recipe, 2, cache=tmp_path)
+    info = json.loads((fed.federation_dir(recipe, tmp_path) / "round-00002.json").read_text())
+    assert info["round"] == 2 and 0 <= info["test_accuracy"] <= 1 and info["key"] == recipe.key
+    assert sum(info["partition_sizes"]) == 60 and len(info["label_histograms"]) == 4
+    for client in range(4):
+        expected = [r for r in (1, 2) if client in fed.selected_clients(recipe, r)]
+        assert final.participation(client) == expected
