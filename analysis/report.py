@@ -1,11 +1,12 @@
 """`gradinv report`: one self-contained HTML file about a results directory.
 
 The page answers, in order: does each setting leak (PSNR over what an attacker who knows nothing
-scores), do trained victims leak as much as untrained ones (paired per image), was the attack budget
-enough, how leakage moves with local steps and images per client, what the reconstructions look
-like; then the tuning history, every table (collapsed) and the failures. Everything is inline (plots
-as base64 PNG from matplotlib's Agg renderer, the trials' own PNGs as data URIs, a small style
-block), so the file opens offline and makes no network request.
+scores), do trained victims leak as much as untrained ones (paired per image), how leakage moves with
+the federation round whose global model was attacked, was the attack budget enough, how leakage moves
+with local steps and images per client, what the reconstructions look like; then the tuning history,
+every table (collapsed) and the failures. Everything is inline (plots as base64 PNG from matplotlib's
+Agg renderer, the trials' own PNGs as data URIs, a small style block), so the file opens offline and
+makes no network request.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import pandas as pd
 from gradinv.errors import ConfigError
 
 from . import load, stats, tuning_history
+from . import report_federation as federation
 from . import report_html as markup
 from . import report_images as images
 from . import report_privacy as privacy
@@ -73,6 +75,7 @@ def build_report(results: str | Path, by: list[str] | None = None, threshold: fl
             sections.leakage(leakage, by, roles),
             sections.trained(runs, by, seed, roles),
             privacy.section(results, runs, by, seed),
+            federation.section(runs, by, seed),
             sections.quality(results, runs, by),
             sections.gain_against(runs, by, "local_steps", "Leakage vs local steps",
                                   "Does leakage fall with more local steps?"),

@@ -52,7 +52,7 @@ import math
 import numpy as np
 import torch
 
-from .fl import ClientUpdate, Defence, FLConfig, PrivateTraining, aggregate, average, client_update, minibatch_schedule
+from .fl import ClientUpdate, Defence, PrivateTraining, aggregate, average, client_update, minibatch_schedule
 from .fl import parameter_update
 from .parameters import DefenceSettings, extract
 
@@ -175,7 +175,7 @@ def sent_update(model, images: torch.Tensor, labels: torch.Tensor, trial) -> Cli
     """What the server receives for a trial's normalised ``images``: each client's local training
     (DP-SGD when declared) and defences on its own group of images, averaged over the
     ``aggregated_clients`` clients (one client: its own update)."""
-    fl, clients = extract(FLConfig, trial), trial.aggregated_clients
+    fl, clients = trial.fl_config(), trial.aggregated_clients
     size = len(images) // clients
     updates = []
     for client, (x, y) in enumerate(zip(images.split(size), labels.split(size))):

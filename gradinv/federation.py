@@ -5,8 +5,8 @@ A :class:`Federation` recipe fixes everything that determines the rounds' weight
 how many rounds to train and how often to keep one: training further extends the same federation.
 
 Round r (from 1): the clients taking part are drawn by a generator seeded by ``(model_seed, r)``. Each
-trains the global model on its own images as FedAvg's clients do: plain SGD at ``local_lr`` over
-``local_epochs`` passes in mini-batches of ``local_batch_size``, shuffled by a seed derived from
+trains the global model on its own images as FedAvg's clients do: plain SGD at ``fed_lr`` over
+``fed_epochs`` passes in mini-batches of ``fed_batch_size``, shuffled by a seed derived from
 ``(model_seed, r, client)``, BatchNorm in training mode, on one thread. The server averages the clients'
 states (parameters and BatchNorm statistics) weighted by their image counts, summed in client-id
 order. So a recipe gives bit-identical rounds on one machine, with the clients in Ray tasks or in this
@@ -31,7 +31,6 @@ import functools
 import hashlib
 import io
 import json
-import math
 import os
 import time
 from dataclasses import dataclass
@@ -42,81 +41,86 @@ import filelock
 import numpy as np
 import torch
 
-from . import data, models, partition, zoo
+from . import data, models, parameters, partition, zoo
 from .errors import ConfigError, require
 from .files import write_atomic
 
 FEDERATION_VERSION = 1
-PARTITIONS = ("iid", "dirichlet")
 ClientData = tuple[int, torch.Tensor, torch.Tensor]  # (client id, its images in [0, 1], labels)
 ClientUpdate = tuple[int, dict[str, torch.Tensor]]  # (image count, the state after local training)
 RunClients = Callable[["Federation", dict, int, Sequence[ClientData]], list[ClientUpdate]]
 
 
-def _setting(default=dataclasses.MISSING, help: str = ""):
+def _recipe_only(default, help: str):
+    """A recipe field that is not a trial parameter (the others are declared in gradinv.parameters)."""
     return dataclasses.field(default=default, metadata={"help": help})
 
 
 @dataclass(frozen=True)
 class Federation:
     """Everything that determines a federation's round checkpoints (and, outside the key, how far to
-    train and how often to keep a round)."""
+    train and how often to keep a round). Fields named like trial parameters mean what those mean."""
 
-    dataset: str = _setting(help="the dataset whose training split the clients share")
-    model: str = _setting("convnet", "the global model (gradinv.models)")
-    width: int | None = _setting(None, "the model's width (default: the model's own)")
-    norm: str = _setting("batch", "batch or group")
-    model_seed: int = _setting(0, "seeds the initial model, the partition, who takes part and the batches")
-    image_size: int | None = _setting(None, "resize images to this side (default: the dataset's own)")
-    train_subset: int = _setting(1000, "the first N training images, partitioned among the clients")
-    clients: int = _setting(10, "clients in the federation")
-    partition: str = _setting("iid", "iid, or dirichlet: label-skewed by a Dirichlet(alpha) draw per class")
-    alpha: float | None = _setting(None, "dirichlet: the concentration over labels (0.1 skewed, 100 near-uniform)")
-    min_partition_size: int = _setting(10, "dirichlet: redraw until every client holds at least this many images")
-    self_balancing: bool = _setting(False, "dirichlet: a client past len/clients images takes no more classes")
-    clients_per_round: int | None = _setting(None, "clients drawn to train in each round (default: all)")
-    local_epochs: int = _setting(1, "passes of each client over its images per round")
-    local_batch_size: int = _setting(32, "images per local SGD step")
-    local_lr: float = _setting(0.1, "the local SGD step size")
-    rounds: int = _setting(20, "rounds the recipe runs to (not in the key: training further extends it)")
-    checkpoint_every: int = _setting(1, "keep every k-th round as a resume point (not in the key)")
-    accuracy_images: int = _setting(1000, "the first N test images score each round's global model")
+    dataset: str
+    model: str = "convnet"
+    width: int | None = None  # None: the model's default width (the key is the same either way)
+    norm: str = "batch"
+    model_seed: int = 0  # the initial model, the partition, who takes part and the batches
+    image_size: int | None = None
+    train_subset: int | None = None  # the first N training images, partitioned among the clients; None: all
+    fed_clients: int = 10
+    partition: str = "iid"
+    alpha: float | None = None  # None under iid
+    min_partition_size: int | None = 10  # None under iid
+    clients_per_round: int | None = None  # None: all
+    fed_epochs: int = 1
+    fed_batch_size: int = 16
+    fed_lr: float = 0.01
+    fed_rounds: int = 20  # not in the key: training further extends the same federation
+    self_balancing: bool = _recipe_only(False, "dirichlet: a client past len/clients images takes no more classes")
+    checkpoint_every: int = _recipe_only(1, "keep every k-th round as a resume point (not in the key)")
+    accuracy_images: int = _recipe_only(1000, "the first N test images score each round's global model")
     version: int = FEDERATION_VERSION
 
     def __post_init__(self):
-        spec = data.dataset_spec(self.dataset)
-        require(spec.trainable, "dataset", self.dataset, "it keeps no images to train on (every image is attacked)")
-        default_width = models.default_width(self.model)
+        declared = parameters.parameters()
+        require(self.partition != "dirichlet" or self.alpha is not None, "alpha", None,
+                "give the Dirichlet concentration (0.1: skewed labels, 100: near-uniform)")  # fmt: skip
+        for name in TRIAL_FIELDS:
+            if name not in ("dataset", "alpha", "min_partition_size") or self.partition == "dirichlet":
+                declared[name].validate(name, getattr(self, name))
+        require(data.dataset_spec(self.dataset).trainable, "dataset", self.dataset,
+                "it keeps no images to train on (every image is attacked)")  # fmt: skip
         if self.width is None:
-            object.__setattr__(self, "width", default_width)
-        require(self.partition in PARTITIONS, "partition", self.partition, f"choose one of {', '.join(PARTITIONS)}")
-        if self.partition == "dirichlet":
-            require(self.alpha is not None and math.isfinite(self.alpha) and self.alpha > 0, "alpha", self.alpha,
-                    "give the Dirichlet concentration a finite value above 0 (0.1: skewed, 100: near-uniform)")  # fmt: skip
-        else:
-            object.__setattr__(self, "alpha", None)  # IID has no concentration: one key for any alpha given
-        require(self.train_subset >= 1, "train_subset", self.train_subset, "use 1 or more training images")
-        require(1 <= self.clients <= self.train_subset, "clients", self.clients,
-                f"use 1 to {self.train_subset} clients (the train_subset's images)")  # fmt: skip
+            object.__setattr__(self, "width", models.default_width(self.model))
+        if self.partition == "iid":  # no concentration: one key whatever the unused settings say
+            object.__setattr__(self, "alpha", None)
+            object.__setattr__(self, "min_partition_size", None)
+            object.__setattr__(self, "self_balancing", False)
+        require(self.train_subset is None or self.fed_clients <= self.train_subset, "fed_clients", self.fed_clients,
+                f"use at most {self.train_subset} clients (the train_subset's images)")  # fmt: skip
         if self.clients_per_round is None:
-            object.__setattr__(self, "clients_per_round", self.clients)  # one key for "all" and its count
-        require(1 <= self.clients_per_round <= self.clients, "clients_per_round", self.clients_per_round,
-                f"use 1 to {self.clients} (the federation's clients)")  # fmt: skip
-        for name in ("local_epochs", "local_batch_size", "checkpoint_every", "accuracy_images"):
+            object.__setattr__(self, "clients_per_round", self.fed_clients)  # one key for "all" and its count
+        require(self.clients_per_round <= self.fed_clients, "clients_per_round", self.clients_per_round,
+                f"use 1 to {self.fed_clients} (the federation's clients)")  # fmt: skip
+        for name in ("checkpoint_every", "accuracy_images"):
             require(getattr(self, name) >= 1, name, getattr(self, name), "use 1 or more")
-        require(self.rounds >= 0, "rounds", self.rounds, "use 0 (the initial model) or more rounds")
-        require(math.isfinite(self.local_lr) and self.local_lr > 0, "local_lr", self.local_lr, "use a positive step size")
+
+    @classmethod
+    def of_trial(cls, trial) -> "Federation":
+        """The federation a trial's victim comes from."""
+        return cls(**{name: getattr(trial, name) for name in TRIAL_FIELDS})
 
     @property
     def key(self) -> str:
         fields = dataclasses.asdict(self)
-        for execution in ("rounds", "checkpoint_every"):
+        for execution in ("fed_rounds", "checkpoint_every"):
             del fields[execution]
         if split := data.dataset_spec(self.dataset).split_version:
             fields["split_version"] = split
         canonical = json.dumps(fields, sort_keys=True, separators=(",", ":"))
         digest = hashlib.sha256(canonical.encode()).hexdigest()[:12]
-        return f"{self.model}-{self.dataset}-{self.partition}-c{self.clients}-{digest}"
+        return f"{self.model}-{self.dataset}-{self.partition}-c{self.fed_clients}-{digest}"
 
     def initial_model(self) -> torch.nn.Module:
         spec = data.dataset_spec(self.dataset)
@@ -125,7 +129,10 @@ class Federation:
                                   norm=self.norm).eval()  # fmt: skip
 
     def check_round(self, round_: int) -> None:
-        require(0 <= round_ <= self.rounds, "round", round_, f"use 0 to {self.rounds} (the federation's rounds)")
+        require(0 <= round_ <= self.fed_rounds, "round", round_, f"use 0 to {self.fed_rounds} (the federation's rounds)")
+
+
+TRIAL_FIELDS = tuple(f.name for f in dataclasses.fields(Federation) if f.name in parameters.parameters())
 
 
 # ------------------------------------------------------------------------------------------------
@@ -134,15 +141,18 @@ class Federation:
 
 def partitions(federation: Federation, labels: np.ndarray) -> list[np.ndarray]:
     """Each client's indices into the training subset (seeded by ``model_seed``)."""
-    if federation.partition == "iid":
-        parts = partition.iid_partition(len(labels), federation.clients, federation.model_seed)
-    else:
-        parts = partition.dirichlet_partition(labels, federation.clients, federation.alpha, federation.model_seed,
-                                              min_partition_size=federation.min_partition_size,
-                                              self_balancing=federation.self_balancing)  # fmt: skip
+    try:
+        if federation.partition == "iid":
+            parts = partition.iid_partition(len(labels), federation.fed_clients, federation.model_seed)
+        else:
+            parts = partition.dirichlet_partition(labels, federation.fed_clients, federation.alpha, federation.model_seed,
+                                                  min_partition_size=federation.min_partition_size,
+                                                  self_balancing=federation.self_balancing)  # fmt: skip
+    except ConfigError as error:  # the partitioner's "clients" is the trial's fed_clients
+        raise ConfigError("fed_clients" if error.field == "clients" else error.field, error.value, error.fix) from None
     empty = [client for client, part in enumerate(parts) if len(part) == 0]
     if empty:
-        raise ConfigError("clients", federation.clients,
+        raise ConfigError("fed_clients", federation.fed_clients,
                           f"client {empty[0]} holds no images; use fewer clients or a larger min_partition_size")
     return parts
 
@@ -150,7 +160,7 @@ def partitions(federation: Federation, labels: np.ndarray) -> list[np.ndarray]:
 def selected_clients(federation: Federation, round_: int) -> list[int]:
     """The clients that train in round ``round_`` (from 1), in id order."""
     generator = np.random.default_rng([federation.model_seed, round_])
-    return sorted(generator.choice(federation.clients, federation.clients_per_round, replace=False).tolist())
+    return sorted(generator.choice(federation.fed_clients, federation.clients_per_round, replace=False).tolist())
 
 
 def order_seed(federation: Federation, round_: int, client: int) -> int:
@@ -184,12 +194,16 @@ def client_update(federation: Federation, state: dict, round_: int, client: Clie
     model = federation.initial_model()
     model.load_state_dict(state)
     model.train()
+    for norm in model.modules():  # statistics of this round's weights, not a slow average over past rounds
+        if isinstance(norm, torch.nn.modules.batchnorm._BatchNorm):
+            norm.reset_running_stats()
+            norm.momentum = None  # a cumulative mean over the local steps
     inputs = data.normalise(images, data.dataset_spec(federation.dataset))
-    optimiser = torch.optim.SGD(model.parameters(), lr=federation.local_lr)
+    optimiser = torch.optim.SGD(model.parameters(), lr=federation.fed_lr)
     generator = torch.Generator().manual_seed(order_seed(federation, round_, client_id))
     with one_thread():
-        for _ in range(federation.local_epochs):
-            for batch in minibatches(len(labels), federation.local_batch_size, generator):
+        for _ in range(federation.fed_epochs):
+            for batch in minibatches(len(labels), federation.fed_batch_size, generator):
                 optimiser.zero_grad(set_to_none=True)
                 torch.nn.functional.cross_entropy(model(inputs[batch]), labels[batch]).backward()
                 optimiser.step()
@@ -237,7 +251,33 @@ class Round:
 
     def participation(self, client: int) -> list[int]:
         """The rounds (up to this one) in which ``client`` trained."""
-        return [int(r) for r, chosen in self.sidecar["participants"].items() if client in chosen]
+        return participation(self.sidecar, client)
+
+
+def participation(sidecar: dict, client: int) -> list[int]:
+    """The rounds, up to the sidecar's, in which ``client`` trained."""
+    return [int(r) for r, chosen in sidecar["participants"].items() if client in chosen]
+
+
+def attacked_images(federation: Federation, sidecar: dict, client: int, positions: Sequence[int]) -> list[int]:
+    """Training-subset indices of the attacked client's images: its own partition in an order drawn
+    from ``(model_seed, 0, client)`` (round 0 trains no client, so no training draw shares the seed),
+    at ``positions`` (the trial's ``images``)."""
+    require(0 <= client < federation.fed_clients, "attacked_client", client,
+            f"use 0 to {federation.fed_clients - 1} (the federation's clients)")  # fmt: skip
+    own = np.asarray(sidecar["partitions"][client])
+    order = np.random.default_rng([federation.model_seed, 0, client]).permutation(own)
+    for position in positions:
+        require(position < len(order), "images", position,
+                f"client {client} holds {len(order)} images; use positions 0 to {len(order) - 1}")  # fmt: skip
+    return [int(order[position]) for position in positions]
+
+
+def victim_columns(federation: Federation, sidecar: dict, client: int) -> dict:
+    """The columns a row attacking ``client`` of this round's global model carries."""
+    return {"federation_key": federation.key, "model_accuracy": sidecar["test_accuracy"],
+            "client_label_histogram": sidecar["label_histograms"][client],
+            "client_rounds": participation(sidecar, client)}  # fmt: skip
 
 
 def federation_dir(federation: Federation, cache: str | os.PathLike | None = None) -> Path:
@@ -263,12 +303,31 @@ def load_round(federation: Federation, number: int, root: Path) -> Round | None:
     return Round(federation, number, state, info)
 
 
+def kept_rounds(federation: Federation, rounds: Sequence[int], cache: str | os.PathLike | None = None) -> dict[int, Round]:
+    """The rounds asked for, as kept on this machine (train them first)."""
+    root = federation_dir(federation, cache)
+    found = {number: load_round(federation, number, root) for number in rounds}
+    missing = [number for number, kept in found.items() if kept is None]
+    require(not missing, "round", missing[:1] and missing[0], "train the federation to it first")
+    return found
+
+
+def to_bytes(state: dict) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    return buffer.getvalue()
+
+
+def from_bytes(federation: Federation, payload: bytes, sidecar: dict) -> Round:
+    """A round sent through Ray's object store (weights only, as the cache holds them)."""
+    state = torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
+    return Round(federation, sidecar["round"], state, sidecar)
+
+
 def _store(kept: Round, root: Path) -> None:
     root.mkdir(parents=True, exist_ok=True)
     weights, sidecar = _paths(root, kept.number)
-    buffer = io.BytesIO()
-    torch.save(kept.state, buffer)
-    write_atomic(weights, buffer.getvalue())
+    write_atomic(weights, to_bytes(kept.state))
     write_atomic(sidecar, json.dumps(kept.sidecar, indent=2).encode())  # last: it marks the round done
 
 
@@ -330,7 +389,7 @@ def _initial(federation: Federation, parts, labels, data_root, root: Path) -> Ro
     num_classes = data.dataset_spec(federation.dataset).num_classes
     histograms = [partition.label_histogram(labels.numpy(), part, num_classes) for part in parts]
     sidecar = {"key": federation.key, "round": 0, "test_accuracy": _accuracy(federation, model, data_root),
-               "participants": {}, "partition_sizes": [len(p) for p in parts], "label_histograms": histograms,
+               "participants": {}, "partitions": [p.tolist() for p in parts], "label_histograms": histograms,
                "training_seconds": 0.0, "torch": torch.__version__, "recipe": dataclasses.asdict(federation)}  # fmt: skip
     initial = Round(federation, 0, {k: v.detach().clone() for k, v in model.state_dict().items()}, sidecar)
     _store(initial, root)

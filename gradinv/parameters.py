@@ -136,6 +136,15 @@ def defended(trial) -> bool:
             or trial.quant_bits is not None)  # fmt: skip
 
 
+def federated(trial) -> bool:
+    """Whether the victim is the global model of a simulated federation after ``round`` rounds."""
+    return trial.round is not None
+
+
+def _dirichlet(trial) -> bool:
+    return federated(trial) and trial.partition == "dirichlet"
+
+
 def _has_width(trial) -> bool:
     from . import models  # torch: only a built trial asks, and building one needs torch anyway
 
@@ -154,6 +163,7 @@ LAYER_WEIGHTINGS = ("equal", "linear", "exp")
 LAYER_SETS = ("all", "first4", "first5", "first10", "first50", "last5", "last10", "last50", "top10", "top50", "batch")
 OPTIMIZERS = ("adam", "sgd", "lbfgs")
 NORMS = ("batch", "group")
+PARTITIONS = ("iid", "dirichlet")
 SCORINGS = ("loss", "tv", "pixelmean", "pixelmedian")
 
 
@@ -192,21 +202,24 @@ class VictimSettings(Part):
                            arrow="int64")  # fmt: skip
     trained_epochs: int = knob(0, kind="int", help="0: the seeded untrained model; else a checkpoint from the zoo",
                                check=_at_least(0), fix="use 0 (untrained) or more")  # fmt: skip
-    train_subset: int | None = knob(None, kind="int", help="trained victims: the first N training images (default all)",
-                                    check=_at_least(1), fix="use 1 or more", applies=trained_victim)  # fmt: skip
+    train_subset: int | None = knob(None, kind="int", check=_at_least(1), fix="use 1 or more",
+                                    help="trained and federation victims: the first N training images (default all)",
+                                    applies=lambda t: trained_victim(t) or federated(t))  # fmt: skip
     defended_training: bool = knob(False, kind="bool", applies=lambda t: trained_victim(t) and defended(t),
                                    help="trained victims: train under the trial's defences (each step's gradient)")  # fmt: skip
 
 
 def _fedavg(trial) -> bool:
-    return trial.fl == "fedavg"
+    """FedAvg with the local training set here (a federation's clients train by its recipe instead)."""
+    return trial.fl == "fedavg" and not federated(trial)
 
 
 @dataclass(frozen=True, kw_only=True)
 class ClientSettings(Part):
     """How the client computes its update (FedSGD or FedAvg); the attacker knows all of it."""
 
-    fl: str = knob("fedsgd", kind="str", help="fedsgd (one gradient) or fedavg (local SGD steps)", choices=FL_MODES)
+    fl: str = knob("fedsgd", kind="str", help="fedsgd (one gradient) or fedavg (local SGD steps; in a federation, "
+                   "the federation's local training)", choices=FL_MODES)  # fmt: skip
     local_steps: int = knob(1, kind="int", help="FedAvg: SGD steps on the client's images", applies=_fedavg,
                             check=_at_least(1), fix="use at least 1 local step")  # fmt: skip
     local_lr: float = knob(1e-4, kind="float", help="FedAvg: the local learning rate", applies=_fedavg,
@@ -366,8 +379,39 @@ class DefenceSettings(Part):
                                    "the trial's images are split in order into equal groups, one per client; 1: none")  # fmt: skip
 
 
+@dataclass(frozen=True, kw_only=True)
+class FederationSettings(Part):
+    """The victim as the global model after ``round`` rounds of a simulated federation (gradinv.federation),
+    and which of its clients sends the attacked update. Default: no federation."""
+
+    round: int | None = knob(None, kind="int", check=_at_least(0), fix="use 0 (the initial model) or a later round",
+                             help="the victim: a federation's global model after this many rounds (default: none)")  # fmt: skip
+    fed_rounds: int = knob(20, kind="int", applies=federated, check=_at_least(0), fix="use 0 or more rounds",
+                           help="rounds the federation runs to; round may not exceed it")  # fmt: skip
+    fed_clients: int = knob(10, kind="int", applies=federated, check=_at_least(1), fix="use 1 or more clients",
+                            help="clients in the federation, each holding a part of the train_subset")  # fmt: skip
+    partition: str = knob("iid", kind="str", choices=PARTITIONS, applies=federated,
+                          help="how the clients' images are split: iid, or dirichlet (label-skewed)")  # fmt: skip
+    alpha: float = knob(1.0, kind="float", applies=_dirichlet, check=lambda v: math.isfinite(v) and v > 0,
+                        fix="use a concentration above 0 (0.1: skewed labels, 100: near-uniform)",
+                        help="dirichlet: the concentration over labels")  # fmt: skip
+    min_partition_size: int = knob(10, kind="int", applies=_dirichlet, check=_at_least(0), fix="use 0 or more",
+                                   help="dirichlet: redraw until every client holds at least this many images")  # fmt: skip
+    clients_per_round: int | None = knob(None, kind="int", applies=federated, check=_at_least(1), fix="use 1 or more",
+                                         help="clients drawn to train in each round (default: all)")  # fmt: skip
+    fed_epochs: int = knob(1, kind="int", applies=federated, check=_at_least(1), fix="use 1 or more",
+                           help="local epochs per round, the attacked client's under fedavg too")  # fmt: skip
+    fed_batch_size: int = knob(16, kind="int", applies=federated, check=_at_least(1), fix="use 1 or more",
+                               help="images per local SGD step in the federation")  # fmt: skip
+    fed_lr: float = knob(0.01, kind="float", applies=federated, check=_positive, fix="use a positive step size",
+                         help="the federation's local SGD step size")  # fmt: skip
+    attacked_client: int = knob(0, kind="int", applies=federated, check=_at_least(0), fix="use 0 or a later client",
+                                help="the client whose update is attacked (its own images, drawn from its partition)")  # fmt: skip
+
+
 PARTS: list[type] = [
     DataSettings, VictimSettings, ClientSettings, AttackSettings, OptimiserSettings, InvertingSettings, DefenceSettings,
+    FederationSettings,
 ]  # fmt: skip
 
 

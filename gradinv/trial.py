@@ -24,7 +24,7 @@ from .attacks.registry import FAMILIES, AttackJob, settings_parts
 from .errors import require
 from .defences import sent_update
 from .fl import FLConfig
-from .parameters import FL_MODES, LABELS, extract, trained_victim  # noqa: F401  (importable from here too)
+from .parameters import FL_MODES, LABELS, extract, federated, trained_victim  # noqa: F401  (importable from here too)
 from .victims import Untrained, recipe_of, victim_source
 
 ATTACKS = tuple(FAMILIES)
@@ -42,8 +42,11 @@ class TrialRules:
             object.__setattr__(self, "layers", None)
         parameters.validate(self)
         spec = data.dataset_spec(self.dataset)
-        for index in self.images:
-            require(0 <= index < spec.test_images, "image", index, f"use 0 to {spec.test_images - 1} for {self.dataset}")
+        if federated(self):
+            self._check_federation(spec)
+        for index in self.images:  # in a federation: positions in the attacked client's draw (checked when run)
+            require(0 <= index and (federated(self) or index < spec.test_images), "image", index,
+                    f"use 0 to {spec.test_images - 1} for {self.dataset}")  # fmt: skip
         models.default_width(self.model)  # validates the name
         require(not trained_victim(self) or spec.trainable, "trained_epochs", self.trained_epochs,
                 f"{self.dataset} keeps no images to train on (every image is attacked); use 0")  # fmt: skip
@@ -57,6 +60,17 @@ class TrialRules:
         if self.layers is not None:
             count = parameter_tensors(self.model, spec.channels, spec.num_classes, self.side, self.width)
             layer_indices(count, self.layers)
+
+    def _check_federation(self, spec: data.DatasetSpec) -> None:
+        require(spec.trainable, "round", self.round, f"{self.dataset} keeps no images to train a federation on")
+        require(not trained_victim(self), "trained_epochs", self.trained_epochs,
+                "use 0: a federation round is the victim (round), not a zoo checkpoint")  # fmt: skip
+        require(self.round <= self.fed_rounds, "round", self.round,
+                f"use 0 to {self.fed_rounds} (fed_rounds), or raise fed_rounds")  # fmt: skip
+        require(self.attacked_client < self.fed_clients, "attacked_client", self.attacked_client,
+                f"use 0 to {self.fed_clients - 1} (the federation's clients)")  # fmt: skip
+        require(self.aggregated_clients == 1, "aggregated_clients", self.aggregated_clients,
+                "use 1: a federation round attacks one client's update")  # fmt: skip
 
     @property
     def data_spec(self) -> data.DatasetSpec:
@@ -72,7 +86,14 @@ class TrialRules:
         return self.image_size or self.data_spec.size
 
     def fl_config(self) -> FLConfig:
-        return extract(FLConfig, self)
+        """How the client computes its update. In a federation, FedAvg is the federation's local training:
+        ``fed_epochs`` passes over the client's images in mini-batches of ``fed_batch_size`` at ``fed_lr``."""
+        if not federated(self) or self.fl == "fedsgd":
+            return extract(FLConfig, self)
+        count = self.images_per_client
+        batch = self.fed_batch_size if self.fed_batch_size < count else 0
+        return FLConfig(fl="fedavg", local_steps=self.fed_epochs * math.ceil(count / self.fed_batch_size),
+                        local_lr=self.fed_lr, local_batch_size=batch, data_order_seed=self.data_order_seed)  # fmt: skip
 
     def ig_config(self) -> IGConfig:
         return extract(IGConfig, self)
@@ -168,6 +189,7 @@ class TrialOutcome:
     restart_scores: list[float] = field(default_factory=list)
     curve: list[tuple[int, float]] = field(default_factory=list)
     quality_curve: list[tuple[float, float]] = field(default_factory=list)  # (PSNR, SSIM) at each curve point
+    image_columns: dict = field(default_factory=dict)  # which images the victim's source dealt (train_images)
     seconds: float = 0.0
     lanes: int = 1
 
@@ -176,6 +198,7 @@ NO_FINITE_RESTART = ("every restart ended in NaN: the attack diverged, or the vi
                      "guesses is exactly zero (saturated predictions: try init rand or zeros)")
 
 VictimLoader = Callable[[TrialSpec], torch.nn.Module]
+ImageLoader = Callable[[TrialSpec], tuple[torch.Tensor, torch.Tensor, dict]]  # images in [0, 1], labels, columns
 
 
 def cached_victim(spec: TrialSpec) -> torch.nn.Module:
@@ -194,6 +217,7 @@ def run_trials(
     data_root=None,
     device: str | torch.device = "cpu",
     victim: VictimLoader = cached_victim,
+    images: ImageLoader | None = None,
     on_progress: Callable[[int], None] | None = None,
     on_checkpoint: Callable[[int, list[float]], None] | None = None,
     deadline: float | None = None,
@@ -203,10 +227,12 @@ def run_trials(
     first = specs[0]
     info = first.data_spec
     model = victim(first).to(device).eval()
-    truths, updates, attacker_labels, true_labels = [], [], [], []
+    images = images or (lambda spec: victim_source(spec).client_images(data_root))
+    truths, updates, attacker_labels, true_labels, image_columns = [], [], [], [], []
     for spec in specs:
-        images01, labels = data.load_images(spec.dataset, spec.images, data_root, image_size=spec.image_size)
+        images01, labels, columns = images(spec)
         images01, labels = images01.to(device), labels.to(device)
+        image_columns.append(columns)
         update = sent_update(model, data.normalise(images01, info), labels, spec)
         truths.append(images01)
         true_labels.append(labels)
@@ -230,7 +256,8 @@ def run_trials(
         labels = result.labels
     pool = _baseline_pool(first, data_root)
     return [
-        _score(spec, model, info, truth, result, lane, labels[lane], truth_labels, pool, quality[lane])
+        dataclasses.replace(_score(spec, model, info, truth, result, lane, labels[lane], truth_labels, pool, quality[lane]),
+                            image_columns=image_columns[lane])  # fmt: skip
         for lane, (spec, truth, truth_labels) in enumerate(zip(specs, truths, true_labels))
     ]
 

@@ -1,8 +1,11 @@
-"""Where a trial's victim model comes from: the seeded untrained model, or a model-zoo checkpoint.
+"""Where a trial's victim model and the attacked client's images come from: the seeded untrained
+model, a model-zoo checkpoint (both attacked on test images), or the global model after some rounds
+of a simulated federation (attacked on the images of one of its clients).
 
 One interface, :func:`victim_source`: ``.model()`` builds the victim, ``.recipe`` is the zoo recipe
-(None when untrained), and ``.row_columns(sidecar)`` the result columns the source adds. A new source
-(say, a model after rounds of simulated federated training) is one more class here.
+(None otherwise), ``.row_columns(sidecar)`` the result columns the source adds, and
+``.client_images(data_root)`` the attacked images in [0, 1], their labels and the per-trial columns
+that say which images they were. A new source is one more class here.
 """
 
 from __future__ import annotations
@@ -12,9 +15,9 @@ from typing import Any
 
 import torch
 
-from . import models, zoo
+from . import data, models, zoo
 from . import parameters
-from .parameters import DefenceSettings, trained_victim
+from .parameters import DefenceSettings, federated, trained_victim
 
 
 def recipe_of(spec: Any) -> zoo.Recipe:
@@ -35,8 +38,17 @@ def training_defence(spec: Any) -> tuple:
                         if getattr(resolved, name) != plain[name]))  # fmt: skip
 
 
+class TestImages:
+    """Untrained and zoo victims are attacked on the test split's images at the trial's indices."""
+
+    def client_images(self, data_root=None) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        images01, labels = data.load_images(self.spec.dataset, self.spec.images, data_root,
+                                            image_size=self.spec.image_size)  # fmt: skip
+        return images01, labels, {}
+
+
 @dataclass(frozen=True)
-class Untrained:
+class Untrained(TestImages):
     """The model as initialised from ``model_seed``: what the paper calls an untrained network."""
 
     spec: Any
@@ -52,7 +64,7 @@ class Untrained:
 
 
 @dataclass(frozen=True)
-class ZooCheckpoint:
+class ZooCheckpoint(TestImages):
     """A checkpoint trained by :mod:`gradinv.zoo` (trained on this machine first when missing)."""
 
     spec: Any
@@ -71,5 +83,45 @@ class ZooCheckpoint:
                 "training_epsilon": sidecar.get("training_epsilon")}  # fmt: skip
 
 
-def victim_source(spec: Any) -> Untrained | ZooCheckpoint:
+@dataclass(frozen=True)
+class FederationRound:
+    """The global model of a simulated federation (gradinv.federation) after ``round`` rounds, trained on
+    this machine first when missing; the attacked client's images are training images of its own."""
+
+    spec: Any
+    recipe = None
+
+    @property
+    def federation(self):
+        from .federation import Federation
+
+        return Federation.of_trial(self.spec)
+
+    def model(self) -> torch.nn.Module:
+        return self.kept_round().model()
+
+    def kept_round(self):
+        from . import federation
+
+        self.federation.check_round(self.spec.round)
+        return federation.train(self.federation, self.spec.round, keep=(self.spec.round,))
+
+    def row_columns(self, sidecar: dict | None = None) -> dict:
+        from .federation import victim_columns
+
+        return victim_columns(self.federation, sidecar, self.spec.attacked_client) if sidecar else {}
+
+    def client_images(self, data_root=None, sidecar: dict | None = None) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        from .federation import attacked_images
+
+        sidecar = sidecar or self.kept_round().sidecar
+        indices = attacked_images(self.federation, sidecar, self.spec.attacked_client, self.spec.images)
+        images01, labels = data.load_images(self.spec.dataset, indices, data_root, split="train",
+                                            image_size=self.spec.image_size)  # fmt: skip
+        return images01, labels, {"train_images": indices}
+
+
+def victim_source(spec: Any) -> Untrained | ZooCheckpoint | FederationRound:
+    if federated(spec):
+        return FederationRound(spec)
     return ZooCheckpoint(spec) if trained_victim(spec) else Untrained(spec)

@@ -1,18 +1,20 @@
-"""Trained victims for a study: each missing checkpoint trained once, as its own Ray task.
+"""Victims for a study: each missing zoo checkpoint trained once, as its own Ray task; each federation
+trained once to the last round its trials attack, as a Ray task whose clients are Ray tasks too.
 
-The training task stores the checkpoint in its node's cache and returns the weights and the sidecar
-as two objects; trials that need it are submitted once it is ready (the others run meanwhile) and
-receive the weights through Ray's object store, so no node relies on another's disk. A node that
-receives weights keeps a copy in its own cache for later runs.
+A training task stores what it trained in its node's cache and returns the weights and the sidecar;
+trials that need them are submitted once they are ready (the others run meanwhile) and receive the
+weights through Ray's object store, so no node relies on another's disk. A node that receives a zoo
+checkpoint keeps a copy in its own cache for later runs.
 """
 
 from __future__ import annotations
 
 import functools
 
-from gradinv import zoo
+from gradinv import federation, zoo
+from gradinv.parameters import federated
 from gradinv.trial import TrialSpec
-from gradinv.victims import ZooCheckpoint
+from gradinv.victims import FederationRound, ZooCheckpoint
 
 
 def train_task(recipe: zoo.Recipe) -> tuple[bytes, dict]:
@@ -20,63 +22,128 @@ def train_task(recipe: zoo.Recipe) -> tuple[bytes, dict]:
     return checkpoint.to_bytes(), checkpoint.sidecar
 
 
+def federation_task(recipe: federation.Federation, rounds: tuple[int, ...]) -> dict[int, tuple[bytes, dict]]:
+    """Train the federation to its last asked round (its clients as Ray tasks); each asked round's weights."""
+    import ray
+
+    federation.train(recipe, max(rounds), keep=rounds, run_clients=ray_clients(ray))
+    kept = federation.kept_rounds(recipe, rounds)
+    return {number: (federation.to_bytes(found.state), found.sidecar) for number, found in kept.items()}
+
+
+def ray_clients(ray, num_cpus: float = 1):
+    """Each selected client's local training as a Ray task; the states come back in client-id order."""
+    task = ray.remote(federation.client_update).options(num_cpus=num_cpus)
+
+    def run(recipe, state, round_, clients):
+        shared = ray.put(state)
+        return ray.get([task.remote(recipe, shared, round_, client) for client in clients])
+
+    return run
+
+
+def victim_key(spec: TrialSpec) -> str | None:
+    """What a trial's victim is trained as: a zoo checkpoint's key, a federation round, None untrained."""
+    if federated(spec):
+        return f"{federation.Federation.of_trial(spec).key}@{spec.round}"
+    return spec.recipe().key if spec.trained_epochs else None
+
+
 class Victims:
-    """The checkpoints a study's trials need: training in flight (on the driver's task loop), ready, or failed."""
+    """The victims a study's trials need: training in flight (on the driver's task loop), ready, or failed."""
 
     def __init__(self, loop, num_cpus: float, max_retries: int, specs: list[TrialSpec]):
         self.ray = loop.ray
         self.loop = loop
-        self.train = self.ray.remote(train_task).options(num_cpus=num_cpus, max_retries=max_retries, num_returns=2)
+        options = dict(num_cpus=num_cpus, max_retries=max_retries)
+        self.train = self.ray.remote(train_task).options(num_returns=2, **options)
+        self.train_federation = self.ray.remote(federation_task).options(**options)
         self.training: set[str] = set()
         self.ready: dict[str, tuple] = {}  # key -> (weights ref, sidecar)
         self.errors: dict[str, str] = {}
+        self.rounds: dict[str, set[int]] = {}  # federation key -> the rounds its trials attack
+        for spec in specs:
+            if federated(spec):
+                self.rounds.setdefault(federation.Federation.of_trial(spec).key, set()).add(spec.round)
         for spec in specs:
             self.need(spec)
 
     def need(self, spec: TrialSpec) -> None:
-        """Start training the trial's checkpoint unless it is untrained, training, ready or failed."""
-        if spec.trained_epochs == 0:
+        """Start training the trial's victim unless it is untrained, training, ready or failed."""
+        key = victim_key(spec)
+        if key is None or key in self.training or key in self.ready or key in self.errors:
             return
-        recipe = spec.recipe()
-        if recipe.key in self.training or recipe.key in self.ready or recipe.key in self.errors:
+        if federated(spec):
+            self._train_federation(spec)
             return
-        weights, sidecar = self.train.remote(recipe)
-        self.training.add(recipe.key)
-        self.loop.submit(sidecar, functools.partial(self._trained, recipe.key, weights))
+        weights, sidecar = self.train.remote(spec.recipe())
+        self.training.add(key)
+        self.loop.submit(sidecar, functools.partial(self._trained, key, weights))
+
+    def _train_federation(self, spec: TrialSpec) -> None:
+        recipe = federation.Federation.of_trial(spec)
+        rounds = tuple(sorted(self.rounds.setdefault(recipe.key, set()) | {spec.round}))
+        keys = [f"{recipe.key}@{number}" for number in rounds if f"{recipe.key}@{number}" not in self.ready]
+        self.training.update(keys)
+        self.loop.submit(self.train_federation.remote(recipe, rounds), functools.partial(self._federated, keys))
 
     def _trained(self, key: str, weights, sidecar) -> None:
         self.training.discard(key)
         try:
             self.ready[key] = (weights, self.ray.get(sidecar))
         except self.ray.exceptions.RayError as error:
-            self.errors[key] = f"training the victim {key} failed: {str(error).strip().splitlines()[-1]}"
+            self.errors[key] = f"training the victim {key} failed: {_last_line(error)}"
+
+    def _federated(self, keys: list[str], ref) -> None:
+        self.training.difference_update(keys)
+        try:
+            trained = self.ray.get(ref)
+        except self.ray.exceptions.RayError as error:
+            self.errors.update({key: f"training the federation {key} failed: {_last_line(error)}" for key in keys})
+            return
+        for key in keys:
+            weights, sidecar = trained[int(key.rsplit("@", 1)[1])]
+            self.ready[key] = (self.ray.put(weights), sidecar)
 
     def state(self, spec: TrialSpec) -> str:
         """untrained, ready, training or failed."""
-        if spec.trained_epochs == 0:
+        key = victim_key(spec)
+        if key is None:
             return "untrained"
-        key = spec.recipe().key
         return "ready" if key in self.ready else "failed" if key in self.errors else "training"
 
     def error(self, spec: TrialSpec) -> str:
-        return self.errors[spec.recipe().key]
+        return self.errors[victim_key(spec)]
 
     def payload(self, spec: TrialSpec) -> tuple:
         """The task arguments for the victim: (weights ref, sidecar) when trained, none otherwise."""
-        return self.ready[spec.recipe().key] if spec.trained_epochs else ()
+        key = victim_key(spec)
+        return () if key is None else self.ready[key]
 
     def columns(self, spec: TrialSpec) -> dict:
         """The columns a trial's row carries about its victim."""
-        if spec.trained_epochs == 0:
+        key = victim_key(spec)
+        if key is None:
             return {}
-        return ZooCheckpoint(spec).row_columns(self.ready.get(spec.recipe().key, (None, {}))[1])
+        sidecar = self.ready.get(key, (None, {}))[1]
+        return (FederationRound if federated(spec) else ZooCheckpoint)(spec).row_columns(sidecar)
+
+
+def _last_line(error: Exception) -> str:
+    return str(error).strip().splitlines()[-1]
 
 
 def victim_from_checkpoint(weights: bytes, sidecar: dict):
-    """The trained model from weights sent through the object store; cached on this node too."""
+    """(victim loader, image loader) for weights sent through the object store: a zoo checkpoint (cached
+    on this node too; the images are the trial's own) or a federation round (the attacked client's
+    images come from the round's sidecar)."""
+    if "partitions" in sidecar:
+        recipe = federation.Federation(**sidecar["recipe"])
+        model = federation.from_bytes(recipe, weights, sidecar).model()
+        return (lambda _: model), (lambda spec: FederationRound(spec).client_images(sidecar=sidecar))
     recipe = zoo.Recipe(**sidecar["recipe"])
     checkpoint = zoo.from_bytes(recipe, weights, sidecar)
     if zoo.load(recipe) is None:
         zoo.store(checkpoint)
     model = checkpoint.model()
-    return lambda _: model
+    return (lambda _: model), None

@@ -58,7 +58,7 @@ def now() -> dt.datetime:
 def outcome_row(pack: Pack, key: str, outcome: TrialOutcome, attempt: int, timing: dict, where: dict) -> dict:
     row = {
         "study": pack.study, "key": key, "candidate": pack.candidate, **parameter_columns(outcome.spec),
-        **pack.extra, **privacy_columns(outcome.spec), **outcome.metrics, **{f"{name}_per_image": v for name, v in outcome.per_image.items()},
+        **pack.extra, **outcome.image_columns, **privacy_columns(outcome.spec), **outcome.metrics, **{f"{name}_per_image": v for name, v in outcome.per_image.items()},
         "restart_scores": outcome.restart_scores,
         "curve_iterations": [i for i, _ in outcome.curve], "curve_costs": [c for _, c in outcome.curve],
         "curve_psnr": [q for q, _ in outcome.quality_curve] or None, "curve_ssim": [q for _, q in outcome.quality_curve] or None,
@@ -101,7 +101,7 @@ def failed_outcomes(pack: Pack, error: str) -> list[TrialOutcome]:
     return [TrialOutcome(spec=spec, status="failed", error=error, lanes=len(pack.specs)) for spec in pack.specs]
 
 
-def run_pack(pack: Pack, attempt: int = 1, victim=None, on_checkpoint=None) -> list[dict]:
+def run_pack(pack: Pack, attempt: int = 1, victim=None, on_checkpoint=None, images=None) -> list[dict]:
     """Run a pack's trials together and return one row per trial, in the pack's order.
 
     ``on_checkpoint(keys, iteration, costs)`` receives the keys of the lanes running and their best
@@ -110,7 +110,7 @@ def run_pack(pack: Pack, attempt: int = 1, victim=None, on_checkpoint=None) -> l
     torch.set_num_threads(pack.threads)
     started, clock = now(), time.monotonic()
     deadline = clock + pack.timeout if pack.timeout else None
-    run = functools.partial(_run_lanes, device=pack.device, attempt=attempt, victim=victim,
+    run = functools.partial(_run_lanes, device=pack.device, attempt=attempt, victim=victim, images=images,
                             on_checkpoint=on_checkpoint, deadline=deadline)  # fmt: skip
     try:
         outcomes = run(pack.keys, pack.specs)
@@ -126,10 +126,10 @@ def run_pack(pack: Pack, attempt: int = 1, victim=None, on_checkpoint=None) -> l
             for lane, (key, o) in enumerate(zip(pack.keys, outcomes))]  # fmt: skip
 
 
-def _run_lanes(keys, specs, *, device, attempt, victim, on_checkpoint, deadline) -> list[TrialOutcome]:
+def _run_lanes(keys, specs, *, device, attempt, victim, images, on_checkpoint, deadline) -> list[TrialOutcome]:
     inject_fault(keys, attempt)
     report = None if on_checkpoint is None else functools.partial(on_checkpoint, keys)
-    kwargs = {"victim": victim} if victim is not None else {}
+    kwargs = {"victim": victim, "images": images} if victim is not None else {}
     return run_trials(list(specs), device=device, deadline=deadline, on_checkpoint=report, **kwargs)
 
 

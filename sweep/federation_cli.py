@@ -22,7 +22,9 @@ def add_parser(verbs) -> None:
 
 def _parser() -> argparse.ArgumentParser:
     from gradinv.federation import Federation
+    from gradinv.parameters import parameters
 
+    declared = parameters()
     parser = _Parser(prog="gradinv federation", description="Simulated federations whose rounds are victims.")
     federation_verbs = parser.add_subparsers(dest="federation_verb", required=True, parser_class=_Parser)
     train = federation_verbs.add_parser("train", help="train a federation's rounds (once) into the cache")
@@ -30,7 +32,8 @@ def _parser() -> argparse.ArgumentParser:
     for field in dataclasses.fields(Federation):
         if field.name == "version":
             continue
-        kind, flag, text = _plain_type(hints[field.name]), f"--{field.name.replace('_', '-')}", field.metadata["help"]
+        kind, flag = _plain_type(hints[field.name]), f"--{field.name.replace('_', '-')}"
+        text = declared[field.name].help if field.name in declared else field.metadata["help"]
         if kind is bool:
             train.add_argument(flag, action=argparse.BooleanOptionalAction, default=field.default, help=text)
         elif field.default is dataclasses.MISSING:
@@ -38,7 +41,7 @@ def _parser() -> argparse.ArgumentParser:
         else:
             shown = "" if field.default is None else f" (default {field.default})"
             train.add_argument(flag, type=kind, default=field.default, help=text + shown)
-    train.add_argument("--round", type=int, default=None, help="train up to this round (default --rounds)")
+    train.add_argument("--round", type=int, default=None, help="train up to this round (default --fed-rounds)")
     train.add_argument("--data-root", default=None, help="dataset root (default $GRADINV_DATA)")
     train.add_argument("--cache", default=None, help="checkpoint cache (default $GRADINV_CACHE)")
     train.add_argument("--address", default=None, help="a running Ray cluster (default $RAY_ADDRESS, else local)")
@@ -53,19 +56,6 @@ def _plain_type(hint) -> type:
     return hint
 
 
-def ray_clients(ray, num_cpus: float = 1):
-    """Each selected client's local training as a Ray task; the updates come back in client-id order."""
-    from gradinv.federation import client_update
-
-    task = ray.remote(client_update).options(num_cpus=num_cpus)
-
-    def run(federation, state, round_, clients):
-        shared = ray.put(state)
-        return ray.get([task.remote(federation, shared, round_, client) for client in clients])
-
-    return run
-
-
 def command(verb_args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
@@ -74,7 +64,7 @@ def command(verb_args: argparse.Namespace) -> int:
     args = _parser().parse_args(verb_args.arguments)
     values = {name: getattr(args, name) for name in vars(args) if name not in EXECUTION | {"federation_verb"}}
     recipe = fed.Federation(**values)
-    up_to = recipe.rounds if args.round is None else args.round
+    up_to = recipe.fed_rounds if args.round is None else args.round
     recipe.check_round(up_to)
     with tqdm(total=up_to, desc=recipe.key, unit="round", dynamic_ncols=True) as bar:
 
@@ -88,6 +78,7 @@ def command(verb_args: argparse.Namespace) -> int:
         if args.in_process:
             final = fed.train(recipe, up_to, cache=args.cache, data_root=args.data_root, on_round=round_done)
         else:
+            from .checkpoints import ray_clients
             from .ray_connection import connect
             from .runner import runtime_environment
 

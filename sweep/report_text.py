@@ -28,7 +28,9 @@ def dry_run(study: Study, max_trials: int) -> str:
                      "not expanded (--max-trials N)")  # fmt: skip
         return "\n".join(lines)
     images = sorted({i for spec in study.trials for i in spec.images})
-    lines.append(f"  images: {len(images)} distinct test images")
+    where = "positions in each attacked federation client's images" if any(
+        spec.round is not None for spec in study.trials) else "test images"  # fmt: skip
+    lines.append(f"  images: {len(images)} distinct {where}")
     if study.collapsed:
         lines.append(f"  {study.collapsed} grid points collapsed into identical trials (settings that do not apply)")
     lines.append(f"{len(study.trials)} trials")

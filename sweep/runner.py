@@ -73,12 +73,13 @@ def runtime_environment(data_root_arg: str | None) -> dict:
 
 
 def remote_pack(pack: Pack, weights: bytes | None = None, sidecar: dict | None = None) -> list[dict]:
-    """A pack on a Ray worker; a trained victim arrives as its weights (from the object store) and sidecar."""
+    """A pack on a Ray worker; a trained victim (zoo checkpoint or federation round) arrives as its weights
+    (from the object store) and sidecar."""
     attempt = current_attempt()
-    victim = None
+    victim = images = None
     if weights is not None:
-        victim = victim_from_checkpoint(weights, sidecar)
-    return run_pack(pack, attempt, victim=victim)
+        victim, images = victim_from_checkpoint(weights, sidecar)
+    return run_pack(pack, attempt, victim=victim, images=images)
 
 
 class RowsNotWritten(Exception):

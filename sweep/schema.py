@@ -18,9 +18,10 @@ import pyarrow.parquet as pq
 if TYPE_CHECKING:  # gradinv.trial imports torch: readers of results (status, report, export) do without
     from gradinv.trial import TrialSpec
 
-SCHEMA_VERSION = 4  # 2: baselines, gains, quality curves, pack ids
+SCHEMA_VERSION = 5  # 2: baselines, gains, quality curves, pack ids
 # 3: each column's role (ROLE_KEY) in its field metadata
 # 4: the defences' settings and their privacy (epsilon, accountant, update_epsilon, training_epsilon)
+# 5: federation victims (their settings; federation_key, train_images, client_label_histogram, client_rounds)
 RESULTS_FORMAT = 3  # part of every trial key: bump only when old results can no longer be compared
 # 2: the step decay's milestones are the reference's, the first images are no longer clamped into the
 #    pixel box, `exp` layer weights are e^-i and `rand` starts are uniform in [-1, 1)
@@ -48,12 +49,13 @@ ROLES = IDENTITY, SETTING, OUTCOME, PROVENANCE, HEAVY = ("identity", "setting", 
 # Settings that tell repetitions of a setting apart (which client's images, which seed), flagged in the
 # field metadata too: analysis compares settings across them, never by them.
 REPETITION_KEY = b"gradinv.repetition"
-REPETITION = ("images", "model_seed", "data_order_seed", "attack_seed")
+REPETITION = ("images", "model_seed", "data_order_seed", "attack_seed", "attacked_client")
 
 METRICS = ("psnr", "ssim", "mse", "feature_mse")
 BASELINES = ("baseline_psnr", "baseline_psnr_mean_image", "baseline_psnr_flat", "baseline_psnr_class_mean",
              "baseline_ssim_mean_image", "baseline_ssim_flat", "baseline_ssim_class_mean")  # fmt: skip
 _floats = pa.list_(pa.float64())
+_ints = pa.list_(pa.int32())
 
 
 def _with_role(role: str, *fields: pa.Field) -> list[pa.Field]:
@@ -74,9 +76,15 @@ SCHEMA = pa.schema(
             *[pa.field(name, kind) for name, kind in _PARAMETER_TYPES.items()],
             pa.field("images_per_client", pa.int32()),
         ),
-        *_with_role(PROVENANCE, pa.field("checkpoint_key", pa.string())),  # the zoo checkpoint the settings named
+        *_with_role(PROVENANCE,
+            pa.field("checkpoint_key", pa.string()),  # the zoo checkpoint the settings named
+            pa.field("federation_key", pa.string()),  # the federation whose round was the victim
+            pa.field("train_images", _ints),  # a federation client's images: indices into the train_subset
+        ),
         *_with_role(OUTCOME,
-            pa.field("model_accuracy", pa.float64()),
+            pa.field("model_accuracy", pa.float64()),  # the victim's test accuracy (a federation round: its global model's)
+            pa.field("client_label_histogram", _ints),  # the attacked federation client's labels, per class
+            pa.field("client_rounds", _ints),  # the rounds up to the attacked one in which that client trained
             pa.field("training_epsilon", pa.float64()),  # a victim trained with DP-SGD: its training's epsilon
             # The client's privacy for this one update (gradinv.privacy): DP-SGD's example-level epsilon,
             # the accountant, and the update-level Gaussian mechanism's epsilon (clip_update, noise_std)

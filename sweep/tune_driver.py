@@ -30,7 +30,7 @@ class CandidateStopped(PackStopped):
     pass
 
 
-def comparable_scales(pack: Pack, victim=None) -> list[float]:
+def comparable_scales(pack: Pack, victim=None, images=None) -> list[float]:
     """Per-lane factors that make gradient costs comparable across candidates: 1 - cos as is, and
     the squared distance over twice the target's weighted squared norm (equal to 1 - cos when the
     two gradients have equal norms)."""
@@ -40,11 +40,13 @@ def comparable_scales(pack: Pack, victim=None) -> list[float]:
     from gradinv.attacks.costs import layer_weights
     from gradinv.defences import sent_update
     from gradinv.trial import build_victim
+    from gradinv.victims import victim_source
 
     scales = []
     model = (victim or build_victim)(pack.specs[0]).eval()
+    images = images or (lambda spec: victim_source(spec).client_images())
     for spec in pack.specs:
-        images01, labels = data.load_images(spec.dataset, spec.images, None, image_size=spec.image_size)
+        images01, labels, _ = images(spec)
         update = sent_update(model, data.normalise(images01, spec.data_spec), labels, spec)
         weights = layer_weights(len(update.tensors), spec.layer_weighting, spec.layers)
         norm = sum(w * float(t.pow(2).sum()) for w, t in zip(weights, update.tensors))
@@ -58,8 +60,8 @@ def stream_pack(pack: Pack, weights: bytes | None = None, sidecar: dict | None =
     when the task is cancelled, the thread stops at its next checkpoint. A trained victim arrives as
     its weights and sidecar, as in `gradinv run`."""
     attempt = current_attempt()
-    victim = victim_from_checkpoint(weights, sidecar) if weights is not None else None
-    scales = dict(zip(pack.keys, comparable_scales(pack, victim)))
+    victim, images = victim_from_checkpoint(weights, sidecar) if weights is not None else (None, None)
+    scales = dict(zip(pack.keys, comparable_scales(pack, victim, images)))
     events: queue.Queue = queue.Queue()
     stop = threading.Event()
 
@@ -70,7 +72,7 @@ def stream_pack(pack: Pack, weights: bytes | None = None, sidecar: dict | None =
 
     def attack() -> None:
         try:
-            events.put(("rows", run_pack(pack, attempt, victim=victim, on_checkpoint=on_checkpoint)))
+            events.put(("rows", run_pack(pack, attempt, victim=victim, on_checkpoint=on_checkpoint, images=images)))
         except BaseException as error:  # noqa: BLE001 - handed to the task's thread to raise
             events.put(("error", error))
 

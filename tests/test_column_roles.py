@@ -62,8 +62,8 @@ def test_every_schema_column_has_one_declared_role():
     assert {"psnr", "psnr_gain", "baseline_psnr", "psnr_per_image", "status", "model_accuracy"} <= by_role["outcome"]
     assert {"host", "torch_version", "task_seconds", "pack_id", "attempt", "checkpoint_key"} <= by_role["provenance"]
     repetition = {field.name for field in SCHEMA if (field.metadata or {}).get(REPETITION_KEY) == b"true"}
-    assert repetition == {"images", "model_seed", "data_order_seed", "attack_seed"} <= by_role["setting"]
-    assert SCHEMA_VERSION == 4 and SCHEMA.metadata[b"gradinv.schema_version"] == b"4"
+    assert repetition == {"images", "model_seed", "data_order_seed", "attack_seed", "attacked_client"} <= by_role["setting"]
+    assert SCHEMA_VERSION == 5 and SCHEMA.metadata[b"gradinv.schema_version"] == b"5"
 
 
 def test_files_written_by_results_dir_carry_the_roles(tmp_path):

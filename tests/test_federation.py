@@ -10,15 +10,19 @@ import sys
 import time
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 
-from gradinv import federation as fed
+from gradinv import data, federation as fed, parameters
 from gradinv.errors import ConfigError
+from gradinv.trial import TrialSpec
+from gradinv.victims import victim_source
+from sweep.cli import main
 
 REPO = Path(__file__).resolve().parent.parent
-TINY = dict(dataset="fashion-mnist", model="convnet", width=4, image_size=8, train_subset=60, clients=4,
-            clients_per_round=2, local_batch_size=8, local_lr=0.05, rounds=4)  # fmt: skip
+TINY = dict(dataset="fashion-mnist", model="convnet", width=4, image_size=8, train_subset=60, fed_clients=4,
+            clients_per_round=2, fed_batch_size=8, fed_lr=0.05, fed_rounds=4)  # fmt: skip
 
 
 def _states_equal(a: dict, b: dict) -> bool:
@@ -58,15 +62,15 @@ def test_the_same_recipe_gives_bit_identical_rounds_and_extends_without_retraini
 
 def test_the_key_ignores_how_far_to_train_and_alpha_under_iid():
     recipe = fed.Federation(**TINY)
-    assert recipe.key == dataclasses.replace(recipe, rounds=50, checkpoint_every=5).key
+    assert recipe.key == dataclasses.replace(recipe, fed_rounds=50, checkpoint_every=5).key
     assert recipe.key == fed.Federation(**{**TINY, "alpha": 0.3}).key
-    assert recipe.key != dataclasses.replace(recipe, local_lr=0.1).key
+    assert recipe.key != dataclasses.replace(recipe, fed_lr=0.1).key
     assert fed.Federation(**{**TINY, "partition": "dirichlet", "alpha": 0.1}).key != recipe.key
 
 
 TRAIN_SCRIPT = """
 import sys
-from gradinv import federation as fed
+from gradinv import data, federation as fed, parameters
 recipe = fed.Federation(**{tiny}, checkpoint_every=1)
 fed.train(recipe, int(sys.argv[2]), cache=sys.argv[1],
           on_round=lambda r, trained: print(r.number, trained, flush=True))
@@ -75,13 +79,13 @@ fed.train(recipe, int(sys.argv[2]), cache=sys.argv[1],
 
 def _trainer(cache: Path, up_to: int) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    script = TRAIN_SCRIPT.format(tiny={**TINY, "rounds": 6})
+    script = TRAIN_SCRIPT.format(tiny={**TINY, "fed_rounds": 6})
     return subprocess.Popen([sys.executable, "-c", script, str(cache), str(up_to)], stdout=subprocess.PIPE, text=True,
                             env=env, start_new_session=True)  # fmt: skip
 
 
 def test_a_killed_training_resumes_from_the_last_round_kept(tmp_path):
-    recipe = fed.Federation(**{**TINY, "rounds": 6})
+    recipe = fed.Federation(**{**TINY, "fed_rounds": 6})
     root = fed.federation_dir(recipe, tmp_path)
     trainer = _trainer(tmp_path, 6)
     try:
@@ -113,10 +117,10 @@ def test_two_processes_asking_for_one_federation_train_it_once(tmp_path):
     ({"partition": "dirichlet", "alpha": -1.0}, "alpha"),
     ({"partition": "dirichlet"}, "alpha"),  # no concentration given
     ({"clients_per_round": 5}, "clients_per_round"),
-    ({"clients": 61}, "clients"),
+    ({"fed_clients": 61}, "fed_clients"),
     ({"partition": "shards"}, "partition"),
-    ({"local_epochs": 0}, "local_epochs"),
-    ({"local_lr": float("nan")}, "local_lr"),
+    ({"fed_epochs": 0}, "fed_epochs"),
+    ({"fed_lr": float("nan")}, "fed_lr"),
 ])  # fmt: skip
 def test_a_bad_recipe_is_a_config_error_naming_the_field(change, field):
     with pytest.raises(ConfigError) as error:
@@ -127,7 +131,7 @@ def test_a_bad_recipe_is_a_config_error_naming_the_field(change, field):
 def test_a_round_beyond_the_recipe_and_a_client_without_images_are_refused(tmp_path):
     with pytest.raises(ConfigError, match="round: 5 is not valid; use 0 to 4"):
         fed.train(fed.Federation(**TINY), 5, cache=tmp_path)
-    skewed = fed.Federation(**{**TINY, "partition": "dirichlet", "alpha": 0.01, "min_partition_size": 0, "clients": 30})
+    skewed = fed.Federation(**{**TINY, "partition": "dirichlet", "alpha": 0.01, "min_partition_size": 0, "fed_clients": 30})
     with pytest.raises(ConfigError, match="holds no images"):
         fed.train(skewed, 1, cache=tmp_path)
     assert not list(fed.federation_dir(skewed, tmp_path).glob("round-*"))
@@ -138,7 +142,91 @@ def test_rounds_record_accuracy_and_who_took_part(tmp_path):
     final = fed.train(recipe, 2, cache=tmp_path)
     info = json.loads((fed.federation_dir(recipe, tmp_path) / "round-00002.json").read_text())
     assert info["round"] == 2 and 0 <= info["test_accuracy"] <= 1 and info["key"] == recipe.key
-    assert sum(info["partition_sizes"]) == 60 and len(info["label_histograms"]) == 4
+    assert sorted(i for part in info["partitions"] for i in part) == list(range(60))
+    assert len(info["label_histograms"]) == 4
     for client in range(4):
         expected = [r for r in (1, 2) if client in fed.selected_clients(recipe, r)]
         assert final.participation(client) == expected
+
+
+def test_a_trials_federation_settings_make_its_recipe_with_the_same_defaults():
+    declared = parameters.parameter_defaults()
+    for field in dataclasses.fields(fed.Federation):
+        if field.name in fed.TRIAL_FIELDS and field.name not in ("dataset", "alpha"):  # alpha: None under iid
+            assert field.default == declared[field.name], field.name
+    trial = TrialSpec(round=2, partition="dirichlet", alpha=0.1, fed_clients=4, train_subset=60, width=4)
+    recipe = fed.Federation.of_trial(trial)
+    assert (recipe.partition, recipe.alpha, recipe.fed_clients, recipe.train_subset) == ("dirichlet", 0.1, 4, 60)
+    assert fed.Federation.of_trial(TrialSpec(round=2, alpha=0.1)).key == fed.Federation.of_trial(TrialSpec(round=2)).key
+
+
+# ------------------------------------------------------------------------------------------------
+# Trials on a round
+
+
+ROUND_TRIAL = dict(dataset="fashion-mnist", model="convnet", width=4, image_size=8, train_subset=60, fed_clients=4,
+                   clients_per_round=2, fed_batch_size=8, fed_lr=0.05, fed_rounds=4, iterations=5)  # fmt: skip
+
+
+def test_a_round_victim_attacks_its_clients_own_training_images(tmp_path, monkeypatch):
+    monkeypatch.setenv("GRADINV_CACHE", str(tmp_path))
+    spec = TrialSpec(**ROUND_TRIAL, round=2, attacked_client=3, images=(0, 1))
+    source = victim_source(spec)
+    kept = fed.train(fed.Federation.of_trial(spec), 2)
+    assert _states_equal(source.model().state_dict(), kept.model().state_dict())
+    images01, labels, columns = source.client_images()
+    indices = columns["train_images"]
+    assert set(indices) <= set(kept.sidecar["partitions"][3]) and len(set(indices)) == 2
+    expected, expected_labels = data.load_images("fashion-mnist", indices, split="train", image_size=8)
+    assert torch.equal(images01, expected) and torch.equal(labels, expected_labels)
+    assert source.row_columns(kept.sidecar)["client_rounds"] == kept.participation(3)
+    with pytest.raises(ConfigError, match="images: 99 is not valid; client 3 holds"):
+        victim_source(dataclasses.replace(spec, images=(99,))).client_images()
+
+
+def test_fedavg_on_a_round_trains_as_the_federation_does():
+    spec = TrialSpec(**ROUND_TRIAL, round=1, fl="fedavg", fed_epochs=2, images=tuple(range(10)))
+    config = spec.fl_config()
+    assert (config.local_steps, config.local_lr, config.local_batch_size) == (4, 0.05, 8)  # 2 epochs x ceil(10 / 8)
+    assert TrialSpec(**ROUND_TRIAL, round=1).fl_config().fl == "fedsgd"
+
+
+@pytest.mark.parametrize("change, line", [
+    ({"round": 5}, "round: 5 is not valid; use 0 to 4 (fed_rounds), or raise fed_rounds"),
+    ({"trained_epochs": 2}, "trained_epochs: 2 is not valid; use 0: a federation round is the victim"),
+    ({"attacked_client": 4}, "attacked_client: 4 is not valid; use 0 to 3 (the federation's clients)"),
+    ({"aggregated_clients": 2, "images": (0, 1)}, "aggregated_clients: 2 is not valid; use 1: a federation round"),
+    ({"dataset": "photos", "model": "mlp"}, "round: 1 is not valid; photos keeps no images to train a federation on"),
+])  # fmt: skip
+def test_a_bad_round_trial_is_one_line_naming_the_field(change, line):
+    with pytest.raises(ConfigError) as error:
+        TrialSpec(**{**ROUND_TRIAL, "round": 1, **change})
+    assert str(error.value).startswith(line), error.value
+
+
+ROUND_STUDY = """
+name: rounds
+data: {dataset: fashion-mnist, images: 2, image_size: 8}
+fixed: {model: convnet, width: 4, iterations: 5, train_subset: 60, fed_clients: 4, clients_per_round: 2,
+        fed_batch_size: 8, fed_lr: 0.05, fed_rounds: 4, attacked_client: 1}
+grid: {round: [0, 3], fl: [fedsgd, fedavg]}
+resources: {num_cpus: 1}
+"""
+
+
+def test_a_study_attacks_rounds_of_a_federation_it_trains_once_on_ray(write_study, tmp_path, monkeypatch):
+    monkeypatch.setenv("GRADINV_CACHE", str(tmp_path / "cache"))
+    results = tmp_path / "results"
+    assert main(["run", str(write_study(ROUND_STUDY)), "--results", str(results), "--no-progress"]) == 0
+    frame = pd.read_parquet(results)
+    assert len(frame) == 8 and (frame["status"] == "ok").all()
+    recipe = fed.Federation(**{**TINY, "fed_rounds": 4})
+    assert set(frame["federation_key"]) == {recipe.key}
+    root = fed.federation_dir(recipe, tmp_path / "cache")
+    kept = fed.kept_rounds(recipe, (0, 3), tmp_path / "cache")
+    for number, rows in frame.groupby("round"):
+        assert (rows["model_accuracy"] == kept[number].sidecar["test_accuracy"]).all()
+        assert all(list(r) == kept[number].participation(1) for r in rows["client_rounds"])
+        assert all(set(images) <= set(kept[number].sidecar["partitions"][1]) for images in rows["train_images"])
+    assert _states_equal(kept[3].state, fed.train(recipe, 3, cache=tmp_path / "again").state)  # trained as alone
+    assert sorted(p.name for p in root.glob("round-*.json")) == [f"round-0000{n}.json" for n in range(4)]

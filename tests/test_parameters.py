@@ -33,6 +33,14 @@ DEFENDED = [arg for name, value in DEFENDED_FIXED.items() for arg in (f"--{name.
 IMAGES_FOR = {"aggregated_clients": (["--image", "0", "--image", "1"], {"images_per_client": 1})}
 
 
+FEDERATED_FIXED = {"round": 1, "partition": "dirichlet", "fl": "fedavg"}  # every federation setting applies
+FEDERATED = [arg for name, value in FEDERATED_FIXED.items() for arg in (f"--{name}", str(value))]
+
+
+def federation(name: str) -> bool:
+    return name in parameters.declarations(parameters.FederationSettings)
+
+
 def _flag(name: str) -> str:
     declared = parameters.parameters()[name]
     return f"--{(declared.repeat_flag or name).replace('_', '-')}"
@@ -125,7 +133,8 @@ def test_every_declared_parameter_is_a_flag_a_column_and_a_study_key(tmp_path):
         yaml_value, held = _good_value(name, declared, default)
         # the flag
         flag_value = _flag_arguments(name, declared, yaml_value)
-        where_all_apply = ["--fl", "fedavg", "--restarts", "2", "--trained-epochs", "1", *DEFENDED]  # the flag comes last
+        where_all_apply = FEDERATED if federation(name) else [
+            "--fl", "fedavg", "--restarts", "2", "--trained-epochs", "1", *DEFENDED]  # the flag comes last
         image_flags, image_settings = IMAGES_FOR.get(name, ([], {}))
         args = cli.build_parser().parse_args(["attack", "--out", str(tmp_path), *where_all_apply, *image_flags, *flag_value])
         assert getattr(cli._trial_spec(args), name) == held, name
@@ -135,7 +144,8 @@ def test_every_declared_parameter_is_a_flag_a_column_and_a_study_key(tmp_path):
                           "bool": pa.bool_(), "list<int32>": pa.list_(pa.int32())}[declared.arrow], name  # fmt: skip
         # the study key
         data = {"dataset": "faces", "images": 2}
-        fixed = {"fl": "fedavg", "restarts": 2, "trained_epochs": 1, **DEFENDED_FIXED, **image_settings}  # where all apply
+        fixed = dict(FEDERATED_FIXED) if federation(name) else {  # where all apply
+            "fl": "fedavg", "restarts": 2, "trained_epochs": 1, **DEFENDED_FIXED, **image_settings}
         (data if name in DATA_SECTION else fixed)[name] = yaml_value
         path = _study(tmp_path, f"name: p\ndata: {json.dumps(data)}\nfixed: {json.dumps(fixed)}\n")
         trials = study.read_study(path).trials

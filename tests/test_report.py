@@ -13,7 +13,6 @@ import shutil
 import signal
 import subprocess
 import sys
-from html.parser import HTMLParser
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +26,8 @@ from analysis.export import export
 from analysis.report import write_report
 from sweep.cli import main
 from sweep.results import ResultsDir
+
+from html_tables import Tables
 
 REPO = Path(__file__).resolve().parent.parent
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -93,32 +94,6 @@ def results(real_results, tmp_path_factory) -> Path:
 
 # ---------------------------------------------------------------------------------------------
 # (a) the tables say what a pandas groupby of the same rows says
-
-
-class Tables(HTMLParser):
-    """Every <table id=...> as a list of rows of cell texts (the header row first)."""
-
-    def __init__(self, page: str):
-        super().__init__()
-        self.tables: dict[str, list[list[str]]] = {}
-        self._current = None
-        self.feed(page)
-
-    def handle_starttag(self, tag, attrs):
-        if tag == "table":
-            self._current = self.tables.setdefault(dict(attrs)["id"], [])
-        elif tag == "tr" and self._current is not None:
-            self._current.append([])
-        elif tag in ("td", "th") and self._current is not None:
-            self._current[-1].append("")
-
-    def handle_endtag(self, tag):
-        if tag == "table":
-            self._current = None
-
-    def handle_data(self, data):
-        if self._current is not None and self._current and self._current[-1]:
-            self._current[-1][-1] += data
 
 
 def frame_of(table: list[list[str]]) -> pd.DataFrame:

@@ -8,7 +8,6 @@ import io
 import json
 import math
 import re
-from html.parser import HTMLParser
 
 import numpy as np
 import pandas as pd
@@ -21,6 +20,8 @@ from analysis.privacy_table import DEFENCE_COLUMNS, defence_of, privacy_table, s
 from analysis.report import write_report
 from sweep.results import ResultsDir
 from sweep.schema import to_table
+
+from html_tables import table_frame
 
 BASELINE = 10.0
 IMAGES = range(10)  # one-image clients: 10 trials a setting, enough for a bootstrap interval
@@ -79,35 +80,6 @@ def defended(tmp_path_factory):
     return path
 
 
-class Page(HTMLParser):
-    """The privacy section's table as rows of cell texts (header first), and its images' bytes by alt text."""
-
-    def __init__(self, page: str):
-        super().__init__()
-        self.rows: list[list[str]] = []
-        self._in_table = False
-        self.feed(page)
-
-    def handle_starttag(self, tag, attrs):
-        if tag == "table":
-            self._in_table = dict(attrs).get("id") == "privacy"
-        elif tag == "tr" and self._in_table:
-            self.rows.append([])
-        elif tag in ("td", "th") and self._in_table:
-            self.rows[-1].append("")
-
-    def handle_endtag(self, tag):
-        if tag == "table":
-            self._in_table = False
-
-    def handle_data(self, data):
-        if self._in_table and self.rows and self.rows[-1]:
-            self.rows[-1][-1] += data
-
-    def frame(self) -> pd.DataFrame:
-        return pd.DataFrame(self.rows[1:], columns=self.rows[0])
-
-
 def section_of(page: str) -> str:
     start = page.index(f"<h2>{privacy.TITLE}</h2>")
     return page[start:page.index("</section>", start)]
@@ -120,7 +92,7 @@ def images_in(html_text: str, alt: str) -> list[bytes]:
 
 def test_the_table_shows_each_strengths_rows_mean_interval_gain_and_accuracy(defended, tmp_path):
     page = write_report(defended, tmp_path / "report.html").read_text()
-    shown = Page(page).frame()
+    shown = table_frame(page, "privacy")
     written = pd.read_parquet(defended)
     expected = [("untrained", defence, strength) for _, defence, strength, _ in UNTRAINED]
     expected += [("trained 2 ep", defence, strength) for _, defence, strength, _ in TRAINED]

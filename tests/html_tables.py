@@ -1,0 +1,37 @@
+"""The report's tables as the reader sees them: each <table id=...> as rows of cell texts."""
+
+from html.parser import HTMLParser
+
+import pandas as pd
+
+
+class Tables(HTMLParser):
+    """Every <table id=...> as a list of rows of cell texts (the header row first)."""
+
+    def __init__(self, page: str):
+        super().__init__()
+        self.tables: dict[str, list[list[str]]] = {}
+        self._current = None
+        self.feed(page)
+
+    def handle_starttag(self, tag, attrs):
+        if tag == "table":
+            self._current = self.tables.setdefault(dict(attrs)["id"], [])
+        elif tag == "tr" and self._current is not None:
+            self._current.append([])
+        elif tag in ("td", "th") and self._current is not None:
+            self._current[-1].append("")
+
+    def handle_endtag(self, tag):
+        if tag == "table":
+            self._current = None
+
+    def handle_data(self, data):
+        if self._current is not None and self._current and self._current[-1]:
+            self._current[-1][-1] += data
+
+
+def table_frame(page: str, table_id: str) -> pd.DataFrame:
+    """One table as shown, its header row as the column names."""
+    rows = Tables(page).tables[table_id]
+    return pd.DataFrame(rows[1:], columns=rows[0])
