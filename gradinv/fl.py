@@ -7,22 +7,34 @@ One pure function, :func:`parameter_update`, computes the update from images and
 calls it on its real data; the attacker calls the same function on its guesses inside
 ``torch.func.grad`` and so unrolls the client's local training differentiably, with the gradient
 flowing only into the images.
+
+BatchNorm (``client_bn``): in ``eval`` the client's forward normalises with the model's running
+statistics; in ``train`` each forward normalises with its own batch's statistics, as a client
+training in train mode does (GradInversion's threat model), for the client and the attacker alike.
+The running buffers are then left as they are: a train-mode client would also update them, but
+they are not part of the update it sends, so every forward here reads them and none writes them
+(which is also what ``torch.func.grad``/``vmap`` require). With ``train`` the client also records
+each BatchNorm layer's input mean and variance on its first local step's batch
+(:attr:`ClientUpdate.bn_batch_stats`), which GradInversion's optimistic attacker knows.
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad
 
-from .parameters import BATCH_ORDERS, FL_MODES, ClientSettings  # noqa: F401  (declared with the knobs)
+from .errors import require
+from .parameters import BATCH_ORDERS, CLIENT_NORMS, FL_MODES, ClientSettings  # noqa: F401  (declared with the knobs)
 
 FLConfig = ClientSettings  # how the client computes its update (gradinv.parameters); the attacker knows all of it
 Defence = Callable[[tuple[torch.Tensor, ...]], tuple[torch.Tensor, ...]]  # an update in, the update sent out
+LayerStats = tuple[tuple[torch.Tensor, torch.Tensor], ...]  # per BatchNorm layer in module order: (mean, var) [C]
 
 
 @dataclass(frozen=True)
@@ -47,6 +59,7 @@ class ClientUpdate:
     private: PrivateTraining | None = None  # DP-SGD in the local training (the clients differ only in seed)
     batches: tuple[list[torch.Tensor], ...] | None = None  # DP-SGD: per client, each step's indices into its images
     clients: int = 1  # secure aggregation: how many clients' updates the tensors average
+    bn_batch_stats: tuple[LayerStats, ...] | None = None  # client_bn train: per client, its first step's BN input stats
 
     @property
     def images_per_client(self) -> int:
@@ -58,6 +71,62 @@ def model_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, to
     params = {name: p.detach() for name, p in model.named_parameters()}
     buffers = {name: b.detach() for name, b in model.named_buffers()}
     return params, buffers
+
+
+def batch_norms(model: nn.Module) -> dict[str, nn.modules.batchnorm._BatchNorm]:
+    """The model's BatchNorm layers by module name, in module order."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
+
+
+@contextlib.contextmanager
+def batch_norm_mode(model: nn.Module, client_bn: str) -> Iterator[None]:
+    """Within the block, the model's BatchNorm layers normalise as ``client_bn`` says; the other
+    layers keep their mode. ``train``: each batch's own statistics, with the running buffers neither
+    read nor written (``track_running_stats`` off for the block), so that nothing is mutated inside
+    ``grad``/``vmap``. ``eval``: the model as it is."""
+    norms = list(batch_norms(model).values()) if client_bn == "train" else []
+    saved = [(m.training, m.track_running_stats) for m in norms]
+    for m in norms:
+        m.training, m.track_running_stats = True, False
+    try:
+        yield
+    finally:
+        for m, (training, tracking) in zip(norms, saved):
+            m.training, m.track_running_stats = training, tracking
+
+
+def forward(model: nn.Module, params: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor], images: torch.Tensor,
+            client_bn: str) -> torch.Tensor:  # fmt: skip
+    """The model's logits for ``images`` at ``params`` with BatchNorm in the client's mode."""
+    if client_bn == "eval":  # today's path, unchanged
+        return functional_call(model, (params, buffers), (images,))
+    with batch_norm_mode(model, client_bn):
+        return functional_call(model, (params, buffers), (images,))
+
+
+def feature_statistics(model: nn.Module, params: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor],
+                       images: torch.Tensor, client_bn: str) -> LayerStats:  # fmt: skip
+    """Each BatchNorm layer's input mean and (biased, as BatchNorm normalises with it) variance per
+    channel over the batch and spatial positions, in module order. Differentiable in ``images`` and
+    usable under ``vmap``: the hooks only compute from the inputs they see, nothing is written."""
+    norms = batch_norms(model)
+    seen: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def record(name):
+        def hook(_, inputs):
+            x = inputs[0]
+            dims = [0, *range(2, x.dim())]
+            seen[name] = (x.mean(dim=dims), x.var(dim=dims, unbiased=False))
+
+        return hook
+
+    handles = [m.register_forward_pre_hook(record(name)) for name, m in norms.items()]
+    try:
+        forward(model, params, buffers, images, client_bn)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return tuple(seen[name] for name in norms if name in seen)
 
 
 def minibatch_schedule(num_images: int, fl: FLConfig) -> list[torch.Tensor | None]:
@@ -96,7 +165,7 @@ def parameter_update(
     """
 
     def loss(p, x, y):
-        return F.cross_entropy(functional_call(model, (p, buffers), (x,)), y)
+        return F.cross_entropy(forward(model, p, buffers, x, fl.client_bn), y)
 
     def gradient(p, indices):
         return grad(loss)(p, *((images, labels) if indices is None else (images[indices], labels[indices])))
@@ -137,6 +206,13 @@ def client_update(
     """What the client sends: the victim's weights -> local training (DP-SGD when ``private``) -> each
     defence in turn -> the update."""
     batches = None
+    require(private is None or fl.client_bn == "eval", "client_bn", fl.client_bn,
+            "DP-SGD clips each example's gradient, which train-mode BatchNorm mixes across the batch; use eval")  # fmt: skip
+    stats = None
+    if fl.client_bn == "train":  # what GradInversion's optimistic attacker knows: the first step's batch
+        first = minibatch_schedule(len(images), fl)[0]
+        with torch.no_grad():
+            stats = (feature_statistics(model, *model_state(model), images if first is None else images[first], "train"),)
     if private is None:
         tensors = local_training(model, images, labels, fl)
     else:
@@ -146,7 +222,8 @@ def client_update(
                                              noise_multiplier=private.noise_multiplier, sample_rate=private.sample_rate)  # fmt: skip
     for defence in defences:
         tensors = defence(tensors)
-    return ClientUpdate(tensors, fl, len(images), tuple(defences), private, None if batches is None else (batches,))
+    return ClientUpdate(tensors, fl, len(images), tuple(defences), private, None if batches is None else (batches,),
+                        bn_batch_stats=stats)  # fmt: skip
 
 
 def average(updates: Sequence[tuple[torch.Tensor, ...]]) -> tuple[torch.Tensor, ...]:
@@ -165,5 +242,7 @@ def aggregate(updates: Sequence[ClientUpdate]) -> ClientUpdate:
         return updates[0]
     first = updates[0]
     batches = None if first.batches is None else tuple(b for u in updates for b in u.batches)
+    stats = None if first.bn_batch_stats is None else tuple(s for u in updates for s in u.bn_batch_stats)
     return ClientUpdate(average([u.tensors for u in updates]), first.fl, sum(u.num_images for u in updates),
-                        first.defences, first.private, batches, clients=sum(u.clients for u in updates))  # fmt: skip
+                        first.defences, first.private, batches, clients=sum(u.clients for u in updates),
+                        bn_batch_stats=stats)  # fmt: skip

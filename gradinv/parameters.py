@@ -152,6 +152,10 @@ def _has_width(trial) -> bool:
 
 
 LABELS = ("known", "recovered")
+LABEL_METHODS = ("bias_counts", "ilrg")  # gradinv.attacks.labels
+THREAT_MODELS = ("honest", "malicious")
+CLIENT_NORMS = ("eval", "train")
+BN_STATS = ("running", "batch")
 FL_MODES = ("fedsgd", "fedavg")
 BATCH_ORDERS = ("shuffled", "sequential")
 COSTS = ("cosine", "l2", "l1", "max", "simlocal")
@@ -230,6 +234,9 @@ class ClientSettings(Part):
                                 arrow="int64", applies=lambda t: _fedavg(t) and t.batch_order != "sequential")  # fmt: skip
     batch_order: str = knob("shuffled", kind="str", choices=BATCH_ORDERS, applies=_fedavg,
                             help="FedAvg mini-batches: reshuffled each epoch, or the reference's fixed slices")  # fmt: skip
+    client_bn: str = knob("eval", kind="str", choices=CLIENT_NORMS,
+                          help="BatchNorm in the client's forward pass: eval (the model's running statistics) or "
+                               "train (each batch's own, as in GradInversion's threat model)")  # fmt: skip
 
 
 def _seeded_attack(trial) -> bool:
@@ -245,6 +252,23 @@ class AttackSettings(Part):
     attack: str = knob("ig", kind="str", help="the attack family (gradinv.attacks.registry)", choices=_attack_families)
     attack_seed: int = knob(0, kind="int", help="seeds the attack's starting images", arrow="int64",
                             lane_shared=False, applies=_seeded_attack)  # fmt: skip
+    label_method: str = knob("bias_counts", kind="str", choices=LABEL_METHODS, lane_shared=False,
+                             applies=lambda t: t.labels == "recovered",
+                             help="how recovered labels are read off the update: the classifier's bias-gradient "
+                                  "counts, or iLRG (Ma et al. 2023; FedSGD, fewer images than classes)")  # fmt: skip
+    threat_model: str = knob("honest", kind="str", choices=THREAT_MODELS,
+                             help="honest (-but-curious): the server attacks updates of the model it trains; "
+                                  "malicious: it may ship a modified model first (the imprint attack)")  # fmt: skip
+
+
+@dataclass(frozen=True, kw_only=True)
+class ImprintSettings(Part):
+    """The malicious server's imprint block (gradinv.attacks.imprint, Fowl et al. 2022)."""
+
+    imprint_bins: int = knob(256, kind="int", check=_at_least(2), fix="use 2 or more bins",
+                             help="brightness bins of the imprint block; an image alone in its bin comes back exactly")  # fmt: skip
+    imprint_sample: int = knob(1000, kind="int", check=_at_least(2), fix="use 2 or more training images",
+                               help="training images whose brightness quantiles set the bins (the attacker's prior)")  # fmt: skip
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -270,7 +294,6 @@ class InvertingSettings(Part):
                          check=_at_least(1), fix="use at least 1 restart")  # fmt: skip
     tv: float = knob(1e-4, kind="float", help="the total-variation weight", lane_shared=False, search="log",
                      check=_at_least(0), fix="use a TV weight of 0 or more")  # fmt: skip
-    # tune searches only the costs that its pruner can compare across candidates
     # tune searches only the costs whose scales the pruner can compare across candidates
     cost: str = knob("cosine", kind="str", help="the gradient distance", choices=COSTS, search=("cosine", "l2"))
     decay: str = knob("step", kind="str", choices=DECAYS, search="choices",
@@ -293,6 +316,15 @@ class InvertingSettings(Part):
         check=lambda v: v != "inception", fix="it needs Inception weights that gradinv does not ship; use loss, tv, "
         "pixelmean or pixelmedian",
     )  # fmt: skip
+    bn_prior: float = knob(0.0, kind="float", check=_at_least(0), fix="use 0 (off) or a positive weight",
+                           help="weight of the BatchNorm prior (GradInversion, Yin et al. 2021): the candidate batch's "
+                                "feature mean and variance at each BatchNorm layer against bn_stats; 0: off")  # fmt: skip
+    bn_stats: str = knob("running", kind="str", choices=BN_STATS, applies=lambda t: t.bn_prior > 0,
+                         help="the statistics the attacker knows: the model's running ones (realistic; 0 and 1 in an "
+                              "untrained model), or the client batch's own (optimistic; needs client_bn train)")  # fmt: skip
+    group_consistency: float = knob(0.0, kind="float", applies=_restarts, check=_at_least(0),
+                                    fix="use 0 (off) or a positive weight",
+                                    help="weight pulling each restart toward the restarts' aligned mean (GradInversion)")  # fmt: skip
     tol: float | None = knob(None, kind="float", help="drop the restarts after one that scores at most this",
                              applies=_restarts, check=math.isfinite, fix="use a finite number")  # fmt: skip
 
@@ -410,8 +442,8 @@ class FederationSettings(Part):
 
 
 PARTS: list[type] = [
-    DataSettings, VictimSettings, ClientSettings, AttackSettings, OptimiserSettings, InvertingSettings, DefenceSettings,
-    FederationSettings,
+    DataSettings, VictimSettings, ClientSettings, AttackSettings, OptimiserSettings, InvertingSettings, ImprintSettings,
+    DefenceSettings, FederationSettings,
 ]  # fmt: skip
 
 

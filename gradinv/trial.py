@@ -19,7 +19,7 @@ from . import data, metrics, models, parameters
 from .attacks.costs import layer_indices
 from .attacks.inverting import LAYER_SETS, AttackResult, IGConfig
 from .baselines import BaselinePool, score_baselines
-from .attacks.labels import recover_labels
+from .attacks.labels import applicable, recover_labels_with
 from .attacks.registry import FAMILIES, AttackJob, settings_parts
 from .errors import require
 from .defences import sent_update
@@ -52,6 +52,13 @@ class TrialRules:
                 f"{self.dataset} keeps no images to train on (every image is attacked); use 0")  # fmt: skip
         for requirement in FAMILIES[self.attack].requires:
             requirement.check(self)
+        require(self.dp_clip is None or self.client_bn == "eval", "client_bn", self.client_bn,
+                "DP-SGD here runs BatchNorm in eval mode (Opacus' per-example gradients); use eval")  # fmt: skip
+        require(self.bn_prior == 0 or self.bn_stats == "running" or self.client_bn == "train", "bn_stats", self.bn_stats,
+                "a client batch's own statistics exist only when it runs BatchNorm in train mode: set client_bn train")  # fmt: skip
+        if self.labels == "recovered":
+            reason = applicable(self.label_method, len(self.images), spec.num_classes, fl=self.fl)
+            require(reason is None, "label_method", self.label_method, f"{reason}; use bias_counts")
         require(len(self.images) % self.aggregated_clients == 0, "aggregated_clients", self.aggregated_clients,
                 f"use a number of clients that divides the trial's {len(self.images)} images (1: no aggregation)")  # fmt: skip
         require(self.dp_clip is None or self.fl != "fedavg" or not 0 < self.local_batch_size < self.images_per_client,
@@ -93,7 +100,8 @@ class TrialRules:
         count = self.images_per_client
         batch = self.fed_batch_size if self.fed_batch_size < count else 0
         return FLConfig(fl="fedavg", local_steps=self.fed_epochs * math.ceil(count / self.fed_batch_size),
-                        local_lr=self.fed_lr, local_batch_size=batch, data_order_seed=self.data_order_seed)  # fmt: skip
+                        local_lr=self.fed_lr, local_batch_size=batch, data_order_seed=self.data_order_seed,
+                        client_bn=self.client_bn)  # fmt: skip
 
     def ig_config(self) -> IGConfig:
         return extract(IGConfig, self)
@@ -226,7 +234,8 @@ def run_trials(
     require(len({lane_signature(s) for s in specs}) == 1, "lanes", len(specs), "pack only lane-compatible trials")
     first = specs[0]
     info = first.data_spec
-    model = victim(first).to(device).eval()
+    family = FAMILIES[first.attack]
+    model = family.shipped(victim(first).to(device).eval(), first, data_root)
     images = images or (lambda spec: victim_source(spec).client_images(data_root))
     truths, updates, attacker_labels, true_labels, image_columns = [], [], [], [], []
     for spec in specs:
@@ -238,20 +247,22 @@ def run_trials(
         true_labels.append(labels)
         updates.append(update)
         known = spec.labels == "known"
-        attacker_labels.append(labels if known else recover_labels(update, info.num_classes).to(device))
+        attacker_labels.append(labels if known else recover_labels_with(spec.label_method, update, info.num_classes,
+                                                                          model).to(device))  # fmt: skip
     shape = tuple(truths[0].shape)
     labels = torch.stack(attacker_labels)
     labels_known = [s.labels == "known" for s in specs]
+    ordered = [known and family.ordered for known in labels_known]  # position b was made for image b's label
     quality: list[list[tuple[float, float]]] = [[] for _ in specs]
 
     def score_checkpoint(_, images):  # the best restart's quality along the way, per lane
         for lane, (recon, truth) in enumerate(zip(images, truths)):
-            recon01 = _matched(data.denormalise(recon, info).clamp(0, 1), truth, true_labels[lane] if labels_known[lane] else None)
+            recon01 = _matched(data.denormalise(recon, info).clamp(0, 1), truth, true_labels[lane] if ordered[lane] else None)
             quality[lane].append((float(metrics.psnr(recon01, truth).mean()), float(metrics.ssim(recon01, truth).mean())))
 
     job = AttackJob(model, specs, updates, labels, labels_known, shape, info.num_classes, data.pixel_box(info, truths[0]),
                     on_progress=on_progress, on_checkpoint=on_checkpoint, on_images=score_checkpoint, deadline=deadline)  # fmt: skip
-    result = FAMILIES[first.attack].runner()(job)
+    result = family.runner()(job)
     if result.labels is not None:  # the attack settled on labels of its own
         labels = result.labels
     pool = _baseline_pool(first, data_root)
@@ -286,7 +297,8 @@ def _score(spec, model, info, truth01, result: AttackResult, lane, predicted_lab
         return TrialOutcome(status="failed", error=NO_FINITE_RESTART, **common)
     recon01 = data.denormalise(recon, info).clamp(0, 1)
     unmatched_psnr = metrics.psnr(recon01, truth01)  # position b against image b, as the reference scores
-    known = truth_labels if spec.labels == "known" else None  # position b was optimised for image b's label
+    ordered = spec.labels == "known" and FAMILIES[spec.attack].ordered  # position b was made for image b's label
+    known = truth_labels if ordered else None
     recon01 = _matched(recon01, truth01, known)
     per_image = {
         "psnr": metrics.psnr(recon01, truth01),

@@ -18,10 +18,11 @@ import pyarrow.parquet as pq
 if TYPE_CHECKING:  # gradinv.trial imports torch: readers of results (status, report, export) do without
     from gradinv.trial import TrialSpec
 
-SCHEMA_VERSION = 5  # 2: baselines, gains, quality curves, pack ids
+SCHEMA_VERSION = 6  # 2: baselines, gains, quality curves, pack ids
 # 3: each column's role (ROLE_KEY) in its field metadata
 # 4: the defences' settings and their privacy (epsilon, accountant, update_epsilon, training_epsilon)
 # 5: federation victims (their settings; federation_key, train_images, client_label_histogram, client_rounds)
+# 6: threat models and attack families (threat_model, label_method, imprint_*, client_bn, bn_prior, ...)
 RESULTS_FORMAT = 3  # part of every trial key: bump only when old results can no longer be compared
 # 2: the step decay's milestones are the reference's, the first images are no longer clamped into the
 #    pixel box, `exp` layer weights are e^-i and `rand` starts are uniform in [-1, 1)

@@ -19,7 +19,7 @@ def attack(spec: TrialSpec, out: Path, *, data_root=None, device: str = "cpu") -
     """Run one trial with a progress bar and write its files into ``out`` (complete or not at all)."""
     data.open_dataset(spec.dataset, data_root, image_size=spec.image_size)  # a missing dataset fails here, before any output
     model = cached_victim(spec)  # so does a broken checkpoint; a missing one is trained first
-    total = spec.iterations if spec.attack != "analytic" else 1
+    total = 1 if "iterations" in spec.not_applicable() else spec.iterations  # analytic families: one step
     with tqdm(total=total, desc="attack", unit="it", dynamic_ncols=True) as bar:
 
         def progress(done: int) -> None:

@@ -63,7 +63,7 @@ def test_every_schema_column_has_one_declared_role():
     assert {"host", "torch_version", "task_seconds", "pack_id", "attempt", "checkpoint_key"} <= by_role["provenance"]
     repetition = {field.name for field in SCHEMA if (field.metadata or {}).get(REPETITION_KEY) == b"true"}
     assert repetition == {"images", "model_seed", "data_order_seed", "attack_seed", "attacked_client"} <= by_role["setting"]
-    assert SCHEMA_VERSION == 5 and SCHEMA.metadata[b"gradinv.schema_version"] == b"5"
+    assert SCHEMA_VERSION == 6 and SCHEMA.metadata[b"gradinv.schema_version"] == b"6"
 
 
 def test_files_written_by_results_dir_carry_the_roles(tmp_path):

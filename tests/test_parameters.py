@@ -35,6 +35,15 @@ IMAGES_FOR = {"aggregated_clients": (["--image", "0", "--image", "1"], {"images_
 
 FEDERATED_FIXED = {"round": 1, "partition": "dirichlet", "fl": "fedavg"}  # every federation setting applies
 FEDERATED = [arg for name, value in FEDERATED_FIXED.items() for arg in (f"--{name}", str(value))]
+# settings that apply only beside others that contradict DEFENDED_FIXED: where each applies instead
+IMPRINTED = {"attack": "imprint", "threat_model": "malicious", "imprint_sample": 100}  # faces keep 150
+APPLIES_WITH = {
+    "client_bn": {"fl": "fedavg", "restarts": 2},  # DP-SGD runs BatchNorm in eval mode
+    "bn_stats": {"bn_prior": 0.1, "client_bn": "train"},
+    "label_method": {"labels": "recovered"},  # iLRG reads one FedSGD gradient
+    "imprint_bins": IMPRINTED,
+    "imprint_sample": IMPRINTED,
+}
 
 
 def federation(name: str) -> bool:
@@ -49,7 +58,8 @@ def _flag(name: str) -> str:
 def _good_value(name: str, declared: parameters.Knob, default):
     """A valid value other than the default (the YAML value, and what the trial then holds)."""
     special = {"dataset": "faces", "model": "mlp", "images": [1], "layers": [0], "image_size": 16, "keep_fraction": 0.25,
-               "noise_std": 0.5, "dp_delta": 0.001, "dp_sample_rate": 0.5, "aggregated_clients": 2}  # fmt: skip
+               "noise_std": 0.5, "dp_delta": 0.001, "dp_sample_rate": 0.5, "aggregated_clients": 2,
+               "imprint_sample": 120}  # fmt: skip
     if name in special:
         value = special[name]
         return value, tuple(value) if isinstance(value, list) else value
@@ -135,6 +145,8 @@ def test_every_declared_parameter_is_a_flag_a_column_and_a_study_key(tmp_path):
         flag_value = _flag_arguments(name, declared, yaml_value)
         where_all_apply = FEDERATED if federation(name) else [
             "--fl", "fedavg", "--restarts", "2", "--trained-epochs", "1", *DEFENDED]  # the flag comes last
+        if name in APPLIES_WITH:
+            where_all_apply = [arg for other, value in APPLIES_WITH[name].items() for arg in (_flag(other), str(value))]
         image_flags, image_settings = IMAGES_FOR.get(name, ([], {}))
         args = cli.build_parser().parse_args(["attack", "--out", str(tmp_path), *where_all_apply, *image_flags, *flag_value])
         assert getattr(cli._trial_spec(args), name) == held, name
@@ -146,6 +158,9 @@ def test_every_declared_parameter_is_a_flag_a_column_and_a_study_key(tmp_path):
         data = {"dataset": "faces", "images": 2}
         fixed = dict(FEDERATED_FIXED) if federation(name) else {  # where all apply
             "fl": "fedavg", "restarts": 2, "trained_epochs": 1, **DEFENDED_FIXED, **image_settings}
+        if name in APPLIES_WITH:
+            fixed = {other: value for other, value in APPLIES_WITH[name].items() if other not in DATA_SECTION}
+            data.update({other: value for other, value in APPLIES_WITH[name].items() if other in DATA_SECTION})
         (data if name in DATA_SECTION else fixed)[name] = yaml_value
         path = _study(tmp_path, f"name: p\ndata: {json.dumps(data)}\nfixed: {json.dumps(fixed)}\n")
         trials = study.read_study(path).trials

@@ -8,6 +8,10 @@ cost. Each of the reference's other choices is a named setting of :class:`IGConf
 The attack optimises ``L`` independent trials ("lanes"), each with ``R`` restarts, as one batched
 computation: ``torch.func.vmap`` over the ``L * R`` runs of a per-run cost whose gradient flows only
 into the images. ``L = 1`` is the ordinary single-trial attack.
+
+GradInversion's priors (gradinv.attacks.bn_prior) join the per-run objective when their weights are
+positive: ``bn_prior`` x R_feat (BatchNorm statistics) and ``group_consistency`` x R_group (the pull
+toward the restarts' mean); TV stays. With both weights 0 the objective is the reference's.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from ..parameters import (  # noqa: F401  (the choices, declared with the knobs;
     OptimiserSettings, declarations, extract,
 )
 from . import steps
+from .bn_prior import BatchNormPrior, group_consistency
 from .costs import BATCH_LAYERS, GradientCost, layer_weights, named_set_mask
 
 MEDIAN_FILTER_EVERY = 500  # iterations between the reference's 3x3 median filters
@@ -46,6 +51,8 @@ class IGConfig(InvertingSettings, OptimiserSettings, DefenceSettings):
         super().__post_init__()
         require(self.layers is None or self.layer_set == "all", "layer_set", self.layer_set,
                 "give explicit layers or a named set, not both")  # fmt: skip
+        require(self.group_consistency == 0 or self.restarts == 1 or self.optimizer != "lbfgs", "group_consistency",
+                self.group_consistency, "L-BFGS optimises each restart alone; use adam or sgd, or 0")  # fmt: skip
 
     def shared(self) -> tuple:
         """The settings that every lane of one computation must share."""
@@ -130,7 +137,9 @@ class LaneObjective:
     ``seed`` draws the ``batch`` layer set's tensors. The candidate update goes through the defences
     the attacker mirrors (gradinv.defences: the clip when ``clip_aware``; with ``prune_aware`` only
     the coordinates the sent update kept are compared) before the cost; under secure aggregation it
-    is the mean over the clients' groups of images (gradinv.defences.attacker_update).
+    is the mean over the clients' groups of images (gradinv.defences.attacker_update). The priors
+    (gradinv.attacks.bn_prior) add their weighted terms to each run's cost after the TV; the
+    BatchNorm prior is also batched by ``vmap`` over the runs.
     """
 
     def __init__(self, model: nn.Module, updates: Sequence[ClientUpdate], labels: torch.Tensor,
@@ -149,6 +158,10 @@ class LaneObjective:
         self.draws = torch.Generator(device).manual_seed(seed) if config.layer_set == "batch" else None
         self.labels = self.per_run(labels)
         self.tv_weights = self.per_run(torch.tensor([c.tv for c in configs], dtype=dtype, device=device))
+        self.bn_prior = config.bn_prior
+        self.feature_prior = None if config.bn_prior == 0 else BatchNormPrior(model, params, buffers, updates,
+                                                                               config.bn_stats, self.per_run)  # fmt: skip
+        self.group_weight = config.group_consistency if self.restarts > 1 else 0.0
         compared = self.gradient_cost.compared
         predicted = attacker_update(config, updates[0])  # lanes share the client recipe and its DP batches
         kept = kept_masks(config, targets)
@@ -197,6 +210,10 @@ class LaneObjective:
             x = x.detach().requires_grad_(True)
             match = self.match(x)
             total = match + self.tv_weights * total_variation(x)
+            if self.feature_prior is not None:
+                total = total + self.bn_prior * self.feature_prior(x)
+            if self.group_weight > 0:
+                total = total + self.group_weight * group_consistency(x, self.restarts)
             (image_grad,) = torch.autograd.grad(total.sum(), inputs=[x])
         return image_grad, total.detach(), match.detach()
 

@@ -11,6 +11,7 @@ import torch
 
 from ..errors import ConfigError, require
 from ..fl import ClientUpdate
+from ..parameters import LABEL_METHODS  # noqa: F401  (declared with the knob)
 
 
 def last_layer(update: ClientUpdate, num_classes: int) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -86,23 +87,20 @@ def recover_labels(update: ClientUpdate, num_classes: int) -> torch.Tensor:
 # Untrained models are where this works: on trained ones the ratio is far off (measured in
 # benchmarks/label_methods.py) and bias_counts does as well or better.
 
-LABEL_METHODS = ("bias_counts", "ilrg")
 REFINE_STEPS = 20  # alternations; the counts settle within a few on untrained models
 
 
-def applicable(method: str, batch: int, num_classes: int, feature_dim: int | None, fl: str = "fedsgd") -> str | None:
+def applicable(method: str, batch: int, num_classes: int, fl: str = "fedsgd") -> str | None:
     """None when ``method``'s conditions hold for such a batch, else the reason they do not.
 
-    ``feature_dim``: the classifier's input width, None when the model's weights are not at hand.
-    Outside its conditions iLRG still runs (:func:`recover_labels_with`) but promises nothing.
+    Outside its conditions iLRG still runs (:func:`recover_labels_with`) but promises nothing; trials
+    refuse it there (gradinv.trial).
     """
     _require_method(method)
     if method == "bias_counts":
         return None
     if fl != "fedsgd":
         return "iLRG reads one FedSGD gradient (its equations do not hold for local training steps)"
-    if feature_dim is None:
-        return "iLRG needs the model's last-layer weights"
     if batch > num_classes - 1:
         return (f"a batch of {batch} can hold all {num_classes} classes; their embeddings are identifiable "
                 f"from the weight gradient for at most {num_classes - 1}")  # fmt: skip
@@ -115,7 +113,7 @@ def recover_labels_with(
     """The batch's labels, sorted, by ``method`` (one of LABEL_METHODS); iLRG also needs ``model``."""
     _require_method(method)
     if method == "bias_counts":
-        return batch_labels(update, num_classes)
+        return recover_labels(update, num_classes)
     weight, bias = classifier_parameters(model, num_classes)
     return ilrg_labels(update, num_classes, weight, bias)
 

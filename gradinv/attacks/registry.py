@@ -9,10 +9,11 @@ commands that only read results import it. The runs are imported when a trial ru
 from __future__ import annotations
 
 import importlib
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
-from ..parameters import InvertingSettings, OptimiserSettings
+from ..parameters import ImprintSettings, InvertingSettings, OptimiserSettings
 
 if TYPE_CHECKING:
     import torch
@@ -29,12 +30,13 @@ class Requirement:
     field: str  # the setting the error names
     value: Callable[[Any], Any]  # the trial -> the value shown
     holds: Callable[[Any], bool]  # on the trial
-    fix: str
+    fix: str | Callable[[Any], str]  # or the trial -> the fix
 
     def check(self, trial) -> None:
         from ..errors import require
 
-        require(self.holds(trial), self.field, self.value(trial), self.fix)
+        if not self.holds(trial):
+            require(False, self.field, self.value(trial), self.fix(trial) if callable(self.fix) else self.fix)
 
 
 @dataclass(frozen=True)
@@ -45,10 +47,20 @@ class Family:
     lanes: bool  # False: every trial runs alone (a pack of one)
     run: str  # "module:function", the function taking an AttackJob and returning an AttackResult
     requires: tuple[Requirement, ...] = ()  # what it needs of the victim and the data
+    ordered: bool = True  # reconstruction b is made for image b's label (False: matched to the truth by pixels only)
+    ships: str | None = None  # malicious server: "module:function" (victim, trial, data_root) -> the model it ships
 
     def runner(self) -> Callable[["AttackJob"], "AttackResult"]:
-        module, function = self.run.split(":")
-        return getattr(importlib.import_module(module), function)
+        return _function(self.run)
+
+    def shipped(self, victim: "nn.Module", trial, data_root=None) -> "nn.Module":
+        """The model the client computes its update on: the victim, or the malicious server's version of it."""
+        return victim if self.ships is None else _function(self.ships)(victim, trial, data_root)
+
+
+def _function(path: str) -> Callable:
+    module, function = path.split(":")
+    return getattr(importlib.import_module(module), function)
 
 
 @dataclass
@@ -78,6 +90,22 @@ ONE_IMAGE = Requirement("images_per_client", lambda t: len(t.images), lambda t: 
 FULLY_CONNECTED = Requirement("model", lambda t: t.model, lambda t: t.model == "mlp",
                               "the analytic attack needs the 'mlp' model (a fully connected first layer)")  # fmt: skip
 
+MALICIOUS = Requirement("threat_model", lambda t: t.threat_model, lambda t: t.threat_model == "malicious",
+                        "the imprint attack ships a modified model: declare threat_model malicious")  # fmt: skip
+ONE_GRADIENT = Requirement("fl", lambda t: t.fl, lambda t: t.fl == "fedsgd" or (t.local_steps == 1 and t.round is None),
+                           "the imprint read-off is exact for one gradient: use fedsgd, or fedavg with local_steps 1")  # fmt: skip
+TRAINING_SAMPLE = Requirement(
+    "imprint_sample", lambda t: t.imprint_sample, lambda t: t.imprint_sample <= _training_images(t.data_spec),
+    lambda t: f"the bins come from the training split of {t.dataset}; use 2 to {_training_images(t.data_spec)} images",
+)
+
+
+def _training_images(spec) -> float:
+    """How many training images a dataset keeps (inf where only its source knows, checked when loaded)."""
+    if not spec.trainable:
+        return 0
+    return len(spec.split.train) if spec.split else math.inf
+
 FAMILIES: dict[str, Family] = {
     family.name: family
     for family in (
@@ -85,6 +113,9 @@ FAMILIES: dict[str, Family] = {
         Family("dlg", (OptimiserSettings,), seeded=True, lanes=True, run="gradinv.attacks.dlg:run"),
         Family("analytic", (), seeded=False, lanes=True, run="gradinv.attacks.analytic:run",
                requires=(ONE_IMAGE, FULLY_CONNECTED)),
+        Family("imprint", (ImprintSettings,), seeded=False, lanes=True, run="gradinv.attacks.imprint:run",
+               requires=(MALICIOUS, ONE_GRADIENT, TRAINING_SAMPLE), ordered=False,
+               ships="gradinv.attacks.imprint:shipped_model"),
     )
 }
 
