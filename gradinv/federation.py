@@ -5,16 +5,18 @@ A :class:`Federation` recipe fixes everything that determines the rounds' weight
 how many rounds to train and how often to keep one: training further extends the same federation.
 
 Round r (from 1): the clients taking part are drawn by a generator seeded by ``(model_seed, r)``. Each
-trains the global model on its own images as FedAvg's clients do: plain SGD at ``fed_lr`` over
-``fed_epochs`` passes in mini-batches of ``fed_batch_size``, shuffled by a seed derived from
-``(model_seed, r, client)``, BatchNorm in training mode, on one thread. The server averages the clients'
+trains the global model on its own images as FedAvg's clients do: SGD at ``fed_lr`` (momentum
+``fed_momentum``, its buffer fresh each round) over ``fed_epochs`` passes in mini-batches of
+``fed_batch_size``, shuffled by a seed derived from ``(model_seed, r, client)``, BatchNorm in training
+mode, on one thread. The server averages the clients'
 states (parameters and BatchNorm statistics) weighted by their image counts, summed in client-id
 order. So a recipe gives bit-identical rounds on one machine, with the clients in Ray tasks or in this
 process. The global test accuracy of each round is measured on the first ``accuracy_images`` test
 images.
 
-An attacked client computes its update as every victim here does (gradinv.fl): from the global model
-in eval mode, so BatchNorm applies the federation's averaged statistics, which the attacker knows.
+An attacked client computes its update as every victim here does (gradinv.fl): from the global model,
+with BatchNorm as ``client_bn`` says (eval by default: the federation's averaged statistics, which the
+attacker knows), and under FedAvg with the federation's local training, momentum included.
 
 Rounds are cached per machine beside the zoo's checkpoints, under ``CACHE/federations/KEY/``: ``round-00005.pt``
 (the state dict, loaded with ``weights_only=True``) and ``round-00005.json`` (the global model's test
@@ -76,6 +78,7 @@ class Federation:
     fed_epochs: int = 1
     fed_batch_size: int = 16
     fed_lr: float = 0.01
+    fed_momentum: float = 0.0
     fed_rounds: int = 20  # not in the key: training further extends the same federation
     self_balancing: bool = _recipe_only(False, "dirichlet: a client past len/clients images takes no more classes")
     checkpoint_every: int = _recipe_only(1, "keep every k-th round as a resume point (not in the key)")
@@ -116,6 +119,8 @@ class Federation:
         fields = dataclasses.asdict(self)
         for execution in ("fed_rounds", "checkpoint_every"):
             del fields[execution]
+        if not self.fed_momentum:  # keys from before the setting existed stay the same
+            del fields["fed_momentum"]
         if split := data.dataset_spec(self.dataset).split_version:
             fields["split_version"] = split
         canonical = json.dumps(fields, sort_keys=True, separators=(",", ":"))
@@ -199,7 +204,7 @@ def client_update(federation: Federation, state: dict, round_: int, client: Clie
             norm.reset_running_stats()
             norm.momentum = None  # a cumulative mean over the local steps
     inputs = data.normalise(images, data.dataset_spec(federation.dataset))
-    optimiser = torch.optim.SGD(model.parameters(), lr=federation.fed_lr)
+    optimiser = torch.optim.SGD(model.parameters(), lr=federation.fed_lr, momentum=federation.fed_momentum)
     generator = torch.Generator().manual_seed(order_seed(federation, round_, client_id))
     with one_thread():
         for _ in range(federation.fed_epochs):

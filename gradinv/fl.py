@@ -180,12 +180,16 @@ def local_sgd(
     schedule: Sequence[torch.Tensor | None],
 ) -> tuple[torch.Tensor, ...]:
     """The client's local SGD, given ``gradient(params, batch indices)``: FedSGD sends the gradient at
-    ``params`` on the first batch, FedAvg theta_K - theta_0 after one plain SGD step per batch."""
+    ``params`` on the first batch, FedAvg theta_K - theta_0 after one SGD step per batch (with
+    ``local_momentum``, torch.optim.SGD's: the first step's buffer is its gradient, then m v + g)."""
     if fl.fl == "fedsgd":
         return tuple(gradient(params, schedule[0]).values())
-    current = params
+    current, velocity = params, None
     for indices in schedule:
         step = gradient(current, indices)
+        if fl.local_momentum:
+            velocity = step if velocity is None else {n: fl.local_momentum * velocity[n] + step[n] for n in step}
+            step = velocity
         current = {name: value - fl.local_lr * step[name] for name, value in current.items()}
     return tuple(current[name] - params[name] for name in params)
 

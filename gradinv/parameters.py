@@ -115,6 +115,13 @@ def _positive(value) -> bool:
     return value > 0
 
 
+def _momentum(value) -> bool:
+    return 0 <= value < 1
+
+
+MOMENTUM_FIX = "use a momentum from 0 (plain SGD) to below 1"
+
+
 def _at_least(low) -> Callable[[Any], bool]:
     return lambda value: value >= low
 
@@ -237,6 +244,9 @@ class ClientSettings(Part):
     client_bn: str = knob("eval", kind="str", choices=CLIENT_NORMS,
                           help="BatchNorm in the client's forward pass: eval (the model's running statistics) or "
                                "train (each batch's own, as in GradInversion's threat model)")  # fmt: skip
+    local_momentum: float = knob(0.0, kind="float", applies=_fedavg, check=_momentum, fix=MOMENTUM_FIX,
+                                 help="FedAvg: SGD momentum of the local steps (PyTorch's: v = m v + g, step lr v); "
+                                      "0: plain SGD")  # fmt: skip
 
 
 def _seeded_attack(trial) -> bool:
@@ -437,6 +447,8 @@ class FederationSettings(Part):
                                help="images per local SGD step in the federation")  # fmt: skip
     fed_lr: float = knob(0.01, kind="float", applies=federated, check=_positive, fix="use a positive step size",
                          help="the federation's local SGD step size")  # fmt: skip
+    fed_momentum: float = knob(0.0, kind="float", applies=federated, check=_momentum, fix=MOMENTUM_FIX,
+                               help="the federation's local SGD momentum (as local_momentum); 0: plain SGD")  # fmt: skip
     attacked_client: int = knob(0, kind="int", applies=federated, check=_at_least(0), fix="use 0 or a later client",
                                 help="the client whose update is attacked (its own images, drawn from its partition)")  # fmt: skip
 

@@ -52,6 +52,8 @@ class TrialRules:
                 f"{self.dataset} keeps no images to train on (every image is attacked); use 0")  # fmt: skip
         for requirement in FAMILIES[self.attack].requires:
             requirement.check(self)
+        require(self.dp_clip is None or self.local_momentum == 0, "local_momentum", self.local_momentum,
+                "DP-SGD's local steps are plain SGD; use 0")  # fmt: skip
         require(self.dp_clip is None or self.client_bn == "eval", "client_bn", self.client_bn,
                 "DP-SGD here runs BatchNorm in eval mode (Opacus' per-example gradients); use eval")  # fmt: skip
         require(self.bn_prior == 0 or self.bn_stats == "running" or self.client_bn == "train", "bn_stats", self.bn_stats,
@@ -100,8 +102,8 @@ class TrialRules:
         count = self.images_per_client
         batch = self.fed_batch_size if self.fed_batch_size < count else 0
         return FLConfig(fl="fedavg", local_steps=self.fed_epochs * math.ceil(count / self.fed_batch_size),
-                        local_lr=self.fed_lr, local_batch_size=batch, data_order_seed=self.data_order_seed,
-                        client_bn=self.client_bn)  # fmt: skip
+                        local_lr=self.fed_lr, local_momentum=self.fed_momentum, local_batch_size=batch,
+                        data_order_seed=self.data_order_seed, client_bn=self.client_bn)  # fmt: skip
 
     def ig_config(self) -> IGConfig:
         return extract(IGConfig, self)

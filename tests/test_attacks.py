@@ -99,6 +99,7 @@ FEDAVG_SETTINGS = [
     dict(local_steps=5, local_lr=1e-4),
     dict(local_steps=3, local_lr=0.05, local_batch_size=2, data_order_seed=7),
     dict(local_steps=4, local_lr=0.1, local_batch_size=3),  # a ragged last mini-batch
+    dict(local_steps=3, local_lr=0.05, local_momentum=0.9, local_batch_size=2),
 ]
 
 
@@ -117,6 +118,22 @@ def test_attacker_unrolls_the_clients_update_exactly(settings, bars):
     _, (_, unrolled) = grad_and_value(attacker, has_aux=True)(images)
     difference = max((a - b).abs().max().item() for a, b in zip(unrolled, update.tensors))
     bars.below("FedAvg unrolled by the attacker vs the client's update, largest difference", difference, 1e-6)
+
+
+def test_local_momentum_is_torch_sgds():
+    spec = dataclasses.replace(SMALL, images=(0, 1, 2, 3), fl="fedavg", local_steps=3, local_lr=0.05, local_momentum=0.9,
+                               local_batch_size=2)  # fmt: skip
+    model, images, labels, update = client(spec)
+    reference = dataclasses.replace(update.fl, local_momentum=0.0)
+    assert not torch.allclose(update.tensors[0], client_update(model, images, labels, reference).tensors[0])
+    start = [p.detach().clone() for p in model.parameters()]
+    optimiser = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    for indices in minibatch_schedule(len(images), update.fl):
+        optimiser.zero_grad()
+        torch.nn.functional.cross_entropy(model(images[indices]), labels[indices]).backward()
+        optimiser.step()
+    steps = [p.detach() - s for p, s in zip(model.parameters(), start)]
+    assert max((a - b).abs().max().item() for a, b in zip(steps, update.tensors)) < 1e-6
 
 
 def test_minibatch_schedule_covers_each_image_once_per_epoch():

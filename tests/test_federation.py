@@ -65,6 +65,8 @@ def test_the_key_ignores_how_far_to_train_and_alpha_under_iid():
     assert recipe.key == dataclasses.replace(recipe, fed_rounds=50, checkpoint_every=5).key
     assert recipe.key == fed.Federation(**{**TINY, "alpha": 0.3}).key
     assert recipe.key != dataclasses.replace(recipe, fed_lr=0.1).key
+    assert recipe.key != dataclasses.replace(recipe, fed_momentum=0.9).key
+    assert recipe.key == "convnet-fashion-mnist-iid-c4-a7f1b8e40ca7"  # the key before fed_momentum existed
     assert fed.Federation(**{**TINY, "partition": "dirichlet", "alpha": 0.1}).key != recipe.key
 
 
@@ -189,6 +191,8 @@ def test_fedavg_on_a_round_trains_as_the_federation_does():
     config = spec.fl_config()
     assert (config.local_steps, config.local_lr, config.local_batch_size) == (4, 0.05, 8)  # 2 epochs x ceil(10 / 8)
     assert TrialSpec(**ROUND_TRIAL, round=1).fl_config().fl == "fedsgd"
+    momentum = TrialSpec(**ROUND_TRIAL, round=1, fl="fedavg", fed_momentum=0.9, images=(0, 1)).fl_config()
+    assert momentum.local_momentum == 0.9 and fed.Federation.of_trial(TrialSpec(**ROUND_TRIAL, round=1, fed_momentum=0.9)).fed_momentum == 0.9
 
 
 @pytest.mark.parametrize("change, line", [

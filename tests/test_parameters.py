@@ -39,6 +39,7 @@ FEDERATED = [arg for name, value in FEDERATED_FIXED.items() for arg in (f"--{nam
 IMPRINTED = {"attack": "imprint", "threat_model": "malicious", "imprint_sample": 100}  # faces keep 150
 APPLIES_WITH = {
     "client_bn": {"fl": "fedavg", "restarts": 2},  # DP-SGD runs BatchNorm in eval mode
+    "local_momentum": {"fl": "fedavg"},  # DP-SGD's local steps are plain SGD
     "bn_stats": {"bn_prior": 0.1, "client_bn": "train"},
     "label_method": {"labels": "recovered"},  # iLRG reads one FedSGD gradient
     "imprint_bins": IMPRINTED,
