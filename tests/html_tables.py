@@ -1,5 +1,7 @@
-"""The report's tables as the reader sees them: each <table id=...> as rows of cell texts."""
+"""The report as the reader sees it: each <table id=...> as rows of cell texts, a section, its plots."""
 
+import base64
+import re
 from html.parser import HTMLParser
 
 import pandas as pd
@@ -35,3 +37,15 @@ def table_frame(page: str, table_id: str) -> pd.DataFrame:
     """One table as shown, its header row as the column names."""
     rows = Tables(page).tables[table_id]
     return pd.DataFrame(rows[1:], columns=rows[0])
+
+
+def section(page: str, title: str) -> str:
+    """The HTML of the report section headed ``title``."""
+    start = page.index(f"<h2>{title}</h2>")
+    return page[start : page.index("</section>", start)]
+
+
+def pngs(html_text: str, alt: str) -> list[bytes]:
+    """The PNG bytes of every inline image with that alt text."""
+    found = re.findall(rf'alt="{re.escape(alt)}" src="data:image/png;base64,([^"]+)"', html_text)
+    return [base64.b64decode(data) for data in found]

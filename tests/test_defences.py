@@ -9,13 +9,14 @@ import pytest
 import torch
 
 from gradinv import data
-from gradinv.attacks.inverting import IGConfig, LaneObjective
+from gradinv.attacks.inverting import LaneObjective
 from gradinv.defences import add_noise, attacker_defences, client_defences, clip, kept_masks, prune, quantise
 from gradinv.fl import client_update
 from gradinv.parameters import DefenceSettings
 from gradinv.trial import TrialSpec, build_victim, run_trials
-from sweep.cli import main
 from sweep.schema import trial_key
+
+from cli_refusals import assert_attack_refuses
 
 
 def _update(seed: int = 0, shapes=((6, 5), (7,), (3, 2, 2))) -> tuple[torch.Tensor, ...]:
@@ -150,14 +151,7 @@ def test_the_clip_aware_attacker_clips_its_candidate_like_the_client():
     ],
 )  # fmt: skip
 def test_a_bad_defence_value_exits_2_with_one_line(argv, line, tmp_path, capsys):
-    out = tmp_path / "never"
-    try:
-        code = main(["attack", "--out", str(out), *argv])
-    except SystemExit as stop:
-        code = stop.code
-    err = capsys.readouterr().err
-    assert code == 2 and err.strip().splitlines() == [f"gradinv attack: error: {line}"], err
-    assert not out.exists()
+    assert_attack_refuses(argv, line, tmp_path, capsys)
 
 
 def test_defaults_leave_keys_unchanged_and_inapplicable_settings_collapse():

@@ -10,6 +10,8 @@ from gradinv.errors import ConfigError
 from gradinv.fl import FLConfig, client_update
 from gradinv.models import build_model
 
+from cli_refusals import assert_attack_refuses
+
 SHAPE = (1, 8, 8)
 BINS = 32
 
@@ -150,13 +152,4 @@ def test_an_imprint_trial_reads_every_lone_test_image_exactly():
     ],
 )  # fmt: skip
 def test_a_bad_imprint_trial_exits_2_with_one_line(argv, line, tmp_path, capsys):
-    from sweep.cli import main
-
-    out = tmp_path / "never"
-    try:
-        code = main(["attack", "--out", str(out), *argv])
-    except SystemExit as stop:
-        code = stop.code
-    err = capsys.readouterr().err
-    assert code == 2 and err.strip().splitlines() == [f"gradinv attack: error: {line}"], err
-    assert not out.exists()
+    assert_attack_refuses(argv, line, tmp_path, capsys)

@@ -2,7 +2,6 @@
 the section receives, and through `gradinv report` on a results directory (the federation columns
 joined to the rows as they are read where the results schema does not hold them yet)."""
 
-import base64
 import hashlib
 import io
 import json
@@ -20,7 +19,7 @@ from analysis.report import write_report
 from sweep.results import ResultsDir
 from sweep.schema import SCHEMA
 
-from html_tables import table_frame
+from html_tables import pngs, section, table_frame
 
 DATASET = "fashion-mnist"
 BASELINE = 12.0
@@ -97,14 +96,6 @@ def assert_expected_table(table: pd.DataFrame) -> None:
         assert line["global accuracy"] == f"{ACCURACY[partition][round_]:.3f}"
 
 
-def section_of(page: str) -> str:
-    start = page.index(f"<h2>{federation.TITLE}</h2>")
-    return page[start:page.index("</section>", start)]
-
-
-def plots_in(html_text: str, alt: str) -> list[bytes]:
-    found = re.findall(rf'alt="{re.escape(alt)}" src="data:image/png;base64,([^"]+)"', html_text)
-    return [base64.b64decode(data) for data in found]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -161,7 +152,7 @@ def test_a_figure_per_dataset_with_accuracy_per_partition_whatever_the_update_ki
     rows = frame_of(federation_trials() + federation_trials("cifar10"))
     page = federation.section(rows, [], 0)
     for dataset in (DATASET, "cifar10"):
-        plots = plots_in(page, f"{dataset}: does leakage change as the federation trains?")
+        plots = pngs(page, f"{dataset}: does leakage change as the federation trains?")
         assert len(plots) == 1 and Image.open(io.BytesIO(plots[0])).size[0] == 1000  # the page's width
     curves = federation.accuracy_curves(federation.federation_rows(rows))
     assert len(curves) == 2 * len(PARTITIONS) * len(ROUNDS)  # one point per partition and round, not per fl
@@ -185,7 +176,7 @@ def federated(tmp_path):
 
 def test_the_report_shows_the_section_after_the_trained_comparison(federated, tmp_path):
     page = write_report(federated, tmp_path / "report.html").read_text()
-    assert_expected_table(shown(section_of(page)))
+    assert_expected_table(shown(section(page, federation.TITLE)))
     titles = re.findall(r"<h2>(.*?)</h2>", page)
     assert titles.index(federation.TITLE) == titles.index("Trained vs untrained victims") + 1
     leakage = re.search(r"<table id=leakage>(.*?)</table>", page, re.S).group(1)

@@ -2,7 +2,6 @@
 the results writer where the schema has the columns, as the frame the section receives where it
 does not yet (DP-SGD's knobs and the epsilon outcomes)."""
 
-import base64
 import hashlib
 import io
 import json
@@ -21,7 +20,7 @@ from analysis.report import write_report
 from sweep.results import ResultsDir
 from sweep.schema import to_table
 
-from html_tables import table_frame
+from html_tables import pngs, section, table_frame
 
 BASELINE = 10.0
 IMAGES = range(10)  # one-image clients: 10 trials a setting, enough for a bootstrap interval
@@ -80,14 +79,6 @@ def defended(tmp_path_factory):
     return path
 
 
-def section_of(page: str) -> str:
-    start = page.index(f"<h2>{privacy.TITLE}</h2>")
-    return page[start:page.index("</section>", start)]
-
-
-def images_in(html_text: str, alt: str) -> list[bytes]:
-    found = re.findall(rf'alt="{alt}" src="data:image/png;base64,([^"]+)"', html_text)
-    return [base64.b64decode(data) for data in found]
 
 
 def test_the_table_shows_each_strengths_rows_mean_interval_gain_and_accuracy(defended, tmp_path):
@@ -111,7 +102,7 @@ def test_the_table_shows_each_strengths_rows_mean_interval_gain_and_accuracy(def
     assert knew[("untrained", "clip 1 · noise_std 0.1")] == "no" and knew[("untrained", "noise_std 0.1")] == "–"
     trained = shown[shown["victim"] == "trained 2 ep"].set_index("strength")
     assert set(trained["accuracy"]) == {f"{ACCURACY:.3f}"} and set(trained["accuracy from"]) == {"plain victim"}
-    assert "Reusing it here: noise (noise_std 0.1)." in section_of(page)
+    assert "Reusing it here: noise (noise_std 0.1)." in section(page, privacy.TITLE)
     assert "\u03b5 (DP-SGD)" not in shown.columns  # no row records an epsilon in this schema
 
 
@@ -127,11 +118,11 @@ def rows_with(frame: pd.DataFrame, settings: dict) -> pd.Series:
 
 def test_the_figure_and_a_grid_of_the_same_images_at_each_strength_are_embedded(defended, tmp_path):
     page = write_report(defended, tmp_path / "report.html").read_text()
-    section = section_of(page)
-    plots = images_in(section, "faces: how much does each defence stop the attack, and what does it cost the victim[?]")
+    html_text = section(page, privacy.TITLE)
+    plots = pngs(html_text, "faces: how much does each defence stop the attack, and what does it cost the victim?")
     assert len(plots) == 1 and Image.open(io.BytesIO(plots[0])).size[0] == 1000  # the page's width at 100 dpi
     written = pd.read_parquet(defended)
-    blocks = re.findall(r"<div class=setting><h3>(.*?)</h3>(.*?)</div></div>(?=<div class=setting>|$)", section, re.S)
+    blocks = re.findall(r"<div class=setting><h3>(.*?)</h3>(.*?)</div></div>(?=<div class=setting>|$)", html_text, re.S)
     titles = [title for title, _ in blocks]
     assert titles == [f"faces · {defence} · untrained: images 0"
                       for defence in ("update clip+noise", "noise", "pruning", "quantisation")]  # fmt: skip
@@ -140,9 +131,9 @@ def test_the_figure_and_a_grid_of_the_same_images_at_each_strength_are_embedded(
     untrained = first_image[(first_image["trained_epochs"] == 0) & first_image["clip_update"].isna()
                             & first_image["keep_fraction"].eq(1) & first_image["quant_bits"].isna()]  # fmt: skip
     by_noise = untrained.set_index("noise_std")
-    assert images_in(noise, "ground truth") == [by_noise.loc[0.0, "truth_png"][0]]
+    assert pngs(noise, "ground truth") == [by_noise.loc[0.0, "truth_png"][0]]
     expected = [by_noise.loc[noise_std, "reconstruction_png"][0] for noise_std in (0.0, 0.01, 0.1)]  # weakest first
-    assert images_in(noise, "reconstruction") == expected
+    assert pngs(noise, "reconstruction") == expected
     captions = re.findall(r"<figcaption>([^<]*)<br>mean ([\d.]+) dB", noise)
     assert [(s, float(p)) for s, p in captions] == [
         (s, pytest.approx(by_noise.loc[n, "psnr"], abs=0.006)) for s, n in
