@@ -232,32 +232,43 @@ def tuning(frame: pd.DataFrame, tuned: list[str], seed: int, roles: Roles) -> st
                          f"as {stats.PSNR_CAP:g} dB); pruned and failed candidates carry the best so far.")]
     for study in tuned:
         rows = frame[frame["study"] == study]
-        searched, held_tuned, held_defaults = tuning_history.split(rows)
-        table = tuning_history.history(searched, roles)
-        question = "Did the search find a stronger attack as it went?"
-        baseline = searched["baseline_psnr"].astype(float).mean()
         compute = markup.duration(load.compute_seconds(rows).sum())
-        parts += [f"<h3>{html.escape(study)}</h3>",
-                  markup.note(f"Compute: {compute} (each trial's share of its task)."),
-                  markup.figure(figures.tuning_history(table, baseline, question), question),
-                  markup.table(table, f"tuning-{markup.slug(study)}", 2, roles.settings),
-                  _held_out(study, held_tuned, held_defaults, seed)]  # fmt: skip
+        parts += [f"<h3>{html.escape(study)}</h3>", markup.note(f"Compute: {compute} (each trial's share of its task).")]
+        strongest = tuning_history.strongest(rows, roles, seed)
+        parts.append(_strongest(study, strongest, roles) if not strongest.empty else
+                     markup.note("No held-out comparison in these rows (the driver writes it after the search ends)."))
+        for setting, group in tuning_history.searches(rows, roles):
+            parts.append(_search(study, setting, group, roles))
     return markup.section(title, *parts)
 
 
-def _held_out(study: str, tuned: pd.DataFrame, defaults: pd.DataFrame, seed: int) -> str:
-    result = tuning_history.comparison(tuned, defaults, seed)
-    if result is None:
-        return markup.note("No held-out comparison in these rows (the driver writes it after the search ends).")
-    shown = pd.DataFrame([{
-        "candidate": result["candidate"], "clients": result["clients"], "baseline_psnr": result["baseline_psnr"],
-        "tuned_psnr": result["tuned_psnr"], "defaults_psnr": result["defaults_psnr"], "gain": result["gain"],
-        "interval": markup.intervals(*(pd.Series([result[name]]) for name in ("gain", "ci_low", "ci_high")))[0],
-    }])  # fmt: skip
-    note = markup.note(f"The best candidate against the paper's defaults (tv 1e-4, lr 0.1, step decay) on the same "
-                       f"held-out clients: mean PSNR of each, and the mean paired gain with a BCa bootstrap interval "
-                       f"from {stats.MIN_BOOTSTRAP} clients on.")  # fmt: skip
-    return "<h4>Held-out comparison</h4>" + note + markup.table(shown, f"held-out-{markup.slug(study)}", digits=2)
+def _search(study: str, setting: dict, rows: pd.DataFrame, roles: Roles) -> str:
+    """One search's candidates in the order proposed: a figure and a table."""
+    searched, _, _ = tuning_history.split(rows)
+    table = tuning_history.history(searched, roles)
+    described = ", ".join(f"{name} {value}" for name, value in setting.items())
+    question = "Did the search find a stronger attack as it went?"
+    baseline = searched["baseline_psnr"].astype(float).mean()
+    slug = markup.slug(f"{study} {described}" if setting else study)
+    return "".join([f"<h4>Search: {html.escape(described)}</h4>" if setting else "",
+                    markup.figure(figures.tuning_history(table, baseline, question), question),
+                    markup.table(table, f"tuning-{slug}", 2, roles.settings)])  # fmt: skip
+
+
+def _strongest(study: str, table: pd.DataFrame, roles: Roles) -> str:
+    """The strongest attack per setting (one row without `per:`), on the held-out clients."""
+    shown = table.assign(interval=markup.intervals(table["gain"], table["ci_low"], table["ci_high"]))
+    shown = shown.rename(columns={"gain": "gain_over_defaults"}).drop(columns=["ci_low", "ci_high", "unpaired"])
+    setting = [c for c in shown.columns if c in roles.settings]  # the per: axes
+    order = [*setting, "family", "candidate", "clients", "baseline_psnr", "tuned_psnr", "defaults_psnr",
+             "gain_over_baseline", "gain_over_defaults", "interval"]  # fmt: skip
+    note = markup.note(f"Strongest attack per setting: the best candidate (its family) against the paper's defaults "
+                       f"(inverting gradients, tv 1e-4, lr 0.1, step decay) on the same held-out clients, and the "
+                       f"no-information baseline on them: mean PSNR of each, the gain over the baseline, and the mean "
+                       f"paired gain over the defaults with a BCa bootstrap interval from {stats.MIN_BOOTSTRAP} "
+                       f"clients on.")  # fmt: skip
+    return "<h4>Strongest attack per setting</h4>" + note + markup.table(
+        shown[order], f"strongest-{markup.slug(study)}", digits=2, settings=roles.settings)
 
 
 def all_tables(runs: pd.DataFrame, by: list[str], threshold: float, seed: int, roles: Roles) -> str:

@@ -19,6 +19,30 @@ def tuned_studies(frame: pd.DataFrame) -> list[str]:
     return sorted(frame.loc[frame["candidate"].notna(), "study"].unique())
 
 
+def searches(rows: pd.DataFrame, roles: Roles) -> list[tuple[dict, pd.DataFrame]]:
+    """One tuned study's rows per search: one search, or one per setting of its `per:` axes (the
+    settings its paper-defaults rows differ in; candidate numbers start again in each search)."""
+    per = roles.varying_settings(rows[rows["candidate"].isna()])
+    if not per:
+        return [({}, rows)]
+    grouped = rows.groupby(per, dropna=False, sort=False)
+    return [(dict(zip(per, values if isinstance(values, tuple) else (values,))), group) for values, group in grouped]
+
+
+def strongest(rows: pd.DataFrame, roles: Roles, seed: int = 0) -> pd.DataFrame:
+    """Per search of one tuned study: the family its best candidate uses, and the held-out comparison
+    (tuned, paper defaults and no-information baseline; gains over both, the paired one with its interval)."""
+    table = []
+    for setting, group in searches(rows, roles):
+        _, tuned, defaults = split(group)
+        result = comparison(tuned, defaults, seed)
+        if result is not None:
+            family = tuned.loc[tuned["candidate"] == result["candidate"], "attack"].iloc[0]
+            table.append({**setting, "family": family, **result,
+                          "gain_over_baseline": result["tuned_psnr"] - result["baseline_psnr"]})  # fmt: skip
+    return pd.DataFrame(table)
+
+
 def split(rows: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     """One tuned study's rows as (tuning rows, best candidate's held-out rows, paper defaults' held-out rows)."""
     defaults = rows[rows["candidate"].isna()]

@@ -275,7 +275,7 @@ class AttackSettings(Part):
 class ImprintSettings(Part):
     """The malicious server's imprint block (gradinv.attacks.imprint, Fowl et al. 2022)."""
 
-    imprint_bins: int = knob(256, kind="int", check=_at_least(2), fix="use 2 or more bins",
+    imprint_bins: int = knob(256, kind="int", check=_at_least(2), fix="use 2 or more bins", search="choices",
                              help="brightness bins of the imprint block; an image alone in its bin comes back exactly")  # fmt: skip
     imprint_sample: int = knob(1000, kind="int", check=_at_least(2), fix="use 2 or more training images",
                                help="training images whose brightness quantiles set the bins (the attacker's prior)")  # fmt: skip
@@ -326,13 +326,13 @@ class InvertingSettings(Part):
         check=lambda v: v != "inception", fix="it needs Inception weights that gradinv does not ship; use loss, tv, "
         "pixelmean or pixelmedian",
     )  # fmt: skip
-    bn_prior: float = knob(0.0, kind="float", check=_at_least(0), fix="use 0 (off) or a positive weight",
+    bn_prior: float = knob(0.0, kind="float", check=_at_least(0), fix="use 0 (off) or a positive weight", search="log",
                            help="weight of the BatchNorm prior (GradInversion, Yin et al. 2021): the candidate batch's "
                                 "feature mean and variance at each BatchNorm layer against bn_stats; 0: off")  # fmt: skip
     bn_stats: str = knob("running", kind="str", choices=BN_STATS, applies=lambda t: t.bn_prior > 0,
                          help="the statistics the attacker knows: the model's running ones (realistic; 0 and 1 in an "
                               "untrained model), or the client batch's own (optimistic; needs client_bn train)")  # fmt: skip
-    group_consistency: float = knob(0.0, kind="float", applies=_restarts, check=_at_least(0),
+    group_consistency: float = knob(0.0, kind="float", applies=_restarts, check=_at_least(0), search="log",
                                     fix="use 0 (off) or a positive weight",
                                     help="weight pulling each restart toward the restarts' aligned mean (GradInversion)")  # fmt: skip
     tol: float | None = knob(None, kind="float", help="drop the restarts after one that scores at most this",

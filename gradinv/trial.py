@@ -229,10 +229,13 @@ def run_trials(
     victim: VictimLoader = cached_victim,
     images: ImageLoader | None = None,
     on_progress: Callable[[int], None] | None = None,
-    on_checkpoint: Callable[[int, list[float]], None] | None = None,
+    on_checkpoint: Callable[[int, list[float], list[tuple[float, float]]], None] | None = None,
     deadline: float | None = None,
 ) -> list[TrialOutcome]:
-    """Run lane-compatible trials as one computation; one scored outcome per trial, in order."""
+    """Run lane-compatible trials as one computation; one scored outcome per trial, in order.
+
+    ``on_checkpoint(iteration, costs, quality)``: at each checkpoint of an optimising attack, every
+    lane's best gradient cost and its best images' (PSNR, SSIM) against the truth (may raise to stop)."""
     require(len({lane_signature(s) for s in specs}) == 1, "lanes", len(specs), "pack only lane-compatible trials")
     first = specs[0]
     info = first.data_spec
@@ -262,8 +265,12 @@ def run_trials(
             recon01 = _matched(data.denormalise(recon, info).clamp(0, 1), truth, true_labels[lane] if ordered[lane] else None)
             quality[lane].append((float(metrics.psnr(recon01, truth).mean()), float(metrics.ssim(recon01, truth).mean())))
 
+    def checkpoint(iteration, costs):  # the attack hands on_images the same checkpoint's images first
+        on_checkpoint(iteration, costs, [lane[-1] for lane in quality])
+
     job = AttackJob(model, specs, updates, labels, labels_known, shape, info.num_classes, data.pixel_box(info, truths[0]),
-                    on_progress=on_progress, on_checkpoint=on_checkpoint, on_images=score_checkpoint, deadline=deadline)  # fmt: skip
+                    on_progress=on_progress, on_checkpoint=on_checkpoint and checkpoint, on_images=score_checkpoint,
+                    deadline=deadline)  # fmt: skip
     result = family.runner()(job)
     if result.labels is not None:  # the attack settled on labels of its own
         labels = result.labels

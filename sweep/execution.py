@@ -104,8 +104,9 @@ def failed_outcomes(pack: Pack, error: str) -> list[TrialOutcome]:
 def run_pack(pack: Pack, attempt: int = 1, victim=None, on_checkpoint=None, images=None) -> list[dict]:
     """Run a pack's trials together and return one row per trial, in the pack's order.
 
-    ``on_checkpoint(keys, iteration, costs)`` receives the keys of the lanes running and their best
-    costs (one lane's key alone while the trials run one by one after a lane raised).
+    ``on_checkpoint(keys, iteration, costs, quality)`` receives the keys of the lanes running, their
+    best costs and their (PSNR, SSIM) (one lane's key alone while the trials run one by one after a
+    lane raised).
     """
     torch.set_num_threads(pack.threads)
     started, clock = now(), time.monotonic()

@@ -54,6 +54,7 @@ class Study:
     lanes: int | None = None  # trials per computation; None: the device's default
     tune: dict | None = None  # the raw tune: section, validated by sweep.tuning
     lines: dict = field(default_factory=dict, compare=False, repr=False)  # field path -> line
+    fixed: dict = field(default_factory=dict)  # the fixed: settings as given (trials drop those that do not apply)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -189,7 +190,8 @@ def read_study(path: str | Path, max_trials: int = MAX_TRIALS) -> Study:
     axes = {**grid, **{f"zip:{k}": v for k, v in zipped.items()}}
     if isinstance(data["dataset"], list):
         axes = {"dataset": data["dataset"], **axes}
-    return Study(name, str(path), trials, collapsed, axes, points, resources, max_retries, timeout, lanes, tune, lines)
+    return Study(name, str(path), trials, collapsed, axes, points, resources, max_retries, timeout, lanes, tune, lines,
+                 sweep.fixed)  # fmt: skip
 
 
 def _name(check: _Checker, name) -> str:

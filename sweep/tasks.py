@@ -141,13 +141,14 @@ def failed_rows(pack: Pack, message: str, attempt: int, started_at=None) -> list
             for key, outcome in zip(pack.keys, failed_outcomes(pack, message))]  # fmt: skip
 
 
-def stopped_rows(pack: Pack, status: str, reason: str, curves: dict, started_at) -> list[dict]:
+def stopped_rows(pack: Pack, status: str, reason: str, curves: dict, qualities: dict, started_at) -> list[dict]:
     """Rows for a pack's trials stopped by the driver (a pruned candidate): ``status``, the reason,
-    and the cost curve each had streamed so far."""
+    and the cost and (PSNR, SSIM) curves each had streamed so far."""
     timing = {"started_at": started_at, "finished_at": now(), "task_seconds": None}
     rows = []
     for key, spec in zip(pack.keys, pack.specs):
-        outcome = TrialOutcome(spec=spec, status=status, error=reason, curve=curves.get(key, []), lanes=len(pack.keys))
+        outcome = TrialOutcome(spec=spec, status=status, error=reason, curve=curves.get(key, []),
+                               quality_curve=qualities.get(key, []), lanes=len(pack.keys))  # fmt: skip
         rows.append(outcome_row(pack, key, outcome, 1, timing, nowhere(pack.device)))
     return rows
 

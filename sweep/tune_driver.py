@@ -26,49 +26,27 @@ from .tasks import TaskLoop, device_of, failed_rows, make_packs, pack_task, stop
 # Inside a Ray worker: a pack streamed checkpoint by checkpoint
 
 
+KNOWN = ("key", "status", "psnr", "ssim", "baseline_psnr")  # what the driver keeps of a finished row
+
+
 class CandidateStopped(PackStopped):
     pass
 
 
-def comparable_scales(pack: Pack, victim=None, images=None) -> list[float]:
-    """Per-lane factors that make gradient costs comparable across candidates: 1 - cos as is, and
-    the squared distance over twice the target's weighted squared norm (equal to 1 - cos when the
-    two gradients have equal norms)."""
-    if pack.specs[0].cost != "l2":
-        return [1.0] * len(pack.specs)
-    from gradinv import data
-    from gradinv.attacks.costs import layer_weights
-    from gradinv.defences import sent_update
-    from gradinv.trial import build_victim
-    from gradinv.victims import victim_source
-
-    scales = []
-    model = (victim or build_victim)(pack.specs[0]).eval()
-    images = images or (lambda spec: victim_source(spec).client_images())
-    for spec in pack.specs:
-        images01, labels, _ = images(spec)
-        update = sent_update(model, data.normalise(images01, spec.data_spec), labels, spec)
-        weights = layer_weights(len(update.tensors), spec.layer_weighting, spec.layers)
-        norm = sum(w * float(t.pow(2).sum()) for w, t in zip(weights, update.tensors))
-        scales.append(1.0 / (2.0 * norm) if norm > 0 else 1.0)
-    return scales
-
-
 def stream_pack(pack: Pack, weights: bytes | None = None, sidecar: dict | None = None):
-    """Ray generator task: ("checkpoint", keys, iteration, costs, comparable costs) at every checkpoint
-    of the lanes running, then ("rows", rows). The attack runs in a thread (a callback cannot yield);
+    """Ray generator task: ("checkpoint", keys, iteration, costs, (PSNR, SSIM) per lane) at every
+    checkpoint of the lanes running, then ("rows", rows). The attack runs in a thread (a callback cannot yield);
     when the task is cancelled, the thread stops at its next checkpoint. A trained victim arrives as
     its weights and sidecar, as in `gradinv run`."""
     attempt = current_attempt()
     victim, images = victim_from_checkpoint(weights, sidecar) if weights is not None else (None, None)
-    scales = dict(zip(pack.keys, comparable_scales(pack, victim, images)))
     events: queue.Queue = queue.Queue()
     stop = threading.Event()
 
-    def on_checkpoint(keys: tuple[str, ...], iteration: int, costs: list[float]) -> None:
+    def on_checkpoint(keys: tuple[str, ...], iteration: int, costs: list[float], quality: list) -> None:
         if stop.is_set():
             raise CandidateStopped("cancelled by the tuning driver")
-        events.put(("checkpoint", keys, iteration, costs, [c * scales[k] for k, c in zip(keys, costs)]))
+        events.put(("checkpoint", keys, iteration, costs, quality))
 
     def attack() -> None:
         try:
@@ -106,8 +84,8 @@ class Evaluation:
     specs: dict[str, TrialSpec]
     trial: object = None  # optuna.trial.Trial while tuning
     running: dict = field(default_factory=dict)  # generator -> Pack
-    costs: dict = field(default_factory=dict)  # key -> comparable cost per checkpoint
-    curves: dict = field(default_factory=dict)  # key -> [(iteration, cost)]
+    curves: dict = field(default_factory=dict)  # key -> [(iteration, gradient cost)]
+    quality: dict = field(default_factory=dict)  # key -> [(PSNR, SSIM)] at the same checkpoints
     rows: dict = field(default_factory=dict)  # key -> row
     reported: int = 0  # checkpoints reported to Optuna
     started: object = None
@@ -131,8 +109,8 @@ class Driver:
         self.events: list[tuple[Evaluation, int | None]] = []  # taken by the loop's callbacks, returned by poll
 
     def _finished_rows(self) -> dict[str, dict]:
-        """Key -> {status, psnr, ssim} of every ok or failed row (pruned rows are incomplete)."""
-        table = self.results.read(["key", "status", "psnr", "ssim"]).to_pylist()
+        """Key -> {status, psnr, ssim, baseline_psnr} of every ok or failed row (pruned rows are incomplete)."""
+        table = self.results.read(list(KNOWN)).to_pylist()
         return {row["key"]: row for row in table if row["status"] in ("ok", "failed")}
 
     def reusable(self, specs: dict) -> bool:
@@ -193,17 +171,17 @@ class Driver:
             evaluation.running.pop(gen)
             evaluation.rows.update({row["key"]: row for row in item[1]})
             return None
-        _, keys, iteration, costs, comparable = item
-        for key, cost, value in zip(keys, costs, comparable):
+        _, keys, iteration, costs, quality = item
+        for key, cost, scores in zip(keys, costs, quality):
             curve = evaluation.curves.setdefault(key, [])
             if any(done == iteration for done, _ in curve):  # run again alone after a pack-mate raised
                 continue
             curve.append((iteration, cost))
-            evaluation.costs.setdefault(key, []).append(value)
+            evaluation.quality.setdefault(key, []).append(tuple(scores))
         return self.complete_checkpoints(evaluation)
 
     def complete_checkpoints(self, evaluation: Evaluation) -> int:
-        return min((len(evaluation.costs.get(key, [])) for key in evaluation.specs), default=0)
+        return min((len(evaluation.quality.get(key, [])) for key in evaluation.specs), default=0)
 
     def _add_failed(self, evaluation: Evaluation, pack: Pack, error: Exception) -> None:
         rows = failed_rows(pack, task_error(error), self.study.max_retries + 1, evaluation.started)
@@ -213,7 +191,7 @@ class Driver:
         """Stop the evaluation's tasks; its unfinished trials become pruned rows."""
         self.loop.cancel(evaluation.running)
         for pack in evaluation.running.values():
-            rows = stopped_rows(pack, "pruned", reason, evaluation.curves, evaluation.started)
+            rows = stopped_rows(pack, "pruned", reason, evaluation.curves, evaluation.quality, evaluation.started)
             evaluation.rows.update({row["key"]: row for row in rows})
         evaluation.running.clear()
         evaluation.pruned = True
@@ -231,7 +209,7 @@ class Driver:
         self.results.write([row for row in rows if row["status"] != "pruned" or row["key"] not in self.known])
         for row in rows:
             if row["status"] in ("ok", "failed"):
-                self.known[row["key"]] = {k: row.get(k) for k in ("key", "status", "psnr", "ssim")}
+                self.known[row["key"]] = {k: row.get(k) for k in KNOWN}
         return rows
 
     def evaluate(self, *evaluations: Evaluation) -> list[list[dict]]:

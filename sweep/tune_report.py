@@ -13,8 +13,7 @@ from analysis import stats
 
 from .study import Study
 from .tune_driver import Driver, Evaluation
-from .tune_search import dashboard_hint
-from .tune_section import DATA_FIELDS, PAPER_DEFAULTS, TuneSettings, attack_settings, trial_specs
+from .tune_section import DATA_FIELDS, PAPER_DEFAULTS, TuneSettings, candidate, trial_specs
 
 BEST_NAME = "_best.yaml"  # '_': a non-Parquet file without it would break pandas/pyarrow readers
 TOO_SMALL = "n too small for an interval"
@@ -27,15 +26,32 @@ def objective_value(rows: list[dict], objective: str) -> float | None:
     return sum(min(row[objective], stats.PSNR_CAP) for row in rows) / len(rows)  # an exact copy is +inf dB
 
 
+def checkpoint_value(quality: list[tuple[float, float]], objective: str) -> float:
+    """The objective of a candidate's best images so far, averaged over its clients: the pruning signal.
+    A diverged lane (NaN) counts as the worst value, an exact copy as stats.PSNR_CAP."""
+    values = [psnr if objective == "psnr" else ssim for psnr, ssim in quality]
+    capped = [-stats.PSNR_CAP if math.isnan(v) else max(min(v, stats.PSNR_CAP), -stats.PSNR_CAP) for v in values]
+    return sum(capped) / len(capped)
+
+
 @dataclass(frozen=True)
 class Comparison:
     tuned: list[float]  # PSNR per held-out client
     defaults: list[float]
     tuned_objective: float
     defaults_objective: float
+    baseline: float  # mean PSNR of the no-information baseline on the same images (nan where none)
     gain: float
     low: float  # nan below stats.MIN_BOOTSTRAP clients
     high: float
+
+    @property
+    def tuned_mean(self) -> float:
+        return sum(self.tuned) / len(self.tuned)
+
+    @property
+    def defaults_mean(self) -> float:
+        return sum(self.defaults) / len(self.defaults)
 
     def interval(self) -> str:
         if math.isnan(self.low):
@@ -54,20 +70,37 @@ def compare_on_held_out(driver: Driver, settings: TuneSettings, best) -> Compari
     defaults = [min(row["psnr"], stats.PSNR_CAP) for row in default_rows]
     gains = [t - d for t, d in zip(tuned, defaults)]
     low, high = stats.mean_interval(gains)  # the seed `gradinv report` uses by default: the same interval
+    baselines = [row.get("baseline_psnr") for row in tuned_rows]
+    baseline = math.nan if None in baselines else sum(baselines) / len(baselines)
     return Comparison(
         tuned, defaults, objective_value(tuned_rows, settings.objective), objective_value(default_rows, settings.objective),
-        sum(gains) / len(gains), low, high,
+        baseline, sum(gains) / len(gains), low, high,
     )  # fmt: skip
 
 
-def best_fragment(study: Study, settings: TuneSettings, best, comparison: Comparison | None) -> str:
-    """A `fixed:` block to paste into a `run` study: the fixed settings with the tuned attack."""
+@dataclass(frozen=True)
+class Outcome:
+    """A finished search: its settings, its best candidate (an Optuna FrozenTrial) and the comparison."""
+
+    settings: TuneSettings
+    best: object
+    comparison: Comparison | None
+
+    @property
+    def chosen(self) -> dict:
+        return candidate(self.settings, self.best.params)
+
+
+def best_fragment(outcome: Outcome) -> str:
+    """A `fixed:` block to paste into a `run` study: the fixed settings (and the setting tuned for)
+    with the tuned attack."""
     import yaml
 
+    settings, best, comparison = outcome.settings, outcome.best, outcome.comparison
     spec = next(iter(trial_specs(settings, best.params, settings.tuning).values()))
     fixed = {"model": spec.model, **{k: v for k, v in spec.non_default().items() if k not in DATA_FIELDS}}
-    fixed.update(attack_settings(settings, best.params))
-    header = [f"# strongest attack found by `gradinv tune` for {study.name}: candidate {best.number},",
+    fixed.update(outcome.chosen)
+    header = [f"# strongest attack found by `gradinv tune` for {settings.name}: candidate {best.number},",
               f"# tuning {settings.objective} {best.value:.4g} (mean over {len(settings.tuning)} clients)"]  # fmt: skip
     if comparison:
         header.append(f"# held-out PSNR gain over the paper's defaults {comparison.gain:+.2f} dB ({comparison.interval()})")
@@ -75,19 +108,39 @@ def best_fragment(study: Study, settings: TuneSettings, best, comparison: Compar
     return "\n".join(header) + "\n" + body
 
 
-def report(study: Study, settings: TuneSettings, best, comparison: Comparison | None, results: Path, url: str) -> None:
-    params = ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in best.params.items())
-    print(f"best candidate {best.number}: tuning {settings.objective} {best.value:.4g}  ({params})")
+def report(outcome: Outcome) -> None:
+    settings, best, comparison = outcome.settings, outcome.best, outcome.comparison
+    chosen = outcome.chosen
+    params = ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in chosen.items() if k != "attack")
+    print(f"{settings.name}: best candidate {best.number}, family {chosen['attack']} "
+          f"({settings.base.threat_model} server), tuning {settings.objective} {best.value:.4g}  ({params})")  # fmt: skip
     if comparison is None:
         print("held-out comparison: some held-out trials failed; see `gradinv status`")
-    else:
-        mean = lambda values: sum(values) / len(values)  # noqa: E731
-        print(f"held-out ({len(settings.held_out)} clients, budget {settings.budget}): "
-              f"tuned {mean(comparison.tuned):.2f} dB, "
-              f"paper defaults {mean(comparison.defaults):.2f} dB, gain {comparison.gain:+.2f} dB "
-              f"({comparison.interval()})")  # fmt: skip
-    fragment = best_fragment(study, settings, best, comparison)
-    (results / BEST_NAME).write_text(fragment)
-    print(fragment, end="")
+        return
+    print(f"held-out ({len(settings.held_out)} clients, budget {settings.budget}): "
+          f"tuned {comparison.tuned_mean:.2f} dB, paper defaults {comparison.defaults_mean:.2f} dB, "
+          f"gain {comparison.gain:+.2f} dB ({comparison.interval()})")  # fmt: skip
+    if not math.isnan(comparison.baseline):
+        print(f"no-information baseline {comparison.baseline:.2f} dB: tuned {comparison.tuned_mean - comparison.baseline:+.2f} dB "
+              f"above it, paper defaults {comparison.defaults_mean - comparison.baseline:+.2f} dB")  # fmt: skip
+
+
+def write_best(study: Study, outcomes: list[Outcome], results: Path) -> None:
+    """The fragments, one YAML document per search (yaml.safe_load_all reads them), printed and written."""
+    text = "---\n".join(best_fragment(outcome) for outcome in outcomes)
+    (results / BEST_NAME).write_text(text)
+    print(text, end="")
     print(f"wrote {results / BEST_NAME}")
-    print(f"dashboard: {dashboard_hint(url)}")
+
+
+def print_strongest(outcomes: list[Outcome]) -> None:
+    """The strongest attack per setting: the family each search chose and its held-out gains."""
+    print("strongest attack per setting (held-out mean PSNR, dB):")
+    print(f"  {'setting':<28} {'family':<8} {'tuned':>7} {'defaults':>8} {'baseline':>8} {'over baseline':>13}  over defaults")
+    for outcome in outcomes:
+        c = outcome.comparison
+        if c is None:
+            print(f"  {outcome.settings.describe():<28} {outcome.chosen['attack']:<8} (held-out trials failed)")
+            continue
+        print(f"  {outcome.settings.describe():<28} {outcome.chosen['attack']:<8} {c.tuned_mean:7.2f} "
+              f"{c.defaults_mean:8.2f} {c.baseline:8.2f} {c.tuned_mean - c.baseline:+13.2f}  {c.gain:+.2f} ({c.interval()})")

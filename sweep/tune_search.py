@@ -12,20 +12,27 @@ from pathlib import Path
 
 from gradinv.errors import ConfigError
 
-from .study import Study
 from .tune_section import LogUniform, TuneSettings
 
 JOURNAL_NAME = "_optuna.journal"  # '_': dataset readers skip it
 
 
-def suggest(trial, space: dict) -> dict:
-    """The candidate's attack parameters, drawn from the search space."""
+def suggest(trial, families: dict) -> dict:
+    """The candidate's attack parameters, drawn from the search space: with several families, the
+    family first ("attack"), then its own settings named "family.setting" (a conditional space)."""
+    if len(families) == 1:
+        return _suggest(trial, next(iter(families.values())), "")
+    family = trial.suggest_categorical("attack", list(families))
+    return {"attack": family, **_suggest(trial, families[family], f"{family}.")}
+
+
+def _suggest(trial, space: dict, prefix: str) -> dict:
     params = {}
     for name, dimension in space.items():
         if isinstance(dimension, LogUniform):
-            params[name] = trial.suggest_float(name, dimension.low, dimension.high, log=True)
+            params[prefix + name] = trial.suggest_float(prefix + name, dimension.low, dimension.high, log=True)
         else:
-            params[name] = trial.suggest_categorical(name, list(dimension.values))
+            params[prefix + name] = trial.suggest_categorical(prefix + name, list(dimension.values))
     return params
 
 
@@ -82,19 +89,19 @@ def make_pruner(settings: TuneSettings):
     return optuna.pruners.NopPruner()
 
 
-def open_study(study: Study, settings: TuneSettings, url: str):
+def open_study(settings: TuneSettings, url: str):
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     tuned = optuna.create_study(
-        storage=open_storage(url), study_name=study.name, direction="maximize", load_if_exists=True,
+        storage=open_storage(url), study_name=settings.name, direction="maximize", load_if_exists=True,
         sampler=make_sampler(settings), pruner=make_pruner(settings),
     )  # fmt: skip
     resumed_after = len(tuned.get_trials(deepcopy=False))
     if resumed_after:  # continue the search rather than replay it
         tuned.sampler = make_sampler(settings, resumed_after)
     if tuned.direction != optuna.study.StudyDirection.MAXIMIZE:
-        raise ConfigError("--storage", url, f"its study {study.name!r} minimises; use another storage")
+        raise ConfigError("--storage", url, f"its study {settings.name!r} minimises; use another storage")
     return tuned
 
 

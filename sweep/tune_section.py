@@ -11,14 +11,16 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from gradinv.attacks.registry import FAMILIES, settings_parts
 from gradinv.errors import ConfigError
-from gradinv.parameters import DataSettings, declarations, paper_defaults, search_space
+from gradinv.parameters import PARTS, DataSettings, InvertingSettings, OptimiserSettings, declarations, paper_defaults, \
+    parameters, search_space
 from gradinv.trial import TrialSpec
 
 from .schema import trial_key
 from .study import Study, StudyError, _Checker
 
-TUNE_KEYS = ("objective", "budget", "space", "sampler", "pruner", "candidates", "parallel",
+TUNE_KEYS = ("objective", "budget", "space", "families", "per", "sampler", "pruner", "candidates", "parallel",
              "tuning_images", "held_out_images", "bootstrap")  # fmt: skip
 OBJECTIVES = ("psnr", "ssim")
 LOG_UNIFORM, CHOICES = search_space()  # declared with each parameter (gradinv.parameters)
@@ -26,7 +28,7 @@ SAMPLERS = ("tpe", "random", "cmaes", "qmc", "gp")
 PRUNERS = ("median", "successive-halving", "none")
 CHECKPOINTS = 8  # invert_gradients reports at 8 evenly spaced iterations; pruning steps count them
 FIRST_DECAY = 3 / 8  # the step schedule's first decay: no candidate is judged before it
-PAPER_DEFAULTS = paper_defaults()
+PAPER_DEFAULTS = {"attack": "ig", **paper_defaults()}  # the paper's attack: inverting gradients as published
 DATA_FIELDS = tuple(declarations(DataSettings))
 
 
@@ -49,7 +51,7 @@ class Choice:
 class TuneSettings:
     objective: str
     budget: int  # restarts x iterations of every candidate
-    space: dict  # parameter -> LogUniform or Choice
+    families: dict  # family -> its space (parameter -> LogUniform or Choice), in the order given
     sampler: str
     seed: int  # a fresh search's sampler seed; a resumed one derives its own (see sampler_seed)
     sampler_startup: int
@@ -64,42 +66,64 @@ class TuneSettings:
     tuning: tuple[tuple[int, ...], ...]  # clients (image index tuples)
     held_out: tuple[tuple[int, ...], ...]
     base: TrialSpec  # the study's fixed settings
+    setting: dict  # the `per:` axes' values this search tunes for ({} without per)
+    name: str  # the Optuna study's name: the study's, with the setting in brackets
+
+    def describe(self) -> str:
+        return ", ".join(f"{name} {value}" for name, value in self.setting.items()) or "the study's setting"
 
 
-def tune_settings(study: Study) -> TuneSettings:
-    """The study's tune: section, validated; every mistake is a StudyError naming file:line and field."""
+def tune_searches(study: Study) -> list[TuneSettings]:
+    """The study's tune: section, validated: one search, or one per value of the `per:` axes. Every
+    mistake is a StudyError naming file:line and field."""
     check = _Checker(Path(study.path), study.lines)
     if study.tune is None:
         raise StudyError(study.path, None, "tune", "the study has no 'tune:' section; add one (see README.md, 'The tune: section')")
     tune = check.mapping(study.tune, ("tune",), TUNE_KEYS)
     if "bootstrap" in tune:  # the interval is `gradinv report`'s (analysis.stats), with its own resamples
         check.fail(("tune", "bootstrap"), "the held-out interval is the report's BCa bootstrap; remove this key")
-    base = _base_spec(check, study)
+    per = _per(check, tune.get("per", []), study)
+    groups: dict[tuple, list[TrialSpec]] = {}
+    for trial in study.trials:
+        groups.setdefault(tuple(getattr(trial, name) for name in per), []).append(trial)
+    return [_search(check, tune, study, trials, dict(zip(per, values))) for values, trials in groups.items()]
+
+
+def _per(check: _Checker, value, study: Study) -> list[str]:
+    """The axes tuned separately, value by value; every other axis is refused (a search has one setting)."""
+    if not isinstance(value, list) or not all(isinstance(name, str) for name in value):
+        check.fail(("tune", "per"), f"expected a list of the study's axes, got {value!r}")
+    axes = {axis.removeprefix("zip:"): axis for axis in study.axes}
+    for i, name in enumerate(value):
+        if name not in axes:
+            check.fail(("tune", "per", i), f"{name!r} is not an axis of the study; add it to 'grid' or 'zip', "
+                                           f"or choose from {', '.join(axes) or 'none'}")  # fmt: skip
+    for field, axis in axes.items():
+        if field not in value:
+            where = ("zip", field) if axis.startswith("zip:") else ("grid", field)
+            where = ("data", "dataset") if axis == "dataset" else where
+            check.fail(where, "tune searches the attack of one setting; fix this axis (into 'fixed'), "
+                              f"or tune per value of it with 'per: [{field}]' in 'tune:'")  # fmt: skip
+    return list(value)
+
+
+def _search(check: _Checker, tune: dict, study: Study, trials: list[TrialSpec], setting: dict) -> TuneSettings:
+    # The fixed settings as given: a family the study's own attack does not read may read them (imprint_sample).
+    base = dataclasses.replace(trials[0], **study.fixed)
     budget = _budget(check, tune, base, study.lines)
-    space = _space(check, tune.get("space"), budget, study.lines)
+    families = _families(check, tune, base, budget, study.lines)
     sampler, seed, sampler_startup = _sampler(check, tune.get("sampler", "tpe"))
     candidates = check.number(tune.get("candidates", 16), ("tune", "candidates"), integer=True, minimum=1)
     pruner, warmup_steps, pruner_startup = _pruner(check, tune.get("pruner", "median"), candidates)
-    tuning, held_out = _clients(check, tune, study)
+    tuning, held_out = _clients(check, tune, trials)
+    name = study.name + (" [" + ", ".join(f"{k}={v}" for k, v in setting.items()) + "]" if setting else "")
     return TuneSettings(
-        objective=_objective(check, tune.get("objective", "psnr")), budget=budget, space=space,
+        objective=_objective(check, tune.get("objective", "psnr")), budget=budget, families=families,
         sampler=sampler, seed=seed, sampler_startup=sampler_startup or max(4, candidates // 4),
         pruner=pruner, warmup_steps=warmup_steps, pruner_startup=pruner_startup, candidates=candidates,
         parallel=check.number(tune.get("parallel", 1), ("tune", "parallel"), integer=True, minimum=1),
-        tuning=tuning, held_out=held_out, base=base,
+        tuning=tuning, held_out=held_out, base=base, setting=setting, name=name,
     )  # fmt: skip
-
-
-def _base_spec(check: _Checker, study: Study) -> TrialSpec:
-    if study.axes:
-        axis = next(iter(study.axes))
-        where = ("zip", axis[4:]) if axis.startswith("zip:") else ("grid", axis)
-        where = ("data", "dataset") if axis == "dataset" else where
-        check.fail(where, "tune searches the attack of one setting; fix it (grid and zip axes into 'fixed')")
-    base = study.trials[0]
-    if base.attack != "ig":
-        check.fail(("fixed", "attack"), f"{base.attack!r}: tune searches the 'ig' attack's settings")
-    return base
 
 
 def _objective(check: _Checker, value) -> str:
@@ -117,23 +141,81 @@ def _budget(check: _Checker, tune: dict, base: TrialSpec, lines: dict) -> int:
     return check.number(tune["budget"], ("tune", "budget"), integer=True, minimum=CHECKPOINTS)
 
 
-def _space(check: _Checker, value, budget: int, lines: dict) -> dict:
-    if not isinstance(value, dict) or not value:
-        check.fail(("tune", "space"), "name at least one parameter to search, e.g. 'tv: [1.0e-6, 1.0e-1]'")
+def _families(check: _Checker, tune: dict, base: TrialSpec, budget: int, lines: dict) -> dict:
+    """Family -> its space: `families:` names several, `space:` searches the study's own attack."""
+    if "families" in tune and "space" in tune:
+        check.fail(("tune", "space"), "give each family's space under 'families', or one 'space'; not both")
+    if "space" in tune or "families" not in tune:
+        spaces = {base.attack: tune.get("space")}
+        if not isinstance(spaces[base.attack], dict) or not spaces[base.attack]:
+            check.fail(("tune", "space"), "name at least one parameter to search, e.g. 'tv: [1.0e-6, 1.0e-1]'")
+        where = ("tune", "space")
+    else:
+        spaces = check.mapping(tune["families"], ("tune", "families"), tuple(tune["families"] or ()))
+        for family in spaces:
+            if family not in FAMILIES:
+                check.fail(("tune", "families", family), f"unknown attack family; choose from {', '.join(FAMILIES)}")
+        if not spaces:
+            check.fail(("tune", "families"), f"name at least one family: {', '.join(FAMILIES)}")
+        if ("fixed", "attack") in lines:
+            check.fail(("tune", "families"), "fixed.attack also chooses the family; keep one of them")
+    families = {}
+    for family, space in spaces.items():
+        at = where if "families" not in tune else ("tune", "families", family)
+        space = {} if space is None else check.mapping(space, at, tuple(space) if isinstance(space, dict) else ())
+        _check_family(check, base, family, budget, at)
+        families[family] = _space(check, base, family, space, budget, lines, at)
+    return families
+
+
+def _check_family(check: _Checker, base: TrialSpec, family: str, budget: int, where: tuple) -> None:
+    """The family runs in the study's setting (threat model, victim, data) at the tuned budget."""
+    try:
+        dataclasses.replace(base, attack=family, **budget_fields(family, budget, base.restarts))
+    except ConfigError as error:
+        check.fail(where, f"{family} cannot run here: {error.field} {error.value!r}: {error.fix}")
+
+
+def _space(check: _Checker, base: TrialSpec, family: str, value: dict, budget: int, lines: dict, where: tuple) -> dict:
     space = {}
     for name, choices in value.items():
-        where = ("tune", "space", name)
+        at = where + (name,)
         if name not in LOG_UNIFORM and name not in CHOICES:
-            allowed = ", ".join((*LOG_UNIFORM, *CHOICES))
+            allowed = ", ".join(searchable(family))
             hint = " (iterations follow from budget // restarts)" if name == "iterations" else ""
-            check.fail(where, f"unknown parameter{hint}; searchable: {allowed}")
+            check.fail(at, f"unknown parameter{hint}; searchable for {family}: {allowed}")
+        readers = _readers(name)
+        if family not in readers:
+            check.fail(at, f"a setting of {', '.join(readers)}, not of {family}; move it under families.{readers[0]}")
         if ("fixed", name) in lines:
-            check.fail(where, "is also in 'fixed'; search it or fix it, not both")
+            check.fail(at, "is also in 'fixed'; search it or fix it, not both")
         if name in LOG_UNIFORM:
-            space[name] = _log_range(check, choices, where)
+            space[name] = _log_range(check, choices, at)
         else:
-            space[name] = _choice(check, name, choices, where, budget)
+            space[name] = _choice(check, name, choices, at, budget)
+        _check_values(check, base, family, budget, name, space[name], at)
     return space
+
+
+def _check_values(check: _Checker, base: TrialSpec, family: str, budget: int, name: str, dimension, where: tuple) -> None:
+    """Each end of a range and each choice makes a valid trial of the study's setting."""
+    values = (dimension.low, dimension.high) if isinstance(dimension, LogUniform) else dimension.values
+    for value in values:
+        fields = budget_fields(family, budget, value if name == "restarts" else base.restarts)
+        try:
+            dataclasses.replace(base, attack=family, **{**fields, name: value})
+        except ConfigError as error:
+            check.fail(where, f"{value!r} cannot run here: {error.field} {error.value!r}: {error.fix}")
+
+
+def _readers(name: str) -> list[str]:
+    """The families whose trials read the parameter (every family, for the parts all of them share)."""
+    part = next(part for part in PARTS if name in declarations(part))
+    return [f.name for f in FAMILIES.values() if part not in settings_parts() or part in f.reads]
+
+
+def searchable(family: str) -> list[str]:
+    return [name for name in (*LOG_UNIFORM, *CHOICES) if family in _readers(name)]
 
 
 def _log_range(check: _Checker, value, where: tuple) -> LogUniform:
@@ -157,12 +239,16 @@ def _choice(check: _Checker, name: str, value, where: tuple, budget: int) -> Cho
     if len(set(map(repr, value))) != len(value):
         check.fail(where, "lists a choice twice")
     for i, choice in enumerate(value):
-        if name == "restarts":
-            check.number(choice, where + (i,), integer=True, minimum=1)
-            if budget // choice < CHECKPOINTS:
-                check.fail(where + (i,), f"{choice} restarts leave under {CHECKPOINTS} iterations of the budget {budget}")
+        if CHOICES[name] is None:  # any valid value, as the declaration checks it
+            check.number(choice, where + (i,), integer=True)
+            try:
+                parameters()[name].validate(name, choice)
+            except ConfigError as error:
+                check.fail(where + (i,), f"{choice!r}: {error.fix}")
         elif choice not in CHOICES[name]:
             check.fail(where + (i,), f"{choice!r}: choose from {', '.join(CHOICES[name])}")
+        if name == "restarts" and budget // choice < CHECKPOINTS:
+            check.fail(where + (i,), f"{choice} restarts leave under {CHECKPOINTS} iterations of the budget {budget}")
     return Choice(tuple(value))
 
 
@@ -204,10 +290,10 @@ def _pruner(check: _Checker, value, candidates: int) -> tuple[str, int, int]:
     return spec["name"], math.floor(warmup * CHECKPOINTS) + 1, startup
 
 
-def _clients(check: _Checker, tune: dict, study: Study) -> tuple[tuple, tuple]:
-    """Tuning and held-out clients: counts dealt from the study's images in order, or index lists."""
-    per_client = len(study.trials[0].images)
-    pool = [index for spec in study.trials for index in spec.images]
+def _clients(check: _Checker, tune: dict, trials: list[TrialSpec]) -> tuple[tuple, tuple]:
+    """Tuning and held-out clients: counts dealt from the search's images in order, or index lists."""
+    per_client = len(trials[0].images)
+    pool = [index for spec in trials for index in spec.images]
     tuning = _images(check, tune.get("tuning_images", len(pool) // 2), ("tune", "tuning_images"), pool)
     rest = [index for index in pool if index not in tuning]
     held_out = _images(check, tune.get("held_out_images", len(rest)), ("tune", "held_out_images"), rest)
@@ -219,7 +305,7 @@ def _clients(check: _Checker, tune: dict, study: Study) -> tuple[tuple, tuple]:
         if len(images) % per_client:
             check.fail(("tune", key), f"{len(images)} images do not deal into clients of {per_client}")
         for start in range(0, len(images), per_client):
-            _check_images(check, study.trials[0], tuple(images[start : start + per_client]), ("tune", key))
+            _check_images(check, trials[0], tuple(images[start : start + per_client]), ("tune", key))
         clients.append(tuple(tuple(images[i : i + per_client]) for i in range(0, len(images), per_client)))
     return clients[0], clients[1]
 
@@ -252,14 +338,26 @@ def _check_images(check: _Checker, base: TrialSpec, images: tuple, where: tuple)
 # Candidates as trials
 
 
-def attack_settings(settings: TuneSettings, params: dict) -> dict:
-    """Trial fields for the parameters: restarts share the fixed budget with the iterations."""
-    restarts = params.get("restarts", settings.base.restarts)
-    return {**params, "restarts": restarts, "iterations": settings.budget // restarts}
+def budget_fields(family: str, budget: int, restarts: int) -> dict:
+    """How a family spends the budget: restarts x iterations, iterations alone, or (analytic) nothing."""
+    reads = FAMILIES[family].reads
+    if InvertingSettings in reads:
+        return {"restarts": restarts, "iterations": budget // restarts}
+    return {"iterations": budget} if OptimiserSettings in reads else {}
+
+
+def candidate(settings: TuneSettings, params: dict) -> dict:
+    """Trial fields for a candidate's (or the paper defaults') parameters: the family, its settings and
+    its share of the fixed budget. Optuna names a setting "family.name" when several families are searched."""
+    family = params.get("attack", settings.base.attack if len(settings.families) == 1 else None)
+    values = {name.split(".", 1)[-1]: value for name, value in params.items() if name != "attack"}
+    values = {name: value for name, value in values.items() if family in _readers(name)}
+    restarts = values.pop("restarts", settings.base.restarts)
+    return {"attack": family, **values, **budget_fields(family, settings.budget, restarts)}
 
 
 def trial_specs(settings: TuneSettings, params: dict, clients) -> dict[str, TrialSpec]:
     """Key -> resolved trial, one per client, in client order."""
-    values = attack_settings(settings, params)
+    values = candidate(settings, params)
     specs = [dataclasses.replace(settings.base, images=client, **values).resolved() for client in clients]
     return {trial_key(spec): spec for spec in specs}

@@ -1,9 +1,11 @@
 """`gradinv tune`'s search: Optuna's ask/tell around the candidate driver, then the held-out comparison.
 
 The driver alone talks to Optuna and writes results. A candidate (one Optuna trial) is evaluated as
-ordinary trials, one per tuning client (sweep/tune_driver.py); the driver reports the mean comparable
-cost over the candidate's clients at every checkpoint, asks the pruner, and cancels a pruned
-candidate's tasks. Every trial lands as a row of the results dataset with its candidate number. At
+ordinary trials, one per tuning client (sweep/tune_driver.py); the driver reports the objective
+(PSNR or SSIM against the true images: gradinv is a research tool with ground truth) of each client's
+best images so far, averaged over the candidate's clients, at every checkpoint, asks the pruner, and
+cancels a pruned candidate's tasks. The gradient cost, which tracks the final PSNR loosely, stays a
+column of the rows (curve_costs). Every trial lands as a row of the results dataset with its candidate number. At
 the end the best parameters and the paper's defaults are compared on held-out images
 (sweep/tune_report.py). A killed driver's candidates are queued again (sweep/tune_search.py).
 """
@@ -19,9 +21,11 @@ from .results import ResultsDir
 from .runner import runtime_environment
 from .study import Study
 from .tune_driver import Driver, Evaluation
-from .tune_report import compare_on_held_out, objective_value, report
-from .tune_search import best_trial, finished_candidates, open_study, requeue, requeue_interrupted, storage_url, suggest
-from .tune_section import CHECKPOINTS, TuneSettings, trial_specs, tune_settings
+from .tune_report import Outcome, checkpoint_value, compare_on_held_out, objective_value, print_strongest, report, \
+    write_best
+from .tune_search import best_trial, dashboard_hint, finished_candidates, open_study, requeue, requeue_interrupted, \
+    storage_url, suggest
+from .tune_section import CHECKPOINTS, TuneSettings, trial_specs, tune_searches
 
 EXIT_OK, EXIT_INCOMPLETE, EXIT_INTERRUPTED = 0, 1, 130
 
@@ -48,7 +52,7 @@ class Tuner:
 
     def _ask(self) -> None:
         trial = self.tuned.ask()
-        specs = trial_specs(self.settings, suggest(trial, self.settings.space), self.settings.tuning)
+        specs = trial_specs(self.settings, suggest(trial, self.settings.families), self.settings.tuning)
         evaluation = Evaluation(trial.number, specs, trial)
         if self.driver.reusable(specs):  # the same parameters ran before: their rows stand
             self._tell(evaluation, [self.driver.known[key] for key in specs])
@@ -57,8 +61,7 @@ class Tuner:
 
     def _report(self, evaluation: Evaluation, checkpoint: int) -> None:
         for step in range(evaluation.reported + 1, checkpoint + 1):
-            costs = [evaluation.costs[key][step - 1] for key in evaluation.specs]
-            value = max(-sum(costs) / len(costs), -1e9)  # maximised, like the objective; a diverged lane is inf
+            value = checkpoint_value([evaluation.quality[key][step - 1] for key in evaluation.specs], self.settings.objective)
             evaluation.trial.report(value, step)
             evaluation.reported = step
             if step < CHECKPOINTS and evaluation.trial.should_prune() and not self._leading(value, step):
@@ -96,33 +99,52 @@ class Tuner:
 
 def tune_study(study: Study, results_path: str | Path, *, address: str | None = None, storage: str | None = None,
                progress: bool = True, data_root_arg: str | None = None) -> int:  # fmt: skip
-    """Tune the study's attack; the exit code says whether the search and comparison finished."""
-    settings = tune_settings(study)
+    """Tune the study's attack (per setting, with `per:`); the exit code says whether every search and
+    comparison finished."""
+    searches = tune_searches(study)
     with ResultsDir(results_path) as results:
         url = storage_url(results.path, storage)
-        tuned = open_study(study, settings, url)
-        requeued = requeue_interrupted(tuned)
-        if requeued:
-            print(f"{requeued} candidates left running by a stopped driver: failed and queued again")
         ray = connect(address, runtime_environment(data_root_arg), study.max_retries)
-        bar = tqdm(total=settings.candidates, initial=min(finished_candidates(tuned), settings.candidates),
-                   desc=f"tune {study.name}", unit="candidate", disable=not progress, dynamic_ncols=True)  # fmt: skip
-        tuner = Tuner(Driver(ray, study, results), tuned, settings, bar)
+        driver = Driver(ray, study, results)
+        outcomes = []
         try:
-            tuner.run()
-            bar.close()
-            best = best_trial(tuned)
-            if best is None:
-                print(f"no candidate of {study.name} finished; see `gradinv status {results.path}`")
-                return EXIT_INCOMPLETE
-            comparison = compare_on_held_out(tuner.driver, settings, best)
-            report(study, settings, best, comparison, results.path, url)
-            return EXIT_OK if comparison else EXIT_INCOMPLETE
+            for settings in searches:
+                outcomes.append(_search(driver, settings, url, progress))
         except KeyboardInterrupt:
-            tuner.interrupt()
-            bar.close()
             print("interrupted: candidates in flight are queued again; run the same command to continue")
             return EXIT_INTERRUPTED
         finally:
             ray.shutdown()
+        finished = [outcome for outcome in outcomes if outcome is not None]
+        if finished:
+            write_best(study, finished, results.path)
+        if len(searches) > 1:
+            print_strongest(finished)
+        print(f"dashboard: {dashboard_hint(url)}")
+        complete = len(finished) == len(searches) and all(outcome.comparison for outcome in finished)
+        return EXIT_OK if complete else EXIT_INCOMPLETE
 
+
+def _search(driver: Driver, settings: TuneSettings, url: str, progress: bool) -> Outcome | None:
+    """One search to its end and its held-out comparison; None when no candidate finished."""
+    tuned = open_study(settings, url)
+    requeued = requeue_interrupted(tuned)
+    if requeued:
+        print(f"{requeued} candidates left running by a stopped driver: failed and queued again")
+    bar = tqdm(total=settings.candidates, initial=min(finished_candidates(tuned), settings.candidates),
+               desc=f"tune {settings.name}", unit="candidate", disable=not progress, dynamic_ncols=True)  # fmt: skip
+    tuner = Tuner(driver, tuned, settings, bar)
+    try:
+        tuner.run()
+    except KeyboardInterrupt:
+        tuner.interrupt()
+        raise
+    finally:
+        bar.close()
+    best = best_trial(tuned)
+    if best is None:
+        print(f"no candidate of {settings.name} finished; see `gradinv status {driver.results.path}`")
+        return None
+    outcome = Outcome(settings, best, compare_on_held_out(driver, settings, best))
+    report(outcome)
+    return outcome

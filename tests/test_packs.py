@@ -43,15 +43,18 @@ def run_trials_calls(monkeypatch):
 def test_a_lane_that_raises_fails_its_trial_alone(faults, run_trials_calls):
     faults({"k1": "raise"})
     checkpoints = []
-    rows = run_pack(Pack("s", KEYS, SPECS), on_checkpoint=lambda keys, i, costs: checkpoints.append((keys, costs)))
+    rows = run_pack(Pack("s", KEYS, SPECS), on_checkpoint=lambda keys, i, costs, quality: checkpoints.append((keys, costs, quality)))
     assert [row["key"] for row in rows] == list(KEYS)
     assert [row["status"] for row in rows] == ["ok", "failed", "ok"]
     assert "injected fault for trial k1" in rows[1]["error"]
     assert rows[0]["error"] is None and rows[2]["error"] is None
     assert all(math.isfinite(rows[i]["psnr"]) and rows[i]["lanes"] == 1 for i in (0, 2))
     assert run_trials_calls == [("k0",), ("k2",)]  # the fault raised before the pack ran; then one by one
-    assert {keys for keys, _ in checkpoints} == {("k0",), ("k2",)}  # costs come with the keys they belong to
-    assert all(len(costs) == 1 for _, costs in checkpoints)
+    assert {keys for keys, _, _ in checkpoints} == {("k0",), ("k2",)}  # costs come with the keys they belong to
+    assert all(len(costs) == len(quality) == 1 for _, costs, quality in checkpoints)
+    # Each checkpoint's quality is the row's own quality curve at that point: what tune prunes on.
+    streamed = [quality[0] for keys, _, quality in checkpoints if keys == ("k0",)]
+    assert streamed == list(zip(rows[0]["curve_psnr"], rows[0]["curve_ssim"]))
 
 
 def test_a_healthy_pack_runs_once_as_lanes(faults, run_trials_calls):

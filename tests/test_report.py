@@ -486,10 +486,12 @@ def test_tuning_section_shows_each_candidates_own_rows_and_the_held_out_comparis
     assert history["state"].tolist() == ["complete", "complete", "pruned", "complete"]
     assert [number(v) for v in history["psnr"]] == pytest.approx([13.0, 14.0, math.nan, 16.0], abs=0.006, nan_ok=True)
     assert [number(v) for v in history["best_so_far"]] == pytest.approx([13.0, 14.0, 14.0, 16.0], abs=0.006)
-    held = frame_of(tables["held-out-tune"]).iloc[0]
-    assert int(held["candidate"]) == 3 and int(held["clients"]) == 10
+    held = frame_of(tables["strongest-tune"]).iloc[0]
+    assert int(held["candidate"]) == 3 and int(held["clients"]) == 10 and held["family"] == "ig"
     gains = [2.0 + 0.3 * (i % 3) - (0.5 + 0.3 * (i % 3) - 0.2 * (i % 2)) for i in range(3, 13)]
-    assert number(held["gain"]) == pytest.approx(np.mean(gains), abs=0.006)
+    assert number(held["gain_over_defaults"]) == pytest.approx(np.mean(gains), abs=0.006)
+    gain_over_baseline = number(held["tuned_psnr"]) - number(held["baseline_psnr"])
+    assert number(held["gain_over_baseline"]) == pytest.approx(gain_over_baseline, abs=0.011)
     low, high = (float(v) for v in held["interval"].strip("[]").split(","))
     assert 0 < low <= np.mean(gains) <= high
     # the tuned study's rows stay out of the designed settings

@@ -20,7 +20,8 @@ from sweep.results import ResultsDir
 from sweep.study import load_study
 from sweep.tune_report import TOO_SMALL, compare_on_held_out
 from sweep.tune_search import JOURNAL_NAME, make_pruner, open_study, suggest
-from sweep.tune_section import CHECKPOINTS, FIRST_DECAY, PAPER_DEFAULTS, trial_specs, tune_settings
+from sweep.tune_section import CHECKPOINTS, FIRST_DECAY, PAPER_DEFAULTS, trial_specs, tune_searches
+from sweep.tune_audit import rerun_pruned
 from sweep.tuner import tune_study
 from sweep.tuning import main
 
@@ -108,7 +109,7 @@ def test_fixed_and_searched_in_one_place_and_budget_shared_by_restarts(write_stu
     path = write_study(BASE.replace("width: 2}", "width: 2, tv: 0.01}") + "  space: {tv: [1.0e-6, 1.0e-1]}\n")
     assert main([str(path)]) == 2
     assert ":5: tune.space.tv: is also in 'fixed'" in capsys.readouterr().err
-    settings = tune_settings(load_study(write_study(TINY.format(budget=60, candidates=4))))
+    settings = tune_searches(load_study(write_study(TINY.format(budget=60, candidates=4))))[0]
     assert settings.tuning == ((0,), (1,), (2,)) and settings.held_out == ((3,), (4,), (5,))
     assert settings.warmup_steps == 4  # judged from the 4th of 8 checkpoints: after the first decay at 3/8
     for restarts in (1, 2):
@@ -119,7 +120,7 @@ def test_fixed_and_searched_in_one_place_and_budget_shared_by_restarts(write_stu
 @pytest.mark.parametrize("pruner", ["{name: median, startup: 1}", "{name: successive-halving}"])
 def test_the_pruner_judges_no_checkpoint_of_the_warm_up(pruner, write_study):
     text = TINY.format(budget=48, candidates=4).replace("{name: median, startup: 1}", pruner)
-    settings = tune_settings(load_study(write_study(text)))
+    settings = tune_searches(load_study(write_study(text)))[0]
     first_judged = settings.warmup_steps
     assert (first_judged - 1) / CHECKPOINTS <= FIRST_DECAY < first_judged / CHECKPOINTS  # 3 of 8, then 4 of 8
     tuned = optuna.create_study(direction="maximize", pruner=make_pruner(settings))
@@ -139,21 +140,21 @@ def test_the_pruner_judges_no_checkpoint_of_the_warm_up(pruner, write_study):
 
 def test_a_resumed_search_continues_rather_than_replaying_its_first_candidates(write_study, tmp_path):
     study = load_study(write_study(TINY.format(budget=48, candidates=6)))
-    settings = tune_settings(study)
+    settings = tune_searches(study)[0]
 
     def ask(tuned, count: int) -> list[dict]:
         asked = []
         for _ in range(count):
             trial = tuned.ask()
-            asked.append(suggest(trial, settings.space))
+            asked.append(suggest(trial, settings.families))
             tuned.tell(trial, 1.0)
         return asked
 
     url = str(tmp_path / JOURNAL_NAME)
-    first = ask(open_study(study, settings, url), 3)
-    resumed = ask(open_study(study, settings, url), 3)  # the sampler rebuilt, as a restarted driver does
+    first = ask(open_study(settings, url), 3)
+    resumed = ask(open_study(settings, url), 3)  # the sampler rebuilt, as a restarted driver does
     assert not [params for params in resumed if params in first]
-    assert ask(open_study(study, settings, str(tmp_path / "fresh.journal")), 3) == first  # a fresh search: seeded
+    assert ask(open_study(settings, str(tmp_path / "fresh.journal")), 3) == first  # a fresh search: seeded
 
 
 class HeldOutDriver:
@@ -175,7 +176,7 @@ class HeldOutDriver:
 
 def test_the_held_out_interval_is_the_reports(write_study, tmp_path):
     text = TINY.format(budget=48, candidates=4).replace("images: 6", "images: 22").replace("_images: 3", "_images: 11")
-    settings = tune_settings(load_study(write_study(text)))
+    settings = tune_searches(load_study(write_study(text)))[0]
     best = type("Best", (), {"number": 2, "params": {"lr": 0.05, "restarts": 1, "cost": "cosine"}})()
     rng = np.random.default_rng(0)
     gains = {image: float(g) for image, g in zip(range(11, 22), rng.normal(1.0, 2.0, 11))}
@@ -193,7 +194,7 @@ def test_the_held_out_interval_is_the_reports(write_study, tmp_path):
     assert comparison.low < comparison.gain < comparison.high
     assert "BCa" in comparison.interval() and f"{comparison.low:+.2f}" in comparison.interval()
     # Under stats.MIN_BOOTSTRAP clients there is no interval, and the line says so.
-    few = compare_on_held_out(driver, tune_settings(load_study(write_study(TINY.format(budget=48, candidates=4)))), best)
+    few = compare_on_held_out(driver, tune_searches(load_study(write_study(TINY.format(budget=48, candidates=4))))[0], best)
     assert np.isnan(few.low) and few.interval().startswith(TOO_SMALL)
     assert set(trial_specs(settings, PAPER_DEFAULTS, settings.held_out)) == {
         row["key"] for row in driver.rows if row["candidate"] is None and row["images"][0] >= 11}
@@ -214,6 +215,12 @@ def test_pruning_stops_weak_candidates_early_and_rows_carry_candidates(write_stu
         rows = tuning[tuning["candidate"] == number]
         assert len(rows) == 3 and (rows["status"] == "pruned").all()
         assert (rows["iterations_run"] < rows["iterations"]).all()
+    # The pruning signal is the candidate's mean PSNR at each checkpoint, as its rows record it.
+    for number in pruned + complete:
+        rows = tuning[tuning["candidate"] == number]
+        reported = tuned.trials[number].intermediate_values
+        curves = np.array([list(curve)[: len(reported)] for curve in rows["curve_psnr"]])
+        assert [reported[step] for step in sorted(reported)] == pytest.approx(list(curves.mean(axis=0)))
     for number in complete:
         rows = tuning[tuning["candidate"] == number]
         assert (rows["status"] == "ok").all() and (rows["iterations_run"] == rows["iterations"]).all()
@@ -234,6 +241,15 @@ def test_pruning_stops_weak_candidates_early_and_rows_carry_candidates(write_stu
     files = ResultsDir(results).files()
     assert tune_study(study, results, progress=False) == 0
     assert ResultsDir(results).files() == files and len(journal(results).trials) == 6
+    # The false-prune audit runs each pruned candidate to the end, beside the completed ones' median.
+    audit = rerun_pruned(study, results)
+    assert sorted(record["candidate"] for record in audit) == sorted(pruned)
+    median = float(np.median([tuned.trials[n].value for n in complete]))
+    for record in audit:
+        assert record["iterations"] == [48 // tuned.trials[record["candidate"]].params["restarts"]] * 3
+        assert record["median_completed"] == pytest.approx(median)
+        assert record["false_prune"] == (record["final"] > median)
+    assert ResultsDir(results).files() == files  # nothing written
 
 
 def test_driver_killed_mid_search_resumes_without_losing_or_doubling_a_candidate(write_study, tmp_path, ray_tmpdir):

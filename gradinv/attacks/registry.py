@@ -77,7 +77,7 @@ class AttackJob:
     box: tuple["torch.Tensor", "torch.Tensor"]  # the valid pixels, normalised, [C, 1, 1]
     on_progress: Callable[[int], None] | None = None  # iterations done
     on_checkpoint: Callable[[int, list[float]], None] | None = None  # (iteration, best cost per lane)
-    on_images: Callable[[int, "torch.Tensor"], None] | None = None  # (iteration, best images per lane)
+    on_images: Callable[[int, "torch.Tensor"], None] | None = None  # (iteration, best images per lane), called first
     deadline: float | None = None  # time.monotonic() past which the attack stops
 
     @property
