@@ -207,6 +207,19 @@ def test_dlg_recovers_tiny_faces(labels, attack, bars):
         bars.at_least("DLG recovered labels: mean label accuracy", accuracy, 1.0, holds=attack)
 
 
+def test_dlg_lanes_side_by_side_equal_each_alone_and_report_checkpoints():
+    specs = [TrialSpec(dataset="faces", images=(image,), image_size=8, model="lenet-zhu", width=8, attack="dlg",
+                       iterations=16, lr=1.0, attack_seed=image) for image in (0, 1)]  # fmt: skip
+    checkpoints = []
+    together = run_trials(specs, on_checkpoint=lambda i, costs, quality: checkpoints.append((i, costs, quality)))
+    alone = [run_trials([spec])[0] for spec in specs]
+    for both, one in zip(together, alone):
+        assert torch.equal(both.reconstruction, one.reconstruction)  # the lanes do not interact
+    assert [i for i, _, _ in checkpoints] == [2, 4, 6, 8, 10, 12, 14, 16]
+    assert all(len(costs) == len(quality) == 2 for _, costs, quality in checkpoints)
+    assert checkpoints[-1][2][0][0] == pytest.approx(together[0].metrics["psnr"])  # the last checkpoint is the result
+
+
 @pytest.mark.numeric
 @ATTACK_OR_CONTROL
 def test_unrolling_attacker_beats_one_that_assumes_fedsgd(attack, bars):

@@ -30,65 +30,84 @@ def deep_leakage(
     num_classes: int,
     *,
     on_progress: Callable[[int], None] | None = None,
+    on_checkpoint: Callable[[int, list[float]], None] | None = None,
+    on_images: Callable[[int, torch.Tensor], None] | None = None,
     deadline: float | None = None,
+    checkpoints: int = 8,
 ) -> tuple[AttackResult, torch.Tensor]:
-    """Reconstruct each lane in turn; returns the result and the labels it settled on ``[L, B]``."""
-    params, buffers = model_state(model)
+    """Reconstruct every lane, each with its own L-BFGS, step by step side by side (the lanes do not
+    interact: the same result as one after the other). At ``checkpoints`` evenly spaced iterations
+    ``on_images`` receives every lane's current images and then ``on_checkpoint`` their distances (it
+    may raise to stop). Returns the result and the labels it settled on ``[L, B]``."""
     start = time.perf_counter()
-    images, scores, found_labels, curve = [], [], [], []
-    for lane, (update, config, seed) in enumerate(zip(updates, configs, seeds)):
-        lane_labels = None if labels is None else labels[lane]
-        x, y, score = _one_lane(
-            model, params, buffers, update, lane_labels, config, seed, image_shape, num_classes, deadline
-        )
-        images.append(x)
-        scores.append(score)
-        found_labels.append(y)
-        if on_progress is not None:
-            on_progress(config.iterations * (lane + 1) // len(updates))
-    result = AttackResult(
-        torch.stack(images), torch.tensor(scores, device="cpu").view(-1, 1), curve, time.perf_counter() - start
-    )
-    return result, torch.stack(found_labels)
-
-
-def _one_lane(model, params, buffers, update, labels, config, seed, image_shape, num_classes, deadline):
-    device = update.tensors[0].device
-    generator = torch.Generator(device="cpu").manual_seed(seed)
-    x = torch.randn(tuple(image_shape), generator=generator, device="cpu").to(device).requires_grad_(True)
-    label_logits = torch.randn(image_shape[0], num_classes, generator=generator, device="cpu")
-    label_logits = label_logits.to(device).requires_grad_(labels is None)
-    predict = attacker_update(DefenceSettings(), update)  # the client's training (and aggregation); no defence mirrored
-    squared_distance = GradientCost([t.unsqueeze(0) for t in update.tensors], [1.0] * len(update.tensors), "l2")
-    optimiser = torch.optim.LBFGS([x, label_logits] if labels is None else [x], lr=config.lr, max_iter=1,
-                                  line_search_fn="strong_wolfe", tolerance_grad=0.0, tolerance_change=0.0)  # fmt: skip
-
-    def current_labels():
-        return labels if labels is not None else label_logits.softmax(dim=-1)
-
-    def distance():
-        update_guess = predict(model, params, buffers, x, current_labels())
-        return squared_distance([t.unsqueeze(0) for t in update_guess])[0]
-
-    # Relative to the starting distance: the same minimiser, but L-BFGS's first step and tolerances
-    # no longer depend on how small an update's entries happen to be.
-    with torch.no_grad():
-        scale = 1.0 / distance().clamp(min=1e-30)
-
-    def closure():
-        optimiser.zero_grad()
-        loss = scale * distance()
-        loss.backward()
-        return loss
-
-    for _ in range(config.iterations):
-        optimiser.step(closure)
+    params, buffers = model_state(model)
+    lanes = [_Lane(model, params, buffers, update, None if labels is None else labels[lane], config, seed, image_shape,
+                   num_classes) for lane, (update, config, seed) in enumerate(zip(updates, configs, seeds))]  # fmt: skip
+    iterations = max(config.iterations for config in configs)
+    check_at = {max(1, round(iterations * (k + 1) / checkpoints)) for k in range(checkpoints)}
+    curve = []
+    for done in range(1, iterations + 1):
+        for lane in lanes:
+            if done <= lane.config.iterations:
+                lane.step()
         if deadline is not None and time.monotonic() > deadline:
             raise TrialTimeout("past the trial timeout")
-    with torch.no_grad():
-        score = float(distance())
-        found = labels if labels is not None else label_logits.argmax(dim=-1)
-    return x.detach(), found, score if score == score else float("inf")
+        if on_progress is not None:
+            on_progress(done)
+        if done in check_at:
+            costs = [lane.score() for lane in lanes]
+            curve.append((done, costs))
+            if on_images is not None:
+                on_images(done, torch.stack([lane.x.detach() for lane in lanes]))
+            if on_checkpoint is not None:
+                on_checkpoint(done, costs)
+    scores = [lane.score() for lane in lanes]
+    result = AttackResult(torch.stack([lane.x.detach() for lane in lanes]), torch.tensor(scores, device="cpu").view(-1, 1), curve,
+                          time.perf_counter() - start)  # fmt: skip
+    return result, torch.stack([lane.found_labels() for lane in lanes])
+
+
+class _Lane:
+    """One client's reconstruction: its images (and soft labels when unknown) and its L-BFGS."""
+
+    def __init__(self, model, params, buffers, update, labels, config, seed, image_shape, num_classes):
+        device = update.tensors[0].device
+        generator = torch.Generator(device="cpu").manual_seed(seed)
+        self.x = torch.randn(tuple(image_shape), generator=generator, device="cpu").to(device).requires_grad_(True)
+        label_logits = torch.randn(image_shape[0], num_classes, generator=generator, device="cpu")
+        self.label_logits = label_logits.to(device).requires_grad_(labels is None)
+        self.labels, self.config = labels, config
+        predict = attacker_update(DefenceSettings(), update)  # the client's training (and aggregation); no defence mirrored
+        squared_distance = GradientCost([t.unsqueeze(0) for t in update.tensors], [1.0] * len(update.tensors), "l2")
+        self.distance = lambda: squared_distance([t.unsqueeze(0) for t in predict(model, params, buffers, self.x,
+                                                                                 self.current_labels())])[0]  # fmt: skip
+        self.optimiser = torch.optim.LBFGS([self.x, self.label_logits] if labels is None else [self.x], lr=config.lr,
+                                           max_iter=1, line_search_fn="strong_wolfe", tolerance_grad=0.0,
+                                           tolerance_change=0.0)  # fmt: skip
+        # Relative to the starting distance: the same minimiser, but L-BFGS's first step and tolerances
+        # no longer depend on how small an update's entries happen to be.
+        with torch.no_grad():
+            self.scale = 1.0 / self.distance().clamp(min=1e-30)
+
+    def current_labels(self) -> torch.Tensor:
+        return self.labels if self.labels is not None else self.label_logits.softmax(dim=-1)
+
+    def step(self) -> None:
+        def closure():
+            self.optimiser.zero_grad()
+            loss = self.scale * self.distance()
+            loss.backward()
+            return loss
+
+        self.optimiser.step(closure)
+
+    def score(self) -> float:
+        with torch.no_grad():
+            score = float(self.distance())
+        return score if score == score else float("inf")
+
+    def found_labels(self) -> torch.Tensor:
+        return self.labels if self.labels is not None else self.label_logits.detach().argmax(dim=-1)
 
 
 def run(job) -> AttackResult:
@@ -96,6 +115,7 @@ def run(job) -> AttackResult:
     configs = [extract(OptimiserSettings, spec) for spec in job.specs]
     known = job.labels if all(job.labels_known) else None
     result, labels = deep_leakage(job.model, job.updates, known, configs, job.seeds, job.image_shape, job.num_classes,
-                                  on_progress=job.on_progress, deadline=job.deadline)  # fmt: skip
+                                  on_progress=job.on_progress, on_checkpoint=job.on_checkpoint, on_images=job.on_images,
+                                  deadline=job.deadline)  # fmt: skip
     result.labels = labels
     return result
