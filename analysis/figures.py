@@ -250,7 +250,10 @@ def tuning_history(history: pd.DataFrame, baseline: float, question: str) -> Fig
     figure = Figure(figsize=(WIDTH, 3.6), layout="constrained")
     axes = figure.subplots()
     complete = history[history["state"] == "complete"]
-    axes.plot(complete["candidate"], complete["psnr"], "o", color=COLOURS[0], alpha=0.8)
+    families = list(dict.fromkeys(history["attack"])) if "attack" in history else []  # searched across families
+    markers = {family: "osD^v"[i % 5] for i, family in enumerate(families)}
+    for family, points in complete.groupby("attack", sort=False) if families else [(None, complete)]:
+        axes.plot(points["candidate"], points["psnr"], markers.get(family, "o"), color=COLOURS[0], alpha=0.8)
     axes.step(history["candidate"], history["best_so_far"], where="post", color=COLOURS[1], linewidth=2)
     stopped = history[history["state"] != "complete"]
     bottom = axes.get_xaxis_transform()  # x in data, y in axes fraction: a rug under the data
@@ -261,10 +264,12 @@ def tuning_history(history: pd.DataFrame, baseline: float, question: str) -> Fig
     axes.set_ylabel("mean PSNR (dB)")
     axes.grid(alpha=0.3)
     figure.suptitle(question, fontsize=12, x=0.01, ha="left")
+    complete_marks = [Line2D([], [], color=COLOURS[0], marker=markers[f], linestyle="", label=f"complete: {f}")
+                      for f in families] or [Line2D([], [], color=COLOURS[0], marker="o", linestyle="", label="complete candidate")]  # fmt: skip
     _outside_legend(figure, [
-        Line2D([], [], color=COLOURS[0], marker="o", linestyle="", label="complete candidate"),
+        *complete_marks,
         Line2D([], [], color=COLOURS[3], marker="x", linestyle="", label="pruned or failed (no final PSNR)"),
         Line2D([], [], color=COLOURS[1], linewidth=2, label="best so far"),
         Line2D([], [], color=BASELINE_COLOUR, linestyle="--", label="no-information baseline"),
-    ], columns=4)  # fmt: skip
+    ], columns=3 + len(complete_marks))  # fmt: skip
     return figure

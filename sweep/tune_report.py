@@ -121,8 +121,9 @@ def report(outcome: Outcome) -> None:
           f"tuned {comparison.tuned_mean:.2f} dB, paper defaults {comparison.defaults_mean:.2f} dB, "
           f"gain {comparison.gain:+.2f} dB ({comparison.interval()})")  # fmt: skip
     if not math.isnan(comparison.baseline):
-        print(f"no-information baseline {comparison.baseline:.2f} dB: tuned {comparison.tuned_mean - comparison.baseline:+.2f} dB "
-              f"above it, paper defaults {comparison.defaults_mean - comparison.baseline:+.2f} dB")  # fmt: skip
+        print(f"no-information baseline {comparison.baseline:.2f} dB; gain over it: tuned "
+              f"{comparison.tuned_mean - comparison.baseline:+.2f} dB, paper defaults "
+              f"{comparison.defaults_mean - comparison.baseline:+.2f} dB")  # fmt: skip
 
 
 def write_best(study: Study, outcomes: list[Outcome], results: Path) -> None:

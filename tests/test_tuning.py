@@ -232,6 +232,7 @@ def test_pruning_stops_weak_candidates_early_and_rows_carry_candidates(write_stu
     assert held_out["candidate"].isna().sum() == 3  # the paper's defaults belong to no candidate
     out = capsys.readouterr().out
     assert TOO_SMALL in out and f"optuna-dashboard {results / JOURNAL_NAME}" in out
+    assert "family ig (honest server)" in out and "no-information baseline" in out
     fragment = (results / "_best.yaml").read_text()
     import yaml
 
