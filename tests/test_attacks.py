@@ -220,6 +220,20 @@ def test_dlg_lanes_side_by_side_equal_each_alone_and_report_checkpoints():
     assert checkpoints[-1][2][0][0] == pytest.approx(together[0].metrics["psnr"])  # the last checkpoint is the result
 
 
+def test_a_stalled_dlg_lane_stops_stepping_with_the_images_it_would_end_with(monkeypatch):
+    # On a ReLU ConvNet L-BFGS's line search soon finds no step; from then on every step repeats the last.
+    spec = TrialSpec(dataset="faces", images=(0,), image_size=8, model="convnet", width=4, attack="dlg", iterations=40)
+    steps = []
+    real_step = torch.optim.LBFGS.step
+    monkeypatch.setattr(torch.optim.LBFGS, "step", lambda self, closure: steps.append(1) or real_step(self, closure))
+    settled = run_trials([spec])[0]
+    assert len(steps) < 40  # it stopped early
+    monkeypatch.setattr("gradinv.attacks.dlg._Lane.settled", property(lambda self: False, lambda self, value: None), raising=False)
+    steps.clear()
+    every_step = run_trials([spec])[0]
+    assert len(steps) == 40 and torch.equal(settled.reconstruction, every_step.reconstruction)
+
+
 @pytest.mark.numeric
 @ATTACK_OR_CONTROL
 def test_unrolling_attacker_beats_one_that_assumes_fedsgd(attack, bars):

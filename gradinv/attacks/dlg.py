@@ -48,7 +48,7 @@ def deep_leakage(
     curve = []
     for done in range(1, iterations + 1):
         for lane in lanes:
-            if done <= lane.config.iterations:
+            if done <= lane.config.iterations and not lane.settled:
                 lane.step()
         if deadline is not None and time.monotonic() > deadline:
             raise TrialTimeout("past the trial timeout")
@@ -77,6 +77,7 @@ class _Lane:
         label_logits = torch.randn(image_shape[0], num_classes, generator=generator, device="cpu")
         self.label_logits = label_logits.to(device).requires_grad_(labels is None)
         self.labels, self.config = labels, config
+        self.settled = False  # a step left the variables as they were: every later step would too
         predict = attacker_update(DefenceSettings(), update)  # the client's training (and aggregation); no defence mirrored
         squared_distance = GradientCost([t.unsqueeze(0) for t in update.tensors], [1.0] * len(update.tensors), "l2")
         self.distance = lambda: squared_distance([t.unsqueeze(0) for t in predict(model, params, buffers, self.x,
@@ -99,7 +100,13 @@ class _Lane:
             loss.backward()
             return loss
 
+        variables = self.optimiser.param_groups[0]["params"]
+        before = [v.detach().clone() for v in variables]
         self.optimiser.step(closure)
+        # L-BFGS stalls where its line search finds no step (a ReLU network's piecewise cost, say): the
+        # direction and the history then stay as they are, so the lane is done.
+        self.settled = self.optimiser.state[variables[0]]["n_iter"] > 1 and all(
+            torch.equal(old, new) for old, new in zip(before, variables))
 
     def score(self) -> float:
         with torch.no_grad():
