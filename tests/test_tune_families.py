@@ -133,3 +133,30 @@ def test_a_search_per_setting_and_the_strongest_attack_table(write_study, tmp_pa
     printed = [line for line in out.splitlines() if line.startswith("  noise_std 0")]
     for tuned, line in zip(table["tuned psnr"], printed, strict=True):
         assert f" {tuned} " in f" {line} "  # the report's number is the one the driver printed
+
+
+def test_a_defended_federation_round_is_tuned_like_any_setting(write_study, tmp_path, ray_tmpdir, monkeypatch, capsys):
+    monkeypatch.setenv("GRADINV_CACHE", str(tmp_path / "cache"))
+    text = """
+name: fed-tune
+data: {dataset: faces, images: 4, image_size: 8}
+fixed: {model: convnet, width: 2, round: 1, fed_rounds: 1, fed_clients: 2, clients_per_round: 2, train_subset: 40,
+        noise_std: 0.001}
+resources: {num_cpus: 1}
+max_retries: 1
+tune:
+  budget: 16
+  candidates: 2
+  tuning_images: 2
+  held_out_images: 2
+  sampler: {name: random, seed: 1}
+  families:
+    ig: {lr: [1.0e-3, 0.3]}
+    dlg: {lr: [0.1, 1.0]}
+"""
+    results = tmp_path / "results"
+    assert tune_study(load_study(write_study(text)), results, progress=False) == 0
+    frame = pd.read_parquet(results)
+    assert (frame["status"] == "ok").all() and set(frame["round"]) == {1} and set(frame["noise_std"]) == {0.001}
+    assert frame["federation_key"].nunique() == 1 and frame["model_accuracy"].between(0, 1).all()
+    assert "family " in capsys.readouterr().out
