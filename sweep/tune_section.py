@@ -108,8 +108,9 @@ def _per(check: _Checker, value, study: Study) -> list[str]:
 
 
 def _search(check: _Checker, tune: dict, study: Study, trials: list[TrialSpec], setting: dict) -> TuneSettings:
-    # The fixed settings as given: a family the study's own attack does not read may read them (imprint_sample).
-    base = dataclasses.replace(trials[0], **study.fixed)
+    # The fixed settings the study's own attack does not read, as given: another family may (imprint_sample).
+    dropped = trials[0].not_applicable()
+    base = dataclasses.replace(trials[0], **{k: v for k, v in study.fixed.items() if k in dropped})
     budget = _budget(check, tune, base, study.lines)
     families = _families(check, tune, base, budget, study.lines)
     sampler, seed, sampler_startup = _sampler(check, tune.get("sampler", "tpe"))
@@ -189,6 +190,8 @@ def _space(check: _Checker, base: TrialSpec, family: str, value: dict, budget: i
             check.fail(at, f"a setting of {', '.join(readers)}, not of {family}; move it under families.{readers[0]}")
         if ("fixed", name) in lines:
             check.fail(at, "is also in 'fixed'; search it or fix it, not both")
+        if ("grid", name) in lines or ("zip", name) in lines:
+            check.fail(at, "is also an axis of the study; search it or tune per value of it, not both")
         if name in LOG_UNIFORM:
             space[name] = _log_range(check, choices, at)
         else:
