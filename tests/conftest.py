@@ -3,6 +3,8 @@ import os
 import signal
 import subprocess
 import sys
+import shutil
+import tempfile
 import textwrap
 from pathlib import Path
 
@@ -96,3 +98,12 @@ class Bars:
 @pytest.fixture
 def bars() -> Bars:
     return Bars()
+
+
+@pytest.fixture
+def ray_tmpdir(monkeypatch):
+    """A short private temp dir for Ray's sessions (socket paths are length-limited), removed after."""
+    path = tempfile.mkdtemp(prefix="gt")
+    monkeypatch.setenv("RAY_TMPDIR", path)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)

@@ -2,8 +2,6 @@
 family spends the budget, PSNR as the pruning signal, and a search per value of a `per:` axis whose
 strongest attacks the report tabulates."""
 
-import shutil
-import tempfile
 
 import optuna
 import pandas as pd
@@ -83,14 +81,6 @@ def test_each_family_spends_the_budget_its_own_way(write_study):
     assert {params["attack"] for params in asked} == {"ig", "dlg", "imprint"}
     for params in asked:
         assert {name.split(".")[0] for name in params if name != "attack"} == {params["attack"]}
-
-
-@pytest.fixture
-def ray_tmpdir(monkeypatch):
-    path = tempfile.mkdtemp(prefix="gf")
-    monkeypatch.setenv("RAY_TMPDIR", path)
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
 
 
 PER_STUDY = """

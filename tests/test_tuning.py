@@ -2,11 +2,9 @@
 and a driver killed mid-search that resumes without losing or double-counting a candidate."""
 
 import os
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -46,15 +44,6 @@ tune:
     restarts: [1, 2]
     cost: [cosine, l2]
 """
-
-
-@pytest.fixture
-def ray_tmpdir(monkeypatch):
-    """A short private temp dir for Ray's sessions (socket paths are length-limited), removed after."""
-    path = tempfile.mkdtemp(prefix="gt")
-    monkeypatch.setenv("RAY_TMPDIR", path)
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
 
 
 def stop_group(process: subprocess.Popen) -> None:
