@@ -2,12 +2,14 @@
 and a stopped driver's candidates queued again.
 
 Resume: the Optuna study (a journal file in the results directory by default) is loaded again;
-candidates a killed driver left running are marked failed and their parameters queued again. The
+candidates a killed driver left running are marked failed and their parameters queued again, exactly
+as drawn; a candidate killed before all its parameters were drawn never ran and is dropped. The
 sampler is seeded anew from the study's seed and the trials so far, so the search continues, not replays.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from gradinv.errors import ConfigError
@@ -39,6 +41,52 @@ def _suggest(trial, space: dict, prefix: str) -> dict:
 
 def storage_url(results: Path, storage: str | None) -> str:
     return storage or str(results / JOURNAL_NAME)
+
+
+STORAGE_FIX = "give sqlite:///FILE.db, a database URL (postgresql://, mysql://) or a journal file path"
+
+
+def check_storage(url: str) -> None:
+    """Raises ConfigError (one line) for a storage that cannot be opened, before anything starts."""
+    if "://" not in url:
+        _check_writable_file(Path(url))
+        return
+    from sqlalchemy import create_engine, exc
+
+    try:
+        engine = create_engine(url)
+    except exc.ArgumentError as error:  # an unknown scheme, or a URL SQLAlchemy cannot parse
+        raise ConfigError("--storage", url, f"{_first_line(error)}; {STORAGE_FIX}") from None
+    except ImportError as error:
+        raise ConfigError("--storage", url, f"its database driver is not installed (no module {error.name!r}); "
+                          f"pip install it, or {STORAGE_FIX}") from None  # fmt: skip
+    try:
+        if engine.dialect.name == "sqlite":
+            _check_writable_file(Path(engine.url.database or ""))
+        else:
+            with engine.connect():
+                pass
+    except exc.SQLAlchemyError as error:
+        raise ConfigError("--storage", url, f"cannot connect ({_first_line(error)}); check the server and the URL") from None
+    finally:
+        engine.dispose()
+
+
+def _check_writable_file(path: Path) -> None:
+    directory = path.parent
+    if not str(path) or str(path) == ":memory:":
+        raise ConfigError("--storage", str(path), f"an in-memory storage cannot be resumed; {STORAGE_FIX}")
+    if not directory.is_dir():
+        raise ConfigError("--storage", str(path), f"{directory} is not a directory; create it or {STORAGE_FIX}")
+    if path.exists() and not path.is_file():
+        raise ConfigError("--storage", str(path), f"it is not a regular file; {STORAGE_FIX}")
+    target = path if path.exists() else directory
+    if not os.access(target, os.W_OK):
+        raise ConfigError("--storage", str(path), f"{target} is not writable; choose a writable place")
+
+
+def _first_line(error: Exception) -> str:
+    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
 
 
 def open_storage(url: str):
@@ -105,25 +153,45 @@ def open_study(settings: TuneSettings, url: str):
     return tuned
 
 
-def requeue(tuned, number: int) -> None:
-    """A candidate cut off by the driver's end: failed, its parameters queued again exactly once."""
+SAMPLED = "sampled"  # user attribute: the candidate's parameters are all in storage
+
+
+def mark_sampled(trial) -> None:
+    """Record that the candidate's parameters are complete. Optuna stores them one at a time, so a
+    driver killed while they are drawn leaves a partial set; only a marked set is queued again."""
+    trial.set_user_attr(SAMPLED, True)
+
+
+def sampled_params(frozen) -> dict | None:
+    """The candidate's complete parameters: drawn and marked, or fixed when it was queued; else None."""
+    if frozen.user_attrs.get(SAMPLED):
+        return frozen.params
+    return frozen.system_attrs.get("fixed_params")
+
+
+def requeue(tuned, number: int) -> bool:
+    """A candidate cut off by the driver's end: failed, and its parameters queued again exactly once.
+    A candidate whose parameters were never all drawn never started: it is failed and not queued, and
+    the search draws a new one in its place. Whether it was queued again."""
     import optuna
 
     frozen = tuned.get_trials(deepcopy=False)[number]
+    params = sampled_params(frozen)
     already = any(t.user_attrs.get("requeued_from") == number for t in tuned.get_trials(deepcopy=False))
-    if not already:
-        tuned.enqueue_trial(frozen.params, user_attrs={"requeued_from": number})
+    if params is not None and not already:
+        tuned.enqueue_trial(params, user_attrs={"requeued_from": number})
     optuna.trial.Trial(tuned, frozen._trial_id).set_user_attr("interrupted", True)
     tuned.tell(number, state=optuna.trial.TrialState.FAIL)
+    return params is not None
 
 
-def requeue_interrupted(tuned) -> int:
+def requeue_interrupted(tuned) -> tuple[int, int]:
+    """Candidates a stopped driver left running: (queued again, discarded because never fully drawn)."""
     import optuna
 
     running = tuned.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
-    for frozen in running:
-        requeue(tuned, frozen.number)
-    return len(running)
+    queued = sum(requeue(tuned, frozen.number) for frozen in running)
+    return queued, len(running) - queued
 
 
 def finished_candidates(tuned) -> int:

@@ -23,8 +23,8 @@ from .study import Study
 from .tune_driver import Driver, Evaluation
 from .tune_report import Outcome, checkpoint_value, compare_on_held_out, objective_value, print_strongest, report, \
     write_best
-from .tune_search import best_trial, dashboard_hint, finished_candidates, open_study, requeue, requeue_interrupted, \
-    storage_url, suggest
+from .tune_search import best_trial, check_storage, dashboard_hint, finished_candidates, mark_sampled, open_study, requeue, \
+    requeue_interrupted, storage_url, suggest
 from .tune_section import CHECKPOINTS, TuneSettings, trial_specs, tune_searches
 
 EXIT_OK, EXIT_INCOMPLETE, EXIT_INTERRUPTED = 0, 1, 130
@@ -52,7 +52,9 @@ class Tuner:
 
     def _ask(self) -> None:
         trial = self.tuned.ask()
-        specs = trial_specs(self.settings, suggest(trial, self.settings.families), self.settings.tuning)
+        params = suggest(trial, self.settings.families)
+        mark_sampled(trial)
+        specs = trial_specs(self.settings, params, self.settings.tuning)
         evaluation = Evaluation(trial.number, specs, trial)
         if self.driver.reusable(specs):  # the same parameters ran before: their rows stand
             self._tell(evaluation, [self.driver.known[key] for key in specs])
@@ -102,6 +104,8 @@ def tune_study(study: Study, results_path: str | Path, *, address: str | None = 
     """Tune the study's attack (per setting, with `per:`); the exit code says whether every search and
     comparison finished."""
     searches = tune_searches(study)
+    if storage is not None:
+        check_storage(storage)
     with ResultsDir(results_path) as results:
         url = storage_url(results.path, storage)
         ray = connect(address, runtime_environment(data_root_arg), study.max_retries)
@@ -128,9 +132,11 @@ def tune_study(study: Study, results_path: str | Path, *, address: str | None = 
 def _search(driver: Driver, settings: TuneSettings, url: str, progress: bool) -> Outcome | None:
     """One search to its end and its held-out comparison; None when no candidate finished."""
     tuned = open_study(settings, url)
-    requeued = requeue_interrupted(tuned)
+    requeued, dropped = requeue_interrupted(tuned)
     if requeued:
         print(f"{requeued} candidates left running by a stopped driver: failed and queued again")
+    if dropped:
+        print(f"{dropped} candidates stopped before all their parameters were drawn: dropped, new ones drawn instead")
     bar = tqdm(total=settings.candidates, initial=min(finished_candidates(tuned), settings.candidates),
                desc=f"tune {settings.name}", unit="candidate", disable=not progress, dynamic_ncols=True)  # fmt: skip
     tuner = Tuner(driver, tuned, settings, bar)

@@ -17,7 +17,7 @@ from analysis import load, tuning_history
 from sweep.results import ResultsDir
 from sweep.study import load_study
 from sweep.tune_report import TOO_SMALL, compare_on_held_out
-from sweep.tune_search import JOURNAL_NAME, make_pruner, open_study, suggest
+from sweep.tune_search import JOURNAL_NAME, make_pruner, open_study, sampled_params, suggest
 from sweep.tune_section import CHECKPOINTS, FIRST_DECAY, PAPER_DEFAULTS, trial_specs, tune_searches
 from sweep.tune_audit import rerun_pruned
 from sweep.tuner import tune_study
@@ -94,6 +94,30 @@ def test_a_bad_tune_section_is_one_line_naming_file_line_and_field(section, mess
     assert not results.exists()  # nothing started, nothing written
 
 
+STORAGES = [  # (--storage, relative to tmp_path where it is a path; what the one line says)
+    ("missing/search.journal", "missing is not a directory; create it"),
+    ("a-file/search.journal", "a-file is not a directory; create it"),
+    (".", "it is not a regular file"),
+    ("sqlite:///{tmp}/missing/search.db", "missing is not a directory; create it"),
+    ("ftp://example/search", "Can't load plugin: sqlalchemy.dialects:ftp; give sqlite:///FILE.db"),
+    ("redis://localhost:6379", "Can't load plugin: sqlalchemy.dialects:redis; give sqlite:///FILE.db"),
+    ("postgresql://user@127.0.0.1:1/search", "its database driver is not installed (no module 'psycopg')"),
+]
+
+
+@pytest.mark.parametrize("storage, message", STORAGES, ids=[s.split("/")[0] for s, _ in STORAGES])
+def test_a_storage_that_cannot_be_opened_is_one_line_before_anything_starts(storage, message, write_study, tmp_path,
+                                                                            capsys, monkeypatch):  # fmt: skip
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a-file").write_text("")
+    path = write_study(TINY.format(budget=16, candidates=1))
+    results = tmp_path / "results"
+    assert main([str(path), "--results", str(results), "--storage", storage.format(tmp=tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("gradinv tune: error: --storage: ") and message in err[0], err
+    assert not results.exists()  # nothing started, nothing written
+
+
 def test_fixed_and_searched_in_one_place_and_budget_shared_by_restarts(write_study, capsys):
     path = write_study(BASE.replace("width: 2}", "width: 2, tv: 0.01}") + "  space: {tv: [1.0e-6, 1.0e-1]}\n")
     assert main([str(path)]) == 2
@@ -144,6 +168,102 @@ def test_a_resumed_search_continues_rather_than_replaying_its_first_candidates(w
     resumed = ask(open_study(settings, url), 3)  # the sampler rebuilt, as a restarted driver does
     assert not [params for params in resumed if params in first]
     assert ask(open_study(settings, str(tmp_path / "fresh.journal")), 3) == first  # a fresh search: seeded
+
+
+class Killed(BaseException):
+    """The driver's process ends here: nothing after this write reaches storage."""
+
+
+WRITES = ("create_new_trial", "set_trial_param", "set_trial_user_attr", "set_trial_system_attr",
+          "set_trial_state_values", "set_trial_intermediate_value")  # fmt: skip
+
+
+def killed_after(url: str, writes: int | None):
+    """The search's journal storage, as a driver killed after ``writes`` more writes leaves it."""
+
+    class Storage(optuna.storages.JournalStorage):
+        left = writes
+
+    def counted(name):
+        def write(self, *args, **kwargs):
+            if self.left is not None:
+                if self.left == 0:
+                    raise Killed(name)
+                self.left -= 1
+            return getattr(optuna.storages.JournalStorage, name)(self, *args, **kwargs)
+        return write
+
+    for name in WRITES:
+        setattr(Storage, name, counted(name))
+    return Storage(optuna.storages.journal.JournalFileBackend(url))
+
+
+class StartingDriver:
+    """Stands in for the Ray driver: records the parameters of every candidate it is asked to start."""
+
+    known: dict = {}
+
+    def __init__(self):
+        self.started = []
+
+    def reusable(self, specs) -> bool:
+        return False
+
+    def start(self, evaluation) -> None:
+        self.started.append((evaluation.number, evaluation.trial.params))
+
+
+def driver_life(settings, url: str, writes: int | None) -> tuple[list, tuple[int, int] | None]:
+    """One driver: open the search, queue again what a stopped driver left, ask one candidate; killed
+    after ``writes`` storage writes. The candidates it started, and what the requeue said."""
+    from sweep.tune_search import make_sampler, requeue_interrupted
+    from sweep.tuner import Tuner
+
+    open_study(settings, url)  # created (or loaded) before the counted writes, as at start-up
+    tuned = optuna.load_study(study_name=settings.name, storage=killed_after(url, writes), sampler=make_sampler(settings))
+    driver, said = StartingDriver(), None
+    try:
+        said = requeue_interrupted(tuned)
+        Tuner(driver, tuned, settings, bar=None)._ask()
+    except Killed:
+        pass
+    return driver.started, said
+
+
+@pytest.mark.parametrize("first_kill", range(7))
+def test_a_kill_at_any_write_requeues_exactly_the_candidate_drawn_or_drops_one_never_drawn(first_kill, write_study,
+                                                                                           tmp_path):  # fmt: skip
+    """Kill the driver after each storage write of drawing a candidate, then kill the resumed driver
+    after each write of its requeue and draw, then resume once more: every started candidate has all
+    its parameters, and a candidate queued again starts with exactly the parameters first drawn."""
+    settings = tune_searches(load_study(write_study(TINY.format(budget=48, candidates=6))))[0]
+    names = {"lr", "restarts", "cost"}
+    for second_kill in range(9):
+        url = str(tmp_path / f"{first_kill}-{second_kill}.journal")
+        lives = [driver_life(settings, url, writes) for writes in (first_kill, second_kill, None)]
+        tuned = journal_at(url, settings.name)
+        started = [(number, params) for life, _ in lives for number, params in life]
+        assert started and all(set(params) == names for _, params in started)
+        for trial in tuned.trials:
+            origin = trial.user_attrs.get("requeued_from")
+            if origin is not None:  # queued again with its origin's parameters, drawn in full
+                assert trial.system_attrs["fixed_params"] == sampled_params(tuned.trials[origin])
+                assert set(trial.system_attrs["fixed_params"]) == names
+        for number, params in started:  # a queued candidate starts with exactly what it was queued with
+            assert params == tuned.trials[number].system_attrs.get("fixed_params", params)
+        origins = [t.user_attrs["requeued_from"] for t in tuned.trials if "requeued_from" in t.user_attrs]
+        assert len(origins) == len(set(origins))  # never queued twice
+        running = [t for t in tuned.trials if t.state == optuna.trial.TrialState.RUNNING]
+        assert [t.number for t in running] == [started[-1][0]]  # only the last life's candidate is in flight
+        interrupted = [t for t in tuned.trials if t.user_attrs.get("interrupted")]
+        assert all(t.state == optuna.trial.TrialState.FAIL for t in interrupted)
+        drawn = [t.number for t in interrupted if t.user_attrs.get("sampled") or "fixed_params" in t.system_attrs]
+        assert sorted(origins) == sorted(drawn)  # every drawn candidate cut off is queued again; no other
+
+
+def journal_at(url: str, name: str) -> optuna.Study:
+    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(url))
+    return optuna.load_study(study_name=name, storage=storage)
 
 
 class HeldOutDriver:
@@ -266,14 +386,15 @@ def test_driver_killed_mid_search_resumes_without_losing_or_doubling_a_candidate
     finally:
         stop_group(second)
     assert second.returncode == 0, output
-    assert "queued again" in output
     tuned = journal(results)
     interrupted = [t for t in tuned.trials if t.user_attrs.get("interrupted")]
     assert sorted(t.number for t in interrupted) == running
     assert all(t.state == optuna.trial.TrialState.FAIL for t in interrupted)
     requeued = [t.user_attrs["requeued_from"] for t in tuned.trials if "requeued_from" in t.user_attrs]
-    assert sorted(requeued) == running  # each cut-off candidate queued again exactly once ...
-    for number in running:  # ... with the same parameters, and finished
+    drawn = [number for number in running if sampled_params(tuned.trials[number]) is not None]
+    assert sorted(requeued) == drawn  # each cut-off candidate queued again exactly once ...
+    assert ("queued again" in output) == bool(drawn) and ("dropped" in output) == (len(drawn) < len(running))
+    for number in drawn:  # ... with the same parameters, and finished
         again = next(t for t in tuned.trials if t.user_attrs.get("requeued_from") == number)
         assert again.params == tuned.trials[number].params and again.state.is_finished()
     counted = [t for t in tuned.trials if t.state.is_finished() and not t.user_attrs.get("interrupted")]
