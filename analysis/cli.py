@@ -7,17 +7,19 @@ of the parsed arguments that returns the exit code. User mistakes raise ConfigEr
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 
 from gradinv.errors import ConfigError
+from sweep.parser import path
 
 
 def add_parsers(verbs) -> None:
     from .stats import SUCCESS_PSNR
 
     report = verbs.add_parser("report", help="one self-contained HTML report of a results directory")
-    report.add_argument("results", type=Path, help="results directory (gradinv run --results DIR)")
-    report.add_argument("--out", type=Path, default=Path("report.html"),
+    report.add_argument("results", type=path, help="results directory (gradinv run --results DIR)")
+    report.add_argument("--out", type=path, default=Path("report.html"),
                         help="file to write, outside the results directory (default report.html)")
     report.add_argument("--by", nargs="+", action="extend", metavar="FIELD", default=None,
                         help="settings to group by (default: every setting that varies)")  # fmt: skip
@@ -25,15 +27,15 @@ def add_parsers(verbs) -> None:
                         help=f"PSNR (dB) a successful reconstruction reaches (default {SUCCESS_PSNR:g})")  # fmt: skip
     report.add_argument("--seed", type=int, default=0, help="seed of the bootstrap intervals")
     export = verbs.add_parser("export", help="reconstructions and ground truth as PNG files with an index")
-    export.add_argument("results", type=Path, help="results directory (gradinv run --results DIR)")
-    export.add_argument("--to", type=Path, required=True, help="directory to write (created if missing)")
+    export.add_argument("results", type=path, help="results directory (gradinv run --results DIR)")
+    export.add_argument("--to", type=path, required=True, help="directory to write (created if missing)")
 
 
 def _report(args: argparse.Namespace) -> int:
     from .report import write_report
 
-    if args.threshold <= 0:
-        raise ConfigError("--threshold", args.threshold, "use a positive PSNR in dB, e.g. 20")
+    if not (math.isfinite(args.threshold) and args.threshold > 0):  # nan compares false: every trial would fail
+        raise ConfigError("--threshold", args.threshold, "use a finite, positive PSNR in dB, e.g. 20")
     out = write_report(args.results, args.out, by=args.by, threshold=args.threshold, seed=args.seed)
     print(f"report: {out}")
     return 0

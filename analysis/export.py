@@ -15,6 +15,7 @@ from pathlib import Path
 import pandas as pd
 
 from gradinv.errors import ConfigError
+from gradinv.files import write_atomic
 
 from . import load
 from .roles import PER_IMAGE_SUFFIX, Roles
@@ -58,8 +59,8 @@ def _write_trial(row: dict, to: Path, roles: Roles) -> list[dict]:
     entries = []
     for position, (truth, recon) in enumerate(zip(row["truth_png"] or [], row["reconstruction_png"] or [])):
         names = {kind: f"{IMAGES_DIR}/{row['key']}-{position}-{kind}.png" for kind in ("truth", "reconstruction")}
-        _inside(to, names["truth"]).write_bytes(truth)
-        _inside(to, names["reconstruction"]).write_bytes(recon)
+        write_atomic(_inside(to, names["truth"]), truth)  # a new file renamed into place: never through a link
+        write_atomic(_inside(to, names["reconstruction"]), recon)
         entries.append({
             "key": row["key"], "study": row["study"], "candidate": row.get("candidate"), "position": position,
             "image": images[position] if position < len(images) else None,
@@ -90,8 +91,7 @@ def _at(values, position: int):
 
 
 def _write_index(index: pd.DataFrame, to: Path) -> None:
-    for name, write in (("index.csv", lambda p: index.to_csv(p, index=False)),
-                        ("index.parquet", lambda p: index.to_parquet(p, index=False))):  # fmt: skip
-        partial = to / f".{name}.tmp"
-        write(partial)
-        partial.replace(to / name)
+    """Each file whole or not at all, through a temporary file made new (a fixed temporary name could be
+    a link someone placed in ``to``, and writing it would overwrite the file it points to)."""
+    write_atomic(to / "index.csv", lambda sink: index.to_csv(sink, index=False))
+    write_atomic(to / "index.parquet", lambda sink: index.to_parquet(sink, index=False))

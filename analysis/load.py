@@ -3,7 +3,8 @@
 Every trial's scalars fit in memory even for very large studies; the heavy columns (images, curves)
 do not, so they are read only for the trials a view needs (``load_images``, ``load_curves``) or
 streamed batch by batch (``iter_image_rows``). Which columns are settings, outcomes or heavy the
-files say (analysis.roles).
+files say (analysis.roles). Where a crash left two rows of one key, the one the runner keeps counts
+(sweep.results.Winners).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from gradinv.errors import ConfigError
-from sweep.results import ResultsDir
+from sweep.results import ResultsDir, Winners
 
 from . import roles
 from .roles import Roles
@@ -69,9 +70,7 @@ def load_trials(path: str | Path) -> pd.DataFrame:
     data = dataset(path)
     declared = Roles.of_schema(data.schema)
     columns = [name for name in data.schema.names if name not in declared.heavy]
-    with _damage_named(path, data, columns):
-        table = data.to_table(columns=columns)
-    frame = table.to_pandas(types_mapper=_NULLABLE_INTS.get)
+    frame = _counted(path, data, columns).to_pandas(types_mapper=_NULLABLE_INTS.get)
     for name in declared.settings_in(frame):
         if pa.types.is_list(data.schema.field(name).type):
             frame[name] = frame[name].map(_list_text)
@@ -87,8 +86,7 @@ def load_images(path: str | Path, keys: list[str]) -> dict[str, tuple[list[bytes
     if not keys:
         return {}
     data, columns = dataset(path), ["key", *IMAGES]
-    with _damage_named(path, data, columns):
-        table = data.to_table(columns=columns, filter=pc.field("key").isin(list(keys)))
+    table = _counted(path, data, columns, filter=pc.field("key").isin(list(keys)))
     return {
         key: (truth or [], recon or [])
         for key, truth, recon in zip(*(table[c].to_pylist() for c in columns))
@@ -99,9 +97,7 @@ def load_curves(path: str | Path, keys: list[str]) -> pd.DataFrame:
     """Key and quality curve (checkpoint iterations, PSNR and SSIM of the best restart) of the given trials;
     empty lists where a row has none (written before curves were recorded, or pruned before a checkpoint)."""
     data, columns = dataset(path), ["key", *CURVES]
-    with _damage_named(path, data, columns):
-        table = data.to_table(columns=columns, filter=pc.field("key").isin(list(keys)))
-    frame = table.to_pandas()
+    frame = _counted(path, data, columns, filter=pc.field("key").isin(list(keys))).to_pandas()
     for name in CURVES:
         frame[name] = frame[name].map(lambda values: [] if values is None else list(values))
     return frame
@@ -117,10 +113,8 @@ def compute_seconds(frame: pd.DataFrame) -> pd.Series:
 
 def finished_keys(path: str | Path) -> list[tuple[str, str]]:
     """(key, file holding its row) of every finished trial."""
-    data = dataset(path)
-    with _damage_named(path, data, ["key", "status"]):
-        table = data.to_table(columns=["key", "__filename"], filter=pc.field("status") == "ok")
-    return list(zip(table["key"].to_pylist(), table["__filename"].to_pylist()))
+    table = _counted(path, dataset(path), ["key", FILE], filter=pc.field("status") == "ok")
+    return list(zip(table["key"].to_pylist(), table[FILE].to_pylist()))
 
 
 def iter_image_rows(path: str | Path, batch_rows: int = 256) -> Iterator[dict]:
@@ -128,9 +122,30 @@ def iter_image_rows(path: str | Path, batch_rows: int = 256) -> Iterator[dict]:
     data = dataset(path)
     heavy = Roles.of_schema(data.schema).heavy
     columns = [name for name in data.schema.names if name not in heavy or name in IMAGES]
+    winners = _winners(path, data)
     with _damage_named(path, data, columns):
-        for batch in data.to_batches(columns=columns, filter=pc.field("status") == "ok", batch_size=batch_rows):
-            yield from batch.to_pylist()
+        batches = data.to_batches(columns=[*columns, FILE], filter=pc.field("status") == "ok", batch_size=batch_rows)
+        for batch in batches:
+            table = pa.Table.from_batches([batch])
+            yield from winners.filter(table, table[FILE]).select(columns).to_pylist()
+
+
+FILE = "__filename"  # the file a dataset row was read from (pyarrow's special field)
+
+
+def _counted(path: str | Path, data: ds.Dataset, columns: list[str], filter=None) -> pa.Table:
+    """``columns`` of the rows that count (one per key, whatever ``filter`` leaves out: an older row of a
+    key whose newest row is filtered out does not count either)."""
+    winners = _winners(path, data)
+    wanted = list(dict.fromkeys([*columns, "key", FILE]))
+    with _damage_named(path, data, list(dict.fromkeys([*columns, "key"]))):
+        table = data.to_table(columns=wanted, filter=filter)
+    return winners.filter(table, table[FILE]).select(columns)
+
+
+def _winners(path: str | Path, data: ds.Dataset) -> Winners:
+    with _damage_named(path, data, ["key"]):
+        return ResultsDir(path).winners([Path(file) for file in data.files])
 
 
 @contextmanager

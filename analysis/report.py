@@ -18,6 +18,7 @@ from typing import Iterator
 import pandas as pd
 
 from gradinv.errors import ConfigError
+from gradinv.files import partial_name
 
 from . import load, stats, tuning_history
 from . import report_federation as federation
@@ -35,10 +36,10 @@ def write_report(results: str | Path, out: str | Path, by: list[str] | None = No
         raise ConfigError("--out", str(out), "name a file to write, e.g. report.html")
     load.require_outside("--out", out, results)
     load.result_files(results)  # bad results fail before anything is written
-    partial = out.with_name(f".{out.name}.tmp")
+    partial = partial_name(out)
     with _writing(out):  # before the work: a place we cannot write fails at once
         out.parent.mkdir(parents=True, exist_ok=True)
-        partial.touch()
+        partial.touch(exist_ok=False)  # a new file, never one (or a link) already there
     try:
         page = build_report(results, by, threshold, seed)
         with _writing(out):

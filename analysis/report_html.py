@@ -11,6 +11,8 @@ from typing import Collection
 import numpy as np
 import pandas as pd
 
+from sweep.report_text import visible
+
 from . import figures, stats
 
 STYLE = """
@@ -31,9 +33,13 @@ figure.image img { display: block; width: 64px; height: 64px; image-rendering: p
 
 
 def page(title: str, sections: list[str]) -> str:
-    return (f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>"
-            f"<style>{STYLE}</style></head><body><h1>{html.escape(title)}</h1>\n"
-            + "\n".join(sections) + "\n</body></html>\n")  # fmt: skip
+    """The document; every section escapes its text for HTML, and here the control characters that text
+    from the files may hold (an error with terminal escapes) become visible escapes: HTML forbids them,
+    and they would drive a terminal that shows the file."""
+    document = (f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>{html.escape(title)}"
+                f"</title><style>{STYLE}</style></head><body><h1>{html.escape(title)}</h1>\n"
+                + "\n".join(sections) + "\n</body></html>\n")  # fmt: skip
+    return visible(document, keep="\t\n")
 
 
 def section(title: str, *parts: str) -> str:

@@ -9,6 +9,7 @@ Each configuration runs a few iterations after a warm-up; configurations are int
 repeated, and the table shows medians and the ratio to (a). Same threads for all.
 
     .venv/bin/python benchmarks/attack_throughput.py [--device cuda] [--repeats 3] [--cases convnet64,...]
+    .venv/bin/python benchmarks/attack_throughput.py --repeats 1 --iterations 1 --max-lanes 2 --width 2   # a quick run
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +26,8 @@ from gradinv import data
 from gradinv.attacks.inverting import IGConfig, invert_gradients, total_variation
 from gradinv.fl import client_update
 from gradinv.trial import TrialSpec, build_victim
+
+from arguments import positive  # benchmarks/ is on sys.path when a script runs
 
 
 @dataclass(frozen=True)
@@ -47,6 +50,11 @@ def cases() -> dict[str, Case]:
             Case("convnet32-28x28x1", TrialSpec(dataset="fashion-mnist", model="convnet", width=32), (1, 2, 4, 8, 16)),
         )
     }
+
+
+def at_width(case: Case, width: int) -> Case:
+    """The case with another model width (a quick run of the script; the README's table uses its own)."""
+    return replace(case, name=f"{case.name} at width {width}", spec=replace(case.spec, width=width))
 
 
 def setup(case: Case, lanes: int, device: str):
@@ -96,7 +104,7 @@ def plain_loop(case: Case, iterations: int, device: str) -> float:
     fl = spec.fl_config()
 
     def client_view(images):
-        if fl.mode == "fedsgd":
+        if fl.fl == "fedsgd":
             return torch.autograd.grad(F.cross_entropy(model(images), labels[0]), params, create_graph=True)
         from torch.func import functional_call
 
@@ -136,15 +144,21 @@ def _sync(device: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--iterations", type=int, default=3, help="timed iterations per measurement")
+    parser.add_argument("--repeats", type=positive, default=3)
+    parser.add_argument("--iterations", type=positive, default=3, help="timed iterations per measurement")
     parser.add_argument("--cases", default=",".join(cases()), help="comma-separated case names")
-    parser.add_argument("--max-lanes", type=int, default=64)
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
+    parser.add_argument("--max-lanes", type=positive, default=64)
+    parser.add_argument("--threads", type=positive, default=None, help="torch CPU threads (default: all cores)")
+    parser.add_argument("--width", type=positive, help="every case's model width instead of its own (a quick run)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    unknown = sorted(set(args.cases.split(",")) - set(cases()))
+    if unknown:
+        parser.error(f"--cases: {','.join(unknown)} is not valid; choose from {','.join(cases())}")
     chosen = [cases()[name] for name in args.cases.split(",")]
+    if args.width:
+        chosen = [at_width(case, args.width) for case in chosen]
     print(f"device {args.device}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
           f"{args.repeats} interleaved repeats of {args.iterations} iterations\n")  # fmt: skip
     for case in chosen:

@@ -16,6 +16,8 @@ from pathlib import Path
 
 from gradinv.data import dataset_spec
 
+from arguments import positive  # benchmarks/ is on sys.path when a script runs
+
 STUDY = """
 name: overhead
 data: {{dataset: faces, images: {images}, image_size: 4}}
@@ -70,8 +72,8 @@ def full_path(study, results: Path) -> tuple[float, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--trials", type=int, default=1000)
-    parser.add_argument("--lanes", type=int, default=1, help="trials packed per task (study field `lanes`)")
+    parser.add_argument("--trials", type=positive, default=1000)
+    parser.add_argument("--lanes", type=positive, default=1, help="trials packed per task (study field `lanes`)")
     args = parser.parse_args()
     import pyarrow.parquet as pq
     import torch

@@ -6,13 +6,16 @@ nodes. If two nodes do not finish faster than one, the driver (or this machine's
 limit, not the workers. Also measured: the size of a row and how fast the results directory takes
 rows, the two other costs of a large study.
 
-    .venv/bin/python benchmarks/scaling.py [--trials 600]
+    .venv/bin/python benchmarks/scaling.py [--trials 600] [--workers 1 2]
+
+The clusters' temporary files (Ray's sessions and sockets) go under $RAY_TMPDIR, else /tmp.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -20,6 +23,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from arguments import positive  # noqa: E402
 from runner_overhead import write_study  # noqa: E402
 
 from sweep.local_cluster import LocalCluster  # noqa: E402
@@ -72,18 +76,24 @@ def row_costs(results: Path) -> tuple[float, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--trials", type=int, default=600)
+    parser.add_argument("--trials", type=positive, default=600)
+    parser.add_argument("--workers", type=positive, nargs="+", default=[1, 2], help="worker nodes, one cluster each")
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory(prefix="gi-", dir="/tmp") as tmp:
+    args.workers = sorted(set(args.workers))
+    # SIGTERM unwinds like Ctrl-C, so that each cluster's nodes (in their own process groups) are stopped.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    # A short directory: Ray's socket paths are length-limited.
+    with tempfile.TemporaryDirectory(prefix="gi-", dir=os.environ.get("RAY_TMPDIR", "/tmp")) as tmp:
         temp = Path(tmp)
         study = write_study(temp, args.trials)
         trials = len(load_study(study).trials)
-        measured = {workers: run_on_cluster(workers, study, temp, trials) for workers in (1, 2)}
-        size, write_rate = row_costs(temp / "results-2")
+        measured = {workers: run_on_cluster(workers, study, temp, trials) for workers in args.workers}
+        size, write_rate = row_costs(temp / f"results-{args.workers[-1]}")
     print(f"{trials} near-empty trials through `gradinv run --address` (driver, head and nodes on 2 cores)\n")
     # One row per trial: a study's rows/s is its trials/s, so one column holds both.
     print(f"{'worker nodes':<14}{'seconds':>9}{'trials/s':>10}{'speed-up':>10}")
-    base = measured[1][1] / measured[1][0]
+    first = measured[args.workers[0]]
+    base = first[1] / first[0]
     for workers, (seconds, rows) in measured.items():
         print(f"{workers:<14}{seconds:>9.1f}{rows / seconds:>10.1f}{rows / seconds / base:>10.2f}")
     print(f"\nrow size on disk: {size / 1024:.1f} KiB (near-empty trials: two 4x4 PNGs)")

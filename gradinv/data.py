@@ -9,8 +9,11 @@ from __future__ import annotations
 import functools
 import gzip
 import io
+import math
 import os
 import shutil
+import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +25,7 @@ from .datasets import (  # noqa: F401  (the specs, here too for the code that lo
     DatasetSpec, dataset_spec,
 )
 from .errors import ConfigError, require
+from .files import write_atomic
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 
@@ -168,6 +172,8 @@ def _torchvision_dataset(name: str, root: Path, train: bool, transform, download
 
     if name == "fashion-mnist" and not download:
         _stage_debian_fashion_mnist(root)
+    if name in IDX_FOLDERS:
+        _check_idx_files(name, root, train)
     constructors = {
         "fashion-mnist": datasets.FashionMNIST,
         "mnist": datasets.MNIST,
@@ -209,11 +215,56 @@ def _stage_debian_fashion_mnist(root: Path) -> None:
         target = raw / packed.name[: -len(".gz")]
         if target.exists():
             continue
-        raw.mkdir(parents=True, exist_ok=True)
-        partial = target.with_name(f"{target.name}.{os.getpid()}.tmp")
-        with gzip.open(packed, "rb") as source, open(partial, "wb") as sink:
-            shutil.copyfileobj(source, sink)
-        os.replace(partial, target)  # concurrent stagers each rename a complete file
+        try:
+            raw.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise ConfigError("data root", str(root), f"cannot unpack Fashion-MNIST there ({error.strerror}); "
+                              "point --data-root or GRADINV_DATA at a directory you can write") from None  # fmt: skip
+        try:
+            with gzip.open(packed, "rb") as source:  # concurrent stagers each rename a complete file
+                write_atomic(target, lambda sink: shutil.copyfileobj(source, sink))
+        except (EOFError, gzip.BadGzipFile, zlib.error) as error:  # a damaged package file: nothing staged
+            raise ConfigError("dataset file", str(packed), f"it cannot be unpacked ({error}); reinstall it: "
+                              "apt-get install --reinstall dataset-fashion-mnist") from None  # fmt: skip
+
+
+# torchvision's folder of each IDX dataset under the data root, and the bytes of each IDX item type
+IDX_FOLDERS = {"fashion-mnist": "FashionMNIST", "mnist": "MNIST"}
+IDX_ITEM_BYTES = {0x08: 1, 0x09: 1, 0x0B: 2, 0x0C: 4, 0x0D: 4, 0x0E: 8}
+
+
+def _check_idx_files(name: str, root: Path, train: bool) -> None:
+    """Names a damaged IDX file of the split (an interrupted copy or download) and its fix, where
+    torchvision's reader would fail on it with a reshape error that names neither."""
+    raw = root / IDX_FOLDERS[name] / "raw"
+    for kind in ("images-idx3-ubyte", "labels-idx1-ubyte"):
+        path = raw / f"{'train' if train else 't10k'}-{kind}"
+        problem = _idx_problem(path) if path.is_file() else None  # a missing file: torchvision's "not found"
+        if problem:
+            raise ConfigError("dataset file", str(path), f"{problem}; {_damaged_file_fix(name)}")
+
+
+def _damaged_file_fix(name: str) -> str:
+    if name == "fashion-mnist" and DEBIAN_FASHION_MNIST.is_dir():
+        return f"delete it and gradinv unpacks it again from {DEBIAN_FASHION_MNIST}"
+    return "replace it with a complete copy (torchvision's download=True fetches one where the network allows)"
+
+
+def _idx_problem(path: Path) -> str | None:
+    """What is wrong with an IDX file (a header, then the items its dimensions promise), or None."""
+    size = path.stat().st_size
+    with open(path, "rb") as handle:
+        magic = handle.read(4)
+        if len(magic) < 4 or magic[:2] != b"\0\0" or magic[2] not in IDX_ITEM_BYTES:
+            return f"it is not an IDX file ({size} bytes, no IDX header): truncated or damaged"
+        dimensions = handle.read(4 * magic[3])
+    if len(dimensions) < 4 * magic[3]:
+        return f"it is truncated ({size} bytes, shorter than its header)"
+    items = math.prod(struct.unpack(f">{magic[3]}I", dimensions))
+    expected = 4 + len(dimensions) + items * IDX_ITEM_BYTES[magic[2]]
+    if size != expected:
+        return f"it holds {size} bytes where its header promises {expected}: truncated or damaged"
+    return None
 
 
 # ---------------------------------------------------------------------------------------------

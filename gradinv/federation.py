@@ -100,14 +100,53 @@ class Federation:
             object.__setattr__(self, "alpha", None)
             object.__setattr__(self, "min_partition_size", None)
             object.__setattr__(self, "self_balancing", False)
-        require(self.train_subset is None or self.fed_clients <= self.train_subset, "fed_clients", self.fed_clients,
-                f"use at most {self.train_subset} clients (the train_subset's images)")  # fmt: skip
+        self._check_partition()
         if self.clients_per_round is None:
             object.__setattr__(self, "clients_per_round", self.fed_clients)  # one key for "all" and its count
         require(self.clients_per_round <= self.fed_clients, "clients_per_round", self.clients_per_round,
                 f"use 1 to {self.fed_clients} (the federation's clients)")  # fmt: skip
         for name in ("checkpoint_every", "accuracy_images"):
             require(getattr(self, name) >= 1, name, getattr(self, name), "use 1 or more")
+
+    def _check_partition(self) -> None:
+        """What any partition of the training images needs: an image per client, and under dirichlet
+        room for ``min_partition_size`` images per client (else every draw is refused)."""
+        available, clients = self.training_images, self.fed_clients
+        require(clients <= available, "fed_clients", clients, f"use at most {available} clients ({self._images()})")
+        if self.partition == "dirichlet":
+            most = available // clients
+            require(self.min_partition_size <= most, "min_partition_size", self.min_partition_size,
+                    f"no partition gives each of {clients} clients that many of {self._images()}; use 0 to {most}, "
+                    "or fewer clients")  # fmt: skip
+
+    @property
+    def training_images(self) -> int:
+        """How many training images the clients share: the train_subset's, or all the dataset keeps."""
+        available = data.dataset_spec(self.dataset).train_images
+        return available if self.train_subset is None else min(self.train_subset, available)
+
+    def _images(self) -> str:
+        if self.train_subset is not None and self.train_subset <= self.training_images:
+            return f"the train_subset's {self.train_subset} images"
+        return f"the {self.training_images} training images of {self.dataset}"
+
+    def share_size(self, client: int) -> tuple[int, int]:
+        """The fewest and the most images ``client`` can hold: exact under iid (near-equal parts), and
+        under dirichlet bounded by ``min_partition_size`` for it and for each other client."""
+        available, clients = self.training_images, self.fed_clients
+        if self.partition == "iid":
+            size = available // clients + (client < available % clients)  # np.array_split's part sizes
+            return size, size
+        return self.min_partition_size, available - (clients - 1) * self.min_partition_size
+
+    def check_positions(self, client: int, positions: Sequence[int]) -> None:
+        """Refuses attacked-image positions beyond any share ``client`` can hold (the share drawn is
+        checked again when its partition is known: :func:`attacked_images`)."""
+        fewest, most = self.share_size(client)
+        holds = f"holds {most}" if fewest == most else f"holds at most {most}"
+        for position in positions:
+            require(position < most, "images", position,
+                    f"client {client} {holds} images; use positions 0 to {most - 1}")  # fmt: skip
 
     @classmethod
     def of_trial(cls, trial) -> "Federation":
@@ -294,13 +333,32 @@ def _paths(root: Path, number: int) -> tuple[Path, Path]:
     return root / f"round-{number:05d}.pt", root / f"round-{number:05d}.json"
 
 
+ROUND_FIELDS = {"key": str, "round": int, "test_accuracy": (int, float), "participants": dict, "partitions": list,
+                "label_histograms": list, "training_seconds": (int, float)}  # what readers of a round's sidecar use
+
+
+def read_round_sidecar(path: Path, federation: Federation, number: int) -> dict:
+    """A round's sidecar with its fields, and one partition and one label histogram per client."""
+    info = zoo.read_sidecar(path, ROUND_FIELDS)
+    clients = federation.fed_clients
+    if info["round"] != number:
+        raise zoo.Unreadable(f"{path.name} holds round {info['round']}")
+    for name in ("partitions", "label_histograms"):
+        found = info[name]
+        if len(found) != clients or not all(isinstance(part, list) for part in found):
+            raise zoo.Unreadable(f"{path.name} holds {len(found)} {name} for {clients} clients")
+    if not all(isinstance(index, int) for part in info["partitions"] for index in part):
+        raise zoo.Unreadable(f"{path.name} holds partitions that are not image indices")
+    return info
+
+
 def load_round(federation: Federation, number: int, root: Path) -> Round | None:
     """Round ``number`` from ``root``, or None when it was not kept."""
     weights, sidecar = _paths(root, number)
     if not sidecar.exists():
         return None
     try:
-        info = json.loads(sidecar.read_text())
+        info = read_round_sidecar(sidecar, federation, number)
         state = zoo.read_weights(weights, federation.initial_model().state_dict())
     except (OSError, ValueError, zoo.Unreadable) as problem:
         raise ConfigError("federation", str(weights), f"round {number} is unreadable ({problem}); delete "
@@ -351,7 +409,7 @@ def _latest_kept(federation: Federation, root: Path, up_to: int) -> Round | None
 def training_data(federation: Federation, data_root=None) -> tuple[torch.Tensor, torch.Tensor]:
     """The training subset's images in [0, 1] and labels."""
     train_set = data.open_dataset(federation.dataset, data_root, split="train", image_size=federation.image_size)
-    pairs = [train_set[i] for i in range(min(federation.train_subset, len(train_set)))]
+    pairs = [train_set[i] for i in range(min(federation.train_subset or len(train_set), len(train_set)))]
     return torch.stack([image for image, _ in pairs]), torch.tensor([int(label) for _, label in pairs])
 
 

@@ -1,7 +1,8 @@
 """Files written whole or not at all, with the permissions of any other file the process creates.
 
 The content first fills a temporary file beside the target, which is then renamed into place: a
-reader sees the old file or the new one, never half of one. The temporary file is created like
+reader sees the old file or the new one, never half of one. The temporary file is new, under a name
+nobody can guess, so it is never written through a link someone placed there. The temporary file is created like
 ``open()`` creates any file, mode 0o666 narrowed by the umask (0644 under the usual 022), so that a
 cache or an output folder shared by a group stays readable to it; ``tempfile``'s files are 0600.
 """
@@ -20,7 +21,7 @@ def write_atomic(path: Path, content: bytes | Callable[[BinaryIO], None], *, syn
     ``sync``: flush to the disk before the rename, so the new file survives a power loss too. A failed
     write (a full or read-only disk) leaves nothing behind.
     """
-    partial = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
+    partial = partial_name(path)
     try:
         with open(partial, "xb") as handle:  # x: a new file, never another writer's
             if callable(content):
@@ -34,3 +35,10 @@ def write_atomic(path: Path, content: bytes | Callable[[BinaryIO], None], *, syn
     except BaseException:
         partial.unlink(missing_ok=True)
         raise
+
+
+def partial_name(path: Path) -> Path:
+    """A temporary name beside ``path`` for a file to create exclusively (``open(..., "x")``) and rename into
+    place. Unguessable, so nobody can have placed a link there: a fixed name (``.index.csv.tmp``) could be a
+    link to another file, which writing the name would overwrite."""
+    return path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")

@@ -22,6 +22,7 @@ from .errors import require
 KNOB = "gradinv.knob"  # the field-metadata key of a declaration
 KINDS = ("int", "float", "str", "bool", "ints")
 ARROW = {"int": "int32", "float": "float64", "str": "string", "bool": "bool", "ints": "list<int32>"}
+INTEGER_BITS = {"int32": 32, "int64": 64, "list<int32>": 32}  # the integer columns (or list items) a knob may declare
 Rule = tuple[Callable[[Any], bool], str]  # a value passes when the predicate holds; else the fix is shown
 
 
@@ -44,15 +45,32 @@ class Knob:
     def allowed(self) -> tuple | None:
         return self.choices() if callable(self.choices) else self.choices
 
+    def integer_range(self) -> tuple[int, int]:
+        """The integers the knob's results column (or its list items) holds: more would overflow on writing."""
+        half = 1 << (INTEGER_BITS[self.arrow] - 1)
+        return -half, half - 1
+
     def validate(self, name: str, value) -> None:
         """Raises ConfigError (one line naming the field, the value and the fix) unless ``value`` fits."""
         if value is None and self.optional:
             return
         for holds, fix in self.rules:
             require(holds(value), name, _shown(value), fix)
+        self._check_representable(name, value)
         allowed = self.allowed()
         if allowed is not None:
             require(value in allowed, name, value, f"choose one of {', '.join(map(str, allowed))}")
+
+    def _check_representable(self, name: str, value) -> None:
+        """Every float finite and every integer within its results column, whatever the knob's own rules
+        allow: one rule for study files and flags alike (the rules' messages, more specific, come first)."""
+        if self.kind == "float":
+            require(math.isfinite(value), name, value, "use a finite number")
+        elif self.kind in ("int", "ints") and not isinstance(value, str):  # a list's name: checked by its user
+            low, high = self.integer_range()
+            for item in value if self.kind == "ints" else (value,):
+                bound = f"at most {high}" if item > high else f"at least {low}"
+                require(low <= item <= high, name, _shown(value), f"use {bound}, what its {self.arrow} column holds")
 
 
 def knob(
@@ -120,6 +138,7 @@ def _momentum(value) -> bool:
 
 
 MOMENTUM_FIX = "use a momentum from 0 (plain SGD) to below 1"
+SEED_FIX = "use a seed of 0 or more (the federation and DP-SGD draw from numpy seed sequences, which take no sign)"
 
 
 def _at_least(low) -> Callable[[Any], bool]:
@@ -210,7 +229,7 @@ class VictimSettings(Part):
     norm: str = knob("batch", kind="str", choices=NORMS,
                      help="BatchNorm, or GroupNorm (Opacus' replacement, which DP-SGD training needs)")  # fmt: skip
     model_seed: int = knob(0, kind="int", help="seeds the untrained weights (and a checkpoint's training)",
-                           arrow="int64")  # fmt: skip
+                           arrow="int64", check=_at_least(0), fix=SEED_FIX)  # fmt: skip
     trained_epochs: int = knob(0, kind="int", help="0: the seeded untrained model; else a checkpoint from the zoo",
                                check=_at_least(0), fix="use 0 (untrained) or more")  # fmt: skip
     train_subset: int | None = knob(None, kind="int", check=_at_least(1), fix="use 1 or more",
@@ -238,7 +257,8 @@ class ClientSettings(Part):
     local_batch_size: int = knob(0, kind="int", help="FedAvg: images per local step; 0: all of them", applies=_fedavg,
                                  check=_at_least(0), fix="use 0 (all) or more")  # fmt: skip
     data_order_seed: int = knob(0, kind="int", help="FedAvg: shuffles the mini-batches of each local epoch",
-                                arrow="int64", applies=lambda t: _fedavg(t) and t.batch_order != "sequential")  # fmt: skip
+                                arrow="int64", check=_at_least(0), fix=SEED_FIX,
+                                applies=lambda t: _fedavg(t) and t.batch_order != "sequential")  # fmt: skip
     batch_order: str = knob("shuffled", kind="str", choices=BATCH_ORDERS, applies=_fedavg,
                             help="FedAvg mini-batches: reshuffled each epoch, or the reference's fixed slices")  # fmt: skip
     client_bn: str = knob("eval", kind="str", choices=CLIENT_NORMS,
@@ -261,7 +281,7 @@ class AttackSettings(Part):
 
     attack: str = knob("ig", kind="str", help="the attack family (gradinv.attacks.registry)", choices=_attack_families)
     attack_seed: int = knob(0, kind="int", help="seeds the attack's starting images", arrow="int64",
-                            lane_shared=False, applies=_seeded_attack)  # fmt: skip
+                            lane_shared=False, applies=_seeded_attack, check=_at_least(0), fix=SEED_FIX)  # fmt: skip
     label_method: str = knob("bias_counts", kind="str", choices=LABEL_METHODS, lane_shared=False,
                              applies=lambda t: t.labels == "recovered",
                              help="how recovered labels are read off the update: the classifier's bias-gradient "
@@ -271,13 +291,20 @@ class AttackSettings(Part):
                                   "malicious: it may ship a modified model first (the imprint attack)")  # fmt: skip
 
 
+# An image darker or brighter than the whole sample falls outside every bin and is lost: of n sample images,
+# 2/(n+1) of the client's images on average (two thirds at n = 2), under a tenth from 20 up.
+MIN_IMPRINT_SAMPLE = 20
+IMPRINT_SAMPLE_FIX = (f"use {MIN_IMPRINT_SAMPLE} or more training images: the bins span the sample's brightness, and "
+                      "with n images 2/(n+1) of the client's images fall outside them and are lost")
+
+
 @dataclass(frozen=True, kw_only=True)
 class ImprintSettings(Part):
     """The malicious server's imprint block (gradinv.attacks.imprint, Fowl et al. 2022)."""
 
     imprint_bins: int = knob(256, kind="int", check=_at_least(2), fix="use 2 or more bins", search="choices",
                              help="brightness bins of the imprint block; an image alone in its bin comes back exactly")  # fmt: skip
-    imprint_sample: int = knob(1000, kind="int", check=_at_least(2), fix="use 2 or more training images",
+    imprint_sample: int = knob(1000, kind="int", check=_at_least(MIN_IMPRINT_SAMPLE), fix=IMPRINT_SAMPLE_FIX,
                                help="training images whose brightness quantiles set the bins (the attacker's prior)")  # fmt: skip
 
 
@@ -377,6 +404,20 @@ def _fraction(value) -> bool:
     return 0 < value <= 1
 
 
+# The quantiser (gradinv.defences) rounds to 2**bits levels in the update's float32: past its 24-bit
+# significand finer levels change nothing, and a level count past 64 bits overflows (OverflowError).
+MAX_QUANT_BITS = 32
+QUANT_BITS_FIX = (f"use 1 to {MAX_QUANT_BITS} bits (finer levels than a float32 update's 24-bit precision change "
+                  "nothing), or leave it out for no quantisation")
+# Delta is the chance that the guarantee fails outright; sound choices lie below 1/n for the n images
+# protected (1/n > 7e-7 for every training set here). Below 1e-12 a smaller delta protects nothing more
+# in practice and only inflates epsilon through ln(1/delta) (a subnormal such as 1e-320 is not even the
+# number written: it is stored as 9.99989e-321).
+MIN_DP_DELTA = 1e-12
+DP_DELTA_FIX = (f"use a delta from {MIN_DP_DELTA:g} to below 1 (1e-5 is usual): a smaller chance of failure than "
+                f"{MIN_DP_DELTA:g} protects nothing more and only inflates epsilon")
+
+
 @dataclass(frozen=True, kw_only=True)
 class DefenceSettings(Part):
     """What the client does to its update before sending it (gradinv.defences, applied in this order:
@@ -405,17 +446,19 @@ class DefenceSettings(Part):
     prune_scope: str = knob("layer", kind="str", choices=PRUNE_SCOPES, applies=_pruned,
                             help="prune within each parameter tensor, or over the whole update")  # fmt: skip
     quant_bits: int | None = knob(None, kind="int", help="quantise each tensor to this many bits (default: none)",
-                                  check=_at_least(1), fix="use 1 bit or more, or leave it out for no quantisation")  # fmt: skip
+                                  rules=[(lambda v: v <= MAX_QUANT_BITS, QUANT_BITS_FIX)], check=_at_least(1),
+                                  fix="use 1 bit or more, or leave it out for no quantisation")  # fmt: skip
     quant_rounding: str = knob("stochastic", kind="str", choices=ROUNDINGS, applies=_quantised,
                                help="stochastic (unbiased, QSGD-style) or nearest (1 bit: scaled signSGD)")  # fmt: skip
     defence_seed: int = knob(0, kind="int", help="seeds the noise and the stochastic rounding", arrow="int64",
-                             applies=_randomised)  # fmt: skip
+                             applies=_randomised, check=_at_least(0), fix=SEED_FIX)  # fmt: skip
     prune_aware: bool = knob(False, kind="bool", help="the attacker compares only the coordinates the update kept",
                              applies=lambda t: _pruned(t) and _unrolls_defences(t))  # fmt: skip
     clip_aware: bool = knob(False, kind="bool", help="the attacker clips its candidate update the same way",
                             applies=lambda t: t.clip_update is not None and _unrolls_defences(t))  # fmt: skip
     dp_delta: float = knob(1e-5, kind="float", help="the delta of the reported (epsilon, delta) privacy",
-                           applies=_dp_mechanism, check=lambda v: 0 < v < 1, fix="use a delta between 0 and 1")  # fmt: skip
+                           applies=_dp_mechanism, rules=[(lambda v: not 0 < v < MIN_DP_DELTA, DP_DELTA_FIX)],
+                           check=lambda v: 0 < v < 1, fix="use a delta between 0 and 1")  # fmt: skip
     aggregated_clients: int = knob(1, kind="int", check=_at_least(1), fix="use 1 (no aggregation) or more clients",
                                    help="secure aggregation: the server sees only the mean update of this many clients; "
                                    "the trial's images are split in order into equal groups, one per client; 1: none")  # fmt: skip
@@ -491,9 +534,9 @@ def paper_defaults() -> dict:
 
 
 # ------------------------------------------------------------------------------------------------
-# The README's parameter table, generated from the declarations (a test keeps README.md in step).
+# The parameters page's table, generated from the declarations (a test keeps docs/parameters.md in step).
 
-README_START, README_END = "<!-- parameters: generated by `python -m gradinv.parameters README.md` -->", "<!-- /parameters -->"
+README_START, README_END = "<!-- parameters: generated by `python -m gradinv.parameters docs/parameters.md` -->", "<!-- /parameters -->"
 
 
 def markdown_table() -> str:
@@ -520,9 +563,11 @@ def readme_block() -> str:
 def _rewrite_readme(path: str) -> None:
     from pathlib import Path
 
+    from .files import write_atomic
+
     text = Path(path).read_text()
     start, end = text.index(README_START), text.index(README_END) + len(README_END)
-    Path(path).write_text(text[:start] + readme_block() + text[end:])
+    write_atomic(Path(path), (text[:start] + readme_block() + text[end:]).encode())
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ from .attacks.labels import applicable, recover_labels_with
 from .attacks.registry import FAMILIES, AttackJob, settings_parts
 from .errors import require
 from .defences import sent_update
+from .federation import Federation
 from .fl import FLConfig
 from .parameters import FL_MODES, LABELS, extract, federated, trained_victim  # noqa: F401  (importable from here too)
 from .victims import Untrained, recipe_of, victim_source
@@ -50,6 +51,8 @@ class TrialRules:
         models.default_width(self.model)  # validates the name
         require(not trained_victim(self) or spec.trainable, "trained_epochs", self.trained_epochs,
                 f"{self.dataset} keeps no images to train on (every image is attacked); use 0")  # fmt: skip
+        if trained_victim(self):
+            self.recipe()  # the checkpoint's own rules (DP-SGD training needs GroupNorm), before anything runs
         for requirement in FAMILIES[self.attack].requires:
             requirement.check(self)
         require(self.dp_clip is None or self.local_momentum == 0, "local_momentum", self.local_momentum,
@@ -80,6 +83,8 @@ class TrialRules:
                 f"use 0 to {self.fed_clients - 1} (the federation's clients)")  # fmt: skip
         require(self.aggregated_clients == 1, "aggregated_clients", self.aggregated_clients,
                 "use 1: a federation round attacks one client's update")  # fmt: skip
+        # the recipe's own rules (an image per client, room for the partition sizes), and the client's share
+        Federation.of_trial(self).check_positions(self.attacked_client, self.images)
 
     @property
     def data_spec(self) -> data.DatasetSpec:

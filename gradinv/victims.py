@@ -33,9 +33,10 @@ def training_defence(spec: Any) -> tuple:
     that are on (not at their defaults) among zoo.TRAINING_DEFENCE; () for plain training."""
     if not spec.defended_training:
         return ()
-    resolved, plain = spec.resolved(), parameters.defaults(DefenceSettings)
-    return tuple(sorted((name, getattr(resolved, name)) for name in zoo.TRAINING_DEFENCE
-                        if getattr(resolved, name) != plain[name]))  # fmt: skip
+    # the resolved values, read without building the resolved trial (a trial checks its recipe when built)
+    unused, plain = spec.not_applicable(), parameters.defaults(DefenceSettings)
+    return tuple(sorted((name, getattr(spec, name)) for name in zoo.TRAINING_DEFENCE
+                        if name not in unused and getattr(spec, name) != plain[name]))  # fmt: skip
 
 
 class TestImages:

@@ -134,14 +134,14 @@ SIDECAR_FIELDS = {"key": str, "test_accuracy": (int, float), "epochs": int, "see
                   "training_seconds": (int, float)}  # fmt: skip
 
 
-def read_sidecar(path: Path) -> dict:
-    """A sidecar's JSON, with the fields every reader relies on."""
+def read_sidecar(path: Path, fields: dict[str, type | tuple] = SIDECAR_FIELDS) -> dict:
+    """A sidecar's JSON, with the ``fields`` every reader relies on (name -> type)."""
     try:
         info = json.loads(path.read_text())
     except (OSError, ValueError) as error:  # unreadable, not UTF-8, not JSON
         raise Unreadable(f"{path.name}: {type(error).__name__}") from None
-    fields = info if isinstance(info, dict) else {}
-    bad = [name for name, kind in SIDECAR_FIELDS.items() if not isinstance(fields.get(name), kind)]
+    found = info if isinstance(info, dict) else {}
+    bad = [name for name, kind in fields.items() if not isinstance(found.get(name), kind)]
     if bad:
         raise Unreadable(f"{path.name} lacks {', '.join(bad)}")
     return info

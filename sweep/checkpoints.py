@@ -9,12 +9,16 @@ checkpoint keeps a copy in its own cache for later runs.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 from gradinv import federation, zoo
 from gradinv.parameters import federated
 from gradinv.trial import TrialSpec
 from gradinv.victims import FederationRound, ZooCheckpoint
+
+from .parser import require_writable_directory
+from .tasks import finished
 
 
 def train_task(recipe: zoo.Recipe) -> tuple[bytes, dict]:
@@ -47,6 +51,31 @@ def victim_key(spec: TrialSpec) -> str | None:
     if federated(spec):
         return f"{federation.Federation.of_trial(spec).key}@{spec.round}"
     return spec.recipe().key if spec.trained_epochs else None
+
+
+def check_caches(specs: list[TrialSpec]) -> None:
+    """Before any trial starts, in the driver: when trials need trained victims, this machine's cache is
+    writable, and every checkpoint and federation round of theirs already in it loads (weights only)
+    and has a sound sidecar. Raises ConfigError, one line naming the file and the fix; a damaged cache
+    would otherwise fail every trial on it in the workers."""
+    recipes: dict[str, zoo.Recipe] = {}
+    rounds: dict[str, tuple[federation.Federation, set[int]]] = {}
+    for spec in specs:
+        if federated(spec):
+            recipe = federation.Federation.of_trial(spec)
+            rounds.setdefault(recipe.key, (recipe, set()))[1].add(spec.round)
+        elif spec.trained_epochs:
+            recipes.setdefault(spec.recipe().key, spec.recipe())
+    if not recipes and not rounds:
+        return
+    require_writable_directory("GRADINV_CACHE", zoo.cache_dir())  # loading takes a lock file there; training stores
+    for recipe in recipes.values():
+        zoo.load(recipe)
+    for recipe, numbers in rounds.values():
+        root = federation.federation_dir(recipe)
+        for number in sorted(numbers):
+            federation.load_round(recipe, number, root)
+        federation._latest_kept(recipe, root, max(numbers))  # where training the missing rounds resumes
 
 
 class Victims:
@@ -90,14 +119,16 @@ class Victims:
     def _trained(self, key: str, weights, sidecar) -> None:
         self.training.discard(key)
         try:
-            self.ready[key] = (weights, self.ray.get(sidecar))
+            self.ready[key] = (weights, finished(self.ray, sidecar))  # Ray failing under it: MachineryFailed
         except self.ray.exceptions.RayError as error:
             self.errors[key] = f"training the victim {key} failed: {_last_line(error)}"
+            with contextlib.suppress(self.ray.exceptions.RayError):  # its twin, else Ray prints it as unhandled
+                self.ray.get(weights)
 
     def _federated(self, keys: list[str], ref) -> None:
         self.training.difference_update(keys)
         try:
-            trained = self.ray.get(ref)
+            trained = finished(self.ray, ref)
         except self.ray.exceptions.RayError as error:
             self.errors.update({key: f"training the federation {key} failed: {_last_line(error)}" for key in keys})
             return

@@ -12,8 +12,9 @@ from analysis import cli as analysis_cli
 from gradinv.errors import ConfigError
 
 from . import federation_cli, tuning  # light: the tune command's arguments; its work is imported when it runs
-from .parser import EXIT_INTERRUPTED, EXIT_USAGE
+from .parser import EXIT_USAGE, path, require_writable_directory
 from .parser import Parser as _Parser
+from .stopping import exit_code, raising_on_signals
 
 
 def _add_trial_flags(parser: argparse.ArgumentParser) -> None:
@@ -42,14 +43,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     attack = verbs.add_parser("attack", help="one reconstruction: images and metrics.json")
     _add_trial_flags(attack)
-    attack.add_argument("--out", type=Path, default=None, help="output directory (required unless --replay)")
+    attack.add_argument("--out", type=path, default=None, help="output directory (required unless --replay)")
     attack.add_argument("--replay", nargs=2, metavar=("RESULTS", "KEY"), default=None,
                         help="run a results row's trial again and compare its metrics (the trial flags are ignored)")
     attack.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     attack.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     run = verbs.add_parser("run", help="run a study's trials on Ray into a Parquet results directory")
-    run.add_argument("study", type=Path, help="study file (YAML)")
-    run.add_argument("--results", type=Path, default=None, help="results directory (default results/STUDY_NAME)")
+    run.add_argument("study", type=path, help="study file (YAML)")
+    run.add_argument("--results", type=path, default=None, help="results directory (default results/STUDY_NAME)")
     run.add_argument("--address", default=None, help="a running Ray cluster (default $RAY_ADDRESS, else local)")
     run.add_argument("--data-root", default=None, help="dataset root on every node (default $GRADINV_DATA)")
     run.add_argument("--dry-run", action="store_true", help="print the axes and the trial count; run nothing")
@@ -81,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     listing.add_argument("--cache", default=None)
 
     status = verbs.add_parser("status", help="counts per status and study, and the newest errors")
-    status.add_argument("results", type=Path)
+    status.add_argument("results", type=path)
     tuning.add_parser(verbs)
     federation_cli.add_parser(verbs)
     analysis_cli.add_parsers(verbs)
@@ -131,7 +132,11 @@ def _set_threads(threads: int | None) -> None:
 
 
 def _run_attack(args: argparse.Namespace) -> int:
+    # Where it will write, checked before anything runs (the attack, or the victim it trains first).
+    if args.out is not None:
+        require_writable_directory("--out", args.out)
     if args.cache:
+        require_writable_directory("--cache", args.cache)
         os.environ["GRADINV_CACHE"] = args.cache
     if args.replay:  # the row's own thread count and device kind, not the flags
         from .replay import command
@@ -142,8 +147,9 @@ def _run_attack(args: argparse.Namespace) -> int:
     from .single import attack
 
     _set_threads(args.threads)
+    device = _device(args.device)
     spec = _trial_spec(args)
-    outcome = attack(spec, args.out, data_root=args.data_root, device=args.device)
+    outcome = attack(spec, args.out, data_root=args.data_root, device=device)
     if outcome.status != "ok":
         print(f"gradinv attack: failed: {outcome.error}", file=sys.stderr)
         return 1
@@ -151,6 +157,27 @@ def _run_attack(args: argparse.Namespace) -> int:
     print(f"PSNR {m['psnr']:.2f} dB (gain {m.get('psnr_gain', math.nan):+.2f})  SSIM {m['ssim']:.3f}  "
           f"labels {m['label_accuracy']:.0%}{_privacy(spec)}  {outcome.seconds:.1f} s  -> {args.out}")  # fmt: skip
     return 0
+
+
+def _device(name: str) -> str:
+    """--device, checked before anything runs: a kind gradinv runs on, and a GPU that is there."""
+    import torch
+
+    try:
+        device = torch.device(name)
+    except RuntimeError:  # not a device torch knows: "banana", "cuda:x"
+        raise ConfigError("--device", name, "use cpu, cuda or cuda:N") from None
+    if device.type == "cpu":
+        return name
+    if device.type != "cuda":
+        raise ConfigError("--device", name, "use cpu, cuda or cuda:N (gradinv runs on CPUs and CUDA GPUs)")
+    if not torch.cuda.is_available():
+        raise ConfigError("--device", name, "this machine has no GPU that torch can use; use cpu")
+    count = torch.cuda.device_count()
+    if device.index is not None and device.index >= count:
+        here = "cuda:0" if count == 1 else f"cuda:0 to cuda:{count - 1}"
+        raise ConfigError("--device", name, f"this machine's GPUs are {here}; use one of them")
+    return name
 
 
 def _privacy(spec) -> str:
@@ -193,19 +220,24 @@ def _run_study(args: argparse.Namespace) -> int:
 def _zoo(args: argparse.Namespace) -> int:
     from gradinv import zoo
 
+    from .report_text import visible
+
     if args.zoo_verb == "list":
         for entry in zoo.listing(args.cache):
             info = entry.info
             if info is None:  # skipped: one line on what to do about it
-                print(f"{entry.key}  unreadable ({entry.problem}); delete {entry.key}.pt and {entry.key}.json, "
+                key = visible(entry.key)  # names and problems come from files: no terminal escapes
+                print(f"{key}  unreadable ({visible(entry.problem)}); delete {key}.pt and {key}.json, "
                       "and the study or 'gradinv zoo train' that needs it trains it again")  # fmt: skip
                 continue
-            print(f"{info['key']}  accuracy {info['test_accuracy']:.4f}  epochs {info['epochs']}  "
+            print(f"{visible(str(info['key']))}  accuracy {info['test_accuracy']:.4f}  epochs {info['epochs']}  "
                   f"seed {info['seed']}  {info['training_seconds']:.0f} s")  # fmt: skip
         return 0
     _set_threads(args.threads)
     recipe = zoo.Recipe(args.dataset, args.model, args.width, args.epochs, args.model_seed, args.train_subset,
                         args.image_size)  # fmt: skip
+    _victim_trial(recipe)  # the settings' own rules, before the bar and the cache
+    require_writable_directory("--cache" if args.cache else "GRADINV_CACHE", zoo.cache_dir(args.cache))
     from tqdm import tqdm
 
     with tqdm(total=args.epochs, desc=recipe.key, unit="epoch") as bar:
@@ -221,6 +253,15 @@ def _zoo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _victim_trial(recipe):
+    """A trial of the recipe's victim: its construction checks the width, image size, seed and subset as
+    an attack on that victim would (a recipe checks only what training needs)."""
+    from gradinv.trial import TrialSpec
+
+    return TrialSpec(dataset=recipe.dataset, model=recipe.model, width=recipe.width, trained_epochs=recipe.epochs,
+                     model_seed=recipe.model_seed, train_subset=recipe.train_subset, image_size=recipe.image_size)
+
+
 def _status(args: argparse.Namespace) -> int:
     from .report_text import status
 
@@ -233,15 +274,18 @@ COMMANDS = {"attack": _run_attack, "run": _run_study, "zoo": _zoo, "tune": tunin
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        return COMMANDS[args.verb](args)
-    except ConfigError as error:
-        print(f"gradinv {args.verb}: error: {error}", file=sys.stderr)
-        return EXIT_USAGE
-    except KeyboardInterrupt:
-        print(f"gradinv {args.verb}: interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
+    with raising_on_signals():  # from the first line: a stop while the imports load is one line too
+        command = "gradinv"
+        try:
+            args = build_parser().parse_args(argv)
+            command = f"gradinv {args.verb}"
+            return COMMANDS[args.verb](args)
+        except ConfigError as error:
+            print(f"{command}: error: {error}", file=sys.stderr)
+            return EXIT_USAGE
+        except KeyboardInterrupt as stop:
+            print(f"{command}: interrupted", file=sys.stderr)
+            return exit_code(stop)
 
 
 if __name__ == "__main__":

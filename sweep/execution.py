@@ -13,6 +13,7 @@ import datetime as dt
 import functools
 import json
 import os
+import signal
 import socket
 import time
 import traceback
@@ -159,7 +160,8 @@ def inject_fault(keys: tuple[str, ...], attempt: int) -> None:
 
     Actions: ``raise`` (the trial fails, every time it runs: its pack-mates, run again alone, do not),
     ``exit-first-attempt`` (the worker process dies on the first attempt, as on a lost node),
-    ``sleep:SECONDS`` (a slow trial, each time it runs).
+    ``sleep:SECONDS`` (a slow trial, each time it runs), ``kill-raylet`` and ``kill-raylet-and-hang``
+    (Ray fails under the trial: the worker kills its node's raylet, then dies with it or lingers).
     """
     path = os.environ.get("GRADINV_FAULTS")
     if not path:
@@ -174,3 +176,18 @@ def inject_fault(keys: tuple[str, ...], attempt: int) -> None:
             os._exit(1)
         if action.startswith("sleep:"):
             time.sleep(float(action.split(":", 1)[1]))
+        if action.startswith("kill-raylet"):
+            _kill_raylet()
+            if action == "kill-raylet-and-hang":
+                time.sleep(300)  # no answer: only the driver's watch on its node can tell
+            os._exit(1)
+
+
+def _kill_raylet() -> None:
+    """Kill the raylet that started this worker (its parent process)."""
+    raylet = os.getppid()
+    with open(f"/proc/{raylet}/comm") as comm:
+        name = comm.read().strip()
+    if name != "raylet":
+        raise RuntimeError(f"the parent of this worker is {name!r}, not a raylet")
+    os.kill(raylet, signal.SIGKILL)

@@ -9,6 +9,7 @@ import types
 import typing
 
 from .parser import Parser as _Parser
+from .parser import require_writable_directory
 
 EXECUTION = {"data_root", "cache", "address", "in_process", "round", "threads"}
 
@@ -60,12 +61,18 @@ def command(verb_args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from gradinv import federation as fed
+    from gradinv import zoo
 
     args = _parser().parse_args(verb_args.arguments)
     values = {name: getattr(args, name) for name in vars(args) if name not in EXECUTION | {"federation_verb"}}
     recipe = fed.Federation(**values)
     up_to = recipe.fed_rounds if args.round is None else args.round
     recipe.check_round(up_to)
+    require_writable_directory("--cache" if args.cache else "GRADINV_CACHE", zoo.cache_dir(args.cache))
+    if not args.in_process:
+        from .ray_connection import require_reachable
+
+        require_reachable(args.address)  # before a round is written
     with tqdm(total=up_to, desc=recipe.key, unit="round", dynamic_ncols=True) as bar:
 
         def round_done(current: fed.Round, trained: bool) -> None:

@@ -8,12 +8,14 @@ deleted. A driver that dies (SIGKILL, the out-of-memory killer, a lost machine) 
 behind, and the next writer of the directory folds it into a batch file.
 
 Readers of the dataset (pandas, pyarrow, DuckDB, ``datasets``) skip names that start with '_', so
-they never see a journal.
+they never see a journal. What else may sit in ``_journal/`` (foreign files, links) sweep.results
+judges before anything here reads or deletes it.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import time
 from pathlib import Path
 
@@ -21,6 +23,7 @@ import pyarrow as pa
 
 JOURNAL_DIR = "_journal"
 SUFFIX = ".arrows"  # an Arrow IPC stream
+NAME = re.compile(r"[0-9]+-[0-9]{19}\.arrows")  # PID-NANOSECONDS.arrows, as RowJournal names its files
 
 
 class RowJournal:
@@ -73,23 +76,44 @@ class RowJournal:
         _sync_directory(self.directory)  # the new name survives a power loss too
 
 
-def journal_files(directory: Path) -> list[Path]:
-    return sorted(directory.glob(f"*{SUFFIX}")) if directory.is_dir() else []
+def is_journal_name(name: str) -> bool:
+    return NAME.fullmatch(name) is not None
+
+
+def stream_schema(path: Path) -> pa.Schema | None:
+    """The schema a journal was written with; None when it was cut short before its header (no rows)."""
+    try:
+        with pa.OSFile(str(path)) as source, pa.ipc.open_stream(source) as reader:
+            return reader.schema
+    except (pa.ArrowInvalid, FileNotFoundError):
+        return None
 
 
 def read_journals(files: list[Path], schema: pa.Schema) -> pa.Table:
-    """Every complete batch in ``files``; a batch cut short by a crash mid-append is left out."""
-    batches = []
+    """Every complete batch in ``files`` under ``schema`` (a column a journal lacks is null); a batch cut
+    short by a crash mid-append is left out."""
+    tables = []
     for path in files:
+        batches, written = [], None
         try:
             with pa.OSFile(str(path)) as source, pa.ipc.open_stream(source) as reader:
+                written = reader.schema
                 while True:
                     batches.append(reader.read_next_batch())
         except StopIteration:
-            continue
+            pass
         except (pa.ArrowInvalid, OSError):  # a torn tail (or no header at all): what came before stands
-            continue
-    return pa.Table.from_batches(batches, schema=schema)
+            pass
+        if batches:
+            tables.append(_conform(pa.Table.from_batches(batches, schema=written), schema))
+    return pa.concat_tables(tables) if tables else schema.empty_table()
+
+
+def _conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
+    """``table`` with ``schema``'s columns in its order, nulls where it has none (written before they existed)."""
+    columns = [table[name] if name in table.column_names else pa.nulls(table.num_rows, field.type)
+               for name, field in zip(schema.names, schema)]  # fmt: skip
+    return pa.Table.from_arrays(columns, schema=schema)
 
 
 def _sync_directory(directory: Path) -> None:

@@ -19,6 +19,7 @@ from gradinv.errors import ConfigError
 from gradinv.trial import TrialOutcome, TrialSpec, run_trials
 from gradinv.victims import victim_source
 
+from .report_text import visible
 from .results import ResultsDir
 from .schema import SCHEMA, trial_key
 
@@ -82,11 +83,20 @@ def run_pack_again(specs: list[TrialSpec], row: dict, data_root=None) -> list[Tr
     if device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--replay KEY", row["key"], f"it ran on {row['device']}; replay it on a machine with a GPU")
     threads = torch.get_num_threads()
-    torch.set_num_threads(row["threads"] or 1)
+    torch.set_num_threads(row_threads(row))
     try:
         return run_trials(specs, data_root=data_root, device=device)
     finally:
         torch.set_num_threads(threads)
+
+
+def row_threads(row: dict) -> int:
+    """The thread count the row's worker ran with (none recorded: 1)."""
+    threads = row["threads"]
+    if threads is not None and threads < 1:  # gradinv writes 1 or more: the file was changed since
+        raise ConfigError(f"threads of row {row['key']}", threads, "a trial runs on 1 or more threads; correct the "
+                          "row's threads column or replay another row")  # fmt: skip
+    return threads or 1
 
 
 def _victim_note(row: dict, spec: TrialSpec) -> str | None:
@@ -134,6 +144,8 @@ def report(result: Replay) -> str:
     lines = [f"trial {row['key']}: pack {row['pack_id']}, lane {row['lane_index']} of {row['lanes']}, "
              f"threads {row['threads']}, device {row['device']}"]  # fmt: skip
     lines += [f"note: {note}" for note in result.notes]
+    if row["status"] != "ok":  # its metrics are missing: say why rather than only that they differ
+        lines.append(visible(f"the stored trial {row['status']}: {row['error'] or 'no error recorded'}"))
     if outcome.status != "ok":
         lines.append(f"the replay failed: {outcome.error}")
     lines.append(f"{'metric':<16}{'stored':>24}{'new':>24}")

@@ -3,14 +3,16 @@
 The driver alone writes results. It keeps a bounded number of tasks in flight, journals each
 finished row at once (sweep/journal.py) and writes rows in batches (by count or time). On Ctrl-C or
 SIGTERM it writes what has finished before it exits; killed outright, it leaves the journal, which
-the next run folds in. A full or read-only disk stops it with one line. Re-running the same command
-skips every key that already has a row.
+the next run folds in. A full or read-only disk stops it with one line; so does Ray failing under it
+(a raylet killed, a node lost), and the trials Ray did not finish get no row. Re-running the same
+command skips every key that already has a row.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import math
 import os
 import signal
@@ -18,21 +20,24 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from tqdm import tqdm
 
+from gradinv import memory
 from gradinv.errors import ConfigError
 from gradinv.provenance import commit
 from gradinv.trial import TrialSpec
 
-from .checkpoints import Victims, victim_from_checkpoint
+from .checkpoints import Victims, check_caches, victim_from_checkpoint
 from .execution import Pack, current_attempt, run_pack
 from .journal import JOURNAL_DIR
-from .ray_connection import connect
+from .ray_connection import connect, require_reachable
 from .results import ResultsDir
 from .schema import to_table, trial_key
 from .study import Resources, Study
-from .tasks import TaskLoop, collect, device_of, failed_rows, make_packs, pack_task
+from .tasks import (DEFAULT_LANES, MachineryFailed, NodeWatch, TaskLoop, collect, device_of, failed_rows,
+                    make_packs, pack_task)
 
 EXIT_OK, EXIT_INCOMPLETE, EXIT_WRITE_FAILED, EXIT_INTERRUPTED, EXIT_TERMINATED = 0, 1, 1, 130, 143
 
@@ -177,8 +182,23 @@ def _plain(number: float) -> float | int:
     return int(number) if float(number).is_integer() else number
 
 
+def check_before_start(study: Study, address: str | None) -> Callable[[int, str], None]:
+    """What can be refused before the results directory or Ray: an address where nothing listens, and on
+    this machine a trial it cannot hold and a damaged cache (a cluster's nodes keep caches of their own).
+    Returns the memory check, for a cluster's largest node once connected."""
+    require_reachable(address)
+    device = device_of(study)
+    fits = functools.partial(memory.check_study, study, study.lanes or DEFAULT_LANES[device], device)
+    if not (address or os.environ.get("RAY_ADDRESS")):
+        fits(memory.machine_memory(), "this machine")
+        check_caches(study.trials)
+    return fits
+
+
 def run_study(study: Study, results_path: str | Path, options: RunOptions, *, data_root_arg: str | None = None) -> int:
     """Run the study's missing trials; the exit code says whether every trial now has a row."""
+    named_cluster = bool(options.address or os.environ.get("RAY_ADDRESS"))
+    fits = check_before_start(study, options.address)
     with contextlib.ExitStack() as stack:
         try:  # opening folds in the journal a stopped driver left: a write
             results = stack.enter_context(ResultsDir(results_path, options.set_aside_bad_files))
@@ -189,9 +209,10 @@ def run_study(study: Study, results_path: str | Path, options: RunOptions, *, da
         if not todo:
             print(f"all {len(study.trials)} trials of {study.name} already have rows in {results.path}")
             return EXIT_OK
-        named_cluster = bool(options.address or os.environ.get("RAY_ADDRESS"))
         ray = connect(options.address, runtime_environment(data_root_arg), study.max_retries)
         try:
+            if named_cluster:
+                fits(memory.largest_node_memory(ray), "the cluster's largest node")
             fit = NodeFit(ray, study.resources, named_cluster=named_cluster, wait_seconds=options.autoscale_wait)
             fit.check()
             return _drive(ray, study, todo, results, options, fit)
@@ -208,7 +229,7 @@ def _drive(ray, study: Study, todo, results: ResultsDir, options: RunOptions, fi
     limit = options.max_concurrent or max(2, math.ceil(2 * capacity))
     bar = tqdm(total=len(todo), desc=study.name, unit="trial", disable=not options.progress, dynamic_ncols=True)
     run = _Drive(loop, task, make_packs(study, todo, device), victims, limit, study.max_retries, fit, bar,
-                 _Batcher(results, options.flush_rows, options.flush_seconds))  # fmt: skip
+                 _Batcher(results, options.flush_rows, options.flush_seconds), NodeWatch(ray))  # fmt: skip
     with loop.stopping_on_signals():
         try:
             stopped = run.until_done()
@@ -217,6 +238,8 @@ def _drive(ray, study: Study, todo, results: ResultsDir, options: RunOptions, fi
             return _write_failed(results.path, failure)
         finally:
             run.stop()
+        if isinstance(stopped, MachineryFailed):
+            return _machinery_failed(results.path, stopped, unfinished=len(todo) - run.batcher.written)
         if stopped is not None:
             print(f"interrupted: {run.batcher.written} rows written to {results.path}; run the same command to finish")
             return EXIT_TERMINATED if loop.stop_signal == signal.SIGTERM else EXIT_INTERRUPTED
@@ -227,21 +250,23 @@ class _Drive:
     """The drive loop's state: packs waiting, tasks in flight (on the shared task loop), finished rows."""
 
     def __init__(self, loop: TaskLoop, task, packs: list[Pack], victims: Victims, limit: int, max_retries: int,
-                 fit: NodeFit, bar, batcher: _Batcher):  # fmt: skip
+                 fit: NodeFit, bar, batcher: _Batcher, watch: NodeWatch):  # fmt: skip
         self.loop, self.task, self.victims, self.limit, self.max_retries = loop, task, victims, limit, max_retries
-        self.fit, self.bar, self.batcher = fit, bar, batcher
+        self.fit, self.bar, self.batcher, self.watch = fit, bar, batcher, watch
         self.waiting = list(packs)  # in study order; a pack whose victim is still training waits its turn
         self.in_flight: dict = {}  # ref -> pack
         self.failed = 0
 
-    def until_done(self) -> KeyboardInterrupt | None:
-        """Launch and collect until every pack has its rows; Ctrl-C or SIGTERM stops it early (returned)."""
+    def until_done(self) -> KeyboardInterrupt | MachineryFailed | None:
+        """Launch and collect until every pack has its rows; Ctrl-C, SIGTERM or Ray failing under the run
+        stops it early (returned)."""
         try:
             while self.waiting or self.in_flight:
                 self.fit.check()
+                self.watch.check()
                 self._launch()
                 self.loop.wait(timeout=1.0)  # pack rows and finished victim trainings alike
-        except KeyboardInterrupt as stop:
+        except (KeyboardInterrupt, MachineryFailed) as stop:
             return stop
         return None
 
@@ -278,6 +303,14 @@ def _write_failed(path: Path, failure: RowsNotWritten) -> int:
     print(f"gradinv run: cannot write results to {path}: {failure.error}{kept}{unsaved}; free space or make it "
           "writable, then run the same command (it skips what has a row)", file=sys.stderr)  # fmt: skip
     return EXIT_WRITE_FAILED
+
+
+def _machinery_failed(path: Path, failure: MachineryFailed, unfinished: int) -> int:
+    """One line on stderr: what failed, how many trials did not finish (no row: the next run runs them); exit 1."""
+    trials = f"{unfinished} trial" + ("s" if unfinished != 1 else "")
+    print(f"gradinv run: Ray failed under the run ({failure.what}): {trials} did not finish and have no row; "
+          f"the finished rows are in {path}; run the same command to run the rest", file=sys.stderr)  # fmt: skip
+    return EXIT_INCOMPLETE
 
 
 def _rows(count: int) -> str:

@@ -182,6 +182,11 @@ def file_problem(file: Path) -> str | None:
         return None
     except (OSError, pa.ArrowException) as error:
         return f"not a readable Parquet file ({str(error).splitlines()[0]})"
+    return schema_problem(schema)
+
+
+def schema_problem(schema: pa.Schema) -> str | None:
+    """Why rows of ``schema`` (a file's, a journal's) are not results rows; None when they are."""
     foreign = [f"{field.name} ({field.type})" for field in schema
                if field.name not in SCHEMA.names or SCHEMA.field(field.name).type != field.type]  # fmt: skip
     if foreign:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from gradinv import data
+from gradinv import data, memory
 from gradinv.files import write_atomic
 from gradinv.privacy import privacy_columns
 from gradinv.provenance import provenance
@@ -17,6 +17,7 @@ from gradinv.trial import TrialOutcome, TrialSpec, cached_victim, run_trials
 
 def attack(spec: TrialSpec, out: Path, *, data_root=None, device: str = "cpu") -> TrialOutcome:
     """Run one trial with a progress bar and write its files into ``out`` (complete or not at all)."""
+    memory.refuse_unfit([spec], 1, memory.machine_memory(), "this machine", device=device)  # before anything loads
     data.open_dataset(spec.dataset, data_root, image_size=spec.image_size)  # a missing dataset fails here, before any output
     model = cached_victim(spec)  # so does a broken checkpoint; a missing one is trained first
     total = 1 if "iterations" in spec.not_applicable() else spec.iterations  # analytic families: one step

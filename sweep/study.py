@@ -20,7 +20,7 @@ from gradinv.errors import ConfigError
 from gradinv.parameters import DataSettings, declarations, parameters
 from gradinv.trial import DEFAULTS, TrialSpec
 
-from .schema import SCHEMA, parameter_types
+from .schema import SCHEMA
 from .study_yaml import StudyError, read_yaml
 
 TOP_LEVEL = ("name", "data", "fixed", "grid", "zip", "resources", "max_retries", "timeout", "lanes", "tune")
@@ -98,8 +98,12 @@ class _Checker:
 
 
 def _column_range(column: str) -> tuple[int, int]:
-    """The integers the results column (or its list items) can hold: writing more would overflow."""
-    kind = parameter_types().get(column) or SCHEMA.field(column).type
+    """The integers the results column (or its list items) can hold: writing more would overflow. A trial
+    parameter's range is its declaration's, the one `gradinv attack` flags are held to too."""
+    knob = parameters().get(column)
+    if knob is not None:
+        return knob.integer_range()
+    kind = SCHEMA.field(column).type
     if pa.types.is_list(kind):
         kind = kind.value_type
     half = 1 << (kind.bit_width - 1)
@@ -203,12 +207,20 @@ def _name(check: _Checker, name) -> str:
     return name
 
 
+RAY_RESOURCE_UNIT = 0.0001  # Ray counts resources in ten-thousandths (ray_constants.MIN_RESOURCE_GRANULARITY)
+
+
 def _resources(check: _Checker, value) -> Resources:
     resources = check.mapping(value, ("resources",), ("num_cpus", "num_gpus"))
     num_cpus = check.number(resources.get("num_cpus", 1), ("resources", "num_cpus"), positive=True)
     num_gpus = check.number(resources.get("num_gpus", 0), ("resources", "num_gpus"), minimum=0)
     if num_gpus > 1 and num_gpus != int(num_gpus):
         check.fail(("resources", "num_gpus"), f"{num_gpus}: above 1 a trial takes whole GPUs")
+    for name, amount in (("num_cpus", num_cpus), ("num_gpus", num_gpus)):
+        units = amount / RAY_RESOURCE_UNIT
+        if not math.isclose(units, round(units), rel_tol=1e-9, abs_tol=1e-6) or 0 < units < 1:
+            check.fail(("resources", name), f"{amount!r}: Ray counts resources in steps of {RAY_RESOURCE_UNIT}; use a "
+                                            f"multiple of {RAY_RESOURCE_UNIT}")  # fmt: skip
     return Resources(float(num_cpus), float(num_gpus))
 
 

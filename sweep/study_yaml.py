@@ -5,6 +5,8 @@ What the reader refuses is a :class:`StudyError` naming the file, the line and t
 
 from __future__ import annotations
 
+import os
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -110,8 +112,10 @@ class _Plain:
 
 
 def _text(path: Path) -> str:
-    try:
-        with path.open("rb") as file:
+    try:  # without blocking: opening a FIFO waits for a writer, and reading one or a device may never end
+        with open(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb") as file:
+            if not stat.S_ISREG(os.fstat(file.fileno()).st_mode):
+                raise StudyError(path, None, "file", "not a regular file; give the path of a YAML file")
             data = file.read(MAX_FILE_BYTES + 1)
     except OSError as error:
         raise StudyError(path, None, "file", f"cannot read it ({error.strerror}); check the path") from None

@@ -1,7 +1,8 @@
 """The driver's side of Ray tasks, shared by `run`, `tune` and victim training: trials grouped into
 packs, a pack submitted as a task (retried by Ray when its worker dies), one loop that waits on
-everything in flight and hands each ready task to its owner, and the rows of a task lost for good or
-stopped before its trials finished.
+everything in flight and hands each ready task to its owner, and the rows of a task whose own code
+failed or that was stopped before its trials finished (Ray failing under a task gives none:
+MachineryFailed).
 """
 
 from __future__ import annotations
@@ -10,12 +11,16 @@ import contextlib
 import functools
 import signal
 import threading
+import time
+import types
 from itertools import groupby
 from typing import Callable
 
+from gradinv import memory
 from gradinv.trial import TrialOutcome, TrialSpec, lane_signature
 
 from .execution import Pack, failed_outcomes, now, outcome_row, where_am_i
+from .stopping import Stopped
 from .study import Study
 
 DEFAULT_LANES = {"cpu": 1, "cuda": 16}
@@ -40,11 +45,21 @@ def make_packs(study: Study, todo: list[tuple[str, TrialSpec]], device: str) -> 
 
 
 def pack_task(ray, function, study: Study, **options):
-    """``function`` as a Ray task with a trial's resources; Ray runs it again only when its worker dies
-    (an exception in a trial is a failed row, not a retry)."""
+    """``function`` as a Ray task with a trial's resources, submitted as ``task.remote(pack, *args)``;
+    Ray runs it again only when its worker dies (an exception in a trial is a failed row, not a retry).
+    Each pack also asks for the ``memory`` its trials are estimated to need (gradinv.memory, at most
+    the largest node's), so that Ray never starts more of them on a node than it holds."""
     resources = study.resources
-    return ray.remote(function).options(num_cpus=resources.num_cpus, num_gpus=resources.num_gpus,
-                                        max_retries=study.max_retries, retry_exceptions=False, **options)  # fmt: skip
+    remote = ray.remote(function)
+    fixed = dict(num_cpus=resources.num_cpus, num_gpus=resources.num_gpus, max_retries=study.max_retries,
+                 retry_exceptions=False, **options)  # fmt: skip
+    largest = memory.largest_node_memory(ray)
+
+    def submit(pack: Pack, *args):
+        sized = {"memory": memory.request(pack.specs[0], len(pack.specs), largest, pack.device)} if largest else {}
+        return remote.options(**fixed, **sized).remote(pack, *args)
+
+    return types.SimpleNamespace(remote=submit)
 
 
 def device_of(study: Study) -> str:
@@ -60,14 +75,6 @@ def ready(ray, refs: list, timeout: float) -> list:
     if done:
         done, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
     return done
-
-
-class Stopped(KeyboardInterrupt):
-    """Ctrl-C or SIGTERM reached the driver; ``signum`` says which."""
-
-    def __init__(self, signum: int):
-        super().__init__(signal.Signals(signum).name)
-        self.signum = signum
 
 
 class TaskLoop:
@@ -112,10 +119,17 @@ class TaskLoop:
         """Hand every ready ref to its callback, waiting up to ``timeout`` for the first; raises Stopped
         once a stop signal came (see `stopping_on_signals`)."""
         self._raise_if_stopped()
+        failure = None
         for ref in ready(self.ray, list(self.pending), timeout):
             on_ready = self.pending.pop(ref, None)
-            if on_ready is not None:  # not cancelled by an earlier callback of this burst
+            if on_ready is None:  # cancelled by an earlier callback of this burst
+                continue
+            try:
                 on_ready(ref)
+            except MachineryFailed as failed:  # the rest of the burst finished: their rows count
+                failure = failure or failed
+        if failure is not None:
+            raise failure
         self._raise_if_stopped()
 
     def _raise_if_stopped(self) -> None:
@@ -160,8 +174,54 @@ def nowhere(device: str) -> dict:
 
 
 def collect(ray, ref, pack: Pack, max_retries: int) -> list[dict]:
-    """A finished task's rows; a task that failed for good (its worker died every time) gives failed rows."""
+    """A finished task's rows; a task that raised (its own error, retried by nobody) gives failed rows;
+    Ray failing under it raises MachineryFailed (no rows: the trials did not run to their end)."""
     try:
-        return ray.get(ref)
+        return finished(ray, ref)
     except ray.exceptions.RayError as error:
         return failed_rows(pack, task_error(error), attempt=max_retries + 1)
+
+
+class MachineryFailed(Exception):
+    """Ray failed under the run (its raylet or GCS gone, a node or a worker lost beyond retries, an object
+    lost): the tasks it took did not run to their own end, so their trials get no row and run again next
+    time; the driver stops and says so."""
+
+    def __init__(self, what: str):
+        super().__init__(what)
+        self.what = what
+
+
+def finished(ray, ref):
+    """``ray.get(ref)``; a failure of Ray itself raises MachineryFailed, the task's own error (a
+    RayTaskError: its code raised) stays a RayError for the caller to record."""
+    try:
+        return ray.get(ref)
+    except ray.exceptions.RayTaskError:
+        raise
+    except ray.exceptions.RayError as error:
+        raise MachineryFailed(task_error(error)) from error
+
+
+class NodeWatch:
+    """Whether the Ray node this driver runs on is still alive, asked of the GCS every few seconds: a
+    raylet killed under tasks whose workers linger never fails them, and the driver would wait forever."""
+
+    POLL_SECONDS = 5.0
+
+    def __init__(self, ray, clock=time.monotonic):
+        self.ray, self.clock = ray, clock
+        self.node_id = ray.get_runtime_context().get_node_id()
+        self.polled = clock()
+
+    def check(self) -> None:
+        """Raise MachineryFailed once the GCS counts this driver's node dead (or cannot be asked)."""
+        if self.clock() - self.polled < self.POLL_SECONDS:
+            return
+        self.polled = self.clock()
+        try:
+            alive = any(node["NodeID"] == self.node_id and node.get("Alive") for node in self.ray.nodes())
+        except self.ray.exceptions.RayError as error:
+            raise MachineryFailed(f"the GCS cannot be reached ({task_error(error)})") from error
+        if not alive:
+            raise MachineryFailed("the Ray node of this driver died (its raylet is gone)")

@@ -19,7 +19,7 @@ from .checkpoints import Victims, victim_from_checkpoint
 from .execution import Pack, PackStopped, current_attempt, now, run_pack
 from .results import ResultsDir
 from .study import Study
-from .tasks import TaskLoop, device_of, failed_rows, make_packs, pack_task, stopped_rows, task_error
+from .tasks import TaskLoop, device_of, failed_rows, finished, make_packs, pack_task, stopped_rows, task_error
 
 
 # ---------------------------------------------------------------------------------------------
@@ -158,7 +158,7 @@ class Driver:
     def _take(self, evaluation: Evaluation, gen) -> int | None:
         pack = evaluation.running[gen]
         try:
-            item = self.ray.get(next(gen))
+            item = finished(self.ray, next(gen))  # Ray failing under it raises MachineryFailed: no rows
         except StopIteration:  # ended without rows: only if the stream was cut short
             evaluation.running.pop(gen)
             self._add_failed(evaluation, pack, RuntimeError("the task's stream ended without rows"))

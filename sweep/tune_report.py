@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from analysis import stats
+from gradinv.files import write_atomic
 
 from .study import Study
 from .tune_driver import Driver, Evaluation
@@ -129,7 +130,7 @@ def report(outcome: Outcome) -> None:
 def write_best(study: Study, outcomes: list[Outcome], results: Path) -> None:
     """The fragments, one YAML document per search (yaml.safe_load_all reads them), printed and written."""
     text = "---\n".join(best_fragment(outcome) for outcome in outcomes)
-    (results / BEST_NAME).write_text(text)
+    write_atomic(results / BEST_NAME, text.encode())
     print(text, end="")
     print(f"wrote {results / BEST_NAME}")
 

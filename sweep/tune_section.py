@@ -78,7 +78,7 @@ def tune_searches(study: Study) -> list[TuneSettings]:
     mistake is a StudyError naming file:line and field."""
     check = _Checker(Path(study.path), study.lines)
     if study.tune is None:
-        raise StudyError(study.path, None, "tune", "the study has no 'tune:' section; add one (see README.md, 'The tune: section')")
+        raise StudyError(study.path, None, "tune", "the study has no 'tune:' section; add one (see docs/tuning.md, 'The tune: section')")
     tune = check.mapping(study.tune, ("tune",), TUNE_KEYS)
     if "bootstrap" in tune:  # the interval is `gradinv report`'s (analysis.stats), with its own resamples
         check.fail(("tune", "bootstrap"), "the held-out interval is the report's BCa bootstrap; remove this key")

@@ -12,13 +12,19 @@ the end the best parameters and the paper's defaults are compared on held-out im
 
 from __future__ import annotations
 
+import os
+import sys
 from pathlib import Path
 
 from tqdm import tqdm
 
+from gradinv import memory
+
 from .ray_connection import connect
 from .results import ResultsDir
-from .runner import runtime_environment
+from .runner import check_before_start, runtime_environment
+from .stopping import exit_code
+from .tasks import MachineryFailed
 from .study import Study
 from .tune_driver import Driver, Evaluation
 from .tune_report import Outcome, checkpoint_value, compare_on_held_out, objective_value, print_strongest, report, \
@@ -27,7 +33,7 @@ from .tune_search import best_trial, check_storage, dashboard_hint, finished_can
     requeue_interrupted, storage_url, suggest
 from .tune_section import CHECKPOINTS, TuneSettings, trial_specs, tune_searches
 
-EXIT_OK, EXIT_INCOMPLETE, EXIT_INTERRUPTED = 0, 1, 130
+EXIT_OK, EXIT_INCOMPLETE = 0, 1
 
 
 class Tuner:
@@ -93,7 +99,7 @@ class Tuner:
         self.bar.update(1)
 
     def interrupt(self) -> None:
-        """Ctrl-C: write nothing half-done, requeue the candidates in flight."""
+        """Ctrl-C, SIGTERM or Ray failing: write nothing half-done, requeue the candidates in flight."""
         for evaluation in list(self.driver.active):
             self.driver.abandon(evaluation)
             requeue(self.tuned, evaluation.number)
@@ -106,17 +112,24 @@ def tune_study(study: Study, results_path: str | Path, *, address: str | None = 
     searches = tune_searches(study)
     if storage is not None:
         check_storage(storage)
+    fits = check_before_start(study, address)
     with ResultsDir(results_path) as results:
         url = storage_url(results.path, storage)
         ray = connect(address, runtime_environment(data_root_arg), study.max_retries)
+        if address or os.environ.get("RAY_ADDRESS"):
+            fits(memory.largest_node_memory(ray), "the cluster's largest node")
         driver = Driver(ray, study, results)
         outcomes = []
         try:
             for settings in searches:
                 outcomes.append(_search(driver, settings, url, progress))
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as stop:
             print("interrupted: candidates in flight are queued again; run the same command to continue")
-            return EXIT_INTERRUPTED
+            return exit_code(stop)
+        except MachineryFailed as failure:
+            print(f"gradinv tune: Ray failed under the search ({failure.what}): candidates in flight are queued "
+                  f"again and their trials have no row; run the same command to continue", file=sys.stderr)
+            return EXIT_INCOMPLETE
         finally:
             ray.shutdown()
         finished = [outcome for outcome in outcomes if outcome is not None]
@@ -142,7 +155,7 @@ def _search(driver: Driver, settings: TuneSettings, url: str, progress: bool) ->
     tuner = Tuner(driver, tuned, settings, bar)
     try:
         tuner.run()
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, MachineryFailed):
         tuner.interrupt()
         raise
     finally:

@@ -380,6 +380,8 @@ def test_slurm_script_starts_an_authenticated_gpu_cluster_and_runs_the_study():
     for start in (head, worker):
         assert '--num-gpus="$gpus_per_node"' in start
         assert '--temp-dir="$temp_dir"' in start  # not the shared /tmp/ray
+        assert 'bash -c "$in_private_dir" "$private_dir" ray start' in start  # inside a folder only its user enters
+    assert 'temp_dir="$private_dir/ray"' in text and "mkdir -m 700" in text
     assert '--exclude="$head_node"' in worker
     assert re.search(r'^gradinv run "\$study" --results "\$results" --address "\$address"', flat, flags=re.MULTILINE)
 

@@ -240,3 +240,30 @@ def test_status_counts_journalled_rows_with_the_batched_ones(tmp_path, capsys):
     journal.close()
     assert main(["status", str(results)]) == 0
     assert "5 rows in 1 files and 3 in the journal" in capsys.readouterr().out
+
+
+def test_a_bad_file_appearing_mid_run_ends_it_with_one_line_and_every_row_kept(write_study, tmp_path, monkeypatch,
+                                                                               capsys, ray_tmpdir):  # fmt: skip
+    """The batches go on beside it (no traceback at the next write); the summary, which reads the
+    directory, names it like any bad file."""
+    study_path = study_file(write_study, images=2)
+    results = tmp_path / "results"
+    bad = results / "part-0000000000000000001-bad.parquet"
+    write = ResultsDir.write
+
+    def write_after_a_bad_file_appears(self, rows):
+        if not bad.exists():
+            bad.write_text("not parquet")
+        return write(self, rows)
+
+    monkeypatch.setattr(ResultsDir, "write", write_after_a_bad_file_appears)
+    assert main(["run", str(study_path), "--results", str(results), "--no-progress", "--batch-rows", "1"]) == 2
+    out, err = capsys.readouterr()
+    assert "Traceback" not in out + err
+    lines = [line for line in err.splitlines() if line.startswith("gradinv")]  # Ray may warn too
+    assert len(lines) == 1 and lines[0].startswith(f"gradinv run: error: results file: '{bad}'"), err
+    assert bad.read_text() == "not parquet"
+    bad.unlink()
+    frame = pd.read_parquet(results)
+    assert len(frame) == 4 and frame["key"].is_unique and (frame["status"] == "ok").all()
+    assert leftovers(results) == []

@@ -146,7 +146,7 @@ def test_an_imprint_trial_reads_every_lone_test_image_exactly():
          "fl: 'fedavg' is not valid; the imprint read-off is exact for one gradient: use fedsgd, or fedavg with "
          "local_steps 1"),
         (["--attack", "imprint", "--threat-model", "malicious", "--dataset", "faces"],
-         "imprint_sample: 1000 is not valid; the bins come from the training split of faces; use 2 to 150 images"),
+         "imprint_sample: 1000 is not valid; the bins come from the training split of faces; use 20 to 150 images"),
         (["--attack", "imprint", "--threat-model", "malicious", "--imprint-bins", "1"],
          "imprint_bins: 1 is not valid; use 2 or more bins"),
     ],

@@ -44,6 +44,7 @@ APPLIES_WITH = {
     "label_method": {"labels": "recovered"},  # iLRG reads one FedSGD gradient
     "imprint_bins": IMPRINTED,
     "imprint_sample": IMPRINTED,
+    "defended_training": {"trained_epochs": 1, **DEFENDED_FIXED, "norm": "group"},  # DP-SGD training needs GroupNorm
 }
 
 
@@ -205,9 +206,9 @@ def test_dlg_trials_carry_only_the_settings_dlg_reads(tmp_path):
     assert TrialSpec(attack="dlg", optimizer="sgd", lr=0.5).key_fields() == {"attack": "dlg", "lr": 0.5}
 
 
-def test_the_readme_lists_every_parameter_as_declared():
-    text = (REPO / "README.md").read_text()
-    assert parameters.readme_block() in text, "regenerate it: python -m gradinv.parameters README.md"
+def test_the_parameters_page_lists_every_parameter_as_declared():
+    text = (REPO / "docs" / "parameters.md").read_text()
+    assert parameters.readme_block() in text, "regenerate it: python -m gradinv.parameters docs/parameters.md"
     for name, default in parameters.parameter_defaults().items():
         assert f"| `{name}` |" in text
 

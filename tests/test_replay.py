@@ -106,3 +106,36 @@ def test_a_row_whose_parameters_give_another_key_is_refused(study_results, tmp_p
 
 def test_attack_without_out_or_replay_is_one_line(capsys):
     assert "--out" in one_line_error(["attack", "--dataset", "faces"], capsys)
+
+
+def rewritten_pack(study_results, tmp_path, **changes) -> tuple:
+    """A copy of the fedsgd setting's pack in a new results directory, its second lane's row changed;
+    returns that directory and the changed row's key."""
+    results, frame = study_results
+    key = frame.query(SETTINGS["fedsgd"]).sort_values("lane_index")["key"].iloc[1]
+    rows = ResultsDir(results).read().to_pylist()
+    pack_id = next(row["pack_id"] for row in rows if row["key"] == key)
+    copy = tmp_path / "changed"
+    with ResultsDir(copy) as writer:
+        writer.write([{**row, **changes} if row["key"] == key else row for row in rows if row["pack_id"] == pack_id])
+    return copy, key
+
+
+def test_a_row_with_an_impossible_thread_count_is_one_line_naming_the_field(study_results, tmp_path, capsys):
+    results, key = rewritten_pack(study_results, tmp_path, threads=-3)
+    out = tmp_path / "never"
+    assert one_line_error(["attack", "--replay", str(results), key, "--out", str(out)], capsys) == (
+        f"gradinv attack: error: threads of row {key}: -3 is not valid; a trial runs on 1 or more threads; "
+        "correct the row's threads column or replay another row"
+    )
+    assert not out.exists()
+
+
+def test_replaying_a_failed_row_says_how_it_failed(study_results, tmp_path, capsys):
+    """Its metrics are missing, so they differ: the report says why, the error's control characters escaped."""
+    results, key = rewritten_pack(study_results, tmp_path, status="failed", error="RuntimeError: boom\x1b[2J",
+                                  psnr=None, ssim=None, psnr_per_image=None)  # fmt: skip
+    assert main(["attack", "--replay", str(results), key]) == 1
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert "the stored trial failed: RuntimeError: boom\\x1b[2J" in lines
+    assert lines[-1] == "identical: no"

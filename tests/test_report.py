@@ -562,17 +562,17 @@ def test_a_schema_1_directory_reads_with_nulls_in_report_export_and_status(tmp_p
 
 
 # ---------------------------------------------------------------------------------------------
-# (g) the README's reading examples run as written on a results directory at results/quickstart
+# (g) the results page's reading examples run as written on a results directory at results/quickstart
 
 
 def readme_section(title: str) -> str:
-    text = (REPO / "README.md").read_text()
+    text = (REPO / "docs" / "results.md").read_text()
     start = text.index(f"\n## {title}\n")
     end = text.find("\n## ", start + 1)
     return text[start:end if end != -1 else None]
 
 
-def test_readme_reading_examples_run_on_the_demo_layout(synthetic, tmp_path, monkeypatch, capsys):
+def test_the_results_pages_reading_examples_run_on_the_demo_layout(synthetic, tmp_path, monkeypatch, capsys):
     import datasets.config
 
     monkeypatch.chdir(tmp_path)
@@ -591,7 +591,7 @@ def test_readme_reading_examples_run_on_the_demo_layout(synthetic, tmp_path, mon
     blocks = re.findall(r"```python\n(.*?)```", section, re.S)
     assert len(blocks) >= 4 and all("results/quickstart" in block or "reconstructions" in block for block in blocks)
     for block in blocks:
-        exec(compile(block, "README.md", "exec"), namespace)
+        exec(compile(block, "docs/results.md", "exec"), namespace)
     assert len(namespace["trials"]) == len(pd.read_parquet(synthetic))
     # the demo's report lies beside the results, where no reader picks it up
     assert (tmp_path / "results" / "quickstart.html").exists()

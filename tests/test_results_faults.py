@@ -17,12 +17,14 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from analysis import load
 from gradinv import data
 from gradinv.trial import TrialSpec
 from sweep import results as results_module
 from sweep.cli import main
+from sweep.journal import JOURNAL_DIR
 from sweep.results import SET_ASIDE_DIR, SET_ASIDE_FLAG, ResultsDir
-from sweep.schema import RESULTS_FORMAT, parameter_columns, results_format, to_table, trial_key
+from sweep.schema import FORMAT_KEY, RESULTS_FORMAT, parameter_columns, results_format, to_table, trial_key
 
 STUDY = """\
 name: faults
@@ -177,13 +179,18 @@ def test_a_second_bad_file_of_the_same_name_is_kept_beside_the_first(results, ca
     assert kept == sorted([first, second])
 
 
+def with_damaged_pages(parquet: bytes) -> bytes:
+    """``parquet`` with every data page overwritten, the footer left intact."""
+    raw = bytearray(parquet)
+    footer = int.from_bytes(raw[-8:-4], "little") + 8
+    for i in range(4, len(raw) - footer):
+        raw[i] = 0xAB
+    return bytes(raw)
+
+
 def test_damaged_pages_behind_a_sound_footer_are_named_by_every_reader(results, tmp_path, capsys):
     (file,) = ResultsDir(results).files()
-    raw = bytearray(file.read_bytes())
-    footer = int.from_bytes(raw[-8:-4], "little") + 8
-    for i in range(4, len(raw) - footer):  # every data page, the footer left intact
-        raw[i] = 0xAB
-    file.write_bytes(bytes(raw))
+    file.write_bytes(with_damaged_pages(file.read_bytes()))
     for verb in ("status", "report", "export"):
         assert main(verb_args(verb, results, tmp_path)) == 2
         err = one_line_error(capsys, verb)
@@ -191,7 +198,9 @@ def test_damaged_pages_behind_a_sound_footer_are_named_by_every_reader(results, 
 
 
 def test_an_older_file_lacking_newer_columns_is_still_read(results, capsys):
-    old = to_table(trial_rows(1, study="old")).select(["study", "key", "status", "fl", "psnr"])
+    rows = trial_rows(1, study="old")
+    rows[0]["key"] = "0" * 20  # a trial of its own: the same key would count once (the newer row)
+    old = to_table(rows).select(["study", "key", "status", "fl", "psnr"])
     pq.write_table(old, results / "part-0000000000000000000-old.parquet")
     assert main(["status", str(results)]) == 0
     assert "5 rows in 2 files" in capsys.readouterr().out
@@ -367,3 +376,219 @@ def test_a_report_still_writes_where_it_can(results, tmp_path, capsys):
     out = tmp_path / "new" / "report.html"
     assert main(["report", str(results), "--out", str(out)]) == 0
     assert out.read_text().startswith("<!DOCTYPE html>") and list(out.parent.iterdir()) == [out]
+
+
+# ---------------------------------------------------------------------------------------------
+# 6. two rows of one key: what a crash between writing a batch and dropping the rows it replaced leaves
+
+
+def test_every_reader_counts_the_row_the_runner_keeps_when_two_files_hold_a_key(results, tmp_path, capsys):
+    first = trial_rows()[0]
+    retried = {**first, "status": "failed", "error": "a retry that failed", "psnr": None}
+    # a batch written, the driver killed before it dropped the older row: the newer one counts
+    ResultsDir._write_atomically(to_table([retried]), results / "part-9999999999999999999-retry.parquet")
+    assert sorted(load.load_trials(results)["key"]) == sorted(row["key"] for row in trial_rows())
+    assert load.load_trials(results).set_index("key").loc[first["key"], "status"] == "failed"
+    assert first["key"] not in dict(load.finished_keys(results))  # its older ok row does not count
+    assert len(load.finished_keys(results)) == 3 and len(list(load.iter_image_rows(results))) == 3
+    assert ResultsDir(results).statuses()[first["key"]] == "failed" and len(ResultsDir(results).read()) == 4
+
+    assert main(["status", str(results)]) == 0
+    out = capsys.readouterr().out
+    assert "4 rows in 2 files" in out and "a retry that failed" in out
+    assert main(verb_args("export", results, tmp_path)) == 0
+    index = pd.read_csv(tmp_path / "export" / "index.csv")
+    assert len(index) == 3 and first["key"] not in set(index["key"])
+    assert main(verb_args("report", results, tmp_path)) == 0
+
+    counted = load.load_trials(results).sort_values("key").reset_index(drop=True)
+    with ResultsDir(results):  # `run` opening the directory repairs it by the same rule
+        pass
+    assert pq.read_table(results / "part-9999999999999999999-retry.parquet").num_rows == 1
+    assert len(pd.read_parquet(results)) == 4  # the files themselves now hold one row per key
+    pd.testing.assert_frame_equal(load.load_trials(results).sort_values("key").reset_index(drop=True), counted)
+
+
+def test_of_two_rows_of_a_key_in_one_file_the_first_counts(tmp_path):
+    rows = trial_rows(2)
+    twice = [rows[0], {**rows[0], "psnr": 99.0}, rows[1]]
+    path = tmp_path / "results"
+    path.mkdir()
+    pq.write_table(to_table(twice), path / "part-0000000000000000001-twice.parquet")
+    assert ResultsDir(path).read(["key", "psnr"])["psnr"].to_pylist() == [10.0, 11.0]
+    assert load.load_trials(path)["psnr"].tolist() == [10.0, 11.0]
+
+
+# ---------------------------------------------------------------------------------------------
+# 7. what another program leaves: in the journal, beside the files, as links
+
+
+def _journal_file(results: Path, name: str = "123-0000000000000000001.arrows") -> Path:
+    (results / JOURNAL_DIR).mkdir(exist_ok=True)
+    return results / JOURNAL_DIR / name
+
+
+def _stream(path: Path, table: pa.Table) -> None:
+    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+
+
+def _foreign_name(results: Path) -> Path:
+    path = _journal_file(results, "notes.arrows")
+    _stream(path, to_table(trial_rows(1)))
+    return path
+
+
+def _another_schema(results: Path) -> Path:
+    path = _journal_file(results)
+    _stream(path, pa.table({"key": ["0" * 20], "score": [1.0]}))
+    return path
+
+
+def _another_format(results: Path) -> Path:
+    path = _journal_file(results)
+    table = to_table(trial_rows(1))
+    _stream(path, table.replace_schema_metadata({**table.schema.metadata, FORMAT_KEY: b"2"}))
+    return path
+
+
+def _a_fifo(results: Path) -> Path:
+    path = _journal_file(results)
+    os.mkfifo(path)
+    return path
+
+
+def _a_directory(results: Path) -> Path:
+    path = _journal_file(results)
+    path.mkdir()
+    return path
+
+
+FOREIGN_JOURNALS = {"foreign-name": _foreign_name, "another-schema": _another_schema,
+                    "another-format": _another_format, "fifo": _a_fifo, "directory": _a_directory}  # fmt: skip
+
+
+@pytest.mark.parametrize("kind", sorted(FOREIGN_JOURNALS))
+@pytest.mark.parametrize("verb", ["run", "status"])
+def test_a_file_in_the_journal_that_gradinv_did_not_write_is_named_and_kept(
+    kind, verb, results, tmp_path, capsys, no_ray
+):
+    foreign = FOREIGN_JOURNALS[kind](results)
+    before = listing(results)
+    assert main(verb_args(verb, results, tmp_path)) == 2
+    err = one_line_error(capsys, verb)
+    assert f"results file: '{foreign}'" in err and SET_ASIDE_FLAG in err, err
+    assert listing(results) == before and os.path.lexists(foreign)
+
+
+def test_a_foreign_journal_file_is_set_aside_when_asked(results):
+    foreign = _foreign_name(results)
+    content = foreign.read_bytes()
+    with ResultsDir(results, set_aside_bad_files=True) as directory:
+        assert len(directory.read()) == 4  # not folded in: it is not ours
+    assert not foreign.exists() and (results / SET_ASIDE_DIR / foreign.name).read_bytes() == content
+
+
+def test_a_journal_written_before_newer_columns_existed_is_folded_in(results):
+    journal = _journal_file(results)
+    row = {**trial_rows(1)[0], "key": "0" * 20}
+    table = to_table([row]).select(["study", "key", "status", "psnr"])
+    _stream(journal, table.replace_schema_metadata({FORMAT_KEY: str(RESULTS_FORMAT).encode()}))
+    with ResultsDir(results) as directory:
+        assert directory.read(["key", "psnr"]).to_pylist()[-1] == {"key": "0" * 20, "psnr": 10.0}
+    assert not journal.exists()
+
+
+def _notes(results: Path) -> Path:
+    (results / "notes.txt").write_text("a note\n")
+    return results / "notes.txt"
+
+
+def _plots(results: Path) -> Path:
+    (results / "plots").mkdir()
+    (results / "plots" / "psnr.png").write_bytes(b"\x89PNG")
+    return results / "plots"
+
+
+def _fifo(results: Path) -> Path:
+    os.mkfifo(results / "part-9999999999999999999-fifo.parquet")
+    return results / "part-9999999999999999999-fifo.parquet"
+
+
+FOREIGN_ENTRIES = {"notes.txt": (_notes, "pandas and pyarrow read every visible file"),
+                   "a directory": (_plots, "a directory, not a results file"),
+                   "a FIFO": (_fifo, "a FIFO, not a results file; Parquet readers of the directory would hang on it"),
+                   }  # fmt: skip
+
+
+@pytest.mark.parametrize("entry", sorted(FOREIGN_ENTRIES))
+def test_a_visible_entry_that_is_not_a_results_file_is_named_by_every_command(entry, results, tmp_path, driver):
+    """pandas and pyarrow read every visible name of the directory, so gradinv names what would break
+    them; a FIFO is never opened (reading it would hang: each command runs in its own process here)."""
+    make, problem = FOREIGN_ENTRIES[entry]
+    foreign = make(results)
+    before = listing(results)
+    for verb in ("status", "report", "export", "run"):
+        code, output = driver(*verb_args(verb, results, tmp_path)).wait(timeout=120)
+        assert code == 2, output
+        assert output.count("\n") == 1 and output.startswith(f"gradinv {verb}: error: results file: '{foreign}'")
+        assert problem in output and SET_ASIDE_FLAG in output, output
+    assert listing(results) == before and os.path.lexists(foreign)
+
+
+def test_a_foreign_entry_set_aside_leaves_a_directory_pandas_reads(results, capsys):
+    _notes(results)
+    with pytest.raises(pa.ArrowInvalid, match="notes.txt"):
+        pd.read_parquet(results)
+    with ResultsDir(results, set_aside_bad_files=True):
+        pass
+    assert (results / SET_ASIDE_DIR / "notes.txt").read_text() == "a note\n"
+    assert len(pd.read_parquet(results)) == 4
+
+
+def test_bad_files_appearing_while_a_driver_writes_are_left_alone_and_the_rows_kept(results):
+    rows = trial_rows(6)[4:]
+    (good,) = ResultsDir(results).files()
+    damage = with_damaged_pages(good.read_bytes())  # the same keys as the good file
+    bad = results / "part-9999999999999999999-bad.parquet"
+    damaged = results / "part-9999999999999999997-damaged.parquet"
+    with ResultsDir(results) as directory:  # they appear after the directory was opened and checked
+        bad.write_text("not parquet")
+        os.mkfifo(results / "part-9999999999999999998-fifo.parquet")
+        damaged.write_bytes(damage)
+        directory.write(rows)  # drops replaced keys from the files it can read, never opens the FIFO
+        directory.write([{**rows[0], "psnr": 99.0}, {**trial_rows()[0], "psnr": 98.0}])
+    assert bad.read_text() == "not parquet" and damaged.read_bytes() == damage
+    for each in (bad, damaged, results / "part-9999999999999999998-fifo.parquet"):
+        each.unlink()
+    frame = pd.read_parquet(results).set_index("key")
+    assert len(frame) == 6 and frame.index.is_unique
+    assert frame.loc[rows[0]["key"], "psnr"] == 99.0 and frame.loc[trial_rows()[0]["key"], "psnr"] == 98.0
+
+
+@pytest.mark.parametrize("name, flags", [(JOURNAL_DIR, []), (JOURNAL_DIR, [SET_ASIDE_FLAG]),
+                                         (SET_ASIDE_DIR, [SET_ASIDE_FLAG])])  # fmt: skip
+def test_a_directory_gradinv_writes_in_that_is_a_link_is_refused_and_nothing_is_deleted(
+    name, flags, results, tmp_path, capsys, no_ray
+):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    _stream(elsewhere / "123-0000000000000000001.arrows", to_table(trial_rows(1)))  # a journal of ours, even
+    (elsewhere / "part-bad.parquet").write_text("someone's file")
+    (results / name).symlink_to(elsewhere)
+    (results / "part-bad.parquet").write_text("a bad file to set aside")
+    outside, before = listing(elsewhere), listing(results)
+    assert main([*verb_args("run", results, tmp_path), *flags]) == 2
+    err = one_line_error(capsys, "run")
+    assert f"results file: '{results / name}' is not valid; it is a symbolic link" in err, err
+    assert listing(elsewhere) == outside and listing(results) == before
+
+
+def test_a_lock_file_that_is_a_link_is_refused_and_its_target_kept(results, tmp_path, capsys, no_ray):
+    target = tmp_path / "precious"
+    target.write_text("keep me")
+    (results / ".gradinv.lock").unlink(missing_ok=True)
+    (results / ".gradinv.lock").symlink_to(target)
+    assert main(verb_args("run", results, tmp_path)) == 2
+    assert f"results file: '{results / '.gradinv.lock'}'" in one_line_error(capsys, "run")
+    assert target.read_text() == "keep me"

@@ -45,6 +45,7 @@ from torch import nn
 from .. import data
 from ..errors import require
 from ..fl import ClientUpdate
+from ..parameters import MIN_IMPRINT_SAMPLE
 from .inverting import AttackResult
 
 
@@ -144,7 +145,8 @@ def shipped_model(victim: nn.Module, trial, data_root=None) -> nn.Sequential:
 @functools.lru_cache(maxsize=8)
 def _training_thresholds(dataset: str, side: int, sample: int, bins: int, root: str) -> torch.Tensor:
     available = len(data.open_dataset(dataset, root, split="train", image_size=side))
-    require(sample <= available, "imprint_sample", sample, f"use 2 to {available}, the training images of {dataset}")
+    require(sample <= available, "imprint_sample", sample,
+            f"use {MIN_IMPRINT_SAMPLE} to {available}, the training images of {dataset}")  # fmt: skip
     images01, _ = data.load_images(dataset, tuple(range(sample)), root, split="train", image_size=side)
     return brightness_thresholds(data.normalise(images01, data.dataset_spec(dataset)), bins)
 

@@ -9,11 +9,10 @@ commands that only read results import it. The runs are imported when a trial ru
 from __future__ import annotations
 
 import importlib
-import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
-from ..parameters import ImprintSettings, InvertingSettings, OptimiserSettings
+from ..parameters import MIN_IMPRINT_SAMPLE, ImprintSettings, InvertingSettings, OptimiserSettings
 
 if TYPE_CHECKING:
     import torch
@@ -96,15 +95,14 @@ ONE_GRADIENT = Requirement("fl", lambda t: t.fl, lambda t: t.fl == "fedsgd" or (
                            "the imprint read-off is exact for one gradient: use fedsgd, or fedavg with local_steps 1")  # fmt: skip
 TRAINING_SAMPLE = Requirement(
     "imprint_sample", lambda t: t.imprint_sample, lambda t: t.imprint_sample <= _training_images(t.data_spec),
-    lambda t: f"the bins come from the training split of {t.dataset}; use 2 to {_training_images(t.data_spec)} images",
+    lambda t: f"the bins come from the training split of {t.dataset}; use {MIN_IMPRINT_SAMPLE} to "
+              f"{_training_images(t.data_spec)} images",
 )
 
 
-def _training_images(spec) -> float:
-    """How many training images a dataset keeps (inf where only its source knows, checked when loaded)."""
-    if not spec.trainable:
-        return 0
-    return len(spec.split.train) if spec.split else math.inf
+def _training_images(spec) -> int:
+    """How many training images a dataset keeps."""
+    return spec.train_images
 
 FAMILIES: dict[str, Family] = {
     family.name: family
