@@ -4,7 +4,7 @@ Every trial's scalars fit in memory even for very large studies; the heavy colum
 do not, so they are read only for the trials a view needs (``load_images``, ``load_curves``) or
 streamed batch by batch (``iter_image_rows``). Which columns are settings, outcomes or heavy the
 files say (analysis.roles). Where a crash left two rows of one key, the one the runner keeps counts
-(sweep.results.Winners).
+(gradinv.results.store.Winners).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from gradinv.errors import ConfigError
-from sweep.results import ResultsDir, Winners
+from gradinv.results.store import ResultsDir, Winners
 
 from . import roles
 from .roles import Roles

@@ -11,7 +11,7 @@ from typing import Collection
 import numpy as np
 import pandas as pd
 
-from sweep.report_text import visible
+from gradinv.results.text import visible
 
 from . import figures, stats
 

@@ -99,7 +99,7 @@ def _victims(runs: pd.DataFrame, roles: Roles) -> str:
 
 
 def _chance(dataset: str) -> float:
-    from gradinv.datasets import DATASETS  # the class counts live with the dataset specs (no torch)
+    from gradinv.dataset_specs import DATASETS  # the class counts live with the dataset specs (no torch)
 
     spec = DATASETS.get(dataset)
     return 1 / spec.num_classes if spec else float("nan")

@@ -1,6 +1,6 @@
 """Each results column's role (identity, setting, outcome, provenance, heavy), as the files declare it.
 
-The writer puts a column's role into its Parquet field metadata (``sweep.schema.ROLE_KEY``), so the
+The writer puts a column's role into its Parquet field metadata (``gradinv.results.schema.ROLE_KEY``), so the
 analysis takes roles from the files and keeps no list of its own: a column the schema gains later
 groups trials only when its file declares it a setting. Files written before roles were recorded
 (schema versions 1 and 2) take the role the current schema declares for a column of the same name.
@@ -14,7 +14,7 @@ from typing import Iterable, Mapping
 import pandas as pd
 import pyarrow as pa
 
-from sweep.schema import HEAVY, OUTCOME, REPETITION_KEY, ROLE_KEY, SCHEMA, SETTING
+from gradinv.results.schema import HEAVY, OUTCOME, REPETITION_KEY, ROLE_KEY, SCHEMA, SETTING
 
 PER_IMAGE_SUFFIX = "_per_image"  # an outcome per image beside its mean over the client's images
 

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from gradinv import data
 from gradinv.attacks.inverting import IGConfig, invert_gradients, total_variation
-from gradinv.fl import client_update
+from gradinv.client.update import client_update
 from gradinv.trial import TrialSpec, build_victim
 
 from arguments import positive  # benchmarks/ is on sys.path when a script runs

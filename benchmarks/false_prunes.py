@@ -1,6 +1,6 @@
 """How often does `gradinv tune`'s pruner stop a candidate that would have won? The study's search runs
 (or resumes: a finished one re-runs nothing), then every pruned candidate is run to the end on the same
-tuning images (sweep.tune_audit.rerun_pruned, in this process, nothing written) and its final objective
+tuning images (sweep.tune.audit.rerun_pruned, in this process, nothing written) and its final objective
 is set beside the median of the candidates that completed. A pruned candidate that ends above that
 median is a false prune; one that ends above the best completed candidate would have changed the answer.
 
@@ -16,10 +16,10 @@ import tempfile
 from pathlib import Path
 
 from sweep.study import load_study
-from sweep.tune_audit import rerun_pruned
-from sweep.tune_search import best_trial, open_study, storage_url
-from sweep.tune_section import tune_searches
-from sweep.tuner import tune_study
+from sweep.tune.audit import rerun_pruned
+from sweep.tune.search import best_trial, open_study, storage_url
+from sweep.tune.section import tune_searches
+from sweep.tune.tuner import tune_study
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -20,7 +20,7 @@ import torch
 
 from gradinv import data, metrics
 from gradinv.attacks.imprint import brightness_thresholds, imprinted, lane_images
-from gradinv.fl import FLConfig, client_update
+from gradinv.client.update import FLConfig, client_update
 from gradinv.models import build_model
 
 from arguments import positive  # benchmarks/ is on sys.path when a script runs

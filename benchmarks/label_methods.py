@@ -23,7 +23,7 @@ import torch
 
 from gradinv import data, metrics, zoo
 from gradinv.attacks.labels import LABEL_METHODS, applicable, classifier_parameters, ilrg_labels, recover_labels_with
-from gradinv.fl import FLConfig, client_update
+from gradinv.client.update import FLConfig, client_update
 
 from arguments import positive  # benchmarks/ is on sys.path when a script runs
 

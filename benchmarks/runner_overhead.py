@@ -38,8 +38,8 @@ def write_study(directory: Path, trials: int, lanes: int = 1) -> Path:
 
 
 def plain_loop(study) -> float:
-    from sweep.execution import Pack, run_pack
-    from sweep.schema import trial_key
+    from sweep.worker import Pack, run_pack
+    from gradinv.results.schema import trial_key
 
     start = time.perf_counter()
     for spec in study.trials:

@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from arguments import positive  # noqa: E402
 from runner_overhead import write_study  # noqa: E402
 
-from sweep.local_cluster import LocalCluster  # noqa: E402
+from tests.support.local_cluster import LocalCluster  # noqa: E402
 from sweep.study import load_study  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
@@ -61,7 +61,7 @@ def row_costs(results: Path) -> tuple[float, float]:
     """Bytes per row on disk, and rows per second written by the results directory."""
     import pyarrow.parquet as pq
 
-    from sweep.results import ResultsDir
+    from gradinv.results.store import ResultsDir
 
     rows = pq.read_table(results).to_pylist()
     size = sum(f.stat().st_size for f in results.glob("*.parquet")) / len(rows)

@@ -20,10 +20,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .datasets import (  # noqa: F401  (the specs, here too for the code that loads data)
-    CIFAR10_MEAN, CIFAR10_STD, DATASETS, FACES_SPLIT, IMAGENET_MEAN, IMAGENET_STD, PHOTO_NAMES, BundledSplit,
-    DatasetSpec, dataset_spec,
-)
+from .dataset_specs import CIFAR10_MEAN, CIFAR10_STD, DATASETS, FACES_SPLIT, IMAGENET_MEAN, IMAGENET_STD, PHOTO_NAMES, BundledSplit, DatasetSpec, dataset_spec  # noqa: F401  (the specs, here too for the code that loads data)
 from .errors import ConfigError, require
 from .files import write_atomic
 

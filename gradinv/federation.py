@@ -14,7 +14,7 @@ order. So a recipe gives bit-identical rounds on one machine, with the clients i
 process. The global test accuracy of each round is measured on the first ``accuracy_images`` test
 images.
 
-An attacked client computes its update as every victim here does (gradinv.fl): from the global model,
+An attacked client computes its update as every victim here does (gradinv.client.update): from the global model,
 with BatchNorm as ``client_bn`` says (eval by default: the federation's averaged statistics, which the
 attacker knows), and under FedAvg with the federation's local training, momentum included.
 

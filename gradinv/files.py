@@ -14,6 +14,8 @@ import uuid
 from pathlib import Path
 from typing import BinaryIO, Callable
 
+from .errors import ConfigError
+
 
 def write_atomic(path: Path, content: bytes | Callable[[BinaryIO], None], *, sync: bool = False) -> None:
     """Write ``content`` (bytes, or a function that writes into the open file) to ``path`` atomically.
@@ -42,3 +44,17 @@ def partial_name(path: Path) -> Path:
     place. Unguessable, so nobody can have placed a link there: a fixed name (``.index.csv.tmp``) could be a
     link to another file, which writing the name would overwrite."""
     return path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
+
+
+def require_writable_directory(flag: str, directory: str | os.PathLike) -> None:
+    """Refuses, writing nothing, a directory the command could not create or write into: the nearest of
+    it and its parents that exists must be a directory this process may write."""
+    wanted = Path(directory).expanduser()
+    nearest = wanted
+    while not os.path.exists(nearest) and nearest != nearest.parent:  # false for a dangling link: its parent
+        nearest = nearest.parent
+    if not nearest.is_dir():
+        raise ConfigError(flag, str(directory), f"{nearest} is not a directory; name a directory (it is created "
+                                                "if missing)")  # fmt: skip
+    if not os.access(nearest, os.W_OK | os.X_OK):  # also false on a read-only file system
+        raise ConfigError(flag, str(directory), f"{nearest} is not writable here; name a directory you can write")

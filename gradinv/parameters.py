@@ -404,7 +404,7 @@ def _fraction(value) -> bool:
     return 0 < value <= 1
 
 
-# The quantiser (gradinv.defences) rounds to 2**bits levels in the update's float32: past its 24-bit
+# The quantiser (gradinv.client.defences) rounds to 2**bits levels in the update's float32: past its 24-bit
 # significand finer levels change nothing, and a level count past 64 bits overflows (OverflowError).
 MAX_QUANT_BITS = 32
 QUANT_BITS_FIX = (f"use 1 to {MAX_QUANT_BITS} bits (finer levels than a float32 update's 24-bit precision change "
@@ -420,8 +420,8 @@ DP_DELTA_FIX = (f"use a delta from {MIN_DP_DELTA:g} to below 1 (1e-5 is usual): 
 
 @dataclass(frozen=True, kw_only=True)
 class DefenceSettings(Part):
-    """What the client does to its update before sending it (gradinv.defences, applied in this order:
-    clip, noise, pruning, quantisation), DP-SGD in its local training (gradinv.dp), how much of it the
+    """What the client does to its update before sending it (gradinv.client.defences, applied in this order:
+    clip, noise, pruning, quantisation), DP-SGD in its local training (gradinv.client.dp_training), how much of it the
     attacker mirrors, and secure aggregation over several clients. Defaults: no defence."""
 
     dp_clip: float | None = knob(None, kind="float", help="DP-SGD in local training: the per-example clipping norm "

@@ -22,9 +22,9 @@ from .baselines import BaselinePool, score_baselines
 from .attacks.labels import applicable, recover_labels_with
 from .attacks.registry import FAMILIES, AttackJob, settings_parts
 from .errors import require
-from .defences import sent_update
+from .client.defences import sent_update
 from .federation import Federation
-from .fl import FLConfig
+from .client.update import FLConfig
 from .parameters import FL_MODES, LABELS, extract, federated, trained_victim  # noqa: F401  (importable from here too)
 from .victims import Untrained, recipe_of, victim_source
 

@@ -15,9 +15,9 @@ if TYPE_CHECKING:
 
 class TrainingStep:
     """One SGD step of the recipe (Nesterov momentum 0.9, weight decay 5e-4) on a batch, with the
-    recipe's defences on its gradient: DP-SGD through Opacus (gradinv.dp; the recipe's model has
+    recipe's defences on its gradient: DP-SGD through Opacus (gradinv.client.dp_training; the recipe's model has
     GroupNorm, since BatchNorm mixes a batch's examples) and then the update-level defences
-    (gradinv.defences), their random numbers drawn afresh at every step."""
+    (gradinv.client.defences), their random numbers drawn afresh at every step."""
 
     def __init__(self, model: torch.nn.Module, recipe: Recipe, sample_rate: float, expected_batch_size: float):
         from .parameters import DefenceSettings, defaults
@@ -34,7 +34,7 @@ class TrainingStep:
             self.optimiser = sgd(model.parameters())
             self.parameters = list(model.parameters())
             return
-        from . import dp
+        from .client import dp_training as dp
 
         self.private = self.settings
         self.module, wrapped = dp.make_private(model, sgd, clip=self.settings.dp_clip, noise_seed=self.settings.defence_seed,
@@ -44,7 +44,7 @@ class TrainingStep:
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, float]:
         if self.private is not None:
-            from . import dp
+            from .client import dp_training as dp
 
             logits = dp.noisy_gradient(self.module, self.dp_optimiser, images, labels)
             loss = float(F.cross_entropy(logits.detach(), labels)) if len(labels) else 0.0
@@ -60,7 +60,7 @@ class TrainingStep:
         return logits.detach(), loss
 
     def _defend_gradient(self) -> None:
-        from .defences import client_defences
+        from .client.defences import client_defences
 
         defences = client_defences(dataclasses.replace(self.settings, defence_seed=self.settings.defence_seed * 1_000_003 + self.count))
         if not defences:
@@ -80,7 +80,7 @@ class TrainingStep:
         """The sidecar's privacy fields: DP-SGD's epsilon over the whole training, at the recipe's delta."""
         if self.private is None:
             return {}
-        from .privacy import ACCOUNTANT, epsilon
+        from .client.accounting import ACCOUNTANT, epsilon
 
         return {"training_epsilon": epsilon(self.settings.dp_noise, self.sample_rate, steps, self.settings.dp_delta),
                 "accountant": ACCOUNTANT, "delta": self.settings.dp_delta}  # fmt: skip

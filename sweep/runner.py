@@ -1,7 +1,7 @@
 """`gradinv run`: a study's trials as Ray tasks, their rows in the results directory, exactly once.
 
 The driver alone writes results. It keeps a bounded number of tasks in flight, journals each
-finished row at once (sweep/journal.py) and writes rows in batches (by count or time). On Ctrl-C or
+finished row at once (gradinv/results/journal.py) and writes rows in batches (by count or time). On Ctrl-C or
 SIGTERM it writes what has finished before it exits; killed outright, it leaves the journal, which
 the next run folds in. A full or read-only disk stops it with one line; so does Ray failing under it
 (a raylet killed, a node lost), and the trials Ray did not finish get no row. Re-running the same
@@ -29,15 +29,14 @@ from gradinv.errors import ConfigError
 from gradinv.provenance import commit
 from gradinv.trial import TrialSpec
 
-from .checkpoints import Victims, check_caches, victim_from_checkpoint
-from .execution import Pack, current_attempt, run_pack
-from .journal import JOURNAL_DIR
+from .victim_training import Victims, check_caches, victim_from_checkpoint
+from .worker import Pack, current_attempt, run_pack
+from gradinv.results.journal import JOURNAL_DIR
 from .ray_connection import connect, require_reachable
-from .results import ResultsDir
-from .schema import to_table, trial_key
+from gradinv.results.store import ResultsDir
+from gradinv.results.schema import to_table, trial_key
 from .study import Resources, Study
-from .tasks import (DEFAULT_LANES, MachineryFailed, NodeWatch, TaskLoop, collect, device_of, failed_rows,
-                    make_packs, pack_task)
+from .task_loop import DEFAULT_LANES, MachineryFailed, NodeWatch, TaskLoop, collect, device_of, failed_rows, make_packs, pack_task
 
 EXIT_OK, EXIT_INCOMPLETE, EXIT_WRITE_FAILED, EXIT_INTERRUPTED, EXIT_TERMINATED = 0, 1, 1, 130, 143
 

@@ -3,7 +3,7 @@ signal came, ending in one line and the exit code a shell gives that signal (130
 
 From the start of `main` a signal raises Stopped where it lands: start-up (imports, reading the study,
 starting Ray) has nothing to save. The loops that collect results record it instead and stop at their
-next wait (sweep/tasks.py, TaskLoop.stopping_on_signals).
+next wait (sweep/task_loop.py, TaskLoop.stopping_on_signals).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import contextlib
 import signal
 import threading
 
-from .parser import EXIT_INTERRUPTED, EXIT_TERMINATED
+EXIT_INTERRUPTED, EXIT_TERMINATED = 130, 143  # a shell gives a signal 128 + its number
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 

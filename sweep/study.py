@@ -20,7 +20,7 @@ from gradinv.errors import ConfigError
 from gradinv.parameters import DataSettings, declarations, parameters
 from gradinv.trial import DEFAULTS, TrialSpec
 
-from .schema import SCHEMA
+from gradinv.results.schema import SCHEMA
 from .study_yaml import StudyError, read_yaml
 
 TOP_LEVEL = ("name", "data", "fixed", "grid", "zip", "resources", "max_retries", "timeout", "lanes", "tune")
@@ -52,7 +52,7 @@ class Study:
     max_retries: int = 3
     timeout: float | None = None  # seconds per trial
     lanes: int | None = None  # trials per computation; None: the device's default
-    tune: dict | None = None  # the raw tune: section, validated by sweep.tuning
+    tune: dict | None = None  # the raw tune: section, validated by sweep.cli.tune
     lines: dict = field(default_factory=dict, compare=False, repr=False)  # field path -> line
     fixed: dict = field(default_factory=dict)  # the fixed: settings as given (trials drop those that do not apply)
 

@@ -1,6 +1,6 @@
 """The check every bad-value test of `gradinv attack` makes: exit 2, one line, nothing written."""
 
-from sweep.cli import main
+from sweep.cli.main import main
 
 
 def assert_attack_refuses(argv: list[str], line: str, tmp_path, capsys) -> None:

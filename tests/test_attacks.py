@@ -17,7 +17,7 @@ from gradinv import baselines, data, metrics
 from gradinv.attacks.analytic import first_linear_input
 from gradinv.attacks.inverting import IGConfig, invert_gradients
 from gradinv.attacks.labels import batch_labels, idlg_label
-from gradinv.fl import FLConfig, client_update, minibatch_schedule, model_state, parameter_update
+from gradinv.client.update import FLConfig, client_update, minibatch_schedule, model_state, parameter_update
 from gradinv.trial import TrialSpec, build_victim, run_trials
 
 SMALL = TrialSpec(dataset="fashion-mnist", image_size=16, model="convnet", width=8, iterations=200, tv=1e-4)
@@ -265,8 +265,8 @@ def test_metrics_on_known_answers():
 
 
 def test_layers_take_named_sets_and_negative_indices_and_refuse_bad_ones(tmp_path, capsys):
-    from sweep.cli import main
-    from sweep.schema import trial_key
+    from sweep.cli.main import main
+    from gradinv.results.schema import trial_key
 
     named = TrialSpec(layers="top10")
     assert (named.layers, named.layer_set) == (None, "top10")

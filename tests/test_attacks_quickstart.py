@@ -8,7 +8,7 @@ import pytest
 
 from gradinv.errors import ConfigError
 from gradinv.trial import TrialSpec
-from sweep.cli import main
+from sweep.cli.main import main
 from sweep.study import StudyError, load_study
 
 STUDY = Path(__file__).resolve().parent.parent / "studies" / "attacks-quickstart.yaml"

@@ -126,7 +126,7 @@ def test_a_changed_split_changes_the_keys_of_its_trials_and_checkpoints():
 
     from gradinv.trial import TrialSpec
     from gradinv.zoo import Recipe
-    from sweep.schema import RESULTS_FORMAT, trial_key
+    from gradinv.results.schema import RESULTS_FORMAT, trial_key
 
     def unversioned(spec):  # how a key was made before datasets had split versions
         canonical = json.dumps({"format": RESULTS_FORMAT, **spec.non_default()}, sort_keys=True, separators=(",", ":"))

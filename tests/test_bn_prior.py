@@ -9,11 +9,11 @@ from torch.func import vmap
 
 from gradinv.attacks.bn_prior import BatchNormPrior, feature_distance, group_consistency
 from gradinv.attacks.inverting import IGConfig, LaneObjective, invert_gradients, total_variation
-from gradinv.defences import attacker_update
+from gradinv.client.defences import attacker_update
 from gradinv.errors import ConfigError
 from gradinv.attacks import steps
 from gradinv.attacks.inverting import initial_images
-from gradinv.fl import (
+from gradinv.client.update import (
     FLConfig, PrivateTraining, aggregate, client_update, feature_statistics, minibatch_schedule, model_state,
 )
 from gradinv.models import build_model

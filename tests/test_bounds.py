@@ -10,7 +10,7 @@ from cli_refusals import assert_attack_refuses
 from gradinv import federation as fed, parameters, partition
 from gradinv.errors import ConfigError
 from gradinv.trial import TrialSpec
-from sweep.cli import main
+from sweep.cli.main import main
 
 SEED_FIX = "use a seed of 0 or more (the federation and DP-SGD draw from numpy seed sequences, which take no sign)"
 QUANT_FIX = ("use 1 to 32 bits (finer levels than a float32 update's 24-bit precision change nothing), or leave it "

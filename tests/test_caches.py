@@ -13,8 +13,8 @@ import torch
 from gradinv import federation, zoo
 from gradinv.errors import ConfigError
 from sweep import runner
-from sweep.cli import main
-from sweep.parser import require_writable_directory
+from sweep.cli.main import main
+from gradinv.files import require_writable_directory
 from sweep.study import load_study
 
 ZOO_STUDY = """
@@ -87,7 +87,7 @@ def test_an_unwritable_cache_is_one_line(monkeypatch, no_ray, write_study, tmp_p
 
 
 def test_an_untrained_study_needs_no_cache(monkeypatch, write_study, tmp_path):
-    from sweep.checkpoints import check_caches
+    from sweep.victim_training import check_caches
 
     monkeypatch.setenv("GRADINV_CACHE", str(tmp_path / "a-file" / "cache"))
     (tmp_path / "a-file").write_text("")
@@ -138,7 +138,7 @@ def test_gradinv_attack_on_a_damaged_round_is_the_same_line(kept_round, tmp_path
 
 
 def test_a_sound_cache_passes_the_check(kept_round):
-    from sweep.checkpoints import check_caches
+    from sweep.victim_training import check_caches
 
     study, _, _ = kept_round
     check_caches(list(load_study(study).trials))  # no error

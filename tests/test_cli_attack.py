@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from gradinv import data
-from sweep.cli import main
+from sweep.cli.main import main
 
 TINY = ["--dataset", "faces", "--image", "0", "--image", "1", "--model", "convnet", "--width", "4", "--iterations", "20"]
 

@@ -13,7 +13,7 @@ import torch
 
 from cli_refusals import assert_attack_refuses
 from gradinv import data
-from sweep.cli import main
+from sweep.cli.main import main
 
 FACES = ["--dataset", "faces", "--image", "0", "--model", "convnet", "--width", "2", "--iterations", "2",
          "--image-size", "8"]  # fmt: skip
@@ -205,8 +205,8 @@ def pause():
         time.sleep(0.05)
 
 if os.environ.get("PAUSE_AT") == "start-up":  # while the parser is built (its imports take a second)
-    import sweep.cli
-    sweep.cli.build_parser = lambda: pause()
+    import sweep.cli.main
+    sweep.cli.main.build_parser = lambda: pause()
 elif os.environ.get("PAUSE_AT") == "ray-start":  # in ray.init, once Ray's own start is done
     import ray
     real_init = ray.init

@@ -10,14 +10,14 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-import sweep.schema as schema_module
+import gradinv.results.schema as schema_module
 from analysis import load
 from analysis.export import export
 from analysis.report import build_report
 from analysis.roles import Roles
 from gradinv.errors import ConfigError
-from sweep.results import ResultsDir
-from sweep.schema import _PARAMETER_TYPES, REPETITION_KEY, ROLE_KEY, ROLES, SCHEMA, SCHEMA_VERSION, to_table
+from gradinv.results.store import ResultsDir
+from gradinv.results.schema import _PARAMETER_TYPES, REPETITION_KEY, ROLE_KEY, ROLES, SCHEMA, SCHEMA_VERSION, to_table
 
 HEAVY = {"truth_png", "reconstruction_png", "restart_scores", "curve_iterations", "curve_costs", "curve_psnr",
          "curve_ssim"}  # fmt: skip

@@ -13,10 +13,10 @@ import pandas as pd
 import pytest
 
 from sweep import runner
-from sweep.cli import main
-from sweep.journal import JOURNAL_DIR, RowJournal
-from sweep.results import ResultsDir
-from sweep.schema import to_table, trial_key
+from sweep.cli.main import main
+from gradinv.results.journal import JOURNAL_DIR, RowJournal
+from gradinv.results.store import ResultsDir
+from gradinv.results.schema import to_table, trial_key
 from sweep.study import Resources, load_study
 
 STUDY = """

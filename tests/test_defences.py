@@ -10,11 +10,11 @@ import torch
 
 from gradinv import data
 from gradinv.attacks.inverting import LaneObjective
-from gradinv.defences import add_noise, attacker_defences, client_defences, clip, kept_masks, prune, quantise
-from gradinv.fl import client_update
+from gradinv.client.defences import add_noise, attacker_defences, client_defences, clip, kept_masks, prune, quantise
+from gradinv.client.update import client_update
 from gradinv.parameters import DefenceSettings
 from gradinv.trial import TrialSpec, build_victim, run_trials
-from sweep.schema import trial_key
+from gradinv.results.schema import trial_key
 
 from cli_refusals import assert_attack_refuses
 
@@ -202,7 +202,7 @@ def test_the_prune_aware_attacker_is_not_worse_than_the_naive_one_per_image(bars
     bars.at_least("defences: prune-aware minus naive PSNR, median image [dB]", statistics.median(gains), AWARE_GAIN)
 
 
-# DP-SGD in the local training (gradinv.dp), measured the same way (images 0-3, two attack seeds):
+# DP-SGD in the local training (gradinv.client.dp_training), measured the same way (images 0-3, two attack seeds):
 # no defence 16.8-17.2, dp_noise 0.1 / 1 / 4 (dp_clip 1) 9.2-9.3 / 8.9-9.0 / 8.8-9.3. The update-level
 # noise steps: noise_std 0 / 1e-3 / 1e-2 / 1e-1 give 16.8-17.2 / 14.8 / 10.4-10.6 / 9.0-9.7.
 ADJACENT_RISE = 1.0  # dB: a stronger setting's median may rise over a weaker one's by at most the seed spread (0.7)
@@ -224,8 +224,8 @@ def test_stronger_noise_never_leaks_more_beyond_the_seed_spread(bars):
 def test_a_dp_row_records_the_accountants_epsilon_and_the_update_level_one():
     from opacus.accountants import RDPAccountant
 
-    from gradinv.privacy import gaussian_mechanism_epsilon
-    from sweep.execution import Pack, run_pack
+    from gradinv.client.accounting import gaussian_mechanism_epsilon
+    from sweep.worker import Pack, run_pack
 
     spec = TrialSpec(dataset="faces", images=(0, 1), image_size=8, model="convnet", width=2, iterations=2, fl="fedavg",
                      local_steps=3, dp_clip=0.5, dp_noise=1.3, dp_sample_rate=0.5, dp_delta=1e-6, clip_update=2.0,

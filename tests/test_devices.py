@@ -21,7 +21,7 @@ from gradinv.attacks.analytic import first_linear_input
 from gradinv.attacks.dlg import deep_leakage
 from gradinv.attacks.inverting import IGConfig, invert_gradients
 from gradinv.attacks.labels import recover_labels
-from gradinv.fl import FLConfig, client_update
+from gradinv.client.update import FLConfig, client_update
 from gradinv.trial import TrialSpec, run_trials
 
 SPEC = data.dataset_spec("faces")

@@ -8,9 +8,10 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call, grad, vmap
 
-from gradinv import data, dp, models
+from gradinv import data, models
+from gradinv.client import dp_training as dp
 from gradinv.errors import ConfigError
-from gradinv.fl import FLConfig, model_state, parameter_update
+from gradinv.client.update import FLConfig, model_state, parameter_update
 
 FEDSGD = FLConfig(fl="fedsgd")
 FEDAVG = FLConfig(fl="fedavg", local_steps=3, local_lr=0.1)

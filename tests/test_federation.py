@@ -18,7 +18,7 @@ from gradinv import data, federation as fed, parameters
 from gradinv.errors import ConfigError
 from gradinv.trial import TrialSpec
 from gradinv.victims import victim_source
-from sweep.cli import main
+from sweep.cli.main import main
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = dict(dataset="fashion-mnist", model="convnet", width=4, image_size=8, train_subset=60, fed_clients=4,

@@ -7,7 +7,7 @@ import torch
 from gradinv.attacks.imprint import ImprintBlock, brightness_thresholds, imprinted, recover, run
 from gradinv.attacks.registry import AttackJob
 from gradinv.errors import ConfigError
-from gradinv.fl import FLConfig, client_update
+from gradinv.client.update import FLConfig, client_update
 from gradinv.models import build_model
 
 from cli_refusals import assert_attack_refuses

@@ -7,7 +7,7 @@ import torch
 from gradinv import data
 from gradinv.attacks.labels import LABEL_METHODS, applicable, batch_labels, recover_labels_with
 from gradinv.errors import ConfigError
-from gradinv.fl import FLConfig, client_update
+from gradinv.client.update import FLConfig, client_update
 from gradinv.models import build_model
 
 SPEC = data.dataset_spec("fashion-mnist")

@@ -11,7 +11,7 @@ from gradinv import data
 from gradinv.attacks.costs import GradientCost
 from gradinv.attacks.inverting import LaneObjective
 from gradinv.trial import TrialSpec, build_victim, run_trials
-from sweep.cli import main
+from sweep.cli.main import main
 
 BASE = TrialSpec(dataset="faces", image_size=12, model="convnet", width=4, iterations=60)
 # Packed and single-lane runs take different kernels (grouped convolutions under vmap), and signed Adam
@@ -22,7 +22,7 @@ LANE_AGREEMENT_DB = 0.5
 def lane_inputs(spec: TrialSpec, lanes: int):
     model = build_victim(spec)
     updates, labels = [], []
-    from gradinv.fl import client_update
+    from gradinv.client.update import client_update
 
     for lane in range(lanes):
         indices = tuple(i + lane * len(spec.images) for i in spec.images)

@@ -10,10 +10,10 @@ from cli_refusals import assert_attack_refuses
 from gradinv import memory
 from gradinv.trial import TrialSpec
 from sweep import runner
-from sweep.cli import main
-from sweep.execution import Pack
+from sweep.cli.main import main
+from sweep.worker import Pack
 from sweep.study import load_study
-from sweep.tasks import pack_task
+from sweep.task_loop import pack_task
 
 LIMIT = 16 * 2**30  # the machine these tests pretend to run on
 BASE = "name: big\ndata: {dataset: faces, images: 2}\nfixed: {model: convnet, iterations: 2, %s}\n"

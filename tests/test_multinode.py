@@ -7,8 +7,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from sweep.local_cluster import LocalCluster
-from sweep.results import ResultsDir
+from tests.support.local_cluster import LocalCluster
+from gradinv.results.store import ResultsDir
 
 STUDY = """
 name: multinode

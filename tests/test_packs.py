@@ -6,8 +6,8 @@ import math
 import pytest
 
 from gradinv.trial import TrialSpec
-from sweep import execution
-from sweep.execution import Pack, run_pack
+from sweep import worker as execution
+from sweep.worker import Pack, run_pack
 
 KEYS = ("k0", "k1", "k2")
 SPECS = tuple(TrialSpec(dataset="faces", images=(i,), image_size=8, model="convnet", width=2, iterations=3)
@@ -16,7 +16,7 @@ SPECS = tuple(TrialSpec(dataset="faces", images=(i,), image_size=8, model="convn
 
 @pytest.fixture
 def faults(tmp_path, monkeypatch):
-    """Name trial keys and their deliberate faults (see sweep.execution.inject_fault)."""
+    """Name trial keys and their deliberate faults (see sweep.worker.inject_fault)."""
 
     def set_faults(mapping: dict) -> None:
         path = tmp_path / "faults.json"
@@ -76,7 +76,7 @@ def test_a_family_that_does_not_pack_runs_every_trial_alone(monkeypatch):
 
     from gradinv.attacks import registry
     from sweep.study import Study
-    from sweep.tasks import make_packs
+    from sweep.task_loop import make_packs
 
     study = Study(name="alone", path="alone.yaml", trials=SPECS, collapsed=0, axes={}, points=3, lanes=8)
     assert [len(pack.keys) for pack in make_packs(study, list(zip(KEYS, SPECS)), "cpu")] == [3]

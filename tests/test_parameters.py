@@ -16,13 +16,14 @@ import torch
 from gradinv import parameters, trial
 from gradinv.attacks.registry import FAMILIES
 from gradinv.errors import ConfigError
-from gradinv.fl import FLConfig, client_update
+from gradinv.client.update import FLConfig, client_update
 from gradinv.models import build_model, default_width
 from gradinv.parameters import knob
 from gradinv.trial import TrialSpec, lane_signature
 from gradinv.victims import Untrained, ZooCheckpoint, victim_source
-from sweep import cli, study
-from sweep.schema import SCHEMA, parameter_columns, parameter_types
+from sweep.cli import main as cli
+from sweep import study
+from gradinv.results.schema import SCHEMA, parameter_columns, parameter_types
 
 REPO = Path(__file__).resolve().parent.parent
 DATA_SECTION = ("dataset", "images", "labels", "image_size")

@@ -9,7 +9,7 @@ import pytest
 from scipy.optimize import brentq
 from scipy.stats import norm
 
-from gradinv import privacy
+from gradinv.client import accounting as privacy
 from gradinv.errors import ConfigError
 
 DELTA = 1e-5
@@ -82,6 +82,6 @@ def test_bad_inputs_are_one_line_config_errors(call, field):
 
 
 def test_importing_privacy_loads_no_torch():
-    code = "import sys, gradinv.privacy; print('torch' in sys.modules)"
+    code = "import sys, gradinv.client.accounting; print('torch' in sys.modules)"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.stdout.strip() == "False", done.stderr

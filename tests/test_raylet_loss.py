@@ -1,13 +1,13 @@
 """Ray failing under a run (its raylet killed) is not the trials' failure: the trials that did not run to
 their own end get no row, the driver says what happened in one line and exits 1, and the next run runs
-them. The kill lands at a chosen trial (sweep.execution.inject_fault), not at a moment."""
+them. The kill lands at a chosen trial (sweep.worker.inject_fault), not at a moment."""
 
 import json
 
 import pandas as pd
 
-from sweep.journal import JOURNAL_DIR
-from sweep.schema import trial_key
+from gradinv.results.journal import JOURNAL_DIR
+from gradinv.results.schema import trial_key
 from sweep.study import load_study
 
 STUDY = """

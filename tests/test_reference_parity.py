@@ -21,7 +21,7 @@ from gradinv import metrics, models
 from gradinv.attacks.inverting import (
     IGConfig, LaneObjective, final_images, initial_images, invert_gradients, median_filter, step_size_factor,
 )  # fmt: skip
-from gradinv.fl import FLConfig, client_update, minibatch_schedule
+from gradinv.client.update import FLConfig, client_update, minibatch_schedule
 from gradinv.trial import TrialSpec
 
 RTOL = 1e-5

@@ -6,9 +6,9 @@ import textwrap
 import pandas as pd
 import pytest
 
-from sweep import replay
-from sweep.cli import main
-from sweep.results import ResultsDir
+from sweep.cli import replay
+from sweep.cli.main import main
+from gradinv.results.store import ResultsDir
 
 # Two clients per setting, packed two lanes to a computation: replay must rebuild the pack.
 STUDY = """

@@ -24,8 +24,8 @@ from PIL import Image, ImageStat
 
 from analysis.export import export
 from analysis.report import write_report
-from sweep.cli import main
-from sweep.results import ResultsDir
+from sweep.cli.main import main
+from gradinv.results.store import ResultsDir
 
 from html_tables import Tables
 
@@ -516,7 +516,7 @@ def test_page_puts_plots_before_long_tables_and_few_series_per_axes(synthetic, t
 
 def test_outcome_columns_are_never_settings():
     from analysis.roles import Roles
-    from sweep.schema import SCHEMA
+    from gradinv.results.schema import SCHEMA
 
     SETTINGS = Roles.of_schema(SCHEMA).settings
     new = {"baseline_psnr", "baseline_psnr_mean_image", "baseline_psnr_flat", "baseline_psnr_class_mean",
@@ -533,7 +533,7 @@ def test_outcome_columns_are_never_settings():
 
 def schema_1_copy(rows: list[dict], path: Path) -> Path:
     """The rows as a schema-1 file: without any column that version 2 added."""
-    from sweep.schema import to_table
+    from gradinv.results.schema import to_table
 
     added = {"baseline_psnr", "baseline_psnr_mean_image", "baseline_psnr_flat", "baseline_psnr_class_mean",
              "baseline_ssim_mean_image", "baseline_ssim_flat", "baseline_ssim_class_mean", "psnr_gain",

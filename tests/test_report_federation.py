@@ -16,8 +16,8 @@ from PIL import Image
 from analysis import stats
 from analysis import report_federation as federation
 from analysis.report import write_report
-from sweep.results import ResultsDir
-from sweep.schema import SCHEMA
+from gradinv.results.store import ResultsDir
+from gradinv.results.schema import SCHEMA
 
 from html_tables import pngs, section, table_frame
 

@@ -17,8 +17,8 @@ from PIL import Image
 from analysis import report_privacy as privacy
 from analysis.privacy_table import DEFENCE_COLUMNS, defence_of, privacy_table, shown_table, strength_of
 from analysis.report import write_report
-from sweep.results import ResultsDir
-from sweep.schema import to_table
+from gradinv.results.store import ResultsDir
+from gradinv.results.schema import to_table
 
 from html_tables import pngs, section, table_frame
 

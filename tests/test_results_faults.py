@@ -2,7 +2,7 @@
 meets a bad directory with one line and exit code 2: damaged or foreign Parquet files, a read-only file
 system, an export into the results, crafted keys, a report that cannot be written.
 
-Rows are written directly through sweep.results (no Ray); `run` refuses before it would start Ray.
+Rows are written directly through gradinv.results.store (no Ray); `run` refuses before it would start Ray.
 """
 
 import errno
@@ -20,11 +20,11 @@ import torch
 from analysis import load
 from gradinv import data
 from gradinv.trial import TrialSpec
-from sweep import results as results_module
-from sweep.cli import main
-from sweep.journal import JOURNAL_DIR
-from sweep.results import SET_ASIDE_DIR, SET_ASIDE_FLAG, ResultsDir
-from sweep.schema import FORMAT_KEY, RESULTS_FORMAT, parameter_columns, results_format, to_table, trial_key
+from gradinv.results import store as results_module
+from sweep.cli.main import main
+from gradinv.results.journal import JOURNAL_DIR
+from gradinv.results.store import SET_ASIDE_DIR, SET_ASIDE_FLAG, ResultsDir
+from gradinv.results.schema import FORMAT_KEY, RESULTS_FORMAT, parameter_columns, results_format, to_table, trial_key
 
 STUDY = """\
 name: faults

@@ -12,11 +12,11 @@ import pyarrow.parquet as pq
 import pytest
 
 from gradinv import data
-from sweep.cli import main
-from sweep.results import ResultsDir
-from sweep.schema import SCHEMA, SCHEMA_VERSION, trial_key
+from sweep.cli.main import main
+from gradinv.results.store import ResultsDir
+from gradinv.results.schema import SCHEMA, SCHEMA_VERSION, trial_key
 from sweep.study import load_study
-from sweep.tasks import Stopped, TaskLoop
+from sweep.task_loop import Stopped, TaskLoop
 
 STUDY = """
 name: tiny-run

@@ -9,10 +9,10 @@ import torch
 
 from gradinv import data
 from gradinv.attacks.inverting import LaneObjective
-from gradinv.defences import client_defences, client_settings, private_training, sent_update
-from gradinv.fl import client_update
+from gradinv.client.defences import client_defences, client_settings, private_training, sent_update
+from gradinv.client.update import client_update
 from gradinv.trial import TrialSpec, build_victim, lane_signature, run_trials
-from sweep.schema import parameter_columns, trial_key
+from gradinv.results.schema import parameter_columns, trial_key
 
 TINY = dict(dataset="faces", image_size=8, model="convnet", width=8)
 

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from sweep.cli import main
+from sweep.cli.main import main
 from sweep.ray_connection import connect
-from sweep.results import ResultsDir
+from gradinv.results.store import ResultsDir
 from tests.test_results_faults import trial_rows
 
 CRAFTED = "\x1b]0;pwned\x07\x1b[2J\x1b[HFAKE: all trials ok"  # retitle, clear the screen, home the cursor

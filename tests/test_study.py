@@ -8,8 +8,8 @@ import pytest
 
 from gradinv.data import dataset_spec
 from gradinv.trial import TrialSpec
-from sweep.cli import main
-from sweep.schema import trial_key
+from sweep.cli.main import main
+from gradinv.results.schema import trial_key
 from sweep.study import StudyError, load_study
 
 GOOD = """

@@ -10,10 +10,10 @@ import yaml
 
 from analysis.report import write_report
 from sweep.study import load_study
-from sweep.tune_search import JOURNAL_NAME, suggest
-from sweep.tune_section import PAPER_DEFAULTS, candidate, trial_specs, tune_searches
-from sweep.tuner import tune_study
-from sweep.tuning import main
+from sweep.tune.search import JOURNAL_NAME, suggest
+from sweep.tune.section import PAPER_DEFAULTS, candidate, trial_specs, tune_searches
+from sweep.tune.tuner import tune_study
+from sweep.cli.tune import main
 from tests.html_tables import section, table_frame
 
 BASE = "name: x\ndata: {dataset: faces, images: 6, image_size: 8}\nfixed: {model: convnet, width: 2}\ntune:\n"

@@ -14,14 +14,14 @@ import pandas as pd
 import pytest
 
 from analysis import load, tuning_history
-from sweep.results import ResultsDir
+from gradinv.results.store import ResultsDir
 from sweep.study import load_study
-from sweep.tune_report import TOO_SMALL, compare_on_held_out
-from sweep.tune_search import JOURNAL_NAME, make_pruner, open_study, sampled_params, suggest
-from sweep.tune_section import CHECKPOINTS, FIRST_DECAY, PAPER_DEFAULTS, trial_specs, tune_searches
-from sweep.tune_audit import rerun_pruned
-from sweep.tuner import tune_study
-from sweep.tuning import main
+from sweep.tune.report import TOO_SMALL, compare_on_held_out
+from sweep.tune.search import JOURNAL_NAME, make_pruner, open_study, sampled_params, suggest
+from sweep.tune.section import CHECKPOINTS, FIRST_DECAY, PAPER_DEFAULTS, trial_specs, tune_searches
+from sweep.tune.audit import rerun_pruned
+from sweep.tune.tuner import tune_study
+from sweep.cli.tune import main
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -216,8 +216,8 @@ class StartingDriver:
 def driver_life(settings, url: str, writes: int | None) -> tuple[list, tuple[int, int] | None]:
     """One driver: open the search, queue again what a stopped driver left, ask one candidate; killed
     after ``writes`` storage writes. The candidates it started, and what the requeue said."""
-    from sweep.tune_search import make_sampler, requeue_interrupted
-    from sweep.tuner import Tuner
+    from sweep.tune.search import make_sampler, requeue_interrupted
+    from sweep.tune.tuner import Tuner
 
     open_study(settings, url)  # created (or loaded) before the counted writes, as at start-up
     tuned = optuna.load_study(study_name=settings.name, storage=killed_after(url, writes), sampler=make_sampler(settings))
@@ -365,7 +365,7 @@ def test_pruning_stops_weak_candidates_early_and_rows_carry_candidates(write_stu
 def test_driver_killed_mid_search_resumes_without_losing_or_doubling_a_candidate(write_study, tmp_path, ray_tmpdir):
     path = write_study(TINY.format(budget=160, candidates=6))
     results = tmp_path / "results"
-    command = [sys.executable, "-m", "sweep.tuning", str(path), "--results", str(results), "--no-progress"]
+    command = [sys.executable, "-m", "sweep.cli.tune", str(path), "--results", str(results), "--no-progress"]
     first = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                              start_new_session=True)  # fmt: skip
     try:

@@ -15,8 +15,8 @@ import torch
 from gradinv import data, models, zoo
 from gradinv.errors import ConfigError
 from gradinv.trial import TrialOutcome, TrialSpec
-from sweep.cli import main
-from sweep.single import write_outcome
+from sweep.cli.main import main
+from sweep.cli.attack import write_outcome
 
 SMALL = zoo.Recipe("fashion-mnist", "convnet", 4, epochs=2, train_subset=600, image_size=10, batch_size=32)
 TINY = ["--dataset", "faces", "--model", "convnet", "--width", "2", "--epochs", "1", "--image-size", "8"]
@@ -186,7 +186,7 @@ DP_ACCURACY_DROP = 0.3  # the drop at noise 4 is 0.53-0.55; seeds move an accura
 
 
 def test_defended_training_has_its_own_key_its_privacy_and_costs_accuracy_at_strong_noise():
-    from gradinv.privacy import epsilon
+    from gradinv.client.accounting import epsilon
 
     grouped = dataclasses.replace(SMALL, norm="group")
     dp = dataclasses.replace(grouped, defence=(("dp_clip", 1.0), ("dp_noise", 4.0)))

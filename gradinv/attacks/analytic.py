@@ -7,7 +7,7 @@ import time
 import torch
 from torch import nn
 
-from ..fl import ClientUpdate
+from ..client.update import ClientUpdate
 from .inverting import AttackResult
 
 

@@ -6,7 +6,7 @@ layer expects, ``sum_l ||mu_l(x) - mu_l*||_2 + ||sigma2_l(x) - sigma2_l*||_2`` w
 and (biased) variances of the layer's inputs over the batch and spatial positions. The targets are
 the model's running statistics (``bn_stats`` ``running``: realistic, but 0 and 1 in an untrained model)
 or the client batch's own, recorded when it trained with BatchNorm in train mode (``batch``: the
-paper's optimistic threat model; :attr:`gradinv.fl.ClientUpdate.bn_batch_stats`). The candidate's
+paper's optimistic threat model; :attr:`gradinv.client.update.ClientUpdate.bn_batch_stats`). The candidate's
 features come from the same forward the client ran (``client_bn``) on the images of the client's
 first local step; under secure aggregation each client's group of candidate images is compared with
 that client's statistics and the distances add up (the optimistic attacker knows each client's).
@@ -26,7 +26,7 @@ from torch import nn
 from torch.func import vmap
 
 from ..errors import require
-from ..fl import ClientUpdate, LayerStats, batch_norms, feature_statistics, minibatch_schedule
+from ..client.update import ClientUpdate, LayerStats, batch_norms, feature_statistics, minibatch_schedule
 
 
 def feature_distance(stats: LayerStats, targets: LayerStats) -> torch.Tensor:

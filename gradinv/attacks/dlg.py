@@ -13,8 +13,8 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
-from ..defences import attacker_update
-from ..fl import ClientUpdate, model_state
+from ..client.defences import attacker_update
+from ..client.update import ClientUpdate, model_state
 from ..parameters import DefenceSettings, OptimiserSettings, extract
 from .costs import GradientCost
 from .inverting import AttackResult, TrialTimeout

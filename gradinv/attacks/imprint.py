@@ -44,7 +44,7 @@ from torch import nn
 
 from .. import data
 from ..errors import require
-from ..fl import ClientUpdate
+from ..client.update import ClientUpdate
 from ..parameters import MIN_IMPRINT_SAMPLE
 from .inverting import AttackResult
 

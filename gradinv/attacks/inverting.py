@@ -27,13 +27,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import vmap
 
-from ..defences import attacker_update, kept_masks
+from ..client.defences import attacker_update, kept_masks
 from ..errors import require
-from ..fl import ClientUpdate, model_state
-from ..parameters import (  # noqa: F401  (the choices, declared with the knobs; importable from here too)
-    COSTS, DECAYS, INITS, LAYER_SETS, LAYER_WEIGHTINGS, OPTIMIZERS, SCORINGS, DefenceSettings, InvertingSettings,
-    OptimiserSettings, declarations, extract,
-)
+from ..client.update import ClientUpdate, model_state
+from ..parameters import COSTS, DECAYS, INITS, LAYER_SETS, LAYER_WEIGHTINGS, OPTIMIZERS, SCORINGS, DefenceSettings, InvertingSettings, OptimiserSettings, declarations, extract  # noqa: F401  (the choices, declared with the knobs; importable from here too)
 from . import steps
 from .bn_prior import BatchNormPrior, group_consistency
 from .costs import BATCH_LAYERS, GradientCost, layer_weights, named_set_mask
@@ -135,9 +132,9 @@ class LaneObjective:
     sum's gradient is each run's own gradient). ``vmap`` over a single run is that run's function
     applied directly, so ``L * R = 1`` is the same computation without the batching overhead.
     ``seed`` draws the ``batch`` layer set's tensors. The candidate update goes through the defences
-    the attacker mirrors (gradinv.defences: the clip when ``clip_aware``; with ``prune_aware`` only
+    the attacker mirrors (gradinv.client.defences: the clip when ``clip_aware``; with ``prune_aware`` only
     the coordinates the sent update kept are compared) before the cost; under secure aggregation it
-    is the mean over the clients' groups of images (gradinv.defences.attacker_update). The priors
+    is the mean over the clients' groups of images (gradinv.client.defences.attacker_update). The priors
     (gradinv.attacks.bn_prior) add their weighted terms to each run's cost after the TV; the
     BatchNorm prior is also batched by ``vmap`` over the runs.
     """

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import ConfigError, require
-from ..fl import ClientUpdate
+from ..client.update import ClientUpdate
 from ..parameters import LABEL_METHODS  # noqa: F401  (declared with the knob)
 
 

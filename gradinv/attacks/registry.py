@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
-    from ..fl import ClientUpdate
+    from ..client.update import ClientUpdate
     from .inverting import AttackResult
 
 

@@ -3,7 +3,7 @@
 Files are written under a hidden temporary name and renamed into place, so a reader (pandas,
 pyarrow, DuckDB, Hugging Face ``datasets``) never sees half a file: readers skip names that start
 with '.' or '_'. One driver at a time may write a directory (an OS file lock, released on death).
-The schema, the trial key and the results format are sweep.schema's.
+The schema, the trial key and the results format are gradinv.results.schema's.
 
 Readers take every visible name in the directory as a Parquet file, so anything else visible there
 (a FIFO, a directory, notes.txt) is named in one line like a damaged file. Where a crash left two rows
@@ -200,7 +200,7 @@ class ResultsDir:
         stamped = table.replace_schema_metadata({**(table.schema.metadata or {}), **stamp})
         write_atomic(final, lambda sink: pq.write_table(stamped, sink), sync=True)
 
-    # The row journal (sweep/journal.py): finished rows on disk before their batch file is written.
+    # The row journal (gradinv/results/journal.py): finished rows on disk before their batch file is written.
 
     def journal(self) -> RowJournal:
         """A new journal for this writer's rows (write inside ``with`` only), stamped with the results format."""

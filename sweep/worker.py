@@ -24,11 +24,11 @@ import torch
 
 from gradinv import data
 from gradinv.attacks.inverting import TrialTimeout
-from gradinv.privacy import privacy_columns
+from gradinv.client.accounting import privacy_columns
 from gradinv.provenance import provenance
 from gradinv.trial import TrialOutcome, TrialSpec, run_trials
 
-from .schema import parameter_columns
+from gradinv.results.schema import parameter_columns
 
 
 class PackStopped(RuntimeError):

@@ -19,7 +19,7 @@ from typing import Callable
 from gradinv import memory
 from gradinv.trial import TrialOutcome, TrialSpec, lane_signature
 
-from .execution import Pack, failed_outcomes, now, outcome_row, where_am_i
+from .worker import Pack, failed_outcomes, now, outcome_row, where_am_i
 from .stopping import Stopped
 from .study import Study
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import warnings
 
-from .errors import require
+from ..errors import require
 
 ACCOUNTANTS = ("rdp", "prv")  # Opacus' Renyi-DP and privacy-random-variable accountants; "rdp" is the default
 # Opacus' "gdp" is left out: its central-limit approximation is far off for the few steps of one update

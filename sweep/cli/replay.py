@@ -19,9 +19,9 @@ from gradinv.errors import ConfigError
 from gradinv.trial import TrialOutcome, TrialSpec, run_trials
 from gradinv.victims import victim_source
 
-from .report_text import visible
-from .results import ResultsDir
-from .schema import SCHEMA, trial_key
+from gradinv.results.text import visible
+from gradinv.results.store import ResultsDir
+from gradinv.results.schema import SCHEMA, trial_key
 
 COMPARED = ("psnr", "ssim", "mse", "feature_mse", "psnr_gain", "label_accuracy")
 PROVENANCE = ("host", "device", "torch_version", "commit")  # where a difference explains differing numbers
@@ -163,7 +163,7 @@ def command(results: str, key: str, *, data_root=None, out: Path | None = None) 
     """Print the comparison (and write the new outcome's files into ``out``); 0 when identical, else 1."""
     result = replay(results, key, data_root=data_root)
     if out is not None:
-        from .single import write_outcome
+        from .attack import write_outcome
 
         write_outcome(result.outcome, out, device_kind(result.row))
     print(report(result))

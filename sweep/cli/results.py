@@ -11,11 +11,11 @@ import math
 from pathlib import Path
 
 from gradinv.errors import ConfigError
-from sweep.parser import path
+from sweep.cli.parser import path
 
 
 def add_parsers(verbs) -> None:
-    from .stats import SUCCESS_PSNR
+    from analysis.stats import SUCCESS_PSNR
 
     report = verbs.add_parser("report", help="one self-contained HTML report of a results directory")
     report.add_argument("results", type=path, help="results directory (gradinv run --results DIR)")
@@ -32,7 +32,7 @@ def add_parsers(verbs) -> None:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from .report import write_report
+    from analysis.report import write_report
 
     if not (math.isfinite(args.threshold) and args.threshold > 0):  # nan compares false: every trial would fail
         raise ConfigError("--threshold", args.threshold, "use a finite, positive PSNR in dB, e.g. 20")
@@ -42,7 +42,7 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from .export import export
+    from analysis.export import export
 
     index = export(args.results, args.to)
     trials = index["key"].nunique() if len(index) else 0

@@ -29,9 +29,9 @@ from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
-from .errors import require
-from .fl import FLConfig, local_sgd
-from .privacy import accounting_steps
+from ..errors import require
+from .update import FLConfig, local_sgd
+from .accounting import accounting_steps
 
 Batches = list[torch.Tensor]  # the image indices of each DP-SGD step, as the client realised them
 NORM_EPSILON = 1e-6  # Opacus' clip factor: min(1, clip / (norm + 1e-6))

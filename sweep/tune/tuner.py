@@ -1,13 +1,13 @@
 """`gradinv tune`'s search: Optuna's ask/tell around the candidate driver, then the held-out comparison.
 
 The driver alone talks to Optuna and writes results. A candidate (one Optuna trial) is evaluated as
-ordinary trials, one per tuning client (sweep/tune_driver.py); the driver reports the objective
+ordinary trials, one per tuning client (sweep/tune/driver.py); the driver reports the objective
 (PSNR or SSIM against the true images: gradinv is a research tool with ground truth) of each client's
 best images so far, averaged over the candidate's clients, at every checkpoint, asks the pruner, and
 cancels a pruned candidate's tasks. The gradient cost, which tracks the final PSNR loosely, stays a
 column of the rows (curve_costs). Every trial lands as a row of the results dataset with its candidate number. At
 the end the best parameters and the paper's defaults are compared on held-out images
-(sweep/tune_report.py). A killed driver's candidates are queued again (sweep/tune_search.py).
+(sweep/tune/report.py). A killed driver's candidates are queued again (sweep/tune/search.py).
 """
 
 from __future__ import annotations
@@ -20,18 +20,16 @@ from tqdm import tqdm
 
 from gradinv import memory
 
-from .ray_connection import connect
-from .results import ResultsDir
-from .runner import check_before_start, runtime_environment
-from .stopping import exit_code
-from .tasks import MachineryFailed
-from .study import Study
-from .tune_driver import Driver, Evaluation
-from .tune_report import Outcome, checkpoint_value, compare_on_held_out, objective_value, print_strongest, report, \
-    write_best
-from .tune_search import best_trial, check_storage, dashboard_hint, finished_candidates, mark_sampled, open_study, requeue, \
-    requeue_interrupted, storage_url, suggest
-from .tune_section import CHECKPOINTS, TuneSettings, trial_specs, tune_searches
+from ..ray_connection import connect
+from gradinv.results.store import ResultsDir
+from ..runner import check_before_start, runtime_environment
+from ..stopping import exit_code
+from ..task_loop import MachineryFailed
+from ..study import Study
+from .driver import Driver, Evaluation
+from .report import Outcome, checkpoint_value, compare_on_held_out, objective_value, print_strongest, report, write_best
+from .search import best_trial, check_storage, dashboard_hint, finished_candidates, mark_sampled, open_study, requeue, requeue_interrupted, storage_url, suggest
+from .section import CHECKPOINTS, TuneSettings, trial_specs, tune_searches
 
 EXIT_OK, EXIT_INCOMPLETE = 0, 1
 

@@ -8,7 +8,7 @@ deleted. A driver that dies (SIGKILL, the out-of-memory killer, a lost machine) 
 behind, and the next writer of the directory folds it into a batch file.
 
 Readers of the dataset (pandas, pyarrow, DuckDB, ``datasets``) skip names that start with '_', so
-they never see a journal. What else may sit in ``_journal/`` (foreign files, links) sweep.results
+they never see a journal. What else may sit in ``_journal/`` (foreign files, links) gradinv.results.store
 judges before anything here reads or deletes it.
 """
 

@@ -9,7 +9,7 @@ import types
 import typing
 
 from .parser import Parser as _Parser
-from .parser import require_writable_directory
+from gradinv.files import require_writable_directory
 
 EXECUTION = {"data_root", "cache", "address", "in_process", "round", "threads"}
 
@@ -70,7 +70,7 @@ def command(verb_args: argparse.Namespace) -> int:
     recipe.check_round(up_to)
     require_writable_directory("--cache" if args.cache else "GRADINV_CACHE", zoo.cache_dir(args.cache))
     if not args.in_process:
-        from .ray_connection import require_reachable
+        from ..ray_connection import require_reachable
 
         require_reachable(args.address)  # before a round is written
     with tqdm(total=up_to, desc=recipe.key, unit="round", dynamic_ncols=True) as bar:
@@ -85,9 +85,9 @@ def command(verb_args: argparse.Namespace) -> int:
         if args.in_process:
             final = fed.train(recipe, up_to, cache=args.cache, data_root=args.data_root, on_round=round_done)
         else:
-            from .checkpoints import ray_clients
-            from .ray_connection import connect
-            from .runner import runtime_environment
+            from ..victim_training import ray_clients
+            from ..ray_connection import connect
+            from ..runner import runtime_environment
 
             ray = connect(args.address, runtime_environment(args.data_root), max_retries=3)
             try:

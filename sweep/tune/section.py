@@ -17,8 +17,8 @@ from gradinv.parameters import PARTS, DataSettings, InvertingSettings, Optimiser
     parameters, search_space
 from gradinv.trial import TrialSpec
 
-from .schema import trial_key
-from .study import Study, StudyError, _Checker
+from gradinv.results.schema import trial_key
+from ..study import Study, StudyError, _Checker
 
 TUNE_KEYS = ("objective", "budget", "space", "families", "per", "sampler", "pruner", "candidates", "parallel",
              "tuning_images", "held_out_images", "bootstrap")  # fmt: skip

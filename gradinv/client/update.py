@@ -1,7 +1,7 @@
 """What a federated client sends: a FedSGD gradient or a FedAvg weight update, after its defences.
 
 The pipeline: the victim's weights -> local training (:class:`FLConfig`, DP-SGD when the trial asks)
--> defences (gradinv.defences) -> the update -> with secure aggregation, the mean of several clients'
+-> defences (gradinv.client.defences) -> the update -> with secure aggregation, the mean of several clients'
 updates (:func:`aggregate`), which is all the server sees.
 One pure function, :func:`parameter_update`, computes the update from images and labels. The client
 calls it on its real data; the attacker calls the same function on its guesses inside
@@ -29,8 +29,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad
 
-from .errors import require
-from .parameters import BATCH_ORDERS, CLIENT_NORMS, FL_MODES, ClientSettings  # noqa: F401  (declared with the knobs)
+from ..errors import require
+from ..parameters import BATCH_ORDERS, CLIENT_NORMS, FL_MODES, ClientSettings  # noqa: F401  (declared with the knobs)
 
 FLConfig = ClientSettings  # how the client computes its update (gradinv.parameters); the attacker knows all of it
 Defence = Callable[[tuple[torch.Tensor, ...]], tuple[torch.Tensor, ...]]  # an update in, the update sent out
@@ -39,7 +39,7 @@ LayerStats = tuple[tuple[torch.Tensor, torch.Tensor], ...]  # per BatchNorm laye
 
 @dataclass(frozen=True)
 class PrivateTraining:
-    """DP-SGD in the client's local training (gradinv.dp): per-example clip, noise, Poisson batches."""
+    """DP-SGD in the client's local training (gradinv.client.dp_training): per-example clip, noise, Poisson batches."""
 
     clip: float
     noise_multiplier: float
@@ -220,7 +220,7 @@ def client_update(
     if private is None:
         tensors = local_training(model, images, labels, fl)
     else:
-        from .dp import dp_local_training  # Opacus: only trials with DP-SGD load it
+        from .dp_training import dp_local_training  # Opacus: only trials with DP-SGD load it
 
         tensors, batches = dp_local_training(model, images, labels, fl=fl, clip=private.clip, seed=private.seed,
                                              noise_multiplier=private.noise_multiplier, sample_rate=private.sample_rate)  # fmt: skip

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -11,28 +10,15 @@ import pyarrow.compute as pc
 
 from gradinv.errors import ConfigError
 
-from .results import ResultsDir
-from .schema import REPETITION, ROLE_KEY, SCHEMA, SETTING
+from gradinv.results.store import ResultsDir
+from gradinv.results.schema import REPETITION, ROLE_KEY, SCHEMA, SETTING
+from gradinv.results.text import visible
 
 if TYPE_CHECKING:  # sweep.study imports torch through gradinv.trial: `gradinv status` does without
-    from .study import Study
+    from ..study import Study
 
 # Characters that steer a terminal or reorder text rather than show: C0 (ESC, BEL, newlines...), DEL,
 # C1 (CSI, OSC...) and the bidirectional overrides and isolates.
-CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
-
-
-def visible(text: str, keep: str = "") -> str:
-    """``text`` from a file with each control character (those in ``keep`` aside) written as an escape
-    (\\x1b, \\u202e): a crafted row can then neither retitle, clear nor repaint the reader's terminal."""
-    return CONTROL.sub(lambda found: found[0] if found[0] in keep else _escape(found[0]), text)
-
-
-def _escape(character: str) -> str:
-    code = ord(character)
-    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
-
-
 def _visible_cells(column):
     """A column with every string in it passed through ``visible`` (other values as they are)."""
     if column.dtype.kind != "O":  # text, categories or Python objects: the columns that can hold a string

@@ -3,11 +3,11 @@
 This module is the command: its arguments and entry points, light to import (`gradinv --help` loads
 neither torch nor Optuna). The work lives in layers below it:
 
-- sweep/tune_section.py: the study's `tune:` section, validated; a candidate's parameters as trials;
-- sweep/tune_search.py: Optuna's storage, sampler, pruner and the resume of a stopped search;
-- sweep/tune_driver.py: candidates evaluated as streaming Ray tasks, cancelled when pruned;
-- sweep/tune_report.py: the held-out comparison with the paper's defaults and the `fixed:` fragment;
-- sweep/tuner.py: ask/tell around the driver, from the first candidate to the comparison.
+- sweep/tune/section.py: the study's `tune:` section, validated; a candidate's parameters as trials;
+- sweep/tune/search.py: Optuna's storage, sampler, pruner and the resume of a stopped search;
+- sweep/tune/driver.py: candidates evaluated as streaming Ray tasks, cancelled when pruned;
+- sweep/tune/report.py: the held-out comparison with the paper's defaults and the `fixed:` fragment;
+- sweep/tune/tuner.py: ask/tell around the driver, from the first candidate to the comparison.
 """
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ from pathlib import Path
 
 from gradinv.errors import ConfigError
 
-from .parser import EXIT_INTERRUPTED, EXIT_USAGE, Parser
+from ..stopping import EXIT_INTERRUPTED
+from .parser import EXIT_USAGE, Parser
 
 
 def _add_arguments(parser) -> None:
@@ -37,8 +38,8 @@ def add_parser(verbs) -> None:
 
 
 def command(args) -> int:
-    from .study import load_study
-    from .tuner import tune_study
+    from ..study import load_study
+    from ..tune.tuner import tune_study
 
     study = load_study(args.study)
     results = args.results or Path("results") / study.name
@@ -47,7 +48,7 @@ def command(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m sweep.tuning STUDY ...`: the tune verb on its own."""
+    """`python -m sweep.cli.tune STUDY ...`: the tune verb on its own."""
     parser = Parser(prog="gradinv tune", description="Search the strongest attack for a study's setting.")
     _add_arguments(parser)
     args = parser.parse_args(argv)
@@ -61,5 +62,5 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_INTERRUPTED
 
 
-if __name__ == "__main__":  # the Ray tasks live in sweep.tune_driver: nothing here is pickled
+if __name__ == "__main__":  # the Ray tasks live in sweep.tune.driver: nothing here is pickled
     sys.exit(main())

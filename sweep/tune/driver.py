@@ -15,11 +15,11 @@ from dataclasses import dataclass, field
 
 from gradinv.trial import TrialSpec
 
-from .checkpoints import Victims, victim_from_checkpoint
-from .execution import Pack, PackStopped, current_attempt, now, run_pack
-from .results import ResultsDir
-from .study import Study
-from .tasks import TaskLoop, device_of, failed_rows, finished, make_packs, pack_task, stopped_rows, task_error
+from ..victim_training import Victims, victim_from_checkpoint
+from ..worker import Pack, PackStopped, current_attempt, now, run_pack
+from gradinv.results.store import ResultsDir
+from ..study import Study
+from ..task_loop import TaskLoop, device_of, failed_rows, finished, make_packs, pack_task, stopped_rows, task_error
 
 
 # ---------------------------------------------------------------------------------------------

@@ -12,9 +12,9 @@ from pathlib import Path
 from analysis import stats
 from gradinv.files import write_atomic
 
-from .study import Study
-from .tune_driver import Driver, Evaluation
-from .tune_section import DATA_FIELDS, PAPER_DEFAULTS, TuneSettings, candidate, trial_specs
+from ..study import Study
+from .driver import Driver, Evaluation
+from .section import DATA_FIELDS, PAPER_DEFAULTS, TuneSettings, candidate, trial_specs
 
 BEST_NAME = "_best.yaml"  # '_': a non-Parquet file without it would break pandas/pyarrow readers
 TOO_SMALL = "n too small for an interval"

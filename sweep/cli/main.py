@@ -8,13 +8,15 @@ import os
 import sys
 from pathlib import Path
 
-from analysis import cli as analysis_cli
+from sweep.cli import results as analysis_cli
 from gradinv.errors import ConfigError
 
-from . import federation_cli, tuning  # light: the tune command's arguments; its work is imported when it runs
-from .parser import EXIT_USAGE, path, require_writable_directory
+from . import federation as federation_cli, tune as tuning  # light: the tune command's arguments; its work is imported when it runs
+from gradinv.files import require_writable_directory
+
+from .parser import EXIT_USAGE, path
 from .parser import Parser as _Parser
-from .stopping import exit_code, raising_on_signals
+from ..stopping import exit_code, raising_on_signals
 
 
 def _add_trial_flags(parser: argparse.ArgumentParser) -> None:
@@ -144,7 +146,7 @@ def _run_attack(args: argparse.Namespace) -> int:
         return command(*args.replay, data_root=args.data_root, out=args.out)
     if args.out is None:
         raise ConfigError("--out", None, "name the output directory (--out DIR); only --replay runs without one")
-    from .single import attack
+    from .attack import attack
 
     _set_threads(args.threads)
     device = _device(args.device)
@@ -182,7 +184,7 @@ def _device(name: str) -> str:
 
 def _privacy(spec) -> str:
     """The update's privacy, where a defence gives one: "  epsilon 3.1 (DP-SGD, delta 1e-05)"."""
-    from gradinv.privacy import privacy_columns
+    from gradinv.client.accounting import privacy_columns
 
     columns = privacy_columns(spec)
     shown = [f"{columns[name]:.3g} ({what})" for name, what in (("epsilon", "DP-SGD"), ("update_epsilon", "update"))
@@ -193,14 +195,14 @@ def _privacy(spec) -> str:
 def _run_study(args: argparse.Namespace) -> int:
     import math
 
-    from .runner import RunOptions, run_study
-    from .study import MAX_TRIALS, load_study, read_study
+    from ..runner import RunOptions, run_study
+    from ..study import MAX_TRIALS, load_study, read_study
 
     args.max_trials = MAX_TRIALS if args.max_trials is None else args.max_trials
     if args.max_trials < 1:
         raise ConfigError("--max-trials", args.max_trials, "use 1 or more")
     if args.dry_run:
-        from .report_text import dry_run
+        from .status import dry_run
 
         print(dry_run(read_study(args.study, args.max_trials), args.max_trials))
         return 0
@@ -220,7 +222,7 @@ def _run_study(args: argparse.Namespace) -> int:
 def _zoo(args: argparse.Namespace) -> int:
     from gradinv import zoo
 
-    from .report_text import visible
+    from gradinv.results.text import visible
 
     if args.zoo_verb == "list":
         for entry in zoo.listing(args.cache):
@@ -263,7 +265,7 @@ def _victim_trial(recipe):
 
 
 def _status(args: argparse.Namespace) -> int:
-    from .report_text import status
+    from .status import status
 
     print(status(args.results))
     return 0

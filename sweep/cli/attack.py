@@ -10,7 +10,7 @@ from tqdm import tqdm
 
 from gradinv import data, memory
 from gradinv.files import write_atomic
-from gradinv.privacy import privacy_columns
+from gradinv.client.accounting import privacy_columns
 from gradinv.provenance import provenance
 from gradinv.trial import TrialOutcome, TrialSpec, cached_victim, run_trials
 

@@ -37,7 +37,7 @@ order into K equal groups, one per client. Each client runs the whole pipeline a
 (local training, DP-SGD, defences), with seeds of its own: client 0 draws from ``defence_seed`` as a
 lone client does, client k > 0 from a seed derived from ``(defence_seed, k)``, so the clients share
 no noise, batches or rounding (FedAvg's mini-batch order, from ``data_order_seed``, is one recipe for
-all). The server sees only the mean of the K updates (gradinv.fl.aggregate).
+all). The server sees only the mean of the K updates (gradinv.client.update.aggregate).
 The attacker (:func:`attacker_update`) predicts that mean for its K groups of candidate images, each
 group through the client's training and the defences it mirrors; the prune-aware attacker compares the
 coordinates the mean kept (where any client kept one).
@@ -52,9 +52,9 @@ import math
 import numpy as np
 import torch
 
-from .fl import ClientUpdate, Defence, PrivateTraining, aggregate, average, client_update, minibatch_schedule
-from .fl import parameter_update
-from .parameters import DefenceSettings, extract
+from .update import ClientUpdate, Defence, PrivateTraining, aggregate, average, client_update, minibatch_schedule
+from .update import parameter_update
+from ..parameters import DefenceSettings, extract
 
 Tensors = tuple[torch.Tensor, ...]
 NOISE_STREAM, ROUNDING_STREAM = 0, 1  # generator seed = 2 * defence_seed + stream: the streams never coincide
@@ -154,7 +154,7 @@ def kept_masks(source, sent: Tensors) -> Tensors | None:
 
 
 def private_training(source) -> PrivateTraining | None:
-    """The DP-SGD of the client's local training (gradinv.dp), or None without ``dp_clip``."""
+    """The DP-SGD of the client's local training (gradinv.client.dp_training), or None without ``dp_clip``."""
     settings = extract(DefenceSettings, source)
     if settings.dp_clip is None:
         return None
@@ -217,7 +217,7 @@ def _attacker_training(settings: DefenceSettings, sent: ClientUpdate, schedule, 
     fl = sent.fl
     if not (settings.dp_aware and sent.private is not None):
         return lambda model, params, buffers, x, y: parameter_update(model, params, buffers, x, y, fl, schedule)
-    from .dp import clipped_update
+    from .dp_training import clipped_update
 
     private = sent.private
     return functools.partial(clipped_update, fl=fl, clip=private.clip, batches=sent.batches[client],

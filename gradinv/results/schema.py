@@ -1,7 +1,7 @@
 """The results schema: every column's Arrow type and role, and what a row and a file must hold.
 
 Also the trial key (which rows are the same trial) and the results format a file's keys were made with;
-sweep.results keeps the directory that holds the rows.
+gradinv.results.store keeps the directory that holds the rows.
 """
 
 from __future__ import annotations
@@ -87,7 +87,7 @@ SCHEMA = pa.schema(
             pa.field("client_label_histogram", _ints),  # the attacked federation client's labels, per class
             pa.field("client_rounds", _ints),  # the rounds up to the attacked one in which that client trained
             pa.field("training_epsilon", pa.float64()),  # a victim trained with DP-SGD: its training's epsilon
-            # The client's privacy for this one update (gradinv.privacy): DP-SGD's example-level epsilon,
+            # The client's privacy for this one update (gradinv.client.accounting): DP-SGD's example-level epsilon,
             # the accountant, and the update-level Gaussian mechanism's epsilon (clip_update, noise_std)
             pa.field("epsilon", pa.float64()),
             pa.field("accountant", pa.string()),

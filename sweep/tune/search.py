@@ -14,7 +14,7 @@ from pathlib import Path
 
 from gradinv.errors import ConfigError
 
-from .tune_section import LogUniform, TuneSettings
+from .section import LogUniform, TuneSettings
 
 JOURNAL_NAME = "_optuna.journal"  # '_': dataset readers skip it
 

@@ -11,10 +11,10 @@ from pathlib import Path
 
 from gradinv.trial import run_trials
 
-from .study import Study
-from .tune_report import objective_value
-from .tune_search import open_study, storage_url
-from .tune_section import trial_specs, tune_searches
+from ..study import Study
+from .report import objective_value
+from .search import open_study, storage_url
+from .section import trial_specs, tune_searches
 
 
 def rerun_pruned(study: Study, results: str | Path, storage: str | None = None) -> list[dict]:

@@ -17,8 +17,8 @@ from gradinv.parameters import federated
 from gradinv.trial import TrialSpec
 from gradinv.victims import FederationRound, ZooCheckpoint
 
-from .parser import require_writable_directory
-from .tasks import finished
+from gradinv.files import require_writable_directory
+from .task_loop import finished
 
 
 def train_task(recipe: zoo.Recipe) -> tuple[bytes, dict]:

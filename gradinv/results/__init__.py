@@ -1,0 +1,1 @@
+"""The results store that sweep writes and analysis reads: schema, journal, Parquet directory."""

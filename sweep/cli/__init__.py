@@ -1,0 +1,1 @@
+"""The `gradinv` command line: the one layer that imports every other."""

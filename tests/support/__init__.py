@@ -1,0 +1,1 @@
+"""Test support: a multi-node Ray cluster from real `ray start` processes."""
