@@ -2,7 +2,8 @@
 victim was, and per defence and strength the attack's PSNR, the victim's accuracy and the guarantee.
 
 Every defence column may be absent (files written before defences existed) or null (the knob does not
-apply): both read as off. A new defence is one more entry in DEFENCES.
+apply): both read as off. A new defence is its knobs, declared ``defence=True`` (gradinv.parameters), and one
+more entry in DEFENCES.
 """
 
 from __future__ import annotations
@@ -14,12 +15,13 @@ from typing import Callable, Mapping
 import numpy as np
 import pandas as pd
 
+from gradinv.parameters import checkpoint_identity, parameters
+
 from . import figures, stats
 from . import report_html as markup
 
 NONE = "none"
 VICTIM_STATE = stats.MODEL_STATE  # what makes a victim untrained or trained (and on how much data)
-VICTIM_IDENTITY = ("dataset", "model", "width", "norm", "image_size", "model_seed", *VICTIM_STATE)  # one checkpoint
 EPSILONS = {"epsilon": "ε (DP-SGD)", "update_epsilon": "ε (update)"}  # outcome column -> its heading
 PLAIN, OWN, UNTRAINED, UNRECORDED = "plain victim", "defended checkpoint", "untrained", "not recorded"
 
@@ -101,12 +103,13 @@ DEFENCES = (
     Defence("DP-SGD", _dp_on, _dp_strength, lambda r: _value(r, "dp_noise", 0.0), aware="dp_aware"),
     Defence("secure aggregation", lambda r: _clients(r) > 1, lambda r: f"{_clients(r)} clients", _clients),
 )  # fmt: skip
-# The defence knobs (with the seed of their randomness, and whether the victim trained under them): the
-# section groups by defence and strength (and says where the accuracy comes from), so none of them is part
-# of a row's other settings
-DEFENCE_COLUMNS = ("clip_update", "noise_std", "keep_fraction", "prune_scope", "quant_bits", "quant_rounding",
-                   "defence_seed", "prune_aware", "clip_aware", "dp_delta", "dp_clip", "dp_noise", "dp_sample_rate",
-                   "dp_aware", "aggregated_clients", "defended_training")  # fmt: skip
+
+
+def defence_columns() -> list[str]:
+    """The parameters declared a defence (with the seed of their randomness, and whether the victim trained
+    under them): the section groups by defence and strength (and says where the accuracy comes from), so
+    none of them is part of a row's other settings."""
+    return [name for name, declared in parameters().items() if declared.defence]
 
 
 def _active(row: Mapping) -> list[Defence]:
@@ -145,7 +148,7 @@ def labelled(runs: pd.DataFrame, by: list[str]) -> pd.DataFrame:
     victim ("untrained", "trained 2 ep") and the other compared settings as one label."""
     done = stats.finished(runs)
     records = done.to_dict("records")
-    context = [name for name in by if name not in ("dataset", *VICTIM_STATE, *DEFENCE_COLUMNS)]
+    context = [name for name in by if name not in ("dataset", *VICTIM_STATE, *defence_columns())]
     state = [name for name in VICTIM_STATE if name in done.columns]
     return done.assign(
         defence=[defence_of(row) for row in records], strength=[strength_of(row) for row in records],
@@ -160,7 +163,7 @@ def _accuracy_source(rows: pd.DataFrame) -> pd.Series:
     victim was trained: a defended row whose checkpoint is the one the undefended rows of the same
     victim used shows the plain victim's accuracy. Only a checkpoint of its own (another key for the
     same victim) measures the defended training's accuracy."""
-    identity = [name for name in VICTIM_IDENTITY if name in rows.columns]
+    identity = [name for name in checkpoint_identity() if name in rows.columns]
     victim = rows[identity].astype(object).fillna("null").astype(str).agg("|".join, axis=1)
     key = rows["checkpoint_key"] if "checkpoint_key" in rows.columns else pd.Series(None, index=rows.index)
     plain = rows["defence"] == NONE

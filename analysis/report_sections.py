@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from gradinv.parameters import checkpoint_identity
+
 from . import figures, load, stats, tuning_history
 from . import report_html as markup
 from .roles import Roles
@@ -85,8 +87,7 @@ def _victims(runs: pd.DataFrame, roles: Roles) -> str:
     trained = runs[runs["trained_epochs"].astype("Float64") > 0]
     if trained.empty:
         return ""
-    columns = [c for c in ("dataset", "model", "width", "trained_epochs", "train_subset", "model_seed")
-               if trained[c].notna().any()]  # fmt: skip
+    columns = [c for c in checkpoint_identity() if c in trained.columns and trained[c].notna().any()]
     table = trained.groupby(columns, dropna=False, sort=True).agg(
         checkpoints=("checkpoint_key", "nunique"), model_accuracy=("model_accuracy", "mean")).reset_index()
     table["chance"] = table["dataset"].map(_chance)

@@ -25,7 +25,8 @@ import torch.nn.functional as F
 from gradinv import data
 from gradinv.attacks.inverting import IGConfig, invert_gradients, total_variation
 from gradinv.client.update import client_update
-from gradinv.trial import TrialSpec, build_victim
+from gradinv.trial import TrialSpec
+from gradinv.victims import Untrained
 
 from arguments import positive  # benchmarks/ is on sys.path when a script runs
 
@@ -60,7 +61,7 @@ def at_width(case: Case, width: int) -> Case:
 def setup(case: Case, lanes: int, device: str):
     """Model, one client update per lane (lane l attacks test images shifted by l), labels, box."""
     spec = case.spec
-    model = build_victim(spec).to(device)
+    model = Untrained(spec).model().to(device)
     info = spec.data_spec
     updates, labels, shape = [], [], None
     for lane in range(lanes):

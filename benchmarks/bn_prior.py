@@ -31,7 +31,8 @@ import time
 
 import torch
 
-from gradinv.trial import TrialSpec, build_victim, run_trials
+from gradinv.trial import TrialSpec, run_trials
+from gradinv.victims import Untrained
 
 from arguments import positive  # benchmarks/ is on sys.path when a script runs
 
@@ -51,7 +52,7 @@ def specs(batches: list[int], args, **prior) -> list[TrialSpec]:
 def psnrs(batches: list[int], args, metric: str = "psnr", **prior) -> tuple[list[float], float]:
     """Each batch's mean PSNR (or another of run_trials' metrics), and the seconds the attack took."""
     start = time.perf_counter()
-    outcomes = run_trials(specs(batches, args, **prior), victim=build_victim)
+    outcomes = run_trials(specs(batches, args, **prior), victim=lambda trial: Untrained(trial).model())
     return [o.metrics[metric] if o.status == "ok" else float("nan") for o in outcomes], time.perf_counter() - start
 
 

@@ -50,12 +50,14 @@ def one_trial(settings: dict, lanes: int, iterations: int) -> dict:
     """In this (fresh) process: the trial's lanes as one computation; peak RSS before and after, in bytes."""
     import torch
 
-    from gradinv.trial import build_victim, run_trials
+    from gradinv.trial import run_trials
+    from gradinv.victims import Untrained
 
     torch.set_num_threads(1)
     spec = dataclasses.replace(spec_of(settings), iterations=iterations)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    outcome = run_trials([dataclasses.replace(spec, attack_seed=lane) for lane in range(lanes)], victim=build_victim)[0]
+    specs = [dataclasses.replace(spec, attack_seed=lane) for lane in range(lanes)]
+    outcome = run_trials(specs, victim=lambda trial: Untrained(trial).model())[0]
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return {"before": before, "peak": peak, "status": outcome.status}
 

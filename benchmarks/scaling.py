@@ -23,11 +23,12 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(1, str(Path(__file__).resolve().parent.parent))  # tests.support: the multi-node cluster of the tests
 from arguments import positive  # noqa: E402
 from runner_overhead import write_study  # noqa: E402
 
-from tests.support.local_cluster import LocalCluster  # noqa: E402
 from sweep.study import load_study  # noqa: E402
+from tests.support.local_cluster import LocalCluster  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 

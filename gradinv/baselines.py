@@ -16,8 +16,6 @@ import torch
 from . import data, metrics
 from .errors import require
 
-GUESSES = ("mean_image", "flat", "class_mean")
-
 
 @dataclass(frozen=True)
 class BaselinePool:

@@ -18,9 +18,9 @@ An attacked client computes its update as every victim here does (gradinv.client
 with BatchNorm as ``client_bn`` says (eval by default: the federation's averaged statistics, which the
 attacker knows), and under FedAvg with the federation's local training, momentum included.
 
-Rounds are cached per machine beside the zoo's checkpoints, under ``CACHE/federations/KEY/``: ``round-00005.pt``
-(the state dict, loaded with ``weights_only=True``) and ``round-00005.json`` (the global model's test
-accuracy, which clients took part in each round so far, the recipe). Round 0 and every
+Rounds are entries of this machine's cache (gradinv.cache) beside the zoo's checkpoints, under
+``CACHE/federations/KEY/``: ``round-00005.pt`` (the state dict) and ``round-00005.json`` (the global model's
+test accuracy, which clients took part in each round so far, the recipe). Round 0 and every
 ``checkpoint_every``-th round are kept, and so is each round asked for; a killed training resumes from
 the last round kept. A file lock per federation makes processes that need it train it once.
 """
@@ -31,7 +31,6 @@ import contextlib
 import dataclasses
 import functools
 import hashlib
-import io
 import json
 import os
 import time
@@ -39,13 +38,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
-import filelock
 import numpy as np
 import torch
 
-from . import data, models, parameters, partition, zoo
+from . import data, models, parameters, partition
+from .cache import Entry, cache_dir, keys, lock
 from .errors import ConfigError, require
-from .files import write_atomic
+from .parameters import FEDERATION, knob
 
 FEDERATION_VERSION = 1
 ClientData = tuple[int, torch.Tensor, torch.Tensor]  # (client id, its images in [0, 1], labels)
@@ -53,60 +52,53 @@ ClientUpdate = tuple[int, dict[str, torch.Tensor]]  # (image count, the state af
 RunClients = Callable[["Federation", dict, int, Sequence[ClientData]], list[ClientUpdate]]
 
 
-def _recipe_only(default, help: str):
-    """A recipe field that is not a trial parameter (the others are declared in gradinv.parameters)."""
-    return dataclasses.field(default=default, metadata={"help": help})
+@dataclass(frozen=True, kw_only=True)
+class RecipeSettings:
+    """The recipe's own fields, not trial parameters: :func:`recipe_class` puts them after the knobs
+    gradinv.parameters declares for the FEDERATION recipe."""
 
-
-@dataclass(frozen=True)
-class Federation:
-    """Everything that determines a federation's round checkpoints (and, outside the key, how far to
-    train and how often to keep a round). Fields named like trial parameters mean what those mean."""
-
-    dataset: str
-    model: str = "convnet"
-    width: int | None = None  # None: the model's default width (the key is the same either way)
-    norm: str = "batch"
-    model_seed: int = 0  # the initial model, the partition, who takes part and the batches
-    image_size: int | None = None
-    train_subset: int | None = None  # the first N training images, partitioned among the clients; None: all
-    fed_clients: int = 10
-    partition: str = "iid"
-    alpha: float | None = None  # None under iid
-    min_partition_size: int | None = 10  # None under iid
-    clients_per_round: int | None = None  # None: all
-    fed_epochs: int = 1
-    fed_batch_size: int = 16
-    fed_lr: float = 0.01
-    fed_momentum: float = 0.0
-    fed_rounds: int = 20  # not in the key: training further extends the same federation
-    self_balancing: bool = _recipe_only(False, "dirichlet: a client past len/clients images takes no more classes")
-    checkpoint_every: int = _recipe_only(1, "keep every k-th round as a resume point (not in the key)")
-    accuracy_images: int = _recipe_only(1000, "the first N test images score each round's global model")
+    self_balancing: bool = knob(False, kind="bool",
+                                help="dirichlet: a client past len/clients images takes no more classes")  # fmt: skip
+    checkpoint_every: int = knob(1, kind="int", check=lambda v: v >= 1, fix="use 1 or more",
+                                 help="keep every k-th round as a resume point (not in the key)")  # fmt: skip
+    accuracy_images: int = knob(1000, kind="int", check=lambda v: v >= 1, fix="use 1 or more",
+                                help="the first N test images score each round's global model")  # fmt: skip
     version: int = FEDERATION_VERSION
 
+
+DIRICHLET_ONLY = ("alpha", "min_partition_size")  # None under iid
+NOT_KEYED = ("fed_rounds", "checkpoint_every")  # how far to train, how often to keep: training further extends it
+# The fields every key has held: a field added since is keyed only off its default, so existing keys stay.
+ALWAYS_KEYED = frozenset({
+    "dataset", "model", "width", "norm", "model_seed", "image_size", "train_subset", "fed_clients", "partition",
+    "alpha", "min_partition_size", "clients_per_round", "fed_epochs", "fed_batch_size", "fed_lr", "self_balancing",
+    "accuracy_images", "version",
+})  # fmt: skip
+
+
+class FederationRules:
+    """Everything that determines a federation's round checkpoints (and, outside the key, how far to
+    train and how often to keep a round). Fields named like trial parameters mean what those mean;
+    ``model_seed`` seeds the initial model, the partition, who takes part and the batches."""
+
     def __post_init__(self):
-        declared = parameters.parameters()
-        require(self.partition != "dirichlet" or self.alpha is not None, "alpha", None,
-                "give the Dirichlet concentration (0.1: skewed labels, 100: near-uniform)")  # fmt: skip
-        for name in TRIAL_FIELDS:
-            if name not in ("dataset", "alpha", "min_partition_size") or self.partition == "dirichlet":
-                declared[name].validate(name, getattr(self, name))
+        dirichlet = self.partition == "dirichlet"
+        for name, declared in parameters.declarations(self).items():
+            if name not in DIRICHLET_ONLY or dirichlet:
+                declared.validate(name, getattr(self, name))
         require(data.dataset_spec(self.dataset).trainable, "dataset", self.dataset,
                 "it keeps no images to train on (every image is attacked)")  # fmt: skip
-        if self.width is None:
+        if self.width is None:  # the model's default width: the key is the same either way
             object.__setattr__(self, "width", models.default_width(self.model))
-        if self.partition == "iid":  # no concentration: one key whatever the unused settings say
-            object.__setattr__(self, "alpha", None)
-            object.__setattr__(self, "min_partition_size", None)
+        if not dirichlet:  # no concentration: one key whatever the unused settings say
+            for name in DIRICHLET_ONLY:
+                object.__setattr__(self, name, None)
             object.__setattr__(self, "self_balancing", False)
         self._check_partition()
         if self.clients_per_round is None:
             object.__setattr__(self, "clients_per_round", self.fed_clients)  # one key for "all" and its count
         require(self.clients_per_round <= self.fed_clients, "clients_per_round", self.clients_per_round,
                 f"use 1 to {self.fed_clients} (the federation's clients)")  # fmt: skip
-        for name in ("checkpoint_every", "accuracy_images"):
-            require(getattr(self, name) >= 1, name, getattr(self, name), "use 1 or more")
 
     def _check_partition(self) -> None:
         """What any partition of the training images needs: an image per client, and under dirichlet
@@ -140,8 +132,10 @@ class Federation:
         return self.min_partition_size, available - (clients - 1) * self.min_partition_size
 
     def check_positions(self, client: int, positions: Sequence[int]) -> None:
-        """Refuses attacked-image positions beyond any share ``client`` can hold (the share drawn is
-        checked again when its partition is known: :func:`attacked_images`)."""
+        """Refuses a client the federation lacks, and attacked-image positions beyond any share ``client``
+        can hold (the share drawn is checked again when its partition is known: :func:`attacked_images`)."""
+        require(0 <= client < self.fed_clients, "attacked_client", client,
+                f"use 0 to {self.fed_clients - 1} (the federation's clients)")  # fmt: skip
         fewest, most = self.share_size(client)
         holds = f"holds {most}" if fewest == most else f"holds at most {most}"
         for position in positions:
@@ -151,15 +145,14 @@ class Federation:
     @classmethod
     def of_trial(cls, trial) -> "Federation":
         """The federation a trial's victim comes from."""
-        return cls(**{name: getattr(trial, name) for name in TRIAL_FIELDS})
+        own = parameters.declarations(RecipeSettings)
+        return cls(**{name: getattr(trial, name) for name in parameters.declarations(cls) if name not in own})
 
     @property
     def key(self) -> str:
-        fields = dataclasses.asdict(self)
-        for execution in ("fed_rounds", "checkpoint_every"):
-            del fields[execution]
-        if not self.fed_momentum:  # keys from before the setting existed stay the same
-            del fields["fed_momentum"]
+        plain = parameters.defaults(self)
+        fields = {name: value for name, value in dataclasses.asdict(self).items()
+                  if name not in NOT_KEYED and (name in ALWAYS_KEYED or value != plain[name])}  # fmt: skip
         if split := data.dataset_spec(self.dataset).split_version:
             fields["split_version"] = split
         canonical = json.dumps(fields, sort_keys=True, separators=(",", ":"))
@@ -173,10 +166,21 @@ class Federation:
                                   norm=self.norm).eval()  # fmt: skip
 
     def check_round(self, round_: int) -> None:
-        require(0 <= round_ <= self.fed_rounds, "round", round_, f"use 0 to {self.fed_rounds} (the federation's rounds)")
+        require(0 <= round_ <= self.fed_rounds, "round", round_,
+                f"use 0 to {self.fed_rounds} (fed_rounds), or raise fed_rounds")  # fmt: skip
 
 
-TRIAL_FIELDS = tuple(f.name for f in dataclasses.fields(Federation) if f.name in parameters.parameters())
+def recipe_class(parts: Sequence[type]) -> type:
+    """The federation recipe: the knobs of ``parts`` declared for the FEDERATION recipe, and RecipeSettings."""
+    fields = [(f.name, f.type, dataclasses.field(default=f.default, metadata=f.metadata))
+              for f in (*parameters.recipe_fields(FEDERATION, parts), *dataclasses.fields(RecipeSettings))]  # fmt: skip
+    cls = dataclasses.make_dataclass("Federation", fields, bases=(FederationRules,), frozen=True, kw_only=True)
+    cls.__module__ = __name__
+    cls.__doc__ = FederationRules.__doc__
+    return cls
+
+
+Federation = recipe_class(parameters.PARTS)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -306,9 +310,7 @@ def participation(sidecar: dict, client: int) -> list[int]:
 def attacked_images(federation: Federation, sidecar: dict, client: int, positions: Sequence[int]) -> list[int]:
     """Training-subset indices of the attacked client's images: its own partition in an order drawn
     from ``(model_seed, 0, client)`` (round 0 trains no client, so no training draw shares the seed),
-    at ``positions`` (the trial's ``images``)."""
-    require(0 <= client < federation.fed_clients, "attacked_client", client,
-            f"use 0 to {federation.fed_clients - 1} (the federation's clients)")  # fmt: skip
+    at ``positions`` (the trial's ``images``, checked by :meth:`Federation.check_positions`)."""
     own = np.asarray(sidecar["partitions"][client])
     order = np.random.default_rng([federation.model_seed, 0, client]).permutation(own)
     for position in positions:
@@ -326,80 +328,58 @@ def victim_columns(federation: Federation, sidecar: dict, client: int) -> dict:
 
 def federation_dir(federation: Federation, cache: str | os.PathLike | None = None) -> Path:
     """Where this machine keeps the federation's rounds: beside the zoo's checkpoints."""
-    return zoo.cache_dir(cache) / "federations" / federation.key
+    return cache_dir(cache) / "federations" / federation.key
 
 
-def _paths(root: Path, number: int) -> tuple[Path, Path]:
-    return root / f"round-{number:05d}.pt", root / f"round-{number:05d}.json"
+def round_entry(federation: Federation, number: int, cache: str | os.PathLike | None = None) -> Entry:
+    """Where this machine keeps round ``number``: ``round-00005.pt`` and ``.json`` in the federation's folder."""
+    name = f"round-{number:05d}"
+    return Entry(federation_dir(federation, cache), name, "federation", f"round {number}", "run again to retrain it")
 
 
 ROUND_FIELDS = {"key": str, "round": int, "test_accuracy": (int, float), "participants": dict, "partitions": list,
                 "label_histograms": list, "training_seconds": (int, float)}  # what readers of a round's sidecar use
 
 
-def read_round_sidecar(path: Path, federation: Federation, number: int) -> dict:
-    """A round's sidecar with its fields, and one partition and one label histogram per client."""
-    info = zoo.read_sidecar(path, ROUND_FIELDS)
+def _sidecar_problem(federation: Federation, number: int, info: dict) -> str | None:
+    """What is wrong with a round's sidecar that has ROUND_FIELDS: another round's, or not one partition
+    of image indices and one label histogram per client."""
     clients = federation.fed_clients
     if info["round"] != number:
-        raise zoo.Unreadable(f"{path.name} holds round {info['round']}")
+        return f"holds round {info['round']}"
     for name in ("partitions", "label_histograms"):
         found = info[name]
         if len(found) != clients or not all(isinstance(part, list) for part in found):
-            raise zoo.Unreadable(f"{path.name} holds {len(found)} {name} for {clients} clients")
+            return f"holds {len(found)} {name} for {clients} clients"
     if not all(isinstance(index, int) for part in info["partitions"] for index in part):
-        raise zoo.Unreadable(f"{path.name} holds partitions that are not image indices")
-    return info
+        return "holds partitions that are not image indices"
+    return None
 
 
-def load_round(federation: Federation, number: int, root: Path) -> Round | None:
-    """Round ``number`` from ``root``, or None when it was not kept."""
-    weights, sidecar = _paths(root, number)
-    if not sidecar.exists():
-        return None
-    try:
-        info = read_round_sidecar(sidecar, federation, number)
-        state = zoo.read_weights(weights, federation.initial_model().state_dict())
-    except (OSError, ValueError, zoo.Unreadable) as problem:
-        raise ConfigError("federation", str(weights), f"round {number} is unreadable ({problem}); delete "
-                          f"{weights.name} and {sidecar.name} and run again to retrain it") from None  # fmt: skip
-    return Round(federation, number, state, info)
+def load_round(federation: Federation, number: int, cache: str | os.PathLike | None = None) -> Round | None:
+    """Round ``number`` as kept on this machine, or None when it was not kept."""
+    problem = functools.partial(_sidecar_problem, federation, number)
+    found = round_entry(federation, number, cache).load(federation.initial_model, ROUND_FIELDS, problem)
+    return None if found is None else Round(federation, number, *found)
 
 
 def kept_rounds(federation: Federation, rounds: Sequence[int], cache: str | os.PathLike | None = None) -> dict[int, Round]:
     """The rounds asked for, as kept on this machine (train them first)."""
-    root = federation_dir(federation, cache)
-    found = {number: load_round(federation, number, root) for number in rounds}
+    found = {number: load_round(federation, number, cache) for number in rounds}
     missing = [number for number, kept in found.items() if kept is None]
     require(not missing, "round", missing[:1] and missing[0], "train the federation to it first")
     return found
 
 
-def to_bytes(state: dict) -> bytes:
-    buffer = io.BytesIO()
-    torch.save(state, buffer)
-    return buffer.getvalue()
+def resume_point(federation: Federation, up_to: int, cache: str | os.PathLike | None = None) -> Round | None:
+    """The last round up to ``up_to`` kept on this machine, where training resumes; None when none is."""
+    kept = [int(key.split("-")[1]) for key in keys(federation_dir(federation, cache), "round-*")]
+    earlier = [number for number in kept if number <= up_to]
+    return load_round(federation, max(earlier), cache) if earlier else None
 
 
-def from_bytes(federation: Federation, payload: bytes, sidecar: dict) -> Round:
-    """A round sent through Ray's object store (weights only, as the cache holds them)."""
-    state = torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
-    return Round(federation, sidecar["round"], state, sidecar)
-
-
-def _store(kept: Round, root: Path) -> None:
-    root.mkdir(parents=True, exist_ok=True)
-    weights, sidecar = _paths(root, kept.number)
-    write_atomic(weights, to_bytes(kept.state))
-    write_atomic(sidecar, json.dumps(kept.sidecar, indent=2).encode())  # last: it marks the round done
-
-
-def _latest_kept(federation: Federation, root: Path, up_to: int) -> Round | None:
-    kept = sorted((int(p.stem.split("-")[1]) for p in root.glob("round-*.json")), reverse=True)
-    for number in kept:
-        if number <= up_to:
-            return load_round(federation, number, root)
-    return None
+def _store(kept: Round, cache: str | os.PathLike | None) -> None:
+    round_entry(kept.federation, kept.number, cache).store(kept.state, kept.sidecar)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -428,26 +408,24 @@ def train(
     ``on_round(round, trained)`` hears of every round from the last one kept (trained False) onwards.
     """
     federation.check_round(up_to)
-    root = federation_dir(federation, cache)
-    root.mkdir(parents=True, exist_ok=True)
-    with filelock.FileLock(str(root / "train.lock")):
-        current = _latest_kept(federation, root, up_to)
+    with lock(federation_dir(federation, cache), "train"):
+        current = resume_point(federation, up_to, cache)
         if current is None or current.number < up_to:
             images, labels = training_data(federation, data_root)
             parts = partitions(federation, labels.numpy())
-            current = current or _initial(federation, parts, labels, data_root, root)
+            current = current or _initial(federation, parts, labels, data_root, cache)
         if on_round is not None:
             on_round(current, False)
         while current.number < up_to:
             current = _next_round(federation, current, images, labels, parts, run_clients, data_root)
             if current.number % federation.checkpoint_every == 0 or current.number in keep or current.number == up_to:
-                _store(current, root)
+                _store(current, cache)
             if on_round is not None:
                 on_round(current, True)
         return current
 
 
-def _initial(federation: Federation, parts, labels, data_root, root: Path) -> Round:
+def _initial(federation: Federation, parts, labels, data_root, cache) -> Round:
     model = federation.initial_model()
     num_classes = data.dataset_spec(federation.dataset).num_classes
     histograms = [partition.label_histogram(labels.numpy(), part, num_classes) for part in parts]
@@ -455,7 +433,7 @@ def _initial(federation: Federation, parts, labels, data_root, root: Path) -> Ro
                "participants": {}, "partitions": [p.tolist() for p in parts], "label_histograms": histograms,
                "training_seconds": 0.0, "torch": torch.__version__, "recipe": dataclasses.asdict(federation)}  # fmt: skip
     initial = Round(federation, 0, {k: v.detach().clone() for k, v in model.state_dict().items()}, sidecar)
-    _store(initial, root)
+    _store(initial, cache)
     return initial
 
 

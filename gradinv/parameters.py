@@ -2,9 +2,12 @@
 
 A part is a frozen dataclass whose fields are declared with :func:`knob`: default, kind, help text,
 validation and its one-line fix, when the field applies, whether trials packed into lanes share it,
-its Arrow column type and its search range for ``tune``. :class:`gradinv.trial.TrialSpec` is the
-registered parts combined; the command-line flags, study-file coercion, the results columns, the
-inapplicable fields, the lane signature and the tune space are all read from these declarations.
+its Arrow column type, its search range for ``tune``, and what it is to the rest: a repetition (a seed),
+a defence, a field of the zoo's or the federation's recipe. :class:`gradinv.trial.TrialSpec` is the
+registered parts combined; the command-line flags (`attack`, `zoo train`, `federation train`), study-file
+coercion, the results columns, the inapplicable fields, the lane signature, the tune space, the federation
+recipe, the training defences and the report's defence and victim columns are all read from these
+declarations.
 Adding a knob is one :func:`knob` line here plus the code that uses it.
 
 This module imports neither torch nor pyarrow: commands that only read results stay light.
@@ -13,6 +16,7 @@ This module imports neither torch nor pyarrow: commands that only read results s
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
@@ -32,18 +36,23 @@ class Knob:
 
     kind: str
     help: str
-    choices: tuple | Callable[[], tuple] | None  # allowed values (a callable: looked up when needed)
+    choices: tuple | None  # allowed values
     rules: tuple[Rule, ...]
-    applies: Callable[[Any], bool] | None  # on the trial; None: always
+    # On the trial's fields and two facts the trial looks up above this module (gradinv.trial): its
+    # ``family`` (gradinv.attacks.base.Family) and its model's ``default_width``. None: always.
+    applies: Callable[[Any], bool] | None
     lane_shared: bool | Callable[[Any], Any]  # True: lanes share the value; a callable: they share its result
     arrow: str
     search: str | tuple | None  # "log": a log-uniform range; "choices": the choices; a tuple: those choices
     optional: bool  # None is a value (the default's meaning is in the help)
     names: tuple = ()  # kind "ints" only: a name that may stand in for the list
     repeat_flag: str | None = None  # on the command line: a singular flag given once per item
+    repetition: bool = False  # tells repetitions of one setting apart (which images, which seed): compared across
+    defence: bool = False  # what the client does to its update: the privacy section groups by defence, not by it
+    recipes: tuple[str, ...] = ()  # the victim recipes (ZOO, FEDERATION) whose weights it determines
 
     def allowed(self) -> tuple | None:
-        return self.choices() if callable(self.choices) else self.choices
+        return self.choices
 
     def integer_range(self) -> tuple[int, int]:
         """The integers the knob's results column (or its list items) holds: more would overflow on writing."""
@@ -53,6 +62,9 @@ class Knob:
     def validate(self, name: str, value) -> None:
         """Raises ConfigError (one line naming the field, the value and the fix) unless ``value`` fits."""
         if value is None and self.optional:
+            return
+        if self.names and isinstance(value, str):  # a name standing in for the list
+            require(value in self.names, name, value, f"give a list of indices or one of {', '.join(self.names)}")
             return
         for holds, fix in self.rules:
             require(holds(value), name, _shown(value), fix)
@@ -66,7 +78,7 @@ class Knob:
         allow: one rule for study files and flags alike (the rules' messages, more specific, come first)."""
         if self.kind == "float":
             require(math.isfinite(value), name, value, "use a finite number")
-        elif self.kind in ("int", "ints") and not isinstance(value, str):  # a list's name: checked by its user
+        elif self.kind in ("int", "ints") and not isinstance(value, str):
             low, high = self.integer_range()
             for item in value if self.kind == "ints" else (value,):
                 bound = f"at most {high}" if item > high else f"at least {low}"
@@ -78,7 +90,7 @@ def knob(
     *,
     kind: str,
     help: str,
-    choices: tuple | Callable[[], tuple] | None = None,
+    choices: tuple | None = None,
     check: Callable[[Any], bool] | None = None,
     fix: str = "",
     rules: Sequence[Rule] = (),
@@ -88,13 +100,16 @@ def knob(
     search: str | tuple | None = None,
     names: tuple = (),
     repeat_flag: str | None = None,
+    repetition: bool = False,
+    defence: bool = False,
+    recipes: tuple[str, ...] = (),
 ):
     """A declared trial parameter: a dataclass field whose metadata is its :class:`Knob`."""
     assert kind in KINDS, kind
     declared = Knob(
         kind=kind, help=help, choices=choices, rules=(*rules, *([(check, fix)] if check else [])), applies=applies,
         lane_shared=lane_shared, arrow=arrow or ARROW[kind], search=search, optional=default is None, names=names,
-        repeat_flag=repeat_flag,
+        repeat_flag=repeat_flag, repetition=repetition, defence=defence, recipes=recipes,
     )  # fmt: skip
     return dataclasses.field(default=default, metadata={KNOB: declared})
 
@@ -145,21 +160,29 @@ def _at_least(low) -> Callable[[Any], bool]:
     return lambda value: value >= low
 
 
-def _attack_families() -> tuple[str, ...]:
-    from .attacks.registry import FAMILIES  # the registry imports the parts below
-
-    return tuple(FAMILIES)
-
-
 def trained_victim(trial) -> bool:
     """Whether the victim is a checkpoint from the model zoo rather than the seeded untrained model."""
     return trial.trained_epochs > 0
 
 
 def defended(trial) -> bool:
-    """Whether the client applies a defence (DP-SGD, or one on its update)."""
-    return (trial.dp_clip is not None or trial.clip_update is not None or trial.noise_std > 0 or trial.keep_fraction < 1
-            or trial.quant_bits is not None)  # fmt: skip
+    """Whether the client applies a defence (DP-SGD, or one on its update) that a victim can train under: one
+    of :func:`defence_switches` is off its default."""
+    return any(getattr(trial, name) != default for name, default in defence_switches(tuple(PARTS)))
+
+
+@functools.lru_cache(maxsize=None)
+def defence_switches(parts: tuple[type, ...]) -> tuple[tuple[str, Any], ...]:
+    """(name, default) of the defences a training step can apply that apply on their own: each turns one
+    on (the others, such as dp_noise or prune_scope, refine one that is on)."""
+    return tuple((name, defaults(part)[name]) for part in parts for name in training_defences(part)
+                 if declarations(part)[name].applies is None)  # fmt: skip
+
+
+def training_defences(cls_or_spec) -> list[str]:
+    """The defences a victim's training applies under ``defended_training`` (its zoo recipe's ``defence``)."""
+    return [name for name, declared in declarations(cls_or_spec).items()
+            if declared.defence and ZOO in declared.recipes]  # fmt: skip
 
 
 def federated(trial) -> bool:
@@ -172,11 +195,10 @@ def _dirichlet(trial) -> bool:
 
 
 def _has_width(trial) -> bool:
-    from . import models  # torch: only a built trial asks, and building one needs torch anyway
-
-    return models.default_width(trial.model) is not None
+    return trial.default_width is not None
 
 
+ZOO, FEDERATION = "zoo", "federation"  # the victim recipes (gradinv.zoo, gradinv.federation) a knob may determine
 LABELS = ("known", "recovered")
 LABEL_METHODS = ("bias_counts", "ilrg")  # gradinv.attacks.labels
 THREAT_MODELS = ("honest", "malicious")
@@ -205,15 +227,16 @@ SCORINGS = ("loss", "tv", "pixelmean", "pixelmedian")
 class DataSettings(Part):
     """Whose images the client holds."""
 
-    dataset: str = knob("fashion-mnist", kind="str",
+    dataset: str = knob("fashion-mnist", kind="str", recipes=(ZOO, FEDERATION),
                         help="fashion-mnist, faces, photos, mnist, cifar10, cifar100 or imagenet")  # fmt: skip
     images: tuple[int, ...] = knob(
-        (0,), kind="ints", help="the client's images: indices into the test split", lane_shared=len,
+        (0,), kind="ints", help="the client's images: indices into the test split", lane_shared=len, repetition=True,
         rules=[(lambda v: len(v) >= 1, "give at least one image index"),
                (lambda v: len(set(v)) == len(v), "list each image once")],
         repeat_flag="image",
     )  # fmt: skip
     image_size: int | None = knob(None, kind="int", help="resize images to this side (default: the dataset's own)",
+                                  recipes=(ZOO, FEDERATION),
                                   check=_at_least(4), fix="use 4 or more")  # fmt: skip
     labels: str = knob("known", kind="str", help="known to the attacker, or recovered from the update",
                        choices=LABELS, lane_shared=False)  # fmt: skip
@@ -223,19 +246,25 @@ class DataSettings(Part):
 class VictimSettings(Part):
     """The model the client trains: seeded and untrained, or a checkpoint of the model zoo."""
 
-    model: str = knob("convnet", kind="str", help="convnet, lenet, resnet20, resnet18, mlp, ... (gradinv.models)")
-    width: int | None = knob(None, kind="int", help="the model's width (default: the model's own)",
+    model: str = knob("convnet", kind="str", recipes=(ZOO, FEDERATION),
+                      help="convnet, lenet, resnet20, resnet18, mlp, ... (gradinv.models)")
+    width: int | None = knob(None, kind="int", recipes=(ZOO, FEDERATION),
+                             help="the model's width (default: the model's own)",
                              check=_at_least(1), fix="use a whole number of at least 1", applies=_has_width)  # fmt: skip
-    norm: str = knob("batch", kind="str", choices=NORMS,
+    norm: str = knob("batch", kind="str", recipes=(ZOO, FEDERATION), choices=NORMS,
                      help="BatchNorm, or GroupNorm (Opacus' replacement, which DP-SGD training needs)")  # fmt: skip
-    model_seed: int = knob(0, kind="int", help="seeds the untrained weights (and a checkpoint's training)",
+    model_seed: int = knob(0, kind="int", recipes=(ZOO, FEDERATION), repetition=True,
+                           help="seeds the untrained weights (and a checkpoint's training)",
                            arrow="int64", check=_at_least(0), fix=SEED_FIX)  # fmt: skip
-    trained_epochs: int = knob(0, kind="int", help="0: the seeded untrained model; else a checkpoint from the zoo",
+    trained_epochs: int = knob(0, kind="int", recipes=(ZOO,),
+                               help="0: the seeded untrained model; else a checkpoint from the zoo",
                                check=_at_least(0), fix="use 0 (untrained) or more")  # fmt: skip
-    train_subset: int | None = knob(None, kind="int", check=_at_least(1), fix="use 1 or more",
+    train_subset: int | None = knob(None, kind="int", recipes=(ZOO, FEDERATION),
+                                    check=_at_least(1), fix="use 1 or more",
                                     help="trained and federation victims: the first N training images (default all)",
                                     applies=lambda t: trained_victim(t) or federated(t))  # fmt: skip
-    defended_training: bool = knob(False, kind="bool", applies=lambda t: trained_victim(t) and defended(t),
+    defended_training: bool = knob(False, kind="bool", defence=True,
+                                   applies=lambda t: trained_victim(t) and defended(t),
                                    help="trained victims: train under the trial's defences (each step's gradient)")  # fmt: skip
 
 
@@ -246,7 +275,14 @@ def _fedavg(trial) -> bool:
 
 @dataclass(frozen=True, kw_only=True)
 class ClientSettings(Part):
-    """How the client computes its update (FedSGD or FedAvg); the attacker knows all of it."""
+    """How the client computes its update (FedSGD or FedAvg); the attacker knows all of it.
+
+    Local training, one vocabulary: ``local_*`` is the attacked client's FedAvg here, ``fed_*``
+    (FederationSettings) a simulated federation's clients'. In a federation the attacked client trains by
+    the federation's recipe, converted in one place (gradinv.trial.TrialRules.fl_config): ``fed_lr`` is
+    ``local_lr``, ``fed_momentum`` ``local_momentum``, ``fed_batch_size`` ``local_batch_size`` (0 where it
+    holds every image), ``fed_epochs`` ``local_steps`` (epochs x mini-batches per epoch). Both names stay:
+    trial keys and results columns carry them."""
 
     fl: str = knob("fedsgd", kind="str", help="fedsgd (one gradient) or fedavg (local SGD steps; in a federation, "
                    "the federation's local training)", choices=FL_MODES)  # fmt: skip
@@ -256,7 +292,8 @@ class ClientSettings(Part):
                            check=_positive, fix="use a positive local learning rate")  # fmt: skip
     local_batch_size: int = knob(0, kind="int", help="FedAvg: images per local step; 0: all of them", applies=_fedavg,
                                  check=_at_least(0), fix="use 0 (all) or more")  # fmt: skip
-    data_order_seed: int = knob(0, kind="int", help="FedAvg: shuffles the mini-batches of each local epoch",
+    data_order_seed: int = knob(0, kind="int", repetition=True,
+                                help="FedAvg: shuffles the mini-batches of each local epoch",
                                 arrow="int64", check=_at_least(0), fix=SEED_FIX,
                                 applies=lambda t: _fedavg(t) and t.batch_order != "sequential")  # fmt: skip
     batch_order: str = knob("shuffled", kind="str", choices=BATCH_ORDERS, applies=_fedavg,
@@ -270,17 +307,16 @@ class ClientSettings(Part):
 
 
 def _seeded_attack(trial) -> bool:
-    from .attacks.registry import FAMILIES
-
-    return FAMILIES[trial.attack].seeded
+    return trial.family.seeded
 
 
 @dataclass(frozen=True, kw_only=True)
 class AttackSettings(Part):
     """Which attack family runs, and the seed of its random start."""
 
-    attack: str = knob("ig", kind="str", help="the attack family (gradinv.attacks.registry)", choices=_attack_families)
-    attack_seed: int = knob(0, kind="int", help="seeds the attack's starting images", arrow="int64",
+    # the family's name is checked by the trial (gradinv.trial), which imports the registry
+    attack: str = knob("ig", kind="str", help="the attack family (gradinv.attacks.registry)")
+    attack_seed: int = knob(0, kind="int", repetition=True, help="seeds the attack's starting images", arrow="int64",
                             lane_shared=False, applies=_seeded_attack, check=_at_least(0), fix=SEED_FIX)  # fmt: skip
     label_method: str = knob("bias_counts", kind="str", choices=LABEL_METHODS, lane_shared=False,
                              applies=lambda t: t.labels == "recovered",
@@ -338,12 +374,11 @@ class InvertingSettings(Part):
     init: str = knob("randn", kind="str", help="the starting images", choices=INITS, search="choices")
     layer_weighting: str = knob("equal", kind="str", choices=LAYER_WEIGHTINGS, search="choices",
                                 help="the weight of each parameter tensor (linear/exp: earlier ones weigh more)")  # fmt: skip
-    layers: tuple[int, ...] | None = knob(
-        None, kind="ints", names=LAYER_SETS, help="parameter indices to match (negative from the end), or a named set",
-        check=lambda v: len(v) >= 1, fix="list at least one index",
+    layers: tuple[int, ...] | str = knob(
+        "all", kind="ints", names=LAYER_SETS, check=lambda v: len(v) >= 1, fix="list at least one index",
+        help="the parameter tensors to match: indices (negative from the end), or a named set",
     )  # fmt: skip
     clamp_init: bool = knob(False, kind="bool", help="project the first images into the pixel box")
-    layer_set: str = knob("all", kind="str", help="a named set of parameter tensors to match", choices=LAYER_SETS)
     signed: bool = knob(True, kind="bool", help="step on the sign of the image gradient")
     boxed: bool = knob(True, kind="bool", help="keep pixels in the valid box after every step")
     median_filter: bool = knob(False, kind="bool", help="a 3x3 median filter every 500 iterations")
@@ -364,6 +399,26 @@ class InvertingSettings(Part):
                                     help="weight pulling each restart toward the restarts' aligned mean (GradInversion)")  # fmt: skip
     tol: float | None = knob(None, kind="float", help="drop the restarts after one that scores at most this",
                              applies=_restarts, check=math.isfinite, fix="use a finite number")  # fmt: skip
+
+
+# `layers` is one parameter, indices or a set's name, but a list column cannot hold a name: a name is stored,
+# and keyed, under `layer_set` (a knob of its own until the two merged), so that keys and files stay valid.
+LAYER_SET_COLUMN = "layer_set"
+
+
+def layers_columns(layers) -> dict:
+    """``layers`` as its two results columns: the indices (None for a name) and the set's name ("all" beside
+    indices, as before the merge); both None where the parameter does not apply."""
+    if layers is None:
+        return {"layers": None, LAYER_SET_COLUMN: None}
+    named = isinstance(layers, str)
+    return {"layers": None if named else list(layers), LAYER_SET_COLUMN: layers if named else "all"}
+
+
+def layers_of_columns(row: dict) -> tuple[int, ...] | str | None:
+    """The ``layers`` a row's two columns hold (None: it did not apply); rows from before the merge too."""
+    return tuple(row["layers"]) if row.get("layers") is not None else row.get(LAYER_SET_COLUMN)
+
 
 
 PRUNE_SCOPES = ("layer", "global")
@@ -397,7 +452,7 @@ def _dp_mechanism(trial) -> bool:
 
 def _unrolls_defences(trial) -> bool:
     """Whether the attack can mirror the defences in its cost (inverting gradients' LaneObjective)."""
-    return trial.attack == "ig"
+    return trial.family.mirrors_defences
 
 
 def _fraction(value) -> bool:
@@ -424,42 +479,55 @@ class DefenceSettings(Part):
     clip, noise, pruning, quantisation), DP-SGD in its local training (gradinv.client.dp_training), how much of it the
     attacker mirrors, and secure aggregation over several clients. Defaults: no defence."""
 
-    dp_clip: float | None = knob(None, kind="float", help="DP-SGD in local training: the per-example clipping norm "
+    dp_clip: float | None = knob(None, kind="float", defence=True, recipes=(ZOO,),
+                                 help="DP-SGD in local training: the per-example clipping norm "
                                  "(default: no DP-SGD)", rules=[(math.isfinite, "use a finite norm")], check=_positive,
                                  fix="use a positive clipping norm, or leave it out for no DP-SGD")  # fmt: skip
-    dp_noise: float = knob(0.0, kind="float", help="DP-SGD: the noise multiplier (noise std over dp_clip); 0: none",
+    dp_noise: float = knob(0.0, kind="float", defence=True, recipes=(ZOO,),
+                           help="DP-SGD: the noise multiplier (noise std over dp_clip); 0: none",
                            applies=_dp_sgd, rules=[(math.isfinite, "use a finite multiplier")], check=_at_least(0),
                            fix="use 0 (no noise) or more")  # fmt: skip
-    dp_sample_rate: float = knob(1.0, kind="float", applies=_dp_sgd, check=_fraction,
+    dp_sample_rate: float = knob(1.0, kind="float", defence=True, applies=_dp_sgd, check=_fraction,
                                  help="DP-SGD: each image's chance to be in a step's batch (Poisson); 1: every image",
                                  fix="use a rate above 0 and at most 1 (1: every image in every step)")  # fmt: skip
-    dp_aware: bool = knob(False, kind="bool", help="the attacker unrolls DP-SGD's per-example clip and batches",
+    dp_aware: bool = knob(False, kind="bool", defence=True,
+                          help="the attacker unrolls DP-SGD's per-example clip and batches",
                           applies=lambda t: _dp_sgd(t) and _unrolls_defences(t))  # fmt: skip
 
-    clip_update: float | None = knob(None, kind="float", help="clip the whole update to this L2 norm (default: no clip)",
+    clip_update: float | None = knob(None, kind="float", defence=True, recipes=(ZOO,),
+                                     help="clip the whole update to this L2 norm (default: no clip)",
                                      rules=[(math.isfinite, "use a finite norm")], check=_positive,
                                      fix="use a positive norm, or leave it out for no clip")  # fmt: skip
-    noise_std: float = knob(0.0, kind="float", help="std of the Gaussian noise added to the update; 0: none",
+    noise_std: float = knob(0.0, kind="float", defence=True, recipes=(ZOO,),
+                            help="std of the Gaussian noise added to the update; 0: none",
                             rules=[(math.isfinite, "use a finite std")], check=_at_least(0), fix="use 0 (no noise) or more")  # fmt: skip
-    keep_fraction: float = knob(1.0, kind="float", help="keep this fraction of largest-magnitude coordinates; 1: all",
+    keep_fraction: float = knob(1.0, kind="float", defence=True, recipes=(ZOO,),
+                                help="keep this fraction of largest-magnitude coordinates; 1: all",
                                 check=_fraction, fix="use a fraction above 0 and at most 1 (1: no pruning)")  # fmt: skip
-    prune_scope: str = knob("layer", kind="str", choices=PRUNE_SCOPES, applies=_pruned,
+    prune_scope: str = knob("layer", kind="str", defence=True, recipes=(ZOO,), choices=PRUNE_SCOPES, applies=_pruned,
                             help="prune within each parameter tensor, or over the whole update")  # fmt: skip
-    quant_bits: int | None = knob(None, kind="int", help="quantise each tensor to this many bits (default: none)",
+    quant_bits: int | None = knob(None, kind="int", defence=True, recipes=(ZOO,),
+                                  help="quantise each tensor to this many bits (default: none)",
                                   rules=[(lambda v: v <= MAX_QUANT_BITS, QUANT_BITS_FIX)], check=_at_least(1),
                                   fix="use 1 bit or more, or leave it out for no quantisation")  # fmt: skip
-    quant_rounding: str = knob("stochastic", kind="str", choices=ROUNDINGS, applies=_quantised,
+    quant_rounding: str = knob("stochastic", kind="str", defence=True, recipes=(ZOO,),
+                               choices=ROUNDINGS, applies=_quantised,
                                help="stochastic (unbiased, QSGD-style) or nearest (1 bit: scaled signSGD)")  # fmt: skip
-    defence_seed: int = knob(0, kind="int", help="seeds the noise and the stochastic rounding", arrow="int64",
+    defence_seed: int = knob(0, kind="int", defence=True, recipes=(ZOO,),
+                             help="seeds the noise and the stochastic rounding", arrow="int64",
                              applies=_randomised, check=_at_least(0), fix=SEED_FIX)  # fmt: skip
-    prune_aware: bool = knob(False, kind="bool", help="the attacker compares only the coordinates the update kept",
+    prune_aware: bool = knob(False, kind="bool", defence=True,
+                             help="the attacker compares only the coordinates the update kept",
                              applies=lambda t: _pruned(t) and _unrolls_defences(t))  # fmt: skip
-    clip_aware: bool = knob(False, kind="bool", help="the attacker clips its candidate update the same way",
+    clip_aware: bool = knob(False, kind="bool", defence=True,
+                            help="the attacker clips its candidate update the same way",
                             applies=lambda t: t.clip_update is not None and _unrolls_defences(t))  # fmt: skip
-    dp_delta: float = knob(1e-5, kind="float", help="the delta of the reported (epsilon, delta) privacy",
+    dp_delta: float = knob(1e-5, kind="float", defence=True, recipes=(ZOO,),
+                           help="the delta of the reported (epsilon, delta) privacy",
                            applies=_dp_mechanism, rules=[(lambda v: not 0 < v < MIN_DP_DELTA, DP_DELTA_FIX)],
                            check=lambda v: 0 < v < 1, fix="use a delta between 0 and 1")  # fmt: skip
-    aggregated_clients: int = knob(1, kind="int", check=_at_least(1), fix="use 1 (no aggregation) or more clients",
+    aggregated_clients: int = knob(1, kind="int", defence=True,
+                                   check=_at_least(1), fix="use 1 (no aggregation) or more clients",
                                    help="secure aggregation: the server sees only the mean update of this many clients; "
                                    "the trial's images are split in order into equal groups, one per client; 1: none")  # fmt: skip
 
@@ -467,32 +535,43 @@ class DefenceSettings(Part):
 @dataclass(frozen=True, kw_only=True)
 class FederationSettings(Part):
     """The victim as the global model after ``round`` rounds of a simulated federation (gradinv.federation),
-    and which of its clients sends the attacked update. Default: no federation."""
+    and which of its clients sends the attacked update. Default: no federation. The ``fed_*`` knobs are its
+    clients' local training: ClientSettings says which ``local_*`` knob each one is."""
 
     round: int | None = knob(None, kind="int", check=_at_least(0), fix="use 0 (the initial model) or a later round",
                              help="the victim: a federation's global model after this many rounds (default: none)")  # fmt: skip
-    fed_rounds: int = knob(20, kind="int", applies=federated, check=_at_least(0), fix="use 0 or more rounds",
+    fed_rounds: int = knob(20, kind="int", recipes=(FEDERATION,),
+                           applies=federated, check=_at_least(0), fix="use 0 or more rounds",
                            help="rounds the federation runs to; round may not exceed it")  # fmt: skip
-    fed_clients: int = knob(10, kind="int", applies=federated, check=_at_least(1), fix="use 1 or more clients",
+    fed_clients: int = knob(10, kind="int", recipes=(FEDERATION,),
+                            applies=federated, check=_at_least(1), fix="use 1 or more clients",
                             help="clients in the federation, each holding a part of the train_subset")  # fmt: skip
-    partition: str = knob("iid", kind="str", choices=PARTITIONS, applies=federated,
+    partition: str = knob("iid", kind="str", recipes=(FEDERATION,), choices=PARTITIONS, applies=federated,
                           help="how the clients' images are split: iid, or dirichlet (label-skewed)")  # fmt: skip
-    alpha: float = knob(1.0, kind="float", applies=_dirichlet, check=lambda v: math.isfinite(v) and v > 0,
+    alpha: float = knob(1.0, kind="float", recipes=(FEDERATION,),
+                        applies=_dirichlet, check=lambda v: math.isfinite(v) and v > 0,
                         fix="use a concentration above 0 (0.1: skewed labels, 100: near-uniform)",
                         help="dirichlet: the concentration over labels")  # fmt: skip
-    min_partition_size: int = knob(10, kind="int", applies=_dirichlet, check=_at_least(0), fix="use 0 or more",
+    min_partition_size: int = knob(10, kind="int", recipes=(FEDERATION,),
+                                   applies=_dirichlet, check=_at_least(0), fix="use 0 or more",
                                    help="dirichlet: redraw until every client holds at least this many images")  # fmt: skip
-    clients_per_round: int | None = knob(None, kind="int", applies=federated, check=_at_least(1), fix="use 1 or more",
+    clients_per_round: int | None = knob(None, kind="int", recipes=(FEDERATION,),
+                                         applies=federated, check=_at_least(1), fix="use 1 or more",
                                          help="clients drawn to train in each round (default: all)")  # fmt: skip
-    fed_epochs: int = knob(1, kind="int", applies=federated, check=_at_least(1), fix="use 1 or more",
+    fed_epochs: int = knob(1, kind="int", recipes=(FEDERATION,),
+                           applies=federated, check=_at_least(1), fix="use 1 or more",
                            help="local epochs per round, the attacked client's under fedavg too")  # fmt: skip
-    fed_batch_size: int = knob(16, kind="int", applies=federated, check=_at_least(1), fix="use 1 or more",
+    fed_batch_size: int = knob(16, kind="int", recipes=(FEDERATION,),
+                               applies=federated, check=_at_least(1), fix="use 1 or more",
                                help="images per local SGD step in the federation")  # fmt: skip
-    fed_lr: float = knob(0.01, kind="float", applies=federated, check=_positive, fix="use a positive step size",
+    fed_lr: float = knob(0.01, kind="float", recipes=(FEDERATION,),
+                         applies=federated, check=_positive, fix="use a positive step size",
                          help="the federation's local SGD step size")  # fmt: skip
-    fed_momentum: float = knob(0.0, kind="float", applies=federated, check=_momentum, fix=MOMENTUM_FIX,
+    fed_momentum: float = knob(0.0, kind="float", recipes=(FEDERATION,),
+                               applies=federated, check=_momentum, fix=MOMENTUM_FIX,
                                help="the federation's local SGD momentum (as local_momentum); 0: plain SGD")  # fmt: skip
-    attacked_client: int = knob(0, kind="int", applies=federated, check=_at_least(0), fix="use 0 or a later client",
+    attacked_client: int = knob(0, kind="int", repetition=True,
+                                applies=federated, check=_at_least(0), fix="use 0 or a later client",
                                 help="the client whose update is attacked (its own images, drawn from its partition)")  # fmt: skip
 
 
@@ -502,12 +581,6 @@ PARTS: list[type] = [
 ]  # fmt: skip
 
 
-def register(part: type) -> type:
-    """Adds a part to every trial (use as a class decorator in the module that declares it)."""
-    PARTS.append(part)
-    return part
-
-
 def parameters() -> dict[str, Knob]:
     """Every declared trial parameter, in column order."""
     return {name: declared for part in PARTS for name, declared in declarations(part).items()}
@@ -515,6 +588,17 @@ def parameters() -> dict[str, Knob]:
 
 def parameter_defaults() -> dict:
     return {name: value for part in PARTS for name, value in defaults(part).items()}
+
+
+def recipe_fields(recipe: str, parts: Sequence[type] | None = None) -> list[dataclasses.Field]:
+    """The declared fields of ``parts`` (default: every part) that determine a victim ``recipe``'s weights."""
+    return [f for part in (PARTS if parts is None else parts) for f in dataclasses.fields(part)
+            if KNOB in f.metadata and recipe in f.metadata[KNOB].recipes]  # fmt: skip
+
+
+def checkpoint_identity() -> list[str]:
+    """The parameters that name a trained victim's checkpoint: its zoo recipe, the defences it trained under aside."""
+    return [name for name, declared in parameters().items() if ZOO in declared.recipes and not declared.defence]
 
 
 def search_space() -> tuple[tuple[str, ...], dict[str, tuple | None]]:
@@ -531,46 +615,3 @@ def paper_defaults() -> dict:
     log_uniform, choices = search_space()
     every = parameter_defaults()
     return {name: every[name] for name in (*log_uniform, *choices)}
-
-
-# ------------------------------------------------------------------------------------------------
-# The parameters page's table, generated from the declarations (a test keeps docs/parameters.md in step).
-
-README_START, README_END = "<!-- parameters: generated by `python -m gradinv.parameters docs/parameters.md` -->", "<!-- /parameters -->"
-
-
-def markdown_table() -> str:
-    """Every declared parameter as a row of a Markdown table: part, name, type, default, values, meaning."""
-    rows = ["| part | parameter | type | default | values | meaning |", "|---|---|---|---|---|---|"]
-    for part in PARTS:
-        part_defaults = defaults(part)
-        for name, declared in declarations(part).items():
-            allowed = declared.allowed()
-            values = ", ".join(f"`{v}`" for v in allowed) if allowed else ""
-            if declared.names:
-                values = "or a name: " + ", ".join(f"`{v}`" for v in declared.names)
-            default = part_defaults[name]
-            shown = "none" if default is None else f"`{_shown(default)}`".replace("True", "true").replace("False", "false")
-            title = part.__name__.removesuffix("Settings").lower()
-            rows.append(f"| {title} | `{name}` | {declared.kind} | {shown} | {values} | {declared.help} |")
-    return "\n".join(rows)
-
-
-def readme_block() -> str:
-    return f"{README_START}\n{markdown_table()}\n{README_END}"
-
-
-def _rewrite_readme(path: str) -> None:
-    from pathlib import Path
-
-    from .files import write_atomic
-
-    text = Path(path).read_text()
-    start, end = text.index(README_START), text.index(README_END) + len(README_END)
-    write_atomic(Path(path), (text[:start] + readme_block() + text[end:]).encode())
-
-
-if __name__ == "__main__":
-    import sys
-
-    _rewrite_readme(sys.argv[1])

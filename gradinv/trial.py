@@ -17,43 +17,35 @@ import torch
 
 from . import data, metrics, models, parameters
 from .attacks.costs import layer_indices
-from .attacks.inverting import LAYER_SETS, AttackResult, IGConfig
+from .attacks.base import AttackJob, AttackResult, Family
+from .attacks.inverting import IGConfig
 from .baselines import BaselinePool, score_baselines
 from .attacks.labels import applicable, recover_labels_with
-from .attacks.registry import FAMILIES, AttackJob, settings_parts
+from .attacks.registry import FAMILIES, settings_parts
 from .errors import require
 from .client.defences import sent_update
 from .federation import Federation
 from .client.update import FLConfig
-from .parameters import FL_MODES, LABELS, extract, federated, trained_victim  # noqa: F401  (importable from here too)
-from .victims import Untrained, recipe_of, victim_source
-
-ATTACKS = tuple(FAMILIES)
+from .parameters import LAYER_SET_COLUMN, extract, federated, trained_victim
+from .victims import recipe_of, victim_source
 
 
 class TrialRules:
     """What a trial does with its fields, whatever parts (gradinv.parameters) it is made of."""
 
     def __post_init__(self):
-        if isinstance(self.layers, str):  # a named set where indices go (study files, --layers)
-            require(self.layers in LAYER_SETS, "layers", self.layers,
-                    f"give parameter indices or one of the named sets {', '.join(LAYER_SETS)}")  # fmt: skip
-            require(self.layer_set == "all", "layers", self.layers, f"the named set is already {self.layer_set!r}")
-            object.__setattr__(self, "layer_set", self.layers)
-            object.__setattr__(self, "layers", None)
         parameters.validate(self)
+        require(self.attack in FAMILIES, "attack", self.attack, f"choose one of {', '.join(FAMILIES)}")
         spec = data.dataset_spec(self.dataset)
         if federated(self):
-            self._check_federation(spec)
+            self._check_federation()
         for index in self.images:  # in a federation: positions in the attacked client's draw (checked when run)
             require(0 <= index and (federated(self) or index < spec.test_images), "image", index,
                     f"use 0 to {spec.test_images - 1} for {self.dataset}")  # fmt: skip
         models.default_width(self.model)  # validates the name
-        require(not trained_victim(self) or spec.trainable, "trained_epochs", self.trained_epochs,
-                f"{self.dataset} keeps no images to train on (every image is attacked); use 0")  # fmt: skip
-        if trained_victim(self):
-            self.recipe()  # the checkpoint's own rules (DP-SGD training needs GroupNorm), before anything runs
-        for requirement in FAMILIES[self.attack].requires:
+        if trained_victim(self):  # the checkpoint's own rules (training images, GroupNorm under DP-SGD)
+            self.recipe()
+        for requirement in self.family.requires:
             requirement.check(self)
         require(self.dp_clip is None or self.local_momentum == 0, "local_momentum", self.local_momentum,
                 "DP-SGD's local steps are plain SGD; use 0")  # fmt: skip
@@ -66,29 +58,45 @@ class TrialRules:
             require(reason is None, "label_method", self.label_method, f"{reason}; use bias_counts")
         require(len(self.images) % self.aggregated_clients == 0, "aggregated_clients", self.aggregated_clients,
                 f"use a number of clients that divides the trial's {len(self.images)} images (1: no aggregation)")  # fmt: skip
-        require(self.dp_clip is None or self.fl != "fedavg" or not 0 < self.local_batch_size < self.images_per_client,
-                "local_batch_size", self.local_batch_size, "DP-SGD draws its own batches at dp_sample_rate; use 0")  # fmt: skip
+        self._check_dp_batches()
         self.ig_config()  # the settings that constrain each other
-        if self.layers is not None:
+        if not isinstance(self.layers, str):  # indices, not a set's name
             count = parameter_tensors(self.model, spec.channels, spec.num_classes, self.side, self.width)
             layer_indices(count, self.layers)
 
-    def _check_federation(self, spec: data.DatasetSpec) -> None:
-        require(spec.trainable, "round", self.round, f"{self.dataset} keeps no images to train a federation on")
+    def _check_federation(self) -> None:
         require(not trained_victim(self), "trained_epochs", self.trained_epochs,
                 "use 0: a federation round is the victim (round), not a zoo checkpoint")  # fmt: skip
-        require(self.round <= self.fed_rounds, "round", self.round,
-                f"use 0 to {self.fed_rounds} (fed_rounds), or raise fed_rounds")  # fmt: skip
-        require(self.attacked_client < self.fed_clients, "attacked_client", self.attacked_client,
-                f"use 0 to {self.fed_clients - 1} (the federation's clients)")  # fmt: skip
         require(self.aggregated_clients == 1, "aggregated_clients", self.aggregated_clients,
                 "use 1: a federation round attacks one client's update")  # fmt: skip
-        # the recipe's own rules (an image per client, room for the partition sizes), and the client's share
-        Federation.of_trial(self).check_positions(self.attacked_client, self.images)
+        # the recipe's own rules (training images, an image per client, room for the partition sizes), the
+        # round within fed_rounds, the attacked client among the clients and its share
+        federation = Federation.of_trial(self)
+        federation.check_round(self.round)
+        federation.check_positions(self.attacked_client, self.images)
+
+    def _check_dp_batches(self) -> None:
+        """DP-SGD draws its own batches (Poisson, at dp_sample_rate): the client's recipe may not fix smaller
+        ones, whether local_batch_size sets them or, in a federation, fed_batch_size."""
+        recipe, count = self.fl_config(), self.images_per_client
+        if self.dp_clip is None or recipe.fl != "fedavg" or not 0 < recipe.local_batch_size < count:
+            return
+        name, use = ("fed_batch_size", f"{count} or more") if federated(self) else ("local_batch_size", "0")
+        require(False, name, getattr(self, name), f"DP-SGD draws its own batches at dp_sample_rate; use {use}")
 
     @property
     def data_spec(self) -> data.DatasetSpec:
         return data.dataset_spec(self.dataset)
+
+    @property
+    def family(self) -> Family:
+        """The attack family's declaration (gradinv.attacks.registry)."""
+        return FAMILIES[self.attack]
+
+    @property
+    def default_width(self) -> int | None:
+        """The model's own width (gradinv.models); None: the model has no width parameter."""
+        return models.default_width(self.model)
 
     @property
     def images_per_client(self) -> int:
@@ -101,7 +109,8 @@ class TrialRules:
 
     def fl_config(self) -> FLConfig:
         """How the client computes its update. In a federation, FedAvg is the federation's local training:
-        ``fed_epochs`` passes over the client's images in mini-batches of ``fed_batch_size`` at ``fed_lr``."""
+        ``fed_epochs`` passes over the client's images in mini-batches of ``fed_batch_size`` at ``fed_lr``.
+        The one place ``fed_*`` knobs become ``local_*`` ones (the vocabulary: parameters.ClientSettings)."""
         if not federated(self) or self.fl == "fedsgd":
             return extract(FLConfig, self)
         count = self.images_per_client
@@ -115,12 +124,13 @@ class TrialRules:
 
     def not_applicable(self) -> set[str]:
         """Fields that cannot affect this trial: another family's settings, and each field whose
-        declared condition fails (local steps under FedSGD, say) once the others are at their defaults."""
+        declared condition fails (local steps under FedSGD, say) once the others are at their defaults.
+        The conditions see the fields, the ``family`` and the ``default_width`` (gradinv.parameters.Knob)."""
         declared, defaults = parameters.declarations(self), parameters.defaults(self)
-        reads = FAMILIES[self.attack].reads
-        names = {name for part in settings_parts() - set(reads) for name in parameters.declarations(part)}
+        names = {name for part in settings_parts() - set(self.family.reads) for name in parameters.declarations(part)}
         while True:
-            view = SimpleNamespace(**{name: defaults[name] if name in names else getattr(self, name) for name in declared})
+            fields = {name: defaults[name] if name in names else getattr(self, name) for name in declared}
+            view = SimpleNamespace(**fields, family=self.family, default_width=self.default_width)
             failing = {name for name, knob in declared.items() if knob.applies is not None and not knob.applies(view)}
             if failing <= names:
                 return names
@@ -134,15 +144,18 @@ class TrialRules:
         """The same trial with inapplicable fields at their defaults, so that duplicates collapse."""
         defaults = parameters.defaults(self)
         reset = {name: defaults[name] for name in self.not_applicable()}
-        if self.width == models.default_width(self.model):
+        if self.width == self.default_width:
             reset["width"] = None
         return dataclasses.replace(self, **reset)
 
     def key_fields(self) -> dict:
         """What a trial's key hashes: the non-default fields, and the version of a dataset's own
-        train/test split (a changed split attacks other images under the same indices)."""
-        split = self.data_spec.split_version
-        return {**self.non_default(), **({"split_version": split} if split else {})}
+        train/test split (a changed split attacks other images under the same indices). A named
+        ``layers`` set is hashed under LAYER_SET_COLUMN, as before the two knobs merged."""
+        fields, split = self.non_default(), self.data_spec.split_version
+        if isinstance(fields.get("layers"), str):
+            fields[LAYER_SET_COLUMN] = fields.pop("layers")
+        return {**fields, **({"split_version": split} if split else {})}
 
     def non_default(self) -> dict:
         """The resolved fields that differ from the defaults, as plain JSON-ready values."""
@@ -182,12 +195,11 @@ def _plain(value):
 def lane_signature(spec) -> tuple:
     """Trials with equal signatures can run as one computation: they share every field declared
     lane-shared (model, shape, client recipe, optimiser schedule, ...)."""
-    shared = tuple(
+    return tuple(
         (name, knob.lane_shared(getattr(spec, name)) if callable(knob.lane_shared) else getattr(spec, name))
         for name, knob in parameters.declarations(spec).items()
         if knob.lane_shared is not False
     )  # fmt: skip
-    return shared if FAMILIES[spec.attack].lanes else (*shared, ("trial", spec))
 
 
 @dataclass
@@ -221,11 +233,6 @@ def cached_victim(spec: TrialSpec) -> torch.nn.Module:
     return victim_source(spec).model()
 
 
-def build_victim(spec: TrialSpec) -> torch.nn.Module:
-    """The seeded untrained model."""
-    return Untrained(spec).model()
-
-
 def run_trials(
     specs: Sequence[TrialSpec],
     *,
@@ -244,7 +251,7 @@ def run_trials(
     require(len({lane_signature(s) for s in specs}) == 1, "lanes", len(specs), "pack only lane-compatible trials")
     first = specs[0]
     info = first.data_spec
-    family = FAMILIES[first.attack]
+    family = first.family
     model = family.shipped(victim(first).to(device).eval(), first, data_root)
     images = images or (lambda spec: victim_source(spec).client_images(data_root))
     truths, updates, attacker_labels, true_labels, image_columns = [], [], [], [], []
@@ -276,7 +283,7 @@ def run_trials(
     job = AttackJob(model, specs, updates, labels, labels_known, shape, info.num_classes, data.pixel_box(info, truths[0]),
                     on_progress=on_progress, on_checkpoint=on_checkpoint and checkpoint, on_images=score_checkpoint,
                     deadline=deadline)  # fmt: skip
-    result = family.runner()(job)
+    result = family.run(job)
     if result.labels is not None:  # the attack settled on labels of its own
         labels = result.labels
     pool = _baseline_pool(first, data_root)
@@ -311,7 +318,7 @@ def _score(spec, model, info, truth01, result: AttackResult, lane, predicted_lab
         return TrialOutcome(status="failed", error=NO_FINITE_RESTART, **common)
     recon01 = data.denormalise(recon, info).clamp(0, 1)
     unmatched_psnr = metrics.psnr(recon01, truth01)  # position b against image b, as the reference scores
-    ordered = spec.labels == "known" and FAMILIES[spec.attack].ordered  # position b was made for image b's label
+    ordered = spec.labels == "known" and spec.family.ordered  # position b was made for image b's label
     known = truth_labels if ordered else None
     recon01 = _matched(recon01, truth01, known)
     per_image = {

@@ -17,7 +17,7 @@ import torch
 
 from . import data, models, zoo
 from . import parameters
-from .parameters import DefenceSettings, federated, trained_victim
+from .parameters import federated, trained_victim
 
 
 def recipe_of(spec: Any) -> zoo.Recipe:
@@ -30,12 +30,12 @@ def recipe_of(spec: Any) -> zoo.Recipe:
 
 def training_defence(spec: Any) -> tuple:
     """The (name, value) pairs of the trial's defences that its victim's training applies: the ones
-    that are on (not at their defaults) among zoo.TRAINING_DEFENCE; () for plain training."""
+    that are on (not at their defaults) among the training defences (gradinv.parameters); () for plain training."""
     if not spec.defended_training:
         return ()
     # the resolved values, read without building the resolved trial (a trial checks its recipe when built)
-    unused, plain = spec.not_applicable(), parameters.defaults(DefenceSettings)
-    return tuple(sorted((name, getattr(spec, name)) for name in zoo.TRAINING_DEFENCE
+    unused, plain = spec.not_applicable(), parameters.defaults(spec)
+    return tuple(sorted((name, getattr(spec, name)) for name in parameters.training_defences(spec)
                         if name not in unused and getattr(spec, name) != plain[name]))  # fmt: skip
 
 
@@ -104,7 +104,6 @@ class FederationRound:
     def kept_round(self):
         from . import federation
 
-        self.federation.check_round(self.spec.round)
         return federation.train(self.federation, self.spec.round, keep=(self.spec.round,))
 
     def row_columns(self, sidecar: dict | None = None) -> dict:

@@ -1,34 +1,34 @@
 """The defended training step of a victim's recipe (gradinv.zoo trains with it): plain SGD, or DP-SGD
-and the update-level defences on every step's gradient."""
+and the update-level defences on every step's gradient. It receives the recipe's defences and learning
+rate, not the recipe, so that it needs nothing of gradinv.zoo."""
 
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
-if TYPE_CHECKING:
-    from .zoo import Recipe
-
 
 class TrainingStep:
-    """One SGD step of the recipe (Nesterov momentum 0.9, weight decay 5e-4) on a batch, with the
-    recipe's defences on its gradient: DP-SGD through Opacus (gradinv.client.dp_training; the recipe's model has
-    GroupNorm, since BatchNorm mixes a batch's examples) and then the update-level defences
-    (gradinv.client.defences), their random numbers drawn afresh at every step."""
+    """One SGD step at ``lr`` (Nesterov momentum 0.9, weight decay 5e-4) on a batch, with ``defence``
+    (the recipe's (name, value) pairs of DefenceSettings) on its gradient: DP-SGD through Opacus
+    (gradinv.client.dp_training; the recipe's model has GroupNorm, since BatchNorm mixes a batch's
+    examples) and then the update-level defences (gradinv.client.defences), their random numbers drawn
+    afresh at every step."""
 
-    def __init__(self, model: torch.nn.Module, recipe: Recipe, sample_rate: float, expected_batch_size: float):
+    def __init__(
+        self, model: torch.nn.Module, defence: tuple, lr: float, sample_rate: float, expected_batch_size: float
+    ):
         from .parameters import DefenceSettings, defaults
 
-        self.model, self.recipe, self.sample_rate = model, recipe, sample_rate
-        self.settings = DefenceSettings(**{**defaults(DefenceSettings), **dict(recipe.defence)})
+        self.model, self.sample_rate = model, sample_rate
+        self.settings = DefenceSettings(**{**defaults(DefenceSettings), **dict(defence)})
         self.private = self.module = None
         self.count = 0
 
         def sgd(parameters):
-            return torch.optim.SGD(parameters, lr=recipe.lr, momentum=0.9, nesterov=True, weight_decay=5e-4)
+            return torch.optim.SGD(parameters, lr=lr, momentum=0.9, nesterov=True, weight_decay=5e-4)
 
         if self.settings.dp_clip is None:
             self.optimiser = sgd(model.parameters())

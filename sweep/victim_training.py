@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import functools
 
-from gradinv import federation, zoo
+from gradinv import cache, federation, zoo
 from gradinv.parameters import federated
 from gradinv.trial import TrialSpec
 from gradinv.victims import FederationRound, ZooCheckpoint
@@ -23,7 +23,7 @@ from .task_loop import finished
 
 def train_task(recipe: zoo.Recipe) -> tuple[bytes, dict]:
     checkpoint, _ = zoo.ensure(recipe)
-    return checkpoint.to_bytes(), checkpoint.sidecar
+    return cache.to_bytes(checkpoint.state), checkpoint.sidecar
 
 
 def federation_task(recipe: federation.Federation, rounds: tuple[int, ...]) -> dict[int, tuple[bytes, dict]]:
@@ -32,7 +32,7 @@ def federation_task(recipe: federation.Federation, rounds: tuple[int, ...]) -> d
 
     federation.train(recipe, max(rounds), keep=rounds, run_clients=ray_clients(ray))
     kept = federation.kept_rounds(recipe, rounds)
-    return {number: (federation.to_bytes(found.state), found.sidecar) for number, found in kept.items()}
+    return {number: (cache.to_bytes(found.state), found.sidecar) for number, found in kept.items()}
 
 
 def ray_clients(ray, num_cpus: float = 1):
@@ -68,14 +68,13 @@ def check_caches(specs: list[TrialSpec]) -> None:
             recipes.setdefault(spec.recipe().key, spec.recipe())
     if not recipes and not rounds:
         return
-    require_writable_directory("GRADINV_CACHE", zoo.cache_dir())  # loading takes a lock file there; training stores
+    require_writable_directory("GRADINV_CACHE", cache.cache_dir())  # loading takes a lock file there; training stores
     for recipe in recipes.values():
         zoo.load(recipe)
     for recipe, numbers in rounds.values():
-        root = federation.federation_dir(recipe)
         for number in sorted(numbers):
-            federation.load_round(recipe, number, root)
-        federation._latest_kept(recipe, root, max(numbers))  # where training the missing rounds resumes
+            federation.load_round(recipe, number)
+        federation.resume_point(recipe, max(numbers))  # where training the missing rounds resumes
 
 
 class Victims:
@@ -170,10 +169,10 @@ def victim_from_checkpoint(weights: bytes, sidecar: dict):
     images come from the round's sidecar)."""
     if "partitions" in sidecar:
         recipe = federation.Federation(**sidecar["recipe"])
-        model = federation.from_bytes(recipe, weights, sidecar).model()
+        model = federation.Round(recipe, sidecar["round"], cache.from_bytes(weights), sidecar).model()
         return (lambda _: model), (lambda spec: FederationRound(spec).client_images(sidecar=sidecar))
     recipe = zoo.Recipe(**sidecar["recipe"])
-    checkpoint = zoo.from_bytes(recipe, weights, sidecar)
+    checkpoint = zoo.Checkpoint(recipe, cache.from_bytes(weights), sidecar)
     if zoo.load(recipe) is None:
         zoo.store(checkpoint)
     model = checkpoint.model()

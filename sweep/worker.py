@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import torch
 
 from gradinv import data
-from gradinv.attacks.inverting import TrialTimeout
+from gradinv.attacks.base import TrialTimeout
 from gradinv.client.accounting import privacy_columns
 from gradinv.provenance import provenance
 from gradinv.trial import TrialOutcome, TrialSpec, run_trials

@@ -18,13 +18,14 @@ from gradinv.attacks.analytic import first_linear_input
 from gradinv.attacks.inverting import IGConfig, invert_gradients
 from gradinv.attacks.labels import batch_labels, idlg_label
 from gradinv.client.update import FLConfig, client_update, minibatch_schedule, model_state, parameter_update
-from gradinv.trial import TrialSpec, build_victim, run_trials
+from gradinv.trial import TrialSpec, run_trials
+from gradinv.victims import Untrained
 
 SMALL = TrialSpec(dataset="fashion-mnist", image_size=16, model="convnet", width=8, iterations=200, tv=1e-4)
 
 
 def client(spec: TrialSpec):
-    model = build_victim(spec)
+    model = Untrained(spec).model()
     images01, labels = data.load_images(spec.dataset, spec.images, image_size=spec.image_size)
     images = data.normalise(images01, spec.data_spec)
     return model, images, labels, client_update(model, images, labels, spec.fl_config())
@@ -74,7 +75,7 @@ def test_analytic_attack_recovers_mlp_input_exactly(attack, bars):
 
 def test_idlg_recovers_every_single_image_label():
     spec = dataclasses.replace(SMALL, width=4)
-    model = build_victim(spec)
+    model = Untrained(spec).model()
     images01, labels = data.load_images(spec.dataset, tuple(range(50)), image_size=16)
     images = data.normalise(images01, spec.data_spec)
     found = [idlg_label(client_update(model, images[i : i + 1], labels[i : i + 1], FLConfig()), 10) for i in range(50)]
@@ -269,11 +270,11 @@ def test_layers_take_named_sets_and_negative_indices_and_refuse_bad_ones(tmp_pat
     from gradinv.results.schema import trial_key
 
     named = TrialSpec(layers="top10")
-    assert (named.layers, named.layer_set) == (None, "top10")
-    assert trial_key(named) == trial_key(TrialSpec(layer_set="top10"))
+    assert named.ig_config().layers == "top10" and named.key_fields() == {"layer_set": "top10"}  # keyed as before
+    assert trial_key(TrialSpec(layers="all")) == trial_key(TrialSpec())
     assert TrialSpec(layers=(0, -1)).ig_config().layers == (0, -1)
     for bad, message in [((0, 34), "use indices from -34 to 33"), ((1, -33), "list each parameter tensor once"),
-                         ("last7", "one of the named sets")]:  # fmt: skip
+                         ("last7", "give a list of indices or one of all, first4, ")]:  # fmt: skip
         with pytest.raises(ValueError, match=message):
             TrialSpec(layers=bad)  # convnet: 34 parameter tensors
     assert main(["attack", "--layers", "0,x", "--out", str(tmp_path / "out")]) == 2

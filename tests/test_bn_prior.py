@@ -14,7 +14,7 @@ from gradinv.errors import ConfigError
 from gradinv.attacks import steps
 from gradinv.attacks.inverting import initial_images
 from gradinv.client.update import (
-    FLConfig, PrivateTraining, aggregate, client_update, feature_statistics, minibatch_schedule, model_state,
+    FLConfig, aggregate, client_update, feature_statistics, minibatch_schedule, model_state,
 )
 from gradinv.models import build_model
 
@@ -222,8 +222,6 @@ def test_misconfigurations_are_refused_with_the_fix():
         BatchNormPrior(plain, *model_state(plain), [client_update(plain, images, labels, FLConfig())], "running", lambda t: t)
     with pytest.raises(ConfigError, match="L-BFGS"):
         IGConfig(restarts=2, optimizer="lbfgs", group_consistency=0.1)
-    with pytest.raises(ConfigError, match="DP-SGD"):
-        client_update(model, images, labels, FLConfig(client_bn="train"), private=PrivateTraining(1.0, 0.0, 1.0, 0))
 
 
 @pytest.mark.parametrize("settings, line", [

@@ -1,16 +1,18 @@
 """Damaged caches under `gradinv run`: a checkpoint that holds more than tensors, an unwritable cache, a
 federation round whose sidecar is damaged. Each is one line naming the file and the fix, exit 2, before
-Ray starts or the results directory is created (and the weights_only guard runs no code)."""
+Ray starts or the results directory is created (and the weights_only guard runs no code). Checkpoints and
+rounds are entries of one cache (gradinv.cache): the same checks, the same line for the same damage."""
 
 import dataclasses
 import gc
 import json
+import pickle
 
 import pandas as pd
 import pytest
 import torch
 
-from gradinv import federation, zoo
+from gradinv import cache, federation, zoo
 from gradinv.errors import ConfigError
 from sweep import runner
 from sweep.cli.main import main
@@ -65,7 +67,7 @@ def test_a_cached_checkpoint_holding_more_than_tensors_is_one_line_and_runs_no_c
     sidecar = {"key": recipe.key, "test_accuracy": 0.5, "epochs": 1, "seed": 0, "training_seconds": 1.0,
                "recipe": dataclasses.asdict(recipe)}  # fmt: skip
     zoo.store(zoo.Checkpoint(recipe, recipe.untrained().state_dict(), sidecar))
-    weights, _ = zoo.paths(recipe, zoo.cache_dir())
+    weights = zoo.entry(recipe).weights
     torch.save({**recipe.untrained().state_dict(), "extra": Planted(str(tmp_path / RAN))}, weights)
     assert refused(study, tmp_path, capsys) == [
         f"gradinv run: error: checkpoint: '{weights}' is not valid; it is unreadable ({weights.name} holds more than "
@@ -155,7 +157,7 @@ def test_on_a_cluster_node_a_damaged_checkpoint_fails_its_trials_with_the_same_l
     recipe = load_study(study).trials[0].recipe()
     sidecar = {"key": recipe.key, "test_accuracy": 0.5, "epochs": 1, "seed": 0, "training_seconds": 1.0}
     zoo.store(zoo.Checkpoint(recipe, recipe.untrained().state_dict(), sidecar))
-    weights, _ = zoo.paths(recipe, zoo.cache_dir())
+    weights = zoo.entry(recipe).weights
     weights.write_bytes(weights.read_bytes()[:100])
     with pytest.raises(ConfigError) as expected:
         zoo.load(recipe)
@@ -167,3 +169,91 @@ def test_on_a_cluster_node_a_damaged_checkpoint_fails_its_trials_with_the_same_l
     line = f"training the victim {recipe.key} failed: gradinv.errors.ConfigError: {expected.value}"
     assert set(rows["error"]) == {line}
     assert "Unhandled error" not in "".join(capfd.readouterr())
+
+
+# ------------------------------------------------------------------------------------------------
+# One cache for checkpoints and rounds
+
+
+CHECKPOINT = zoo.Recipe("faces", "convnet", 2, epochs=1, image_size=8)
+ROUNDS = federation.Federation(
+    dataset="faces", width=2, image_size=8, fed_clients=2, train_subset=8, fed_batch_size=4, fed_rounds=1
+)
+CHECKPOINT_FIELDS = "key, test_accuracy, epochs, seed, training_seconds"
+ROUND_FIELDS = "key, round, test_accuracy, participants, partitions, label_histograms, training_seconds"
+
+
+@pytest.fixture
+def one_of_each(tmp_path) -> dict:
+    """A checkpoint and a federation's round 0 in one cache: kind -> (its entry, a function loading it)."""
+    sidecar = {"key": CHECKPOINT.key, "test_accuracy": 0.5, "epochs": 1, "seed": 0, "training_seconds": 1.0}
+    zoo.store(zoo.Checkpoint(CHECKPOINT, CHECKPOINT.untrained().state_dict(), sidecar), tmp_path)
+    federation.train(ROUNDS, 0, cache=tmp_path)
+    return {
+        "checkpoint": (zoo.entry(CHECKPOINT, tmp_path), lambda: zoo.load(CHECKPOINT, tmp_path)),
+        "round": (federation.round_entry(ROUNDS, 0, tmp_path), lambda: federation.load_round(ROUNDS, 0, tmp_path)),
+    }
+
+
+def damage_line(kind: str, weights, problem: str) -> str:
+    """The one line for a damaged entry of either kind: what is wrong, the two files, how to rebuild them."""
+    files = f"{weights.name} and {weights.with_suffix('.json').name}"
+    if kind == "checkpoint":
+        rebuild = f"run '{CHECKPOINT.train_command()}' (or the study) again to rebuild it"
+        return f"checkpoint: '{weights}' is not valid; it is unreadable ({problem}); delete {files} and {rebuild}"
+    rebuild = "run again to retrain it"
+    return f"federation: '{weights}' is not valid; round 0 is unreadable ({problem}); delete {files} and {rebuild}"
+
+
+def loading_error(load) -> str:
+    with pytest.raises(ConfigError) as error:
+        load()
+    return str(error.value)
+
+
+@pytest.mark.parametrize("kind", ["checkpoint", "round"])
+def test_a_damaged_sidecar_of_either_kind_is_the_same_one_line(one_of_each, kind):
+    entry, load = one_of_each[kind]
+    fields = {"checkpoint": CHECKPOINT_FIELDS, "round": ROUND_FIELDS}[kind]
+    entry.sidecar.write_text("{}")
+    assert loading_error(load) == damage_line(kind, entry.weights, f"{entry.sidecar.name} lacks {fields}")
+    entry.sidecar.write_text('{"key": "cut sho')
+    assert loading_error(load) == damage_line(kind, entry.weights, f"{entry.sidecar.name}: JSONDecodeError")
+
+
+@pytest.mark.parametrize("kind", ["checkpoint", "round"])
+def test_a_round_and_a_checkpoint_go_through_the_same_checks_of_their_weights(one_of_each, kind, tmp_path):
+    entry, load = one_of_each[kind]
+    state = load().state
+    weights = entry.weights
+    weights.write_bytes(weights.read_bytes()[:100])
+    assert loading_error(load) == damage_line(kind, weights, f"{weights.name} is not a complete torch archive")
+    torch.save({**state, "extra": Planted(str(tmp_path / RAN))}, weights)
+    assert loading_error(load) == damage_line(kind, weights, f"{weights.name} holds more than tensors")
+    assert not (tmp_path / RAN).exists()
+    torch.save({name: value[:1] if value.dim() else value for name, value in state.items()}, weights)
+    assert loading_error(load) == damage_line(kind, weights, f"{weights.name} does not hold this recipe's model")
+
+
+def test_both_kinds_load_through_the_cache_entry(one_of_each, monkeypatch):
+    loaded = []
+    original = cache.Entry.load
+
+    def spy(entry, *args, **kwargs):
+        loaded.append(entry.sidecar.name)
+        return original(entry, *args, **kwargs)
+
+    monkeypatch.setattr(cache.Entry, "load", spy)
+    for _, load in one_of_each.values():
+        assert load() is not None
+    assert loaded == [f"{CHECKPOINT.key}.json", "round-00000.json"]
+
+
+def test_weights_sent_to_ray_workers_load_as_tensors_only(tmp_path):
+    state = CHECKPOINT.untrained().state_dict()
+    received = cache.from_bytes(cache.to_bytes(state))
+    assert received.keys() == state.keys() and all(torch.equal(received[k], state[k]) for k in state)
+    planted = cache.to_bytes({"extra": Planted(str(tmp_path / RAN))})
+    with pytest.raises(pickle.UnpicklingError):
+        cache.from_bytes(planted)
+    assert not (tmp_path / RAN).exists()

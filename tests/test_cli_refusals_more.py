@@ -152,7 +152,7 @@ def test_a_damaged_fashion_mnist_package_file_is_named_and_nothing_is_staged(deb
 
 def test_zoo_train_checks_the_width_before_the_bar_and_the_cache(tmp_path, capsys):
     cache = tmp_path / "zoo"
-    code, err = refusal(["zoo", "train", "--dataset", "faces", "--model", "convnet", "--width", "-4", "--epochs", "1",
+    code, err = refusal(["zoo", "train", "--dataset", "faces", "--model", "convnet", "--width", "-4", "--trained-epochs", "1",
                          "--cache", str(cache)], capsys)  # fmt: skip
     assert code == 2 and err == ["gradinv zoo: error: width: -4 is not valid; use a whole number of at least 1"]
     assert not cache.exists()
@@ -160,7 +160,7 @@ def test_zoo_train_checks_the_width_before_the_bar_and_the_cache(tmp_path, capsy
 
 def test_zoo_train_refuses_a_cache_it_cannot_create(tmp_path, capsys):
     blocker = a_file(tmp_path)
-    code, err = refusal(["zoo", "train", "--dataset", "faces", "--model", "convnet", "--width", "2", "--epochs", "1",
+    code, err = refusal(["zoo", "train", "--dataset", "faces", "--model", "convnet", "--width", "2", "--trained-epochs", "1",
                          "--cache", str(blocker / "zoo")], capsys)  # fmt: skip
     assert code == 2 and err == [f"gradinv zoo: error: --cache: '{blocker / 'zoo'}' is not valid; {blocker} is not a "
                                  "directory; name a directory (it is created if missing)"]

@@ -57,7 +57,7 @@ def test_every_schema_column_has_one_declared_role():
     assert set(declared.values()) == set(ROLES) and len(declared) == len(SCHEMA)
     by_role = {role: {name for name, r in declared.items() if r == role} for role in ROLES}
     assert by_role["identity"] == {"study", "key", "candidate"}
-    assert by_role["setting"] == {*_PARAMETER_TYPES, "images_per_client"}
+    assert by_role["setting"] == {*_PARAMETER_TYPES, "layer_set", "images_per_client"}  # layer_set: a named `layers`
     assert by_role["heavy"] == HEAVY
     assert {"psnr", "psnr_gain", "baseline_psnr", "psnr_per_image", "status", "model_accuracy"} <= by_role["outcome"]
     assert {"host", "torch_version", "task_seconds", "pack_id", "attempt", "checkpoint_key"} <= by_role["provenance"]

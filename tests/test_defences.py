@@ -13,7 +13,8 @@ from gradinv.attacks.inverting import LaneObjective
 from gradinv.client.defences import add_noise, attacker_defences, client_defences, clip, kept_masks, prune, quantise
 from gradinv.client.update import client_update
 from gradinv.parameters import DefenceSettings
-from gradinv.trial import TrialSpec, build_victim, run_trials
+from gradinv.trial import TrialSpec, run_trials
+from gradinv.victims import Untrained
 from gradinv.results.schema import trial_key
 
 from cli_refusals import assert_attack_refuses
@@ -111,7 +112,7 @@ def test_a_trial_builds_its_defences_in_the_declared_order():
 
 def _gradient_cost_at_truth(**settings) -> float:
     spec = TrialSpec(dataset="faces", images=(0, 1), image_size=8, model="convnet", width=8, **settings)
-    model = build_victim(spec).eval()
+    model = Untrained(spec).model().eval()
     images01, labels = data.load_images("faces", spec.images, None, image_size=8)
     images = data.normalise(images01, spec.data_spec)
     update = client_update(model, images, labels, spec.fl_config(), client_defences(spec))

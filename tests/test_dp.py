@@ -161,7 +161,6 @@ def test_a_batch_of_one_image_is_accepted():
         ({"noise_multiplier": -0.5}, "dp_noise"),
         ({"sample_rate": 0.0}, "dp_sample_rate"),
         ({"sample_rate": 1.5}, "dp_sample_rate"),
-        ({"fl": dataclasses.replace(FEDAVG, local_batch_size=2)}, "local_batch_size"),
         ({"count": 0}, "images_per_client"),
     ],
 )

@@ -117,7 +117,7 @@ def test_two_processes_asking_for_one_federation_train_it_once(tmp_path):
 @pytest.mark.parametrize("change, field", [
     ({"partition": "dirichlet", "alpha": 0.0}, "alpha"),
     ({"partition": "dirichlet", "alpha": -1.0}, "alpha"),
-    ({"partition": "dirichlet"}, "alpha"),  # no concentration given
+    ({"checkpoint_every": 0}, "checkpoint_every"),
     ({"clients_per_round": 5}, "clients_per_round"),
     ({"fed_clients": 61}, "fed_clients"),
     ({"partition": "shards"}, "partition"),
@@ -139,6 +139,21 @@ def test_a_round_beyond_the_recipe_and_a_client_without_images_are_refused(tmp_p
     assert not list(fed.federation_dir(skewed, tmp_path).glob("round-*"))
 
 
+def test_federation_train_trains_up_to_the_round_it_is_given(tmp_path, capsys):
+    flags = ["federation", "train", "--in-process", "--cache", str(tmp_path), "--dataset", "fashion-mnist", "--width",
+             "4", "--image-size", "8", "--train-subset", "60", "--fed-clients", "4", "--clients-per-round", "2",
+             "--fed-batch-size", "8", "--fed-lr", "0.05", "--fed-rounds", "4"]  # fmt: skip
+    assert main([*flags, "--up-to-round", "1"]) == 0
+    root = fed.federation_dir(fed.Federation(**TINY), tmp_path)
+    assert sorted(p.name for p in root.glob("round-*.json")) == ["round-00000.json", "round-00001.json"]
+    assert ": round 1, test accuracy" in capsys.readouterr().out
+    assert main([*flags, "--up-to-round", "5"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "gradinv federation: error: --up-to-round: 5 is not valid; use 0 to 4 (fed_rounds), or raise fed_rounds"]
+    with pytest.raises(SystemExit):  # the flag's old name, which read like the trial's round
+        main([*flags, "--round", "1"])
+
+
 def test_rounds_record_accuracy_and_who_took_part(tmp_path):
     recipe = fed.Federation(**TINY)
     final = fed.train(recipe, 2, cache=tmp_path)
@@ -153,9 +168,11 @@ def test_rounds_record_accuracy_and_who_took_part(tmp_path):
 
 def test_a_trials_federation_settings_make_its_recipe_with_the_same_defaults():
     declared = parameters.parameter_defaults()
-    for field in dataclasses.fields(fed.Federation):
-        if field.name in fed.TRIAL_FIELDS and field.name not in ("dataset", "alpha"):  # alpha: None under iid
-            assert field.default == declared[field.name], field.name
+    recipe_knobs = [f.name for f in dataclasses.fields(fed.Federation) if f.name in declared]
+    assert recipe_knobs == [f.name for f in parameters.recipe_fields(parameters.FEDERATION)]
+    assert {"round", "attacked_client"}.isdisjoint(recipe_knobs)  # which round and client: the trial's, not the recipe's
+    assert all(fed.Federation.__dataclass_fields__[name].default == declared[name] for name in recipe_knobs)
+    assert fed.Federation(**{**TINY, "partition": "dirichlet"}).alpha == declared["alpha"] == 1.0
     trial = TrialSpec(round=2, partition="dirichlet", alpha=0.1, fed_clients=4, train_subset=60, width=4)
     recipe = fed.Federation.of_trial(trial)
     assert (recipe.partition, recipe.alpha, recipe.fed_clients, recipe.train_subset) == ("dirichlet", 0.1, 4, 60)
@@ -200,7 +217,9 @@ def test_fedavg_on_a_round_trains_as_the_federation_does():
     ({"trained_epochs": 2}, "trained_epochs: 2 is not valid; use 0: a federation round is the victim"),
     ({"attacked_client": 4}, "attacked_client: 4 is not valid; use 0 to 3 (the federation's clients)"),
     ({"aggregated_clients": 2, "images": (0, 1)}, "aggregated_clients: 2 is not valid; use 1: a federation round"),
-    ({"dataset": "photos", "model": "mlp"}, "round: 1 is not valid; photos keeps no images to train a federation on"),
+    ({"dataset": "photos", "model": "mlp"}, "dataset: 'photos' is not valid; it keeps no images to train on"),
+    ({"fl": "fedavg", "dp_clip": 1.0, "images": tuple(range(10))},  # the client's batches are fed_batch_size's
+     "fed_batch_size: 8 is not valid; DP-SGD draws its own batches at dp_sample_rate; use 10 or more"),
 ])  # fmt: skip
 def test_a_bad_round_trial_is_one_line_naming_the_field(change, line):
     with pytest.raises(ConfigError) as error:

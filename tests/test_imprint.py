@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from gradinv.attacks.imprint import ImprintBlock, brightness_thresholds, imprinted, recover, run
-from gradinv.attacks.registry import AttackJob
+from gradinv.attacks.base import AttackJob
 from gradinv.errors import ConfigError
 from gradinv.client.update import FLConfig, client_update
 from gradinv.models import build_model
@@ -126,13 +126,14 @@ def test_bad_input_names_the_field():
 def test_an_imprint_trial_reads_every_lone_test_image_exactly():
     from gradinv import data
     from gradinv.attacks.imprint import shipped_model
-    from gradinv.trial import TrialSpec, build_victim, run_trials
+    from gradinv.trial import TrialSpec, run_trials
+    from gradinv.victims import Untrained
 
     spec = TrialSpec(attack="imprint", threat_model="malicious", images=tuple(range(8)), image_size=8, model="convnet",
                      width=4, imprint_bins=64, imprint_sample=200)  # fmt: skip
     (outcome,) = run_trials([spec])
     images01, _ = data.load_images("fashion-mnist", spec.images, split="test", image_size=8)
-    alone = lone_images(shipped_model(build_victim(spec), spec), data.normalise(images01, spec.data_spec))
+    alone = lone_images(shipped_model(Untrained(spec).model(), spec), data.normalise(images01, spec.data_spec))
     exact = [p for p in outcome.per_image["psnr"] if p >= 60]
     assert outcome.status == "ok" and len(alone) >= 4 and len(exact) >= len(alone), (alone, outcome.per_image["psnr"])
 

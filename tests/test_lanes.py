@@ -10,7 +10,8 @@ import torch
 from gradinv import data
 from gradinv.attacks.costs import GradientCost
 from gradinv.attacks.inverting import LaneObjective
-from gradinv.trial import TrialSpec, build_victim, run_trials
+from gradinv.trial import TrialSpec, run_trials
+from gradinv.victims import Untrained
 from sweep.cli.main import main
 
 BASE = TrialSpec(dataset="faces", image_size=12, model="convnet", width=4, iterations=60)
@@ -20,7 +21,7 @@ LANE_AGREEMENT_DB = 0.5
 
 
 def lane_inputs(spec: TrialSpec, lanes: int):
-    model = build_victim(spec)
+    model = Untrained(spec).model()
     updates, labels = [], []
     from gradinv.client.update import client_update
 

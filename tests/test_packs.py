@@ -69,16 +69,3 @@ def test_a_pack_past_its_timeout_fails_every_trial_without_running_them_again(ru
     assert [row["status"] for row in rows] == ["failed"] * 3
     assert all("past the trial timeout" in row["error"] for row in rows)
     assert run_trials_calls == [KEYS]
-
-
-def test_a_family_that_does_not_pack_runs_every_trial_alone(monkeypatch):
-    import dataclasses
-
-    from gradinv.attacks import registry
-    from sweep.study import Study
-    from sweep.task_loop import make_packs
-
-    study = Study(name="alone", path="alone.yaml", trials=SPECS, collapsed=0, axes={}, points=3, lanes=8)
-    assert [len(pack.keys) for pack in make_packs(study, list(zip(KEYS, SPECS)), "cpu")] == [3]
-    monkeypatch.setitem(registry.FAMILIES, "ig", dataclasses.replace(registry.FAMILIES["ig"], lanes=False))
-    assert [pack.keys for pack in make_packs(study, list(zip(KEYS, SPECS)), "cpu")] == [("k0",), ("k1",), ("k2",)]

@@ -1,6 +1,7 @@
 """Trial parameters declared once: every derived place (flags, study files, columns, keys, lanes, the
 tune space, the README) follows the declarations, including a part a test adds."""
 
+import dataclasses
 import json
 import math
 import subprocess
@@ -13,7 +14,7 @@ import pyarrow as pa
 import pytest
 import torch
 
-from gradinv import parameters, trial
+from gradinv import parameters, parameters_page, trial
 from gradinv.attacks.registry import FAMILIES
 from gradinv.errors import ConfigError
 from gradinv.client.update import FLConfig, client_update
@@ -62,7 +63,7 @@ def _good_value(name: str, declared: parameters.Knob, default):
     """A valid value other than the default (the YAML value, and what the trial then holds)."""
     special = {"dataset": "faces", "model": "mlp", "images": [1], "layers": [0], "image_size": 16, "keep_fraction": 0.25,
                "noise_std": 0.5, "dp_delta": 0.001, "dp_sample_rate": 0.5, "aggregated_clients": 2,
-               "imprint_sample": 120}  # fmt: skip
+               "imprint_sample": 120, "attack": "dlg"}  # fmt: skip
     if name in special:
         value = special[name]
         return value, tuple(value) if isinstance(value, list) else value
@@ -209,14 +210,33 @@ def test_dlg_trials_carry_only_the_settings_dlg_reads(tmp_path):
 
 def test_the_parameters_page_lists_every_parameter_as_declared():
     text = (REPO / "docs" / "parameters.md").read_text()
-    assert parameters.readme_block() in text, "regenerate it: python -m gradinv.parameters docs/parameters.md"
+    assert parameters_page.page_block() in text, "regenerate it: python -m gradinv.parameters_page docs/parameters.md"
     for name, default in parameters.parameter_defaults().items():
         assert f"| `{name}` |" in text
 
 
-def test_every_family_runs_through_the_registry():
-    assert trial.ATTACKS == tuple(FAMILIES) == parameters.declarations(TrialSpec)["attack"].allowed()
-    assert all(callable(family.runner()) for family in FAMILIES.values())
+def test_every_family_runs_through_the_registry(monkeypatch):
+    knob = parameters.declarations(TrialSpec)["attack"]
+    assert parameters_page.listed_values("attack", knob) == tuple(FAMILIES) == ("ig", "dlg", "analytic", "imprint")
+    with pytest.raises(ConfigError, match=r"^attack: 'nope' is not valid; choose one of ig, dlg, analytic, imprint$"):
+        TrialSpec(attack="nope")
+    modules = {"ig": "inverting", "dlg": "dlg", "analytic": "analytic", "imprint": "imprint"}
+    for name, family in FAMILIES.items():  # each runner imports its family's module when a trial runs
+        monkeypatch.setattr(f"gradinv.attacks.{modules[name]}.run", lambda job, name=name: f"{name} ran {job}")
+        assert family.run("job") == f"{name} ran job"
+
+
+def test_the_knobs_read_the_family_traits_not_its_name(monkeypatch):
+    from gradinv.attacks import registry
+
+    assert {"prune_aware", "attack_seed"} <= TrialSpec(attack="analytic", model="mlp", keep_fraction=0.5).not_applicable()
+    mirroring = dataclasses.replace(FAMILIES["analytic"], mirrors_defences=True, seeded=True)
+    monkeypatch.setitem(registry.FAMILIES, "analytic", mirroring)
+    spec = TrialSpec(attack="analytic", model="mlp", keep_fraction=0.5, prune_aware=True, attack_seed=3)
+    assert not {"prune_aware", "attack_seed"} & spec.not_applicable()
+    kept = {"attack": "analytic", "model": "mlp", "keep_fraction": 0.5, "prune_aware": True, "attack_seed": 3}
+    assert spec.key_fields() == kept
+    assert "width" in TrialSpec(model="resnet18").not_applicable() and "width" not in TrialSpec().not_applicable()
 
 
 def test_victim_sources_and_the_default_width_share_one_checkpoint():
@@ -272,7 +292,7 @@ def test_a_new_part_reaches_flags_schema_study_applicability_lanes_and_tune(with
     assert lane_signature(Spec(fl="fedavg", clip=0.5)) != lane_signature(Spec(fl="fedavg", clip=1.0))
     log_uniform, _ = parameters.search_space()
     assert "clip" in log_uniform and parameters.paper_defaults()["clip"] == 0.0
-    assert "| `clip` |" in parameters.markdown_table()
+    assert "| `clip` |" in parameters_page.markdown_table()
 
 
 def test_the_new_part_validates_like_any_other(with_clip):

@@ -181,9 +181,9 @@ OPTIONS = [  # (gradinv's settings, the reference's)
     (dict(layer_weighting="exp", cost="simlocal"), dict(weights="exp", cost_fn="simlocal")),
     (dict(layers=(0, 5, -1, -7)), dict(indices=[0, 5, -1, -7])),
     (dict(layers=(2, 3), layer_weighting="linear", cost="l1"), dict(indices=[2, 3], weights="linear", cost_fn="l1")),
-    *[(dict(layer_set=name), dict(indices=name)) for name in ("first4", "first5", "first10", "first50", "last5",
-                                                                "last10", "last50", "top10", "top50")],
-    (dict(layer_set="last5", layer_weighting="exp", cost="l2"), dict(indices="last5", weights="exp", cost_fn="l2")),
+    *[(dict(layers=name), dict(indices=name)) for name in ("first4", "first5", "first10", "first50", "last5",
+                                                             "last10", "last50", "top10", "top50")],
+    (dict(layers="last5", layer_weighting="exp", cost="l2"), dict(indices="last5", weights="exp", cost_fn="l2")),
 ]  # fmt: skip
 
 
@@ -225,7 +225,7 @@ def test_sequential_batches_are_the_reference_slices_and_drop_the_rest():
 def test_batch_set_compares_the_drawn_tensors(setting):
     model, images, labels, guess = setting
     update = client_update(model, images, labels, FLConfig())
-    objective = LaneObjective(model, [update], labels[None], [IGConfig(layer_set="batch")], seed=5)
+    objective = LaneObjective(model, [update], labels[None], [IGConfig(layers="batch")], seed=5)
     mask = objective._batch_mask()
     objective.draws.manual_seed(5)
     grad, total, _ = objective(guess[None])

@@ -139,3 +139,58 @@ def test_replaying_a_failed_row_says_how_it_failed(study_results, tmp_path, caps
     lines = capsys.readouterr().out.strip().splitlines()
     assert "the stored trial failed: RuntimeError: boom\\x1b[2J" in lines
     assert lines[-1] == "identical: no"
+
+
+# ------------------------------------------------------------------------------------------------
+# `layers` and `layer_set` merged into one parameter: keys and rows from before the merge stay valid.
+
+TINY = dict(dataset="faces", image_size=8, width=4, iterations=5)
+KEYS_BEFORE_THE_MERGE = [  # trial_key of each, computed with `layer_set` still a knob of its own
+    ("first4", "85a68f9e2e0fff32b691"),  # then layer_set: first4
+    ((0, -1), "09bf660794ee90d112a4"),
+    ("all", "5eb05644a211a3fb1801"),  # the default, then layer_set's
+]
+
+
+@pytest.mark.parametrize("layers, key", KEYS_BEFORE_THE_MERGE)
+def test_a_trials_layers_keep_the_key_they_had_before_the_merge(layers, key):
+    from gradinv.results.schema import trial_key
+    from gradinv.trial import TrialSpec
+
+    assert trial_key(TrialSpec(**TINY, layers=layers)) == key
+
+
+def _old_layout(table):
+    """The table with its columns in the order of files written before the merge: layer_set after clamp_init."""
+    names = [name for name in table.column_names if name != "layer_set"]
+    names.insert(names.index("clamp_init") + 1, "layer_set")
+    return table.select(names)
+
+
+@pytest.mark.parametrize("layers, columns", [("first4", {"layers": None, "layer_set": "first4"}),
+                                             ((0, -1), {"layers": [0, -1], "layer_set": "all"})])  # fmt: skip
+def test_a_row_written_before_the_merge_reads_and_replays_identically(tmp_path, layers, columns):
+    import pyarrow.parquet as pq
+    import torch
+
+    from gradinv.provenance import provenance
+    from gradinv.results.schema import parameter_columns, to_table
+    from gradinv.trial import TrialSpec, run_trials
+
+    spec = TrialSpec(**TINY, layers=layers)
+    key = dict(KEYS_BEFORE_THE_MERGE)[layers]
+    written = parameter_columns(spec)
+    assert {name: written[name] for name in columns} == columns  # the columns as they were written before
+    outcome = run_trials([spec])[0]
+    row = {**written, **{name: outcome.metrics[name] for name in replay.COMPARED}, "key": key, "study": "old",
+           "status": "ok", "lanes": 1, "lane_index": 0, "threads": torch.get_num_threads(),
+           "device": provenance("cpu")["device"],
+           "psnr_per_image": outcome.per_image["psnr"]}  # fmt: skip
+    results = tmp_path / "results"
+    results.mkdir()
+    pq.write_table(_old_layout(to_table([row])), results / "part-0.parquet")
+    read, _ = replay.find_pack(results, key)
+    assert {name: read[name] for name in columns} == columns
+    assert replay.spec_from_row(read) == spec
+    again = replay.replay(results, key)
+    assert again.notes == () and replay.identical(replay.compare(again.row, again.outcome))

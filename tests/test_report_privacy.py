@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from analysis import report_privacy as privacy
-from analysis.privacy_table import DEFENCE_COLUMNS, defence_of, privacy_table, shown_table, strength_of
+from analysis.privacy_table import defence_columns, defence_of, privacy_table, shown_table, strength_of
 from analysis.report import write_report
 from gradinv.results.store import ResultsDir
 from gradinv.results.schema import to_table
@@ -147,7 +147,7 @@ def test_the_section_is_absent_without_a_defence_and_in_files_without_defence_co
         results.write(plain)
     assert privacy.TITLE not in write_report(tmp_path / "plain", tmp_path / "plain.html").read_text()
     table = to_table(plain)  # as written before defences existed: no defence column at all
-    table = table.select([name for name in table.schema.names if name not in DEFENCE_COLUMNS])
+    table = table.select([name for name in table.schema.names if name not in defence_columns()])
     (tmp_path / "old").mkdir()
     pq.write_table(table, tmp_path / "old" / "part-1.parquet")
     assert "noise_std" not in pq.read_schema(tmp_path / "old" / "part-1.parquet").names

@@ -11,14 +11,15 @@ from gradinv import data
 from gradinv.attacks.inverting import LaneObjective
 from gradinv.client.defences import client_defences, client_settings, private_training, sent_update
 from gradinv.client.update import client_update
-from gradinv.trial import TrialSpec, build_victim, lane_signature, run_trials
+from gradinv.trial import TrialSpec, lane_signature, run_trials
+from gradinv.victims import Untrained
 from gradinv.results.schema import parameter_columns, trial_key
 
 TINY = dict(dataset="faces", image_size=8, model="convnet", width=8)
 
 
 def _client_inputs(spec):
-    model = build_victim(spec).eval()
+    model = Untrained(spec).model().eval()
     images01, labels = data.load_images(spec.dataset, spec.images, None, image_size=spec.image_size)
     return model, data.normalise(images01, spec.data_spec), labels
 

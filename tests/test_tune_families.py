@@ -54,7 +54,7 @@ def test_an_axis_outside_per_is_refused_and_a_choice_that_cannot_run_is_named(wr
     assert main([str(write_study(both))]) == 2
     assert ":7: tune.space.tv: is also an axis of the study" in capsys.readouterr().err
     named = BASE.replace("width: 2}", "width: 2, layers: first4}") + "  space: {lr: [0.1, 1.0]}\n"
-    assert tune_searches(load_study(write_study(named)))[0].base.layer_set == "first4"  # a named set, as given
+    assert tune_searches(load_study(write_study(named)))[0].base.layers == "first4"  # a named set, as given
     # A choice that cannot run in the study's setting is refused before anything runs: the batch's own
     # BatchNorm statistics exist only for a client in train mode.
     bad_choice = BASE.replace("width: 2}", "width: 2, bn_stats: batch}") + "  families:\n    ig: {bn_prior: [1.0e-3, 1.0]}\n"

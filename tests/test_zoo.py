@@ -19,7 +19,7 @@ from sweep.cli.main import main
 from sweep.cli.attack import write_outcome
 
 SMALL = zoo.Recipe("fashion-mnist", "convnet", 4, epochs=2, train_subset=600, image_size=10, batch_size=32)
-TINY = ["--dataset", "faces", "--model", "convnet", "--width", "2", "--epochs", "1", "--image-size", "8"]
+TINY = ["--dataset", "faces", "--model", "convnet", "--width", "2", "--trained-epochs", "1", "--image-size", "8"]
 
 
 def test_training_learns_and_is_deterministic_on_cpu():
@@ -54,7 +54,7 @@ def test_two_processes_missing_the_same_checkpoint_train_it_once(tmp_path):
 def test_a_truncated_checkpoint_is_one_clear_error(tmp_path, capsys):
     recipe = zoo.Recipe("faces", "convnet", 2, epochs=1, image_size=8)
     zoo.ensure(recipe, tmp_path)
-    weights, _ = zoo.paths(recipe, tmp_path)
+    weights = zoo.entry(recipe, tmp_path).weights
     weights.write_bytes(weights.read_bytes()[:100])
     with pytest.raises(ConfigError, match="rebuild"):
         zoo.load(recipe, tmp_path)
@@ -100,19 +100,19 @@ def stored(recipe: zoo.Recipe, cache) -> None:
 def test_zoo_train_without_width_builds_the_checkpoint_a_study_looks_up(tmp_path, capsys):
     assert zoo.Recipe("faces", "convnet", None, 1).key == zoo.Recipe("faces", "convnet", 64, 1).key
     assert zoo.Recipe("fashion-mnist", "convnet", 2, epochs=1, image_size=8).key == "convnet-fashion-mnist-e1-667abb505606"  # recipe version 2
-    flags = ["--dataset", "faces", "--model", "mlp", "--epochs", "1", "--train-subset", "32", "--image-size", "8"]
+    flags = ["--dataset", "faces", "--model", "mlp", "--trained-epochs", "1", "--train-subset", "32", "--image-size", "8"]
     assert main(["zoo", "train", *flags, "--cache", str(tmp_path)]) == 0
     recipe = TrialSpec(dataset="faces", model="mlp", trained_epochs=1, train_subset=32, image_size=8).recipe()
     assert zoo.load(recipe, tmp_path) is not None
     # The rebuild hint of a damaged checkpoint names every flag of its recipe, and rebuilds that very key.
-    weights, sidecar = zoo.paths(recipe, tmp_path)
-    weights.write_bytes(b"")
+    kept = zoo.entry(recipe, tmp_path)
+    kept.weights.write_bytes(b"")
     with pytest.raises(ConfigError) as caught:
         zoo.load(recipe, tmp_path)
     command = re.search(r"'(gradinv zoo train [^']*)'", str(caught.value)).group(1)
     assert "--width 256" in command and "--train-subset 32" in command and "--image-size 8" in command
-    weights.unlink()
-    sidecar.unlink()
+    kept.weights.unlink()
+    kept.sidecar.unlink()
     assert main([*command.split()[1:], "--cache", str(tmp_path)]) == 0
     assert zoo.load(recipe, tmp_path) is not None and len(list(tmp_path.glob("*.pt"))) == 1
 
@@ -159,7 +159,7 @@ def test_zoo_list_names_a_damaged_sidecar_in_one_line_and_lists_the_rest(tmp_pat
     assert out[0].startswith("broken  unreadable (broken.json: JSONDecodeError); delete broken.pt and broken.json")
     assert out[1].startswith("convnet-faces-e1-") and "accuracy 0.5000" in out[1]
     assert out[2].startswith("empty  unreadable (empty.json lacks key, test_accuracy, epochs, seed, training_seconds)")
-    _, sidecar = zoo.paths(good, tmp_path)
+    sidecar = zoo.entry(good, tmp_path).sidecar
     sidecar.write_text("{}")
     with pytest.raises(ConfigError, match="lacks key"):
         zoo.load(good, tmp_path)
@@ -176,7 +176,8 @@ def test_checkpoints_and_attack_outputs_are_readable_as_the_umask_allows(umask, 
         write_outcome(outcome, tmp_path / "out", "cpu")
     finally:
         os.umask(previous)
-    files = [*zoo.paths(recipe, tmp_path / "cache"), tmp_path / "out" / "metrics.json", tmp_path / "out" / "reconstruction.png"]
+    kept = zoo.entry(recipe, tmp_path / "cache")
+    files = [kept.weights, kept.sidecar, tmp_path / "out" / "metrics.json", tmp_path / "out" / "reconstruction.png"]
     assert {path.name: stat.S_IMODE(path.stat().st_mode) for path in files} == {path.name: mode for path in files}
     assert not list((tmp_path / "cache").glob(".*")) and not list((tmp_path / "out").glob(".*"))
 

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from ..client.update import ClientUpdate
-from .inverting import AttackResult
+from .base import AttackJob, AttackResult
 
 
 def linear_input(weight_grad: torch.Tensor, bias_grad: torch.Tensor) -> torch.Tensor:
@@ -33,7 +33,7 @@ def first_linear_input(model: nn.Module, update: ClientUpdate) -> torch.Tensor:
     return linear_input(update.tensors[weight_index], update.tensors[bias_index])
 
 
-def run(job) -> AttackResult:
+def run(job: AttackJob) -> AttackResult:
     """The registry's entry (gradinv.attacks.registry): every lane's image, read off its update."""
     start = time.perf_counter()
     flat = torch.stack([first_linear_input(job.model, update) for update in job.updates])

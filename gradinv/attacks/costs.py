@@ -27,25 +27,27 @@ def layer_indices(count: int, layers: Sequence[int]) -> list[int]:
     return positions
 
 
-def layer_weights(count: int, weighting: str, layers: Sequence[int] | None) -> list[float]:
-    """One weight per parameter tensor; tensors outside explicit ``layers`` weigh 0."""
+def layer_weights(count: int, weighting: str, layers: Sequence[int] | str) -> list[float]:
+    """One weight per parameter tensor; tensors outside explicit ``layers`` weigh 0 (a named set is chosen
+    by ``named_set_mask``, or at each evaluation for ``batch``)."""
     if weighting == "linear":
         weights = [1.0 - i / count for i in range(count)]
     elif weighting == "exp":  # the reference's softmax over count..1, divided by its first entry
         weights = [math.exp(-i) for i in range(count)]
     else:
         weights = [1.0] * count
-    if layers is not None:
+    if not isinstance(layers, str):
         chosen = set(layer_indices(count, layers))
         weights = [w if i in chosen else 0.0 for i, w in enumerate(weights)]
     return weights
 
 
-def named_set_mask(targets: Sequence[torch.Tensor], layer_set: str) -> torch.Tensor:
-    """``[N, tensors]``: 1 where run ``n`` compares the tensor under ``layer_set``, from ``[N, ...]`` targets."""
+def named_set_mask(targets: Sequence[torch.Tensor], name: str) -> torch.Tensor:
+    """``[N, tensors]``: 1 where run ``n`` compares the tensor in the set ``name`` (first/last/top K), from
+    ``[N, ...]`` targets."""
     count, runs = len(targets), len(targets[0])
     mask = torch.zeros(runs, count, dtype=targets[0].dtype, device=targets[0].device)
-    kind, size = re.fullmatch(r"([a-z]+)(\d+)", layer_set).groups()
+    kind, size = re.fullmatch(r"([a-z]+)(\d+)", name).groups()
     size = int(size)
     if kind == "top":
         norms = torch.stack([t.reshape(runs, -1).norm(dim=1) for t in targets], dim=1)

@@ -17,7 +17,7 @@ from ..client.defences import attacker_update
 from ..client.update import ClientUpdate, model_state
 from ..parameters import DefenceSettings, OptimiserSettings, extract
 from .costs import GradientCost
-from .inverting import AttackResult, TrialTimeout
+from .base import AttackJob, AttackResult, TrialTimeout
 
 
 def deep_leakage(
@@ -117,7 +117,7 @@ class _Lane:
         return self.labels if self.labels is not None else self.label_logits.detach().argmax(dim=-1)
 
 
-def run(job) -> AttackResult:
+def run(job: AttackJob) -> AttackResult:
     """The registry's entry (gradinv.attacks.registry): DLG on each lane in turn."""
     configs = [extract(OptimiserSettings, spec) for spec in job.specs]
     known = job.labels if all(job.labels_known) else None

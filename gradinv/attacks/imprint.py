@@ -45,8 +45,7 @@ from torch import nn
 from .. import data
 from ..errors import require
 from ..client.update import ClientUpdate
-from ..parameters import MIN_IMPRINT_SAMPLE
-from .inverting import AttackResult
+from .base import AttackJob, AttackResult
 
 
 def brightness(images: torch.Tensor) -> torch.Tensor:
@@ -144,9 +143,7 @@ def shipped_model(victim: nn.Module, trial, data_root=None) -> nn.Sequential:
 
 @functools.lru_cache(maxsize=8)
 def _training_thresholds(dataset: str, side: int, sample: int, bins: int, root: str) -> torch.Tensor:
-    available = len(data.open_dataset(dataset, root, split="train", image_size=side))
-    require(sample <= available, "imprint_sample", sample,
-            f"use {MIN_IMPRINT_SAMPLE} to {available}, the training images of {dataset}")  # fmt: skip
+    """The bins of the first ``sample`` training images (the trial checked there are that many)."""
     images01, _ = data.load_images(dataset, tuple(range(sample)), root, split="train", image_size=side)
     return brightness_thresholds(data.normalise(images01, data.dataset_spec(dataset)), bins)
 
@@ -216,7 +213,7 @@ def lane_images(model: nn.Module, update: ClientUpdate, image_shape: tuple[int, 
     return choose_candidates(images, valid, bias_diff.abs(), image_shape[0]).view(*image_shape)
 
 
-def run(job) -> AttackResult:
+def run(job: AttackJob) -> AttackResult:
     """The registry's entry (gradinv.attacks.registry): every lane's images, read off its update.
 
     The bins come back strongest first, not in the batch's order, and carry no labels: score them by

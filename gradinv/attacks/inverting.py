@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
@@ -30,8 +30,9 @@ from torch.func import vmap
 from ..client.defences import attacker_update, kept_masks
 from ..errors import require
 from ..client.update import ClientUpdate, model_state
-from ..parameters import COSTS, DECAYS, INITS, LAYER_SETS, LAYER_WEIGHTINGS, OPTIMIZERS, SCORINGS, DefenceSettings, InvertingSettings, OptimiserSettings, declarations, extract  # noqa: F401  (the choices, declared with the knobs; importable from here too)
+from ..parameters import DefenceSettings, InvertingSettings, OptimiserSettings, declarations, extract
 from . import steps
+from .base import AttackJob, AttackResult, TrialTimeout
 from .bn_prior import BatchNormPrior, group_consistency
 from .costs import BATCH_LAYERS, GradientCost, layer_weights, named_set_mask
 
@@ -46,27 +47,12 @@ class IGConfig(InvertingSettings, OptimiserSettings, DefenceSettings):
 
     def __post_init__(self):
         super().__post_init__()
-        require(self.layers is None or self.layer_set == "all", "layer_set", self.layer_set,
-                "give explicit layers or a named set, not both")  # fmt: skip
         require(self.group_consistency == 0 or self.restarts == 1 or self.optimizer != "lbfgs", "group_consistency",
                 self.group_consistency, "L-BFGS optimises each restart alone; use adam or sgd, or 0")  # fmt: skip
 
     def shared(self) -> tuple:
         """The settings that every lane of one computation must share."""
         return tuple(getattr(self, name) for name, knob in declarations(self).items() if knob.lane_shared is True)
-
-
-@dataclass
-class AttackResult:
-    images: torch.Tensor  # [L, B, C, H, W] in normalised coordinates, each lane's reconstruction
-    restart_scores: torch.Tensor  # [L, R] final gradient cost without TV (inf for NaN)
-    curve: list[tuple[int, list[float]]] = field(default_factory=list)  # (iteration, best cost per lane)
-    seconds: float = 0.0
-    labels: torch.Tensor | None = None  # [L, B] labels the attack settled on; None: the ones it was given
-
-
-class TrialTimeout(RuntimeError):
-    pass
 
 
 def total_variation(x: torch.Tensor) -> torch.Tensor:
@@ -149,10 +135,10 @@ class LaneObjective:
         dtype, device = targets[0].dtype, labels.device
         weights = layer_weights(len(params), config.layer_weighting, config.layers)
         weights = torch.tensor(weights, dtype=dtype, device=device)
-        if config.layer_set not in ("all", "batch"):
-            weights = weights * named_set_mask(targets, config.layer_set)
+        if isinstance(config.layers, str) and config.layers not in ("all", "batch"):  # a set of some tensors
+            weights = weights * named_set_mask(targets, config.layers)
         self.gradient_cost = GradientCost(targets, weights, config.cost)
-        self.draws = torch.Generator(device).manual_seed(seed) if config.layer_set == "batch" else None
+        self.draws = torch.Generator(device).manual_seed(seed) if config.layers == "batch" else None
         self.labels = self.per_run(labels)
         self.tv_weights = self.per_run(torch.tensor([c.tv for c in configs], dtype=dtype, device=device))
         self.bn_prior = config.bn_prior
@@ -322,7 +308,7 @@ def _finite(values: torch.Tensor) -> torch.Tensor:
     return torch.nan_to_num(values, nan=math.inf)
 
 
-def run(job) -> AttackResult:
+def run(job: AttackJob) -> AttackResult:
     """The registry's entry (gradinv.attacks.registry): inverting gradients on a pack of lanes."""
     configs = [extract(IGConfig, spec) for spec in job.specs]
     return invert_gradients(job.model, job.updates, job.labels, configs, job.seeds, job.box, job.image_shape,

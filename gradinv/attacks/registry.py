@@ -1,87 +1,50 @@
-"""The attack families: each registers its name, the parts of the trial it reads, whether its trials
-pack into lanes, and its run. A new family is one module with a ``run(job) -> AttackResult`` plus one
-line in :data:`FAMILIES`.
+"""The attack families, each declared once by its traits (gradinv.attacks.base.Family). A new family is
+one module with a ``run(job) -> AttackResult`` plus one entry in :data:`FAMILIES`.
 
 Light on purpose (no torch): the declarations ask it which settings apply to which attack, and the
-commands that only read results import it. The runs are imported when a trial runs.
+commands that only read results import it. Each family's module is imported when its trials run.
 """
 
 from __future__ import annotations
 
-import importlib
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING
 
 from ..parameters import MIN_IMPRINT_SAMPLE, ImprintSettings, InvertingSettings, OptimiserSettings
+from .base import AttackJob, AttackResult, Family, Requirement
 
 if TYPE_CHECKING:
-    import torch
     from torch import nn
 
-    from ..client.update import ClientUpdate
-    from .inverting import AttackResult
+
+# The runs: each family's module loads torch, so it is imported when a trial of the family runs.
+def _inverting(job: AttackJob) -> AttackResult:
+    from . import inverting
+
+    return inverting.run(job)
 
 
-@dataclass(frozen=True)
-class Requirement:
-    """A condition the family puts on the rest of the trial, and the one-line error when it fails."""
+def _dlg(job: AttackJob) -> AttackResult:
+    from . import dlg
 
-    field: str  # the setting the error names
-    value: Callable[[Any], Any]  # the trial -> the value shown
-    holds: Callable[[Any], bool]  # on the trial
-    fix: str | Callable[[Any], str]  # or the trial -> the fix
-
-    def check(self, trial) -> None:
-        from ..errors import require
-
-        if not self.holds(trial):
-            require(False, self.field, self.value(trial), self.fix(trial) if callable(self.fix) else self.fix)
+    return dlg.run(job)
 
 
-@dataclass(frozen=True)
-class Family:
-    name: str
-    reads: tuple[type, ...]  # the attack-setting parts it reads; the others do not apply to its trials
-    seeded: bool  # starts from random images drawn from the trial's attack_seed
-    lanes: bool  # False: every trial runs alone (a pack of one)
-    run: str  # "module:function", the function taking an AttackJob and returning an AttackResult
-    requires: tuple[Requirement, ...] = ()  # what it needs of the victim and the data
-    ordered: bool = True  # reconstruction b is made for image b's label (False: matched to the truth by pixels only)
-    ships: str | None = None  # malicious server: "module:function" (victim, trial, data_root) -> the model it ships
+def _analytic(job: AttackJob) -> AttackResult:
+    from . import analytic
 
-    def runner(self) -> Callable[["AttackJob"], "AttackResult"]:
-        return _function(self.run)
-
-    def shipped(self, victim: "nn.Module", trial, data_root=None) -> "nn.Module":
-        """The model the client computes its update on: the victim, or the malicious server's version of it."""
-        return victim if self.ships is None else _function(self.ships)(victim, trial, data_root)
+    return analytic.run(job)
 
 
-def _function(path: str) -> Callable:
-    module, function = path.split(":")
-    return getattr(importlib.import_module(module), function)
+def _imprint(job: AttackJob) -> AttackResult:
+    from . import imprint
+
+    return imprint.run(job)
 
 
-@dataclass
-class AttackJob:
-    """What every attack receives: the lanes' client updates and what the attacker knows of them."""
+def _imprinted_model(victim: "nn.Module", trial, data_root) -> "nn.Module":
+    from . import imprint
 
-    model: "nn.Module"
-    specs: Sequence[Any]  # the lanes' TrialSpecs (lane-compatible)
-    updates: Sequence["ClientUpdate"]
-    labels: "torch.Tensor"  # [L, B] the labels the attacker has (known, or recovered from the update)
-    labels_known: Sequence[bool]
-    image_shape: tuple[int, ...]  # [B, C, H, W]
-    num_classes: int
-    box: tuple["torch.Tensor", "torch.Tensor"]  # the valid pixels, normalised, [C, 1, 1]
-    on_progress: Callable[[int], None] | None = None  # iterations done
-    on_checkpoint: Callable[[int, list[float]], None] | None = None  # (iteration, best cost per lane)
-    on_images: Callable[[int, "torch.Tensor"], None] | None = None  # (iteration, best images per lane), called first
-    deadline: float | None = None  # time.monotonic() past which the attack stops
-
-    @property
-    def seeds(self) -> list[int]:
-        return [spec.attack_seed for spec in self.specs]
+    return imprint.shipped_model(victim, trial, data_root)
 
 
 ONE_IMAGE = Requirement("images_per_client", lambda t: len(t.images), lambda t: len(t.images) == 1,
@@ -104,16 +67,16 @@ def _training_images(spec) -> int:
     """How many training images a dataset keeps."""
     return spec.train_images
 
+
 FAMILIES: dict[str, Family] = {
     family.name: family
     for family in (
-        Family("ig", (OptimiserSettings, InvertingSettings), seeded=True, lanes=True, run="gradinv.attacks.inverting:run"),
-        Family("dlg", (OptimiserSettings,), seeded=True, lanes=True, run="gradinv.attacks.dlg:run"),
-        Family("analytic", (), seeded=False, lanes=True, run="gradinv.attacks.analytic:run",
-               requires=(ONE_IMAGE, FULLY_CONNECTED)),
-        Family("imprint", (ImprintSettings,), seeded=False, lanes=True, run="gradinv.attacks.imprint:run",
-               requires=(MALICIOUS, ONE_GRADIENT, TRAINING_SAMPLE), ordered=False,
-               ships="gradinv.attacks.imprint:shipped_model"),
+        Family(name="ig", reads=(OptimiserSettings, InvertingSettings), run=_inverting, seeded=True,
+               mirrors_defences=True, budget=("restarts", "iterations"), paper_defaults=True),
+        Family(name="dlg", reads=(OptimiserSettings,), run=_dlg, seeded=True, budget=("iterations",)),
+        Family(name="analytic", reads=(), run=_analytic, requires=(ONE_IMAGE, FULLY_CONNECTED)),
+        Family(name="imprint", reads=(ImprintSettings,), run=_imprint, ships=_imprinted_model, ordered=False,
+               requires=(MALICIOUS, ONE_GRADIENT, TRAINING_SAMPLE)),
     )
 }
 

@@ -30,8 +30,9 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 from ..errors import require
-from .update import FLConfig, local_sgd
+from ..parameters import ClientSettings
 from .accounting import accounting_steps
+from .local_sgd import local_sgd
 
 Batches = list[torch.Tensor]  # the image indices of each DP-SGD step, as the client realised them
 NORM_EPSILON = 1e-6  # Opacus' clip factor: min(1, clip / (norm + 1e-6))
@@ -153,7 +154,7 @@ def dp_local_training(
     images: torch.Tensor,
     labels: torch.Tensor,
     *,
-    fl: FLConfig,
+    fl: ClientSettings,
     clip: float,
     noise_multiplier: float,
     sample_rate: float,
@@ -166,10 +167,6 @@ def dp_local_training(
     """
     check_dp(clip, noise_multiplier, sample_rate)
     require(len(images) >= 1, "images_per_client", len(images), "give the client at least 1 image")
-    require(
-        fl.fl != "fedavg" or not 0 < fl.local_batch_size < len(images), "local_batch_size", fl.local_batch_size,
-        "DP-SGD draws its own batches at dp_sample_rate; use local_batch_size 0",
-    )  # fmt: skip
     sampling_seed, noise_seed = (int(s.generate_state(1, np.uint64)[0]) for s in np.random.SeedSequence(seed).spawn(2))
     sampling = torch.Generator().manual_seed(sampling_seed)
     batches = poisson_batches(len(images), sample_rate, accounting_steps(fl), sampling)
@@ -194,7 +191,7 @@ def clipped_update(
     images: torch.Tensor,
     labels: torch.Tensor,
     *,
-    fl: FLConfig,
+    fl: ClientSettings,
     clip: float,
     batches: Batches,
     sample_rate: float = 1.0,

@@ -29,8 +29,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad
 
-from ..errors import require
-from ..parameters import BATCH_ORDERS, CLIENT_NORMS, FL_MODES, ClientSettings  # noqa: F401  (declared with the knobs)
+from ..parameters import ClientSettings
+from .local_sgd import local_sgd
 
 FLConfig = ClientSettings  # how the client computes its update (gradinv.parameters); the attacker knows all of it
 Defence = Callable[[tuple[torch.Tensor, ...]], tuple[torch.Tensor, ...]]  # an update in, the update sent out
@@ -173,27 +173,6 @@ def parameter_update(
     return local_sgd(params, gradient, fl, schedule)
 
 
-def local_sgd(
-    params: dict[str, torch.Tensor],
-    gradient: Callable[[dict[str, torch.Tensor], torch.Tensor | None], dict[str, torch.Tensor]],
-    fl: FLConfig,
-    schedule: Sequence[torch.Tensor | None],
-) -> tuple[torch.Tensor, ...]:
-    """The client's local SGD, given ``gradient(params, batch indices)``: FedSGD sends the gradient at
-    ``params`` on the first batch, FedAvg theta_K - theta_0 after one SGD step per batch (with
-    ``local_momentum``, torch.optim.SGD's: the first step's buffer is its gradient, then m v + g)."""
-    if fl.fl == "fedsgd":
-        return tuple(gradient(params, schedule[0]).values())
-    current, velocity = params, None
-    for indices in schedule:
-        step = gradient(current, indices)
-        if fl.local_momentum:
-            velocity = step if velocity is None else {n: fl.local_momentum * velocity[n] + step[n] for n in step}
-            step = velocity
-        current = {name: value - fl.local_lr * step[name] for name, value in current.items()}
-    return tuple(current[name] - params[name] for name in params)
-
-
 def local_training(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, fl: FLConfig) -> tuple[torch.Tensor, ...]:
     """The client's training on its normalised ``images``: the gradient (FedSGD) or theta_K - theta_0 (FedAvg)."""
     params, buffers = model_state(model)
@@ -210,8 +189,6 @@ def client_update(
     """What the client sends: the victim's weights -> local training (DP-SGD when ``private``) -> each
     defence in turn -> the update."""
     batches = None
-    require(private is None or fl.client_bn == "eval", "client_bn", fl.client_bn,
-            "DP-SGD clips each example's gradient, which train-mode BatchNorm mixes across the batch; use eval")  # fmt: skip
     stats = None
     if fl.client_bn == "train":  # what GradInversion's optimistic attacker knows: the first step's batch
         first = minibatch_schedule(len(images), fl)[0]

@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from gradinv.parameters import LAYER_SET_COLUMN, layers_columns, parameters
+
 if TYPE_CHECKING:  # gradinv.trial imports torch: readers of results (status, report, export) do without
     from gradinv.trial import TrialSpec
 
@@ -31,9 +33,12 @@ RESULTS_FORMAT = 3  # part of every trial key: bump only when old results can no
 
 def parameter_types() -> dict[str, pa.DataType]:
     """Each declared trial parameter's column type (gradinv.parameters), in declaration order."""
-    from gradinv.parameters import parameters
-
     return {name: _ARROW_TYPES[knob.arrow] for name, knob in parameters().items()}
+
+
+def repetition_columns() -> tuple[str, ...]:
+    """The parameters declared to tell repetitions of a setting apart (which client's images, which seed)."""
+    return tuple(name for name, knob in parameters().items() if knob.repetition)
 
 
 _ARROW_TYPES = {"int32": pa.int32(), "int64": pa.int64(), "float64": pa.float64(), "string": pa.string(),
@@ -50,7 +55,7 @@ ROLES = IDENTITY, SETTING, OUTCOME, PROVENANCE, HEAVY = ("identity", "setting", 
 # Settings that tell repetitions of a setting apart (which client's images, which seed), flagged in the
 # field metadata too: analysis compares settings across them, never by them.
 REPETITION_KEY = b"gradinv.repetition"
-REPETITION = ("images", "model_seed", "data_order_seed", "attack_seed", "attacked_client")
+REPETITION = repetition_columns()
 
 METRICS = ("psnr", "ssim", "mse", "feature_mse")
 BASELINES = ("baseline_psnr", "baseline_psnr_mean_image", "baseline_psnr_flat", "baseline_psnr_class_mean",
@@ -75,6 +80,7 @@ SCHEMA = pa.schema(
         ),
         *_with_role(SETTING,
             *[pa.field(name, kind) for name, kind in _PARAMETER_TYPES.items()],
+            pa.field(LAYER_SET_COLUMN, pa.string()),  # a named `layers` set (the list column holds indices only)
             pa.field("images_per_client", pa.int32()),
         ),
         *_with_role(PROVENANCE,
@@ -158,6 +164,7 @@ def parameter_columns(spec: TrialSpec) -> dict:
     if values["width"] is None and "width" not in spec.not_applicable():
         values["width"] = models.default_width(spec.model)
     values = {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}
+    values.update(layers_columns(values["layers"]))
     values["images_per_client"] = spec.images_per_client
     return values
 

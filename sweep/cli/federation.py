@@ -4,14 +4,11 @@ each round's clients as Ray tasks in parallel (gradinv.federation has the algori
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import types
-import typing
 
 from .parser import Parser as _Parser
+from .parser import add_knob_flags, knob_values
+from gradinv.errors import ConfigError
 from gradinv.files import require_writable_directory
-
-EXECUTION = {"data_root", "cache", "address", "in_process", "round", "threads"}
 
 
 def add_parser(verbs) -> None:
@@ -23,26 +20,14 @@ def add_parser(verbs) -> None:
 
 def _parser() -> argparse.ArgumentParser:
     from gradinv.federation import Federation
-    from gradinv.parameters import parameters
+    from gradinv.parameters import declarations, defaults
 
-    declared = parameters()
     parser = _Parser(prog="gradinv federation", description="Simulated federations whose rounds are victims.")
     federation_verbs = parser.add_subparsers(dest="federation_verb", required=True, parser_class=_Parser)
     train = federation_verbs.add_parser("train", help="train a federation's rounds (once) into the cache")
-    hints = typing.get_type_hints(Federation)
-    for field in dataclasses.fields(Federation):
-        if field.name == "version":
-            continue
-        kind, flag = _plain_type(hints[field.name]), f"--{field.name.replace('_', '-')}"
-        text = declared[field.name].help if field.name in declared else field.metadata["help"]
-        if kind is bool:
-            train.add_argument(flag, action=argparse.BooleanOptionalAction, default=field.default, help=text)
-        elif field.default is dataclasses.MISSING:
-            train.add_argument(flag, type=kind, required=True, help=text)
-        else:
-            shown = "" if field.default is None else f" (default {field.default})"
-            train.add_argument(flag, type=kind, default=field.default, help=text + shown)
-    train.add_argument("--round", type=int, default=None, help="train up to this round (default --fed-rounds)")
+    add_knob_flags(train, declarations(Federation), defaults(Federation))
+    train.add_argument("--up-to-round", type=int, default=None, metavar="ROUND",
+                       help="train rounds 1 to ROUND (default --fed-rounds); a trial's round attacks after it")
     train.add_argument("--data-root", default=None, help="dataset root (default $GRADINV_DATA)")
     train.add_argument("--cache", default=None, help="checkpoint cache (default $GRADINV_CACHE)")
     train.add_argument("--address", default=None, help="a running Ray cluster (default $RAY_ADDRESS, else local)")
@@ -50,25 +35,21 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _plain_type(hint) -> type:
-    """int for ``int | None``: the flag's type."""
-    if isinstance(hint, types.UnionType):
-        return next(arg for arg in typing.get_args(hint) if arg is not type(None))
-    return hint
-
-
 def command(verb_args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from gradinv import federation as fed
-    from gradinv import zoo
+    from gradinv.cache import cache_dir
+    from gradinv.parameters import declarations, defaults
 
     args = _parser().parse_args(verb_args.arguments)
-    values = {name: getattr(args, name) for name in vars(args) if name not in EXECUTION | {"federation_verb"}}
-    recipe = fed.Federation(**values)
-    up_to = recipe.fed_rounds if args.round is None else args.round
-    recipe.check_round(up_to)
-    require_writable_directory("--cache" if args.cache else "GRADINV_CACHE", zoo.cache_dir(args.cache))
+    recipe = fed.Federation(**knob_values(args, declarations(fed.Federation), defaults(fed.Federation)))
+    up_to = recipe.fed_rounds if args.up_to_round is None else args.up_to_round
+    try:
+        recipe.check_round(up_to)
+    except ConfigError as error:  # named by the flag that set it
+        raise ConfigError("--up-to-round", error.value, error.fix) from None
+    require_writable_directory("--cache" if args.cache else "GRADINV_CACHE", cache_dir(args.cache))
     if not args.in_process:
         from ..ray_connection import require_reachable
 

@@ -14,7 +14,7 @@ from gradinv.errors import ConfigError
 from . import federation as federation_cli, tune as tuning  # light: the tune command's arguments; its work is imported when it runs
 from gradinv.files import require_writable_directory
 
-from .parser import EXIT_USAGE, path
+from .parser import EXIT_USAGE, add_knob_flags, knob_values, path
 from .parser import Parser as _Parser
 from ..stopping import exit_code, raising_on_signals
 
@@ -23,23 +23,14 @@ def _add_trial_flags(parser: argparse.ArgumentParser) -> None:
     """A flag per declared trial parameter (gradinv.parameters), plus where data and checkpoints live."""
     from gradinv.parameters import parameter_defaults, parameters
 
-    add, defaults = parser.add_argument, parameter_defaults()
-    add("--data-root", default=None, help="dataset root (default $GRADINV_DATA)")
-    add("--cache", default=None, help="checkpoint cache (default $GRADINV_CACHE)")
-    for name, knob in parameters().items():
-        allowed = knob.allowed()
-        text = knob.help + (f" ({', '.join(map(str, allowed))})" if allowed else "")
-        if knob.repeat_flag:
-            add(f"--{knob.repeat_flag.replace('_', '-')}", dest=name, type=int, action="append", metavar="INDEX",
-                help=f"{text}; one per flag, repeatable{_default_text(defaults[name])}".replace("%", "%%"))  # fmt: skip
-            continue
-        kind = {"int": {"type": int}, "float": {"type": float}, "str": {}, "bool": {"action": argparse.BooleanOptionalAction},
-                "ints": {"metavar": "I,J,.." + (" | NAME" if knob.names else "")}}[knob.kind]  # fmt: skip
-        add(f"--{name.replace('_', '-')}", dest=name, default=defaults[name], **kind,
-            help=f"{text}{_default_text(defaults[name])}".replace("%", "%%"))
+    parser.add_argument("--data-root", default=None, help="dataset root (default $GRADINV_DATA)")
+    parser.add_argument("--cache", default=None, help="checkpoint cache (default $GRADINV_CACHE)")
+    add_knob_flags(parser, parameters(), parameter_defaults())
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from gradinv.parameters import parameter_defaults
+
     parser = _Parser(prog="gradinv", description="Gradient inversion attacks on federated learning, at scale.")
     verbs = parser.add_subparsers(dest="verb", required=True, parser_class=_Parser)
 
@@ -70,13 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     zoo = verbs.add_parser("zoo", help="trained victim checkpoints")
     zoo_verbs = zoo.add_subparsers(dest="zoo_verb", required=True, parser_class=_Parser)
     train = zoo_verbs.add_parser("train", help="train a checkpoint (once) into the cache")
-    train.add_argument("--dataset", required=True)
-    train.add_argument("--model", required=True)
-    train.add_argument("--width", type=int, default=None)
-    train.add_argument("--epochs", type=int, required=True)
-    train.add_argument("--model-seed", type=int, default=0)
-    train.add_argument("--train-subset", type=int, default=None, help="the first N training images")
-    train.add_argument("--image-size", type=int, default=None)
+    add_knob_flags(train, _zoo_knobs(), parameter_defaults(), required=("trained_epochs",))
     train.add_argument("--data-root", default=None)
     train.add_argument("--cache", default=None, help="checkpoint cache (default $GRADINV_CACHE)")
     train.add_argument("--threads", type=int, default=None)
@@ -91,37 +76,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _default_text(value) -> str:
-    if value is None:  # the help says what None means
-        return ""
-    return f" (default {','.join(map(str, value)) if isinstance(value, tuple) else value})"
-
-
 def _trial_spec(args: argparse.Namespace):
     from gradinv.parameters import parameter_defaults, parameters
     from gradinv.trial import TrialSpec
 
-    values, defaults = {}, parameter_defaults()
-    for name, knob in parameters().items():
-        value = getattr(args, name)
-        if knob.kind == "ints":
-            flag = f"--{(knob.repeat_flag or name).replace('_', '-')}"
-            value = defaults[name] if value is None else _int_list(value, flag, knob.names)
-        values[name] = value
-    return TrialSpec(**values)
-
-
-def _int_list(value: str | list[int], flag: str, names: tuple) -> tuple[int, ...] | str:
-    """A list flag: repeated values, comma-separated integers, or a name (checked by TrialSpec)."""
-    if isinstance(value, list):
-        return tuple(value)
-    if names and value[:1].isalpha():
-        return value
-    try:
-        return tuple(int(part) for part in value.split(","))
-    except ValueError:
-        example = " or a named set such as " + names[-2] if names else ""
-        raise ConfigError(flag, value, f"give integers such as 0,1,-1{example}") from None
+    return TrialSpec(**knob_values(args, parameters(), parameter_defaults()))
 
 
 def _set_threads(threads: int | None) -> None:
@@ -221,6 +180,7 @@ def _run_study(args: argparse.Namespace) -> int:
 
 def _zoo(args: argparse.Namespace) -> int:
     from gradinv import zoo
+    from gradinv.cache import cache_dir
 
     from gradinv.results.text import visible
 
@@ -236,13 +196,11 @@ def _zoo(args: argparse.Namespace) -> int:
                   f"seed {info['seed']}  {info['training_seconds']:.0f} s")  # fmt: skip
         return 0
     _set_threads(args.threads)
-    recipe = zoo.Recipe(args.dataset, args.model, args.width, args.epochs, args.model_seed, args.train_subset,
-                        args.image_size)  # fmt: skip
-    _victim_trial(recipe)  # the settings' own rules, before the bar and the cache
-    require_writable_directory("--cache" if args.cache else "GRADINV_CACHE", zoo.cache_dir(args.cache))
+    recipe = _zoo_victim(args).recipe()  # the settings' own rules, before the bar and the cache
+    require_writable_directory("--cache" if args.cache else "GRADINV_CACHE", cache_dir(args.cache))
     from tqdm import tqdm
 
-    with tqdm(total=args.epochs, desc=recipe.key, unit="epoch") as bar:
+    with tqdm(total=recipe.epochs, desc=recipe.key, unit="epoch") as bar:
 
         def epoch_done(epoch: int, loss: float, accuracy: float) -> None:
             bar.set_postfix(loss=f"{loss:.3f}", accuracy=f"{accuracy:.3f}")
@@ -251,17 +209,26 @@ def _zoo(args: argparse.Namespace) -> int:
         checkpoint, trained = zoo.ensure(recipe, args.cache, data_root=args.data_root, on_epoch=epoch_done)
     info = checkpoint.sidecar
     how = f"trained in {info['training_seconds']:.1f} s" if trained else "already in the cache"
-    print(f"{recipe.key}: test accuracy {info['test_accuracy']:.4f}, {how} ({zoo.cache_dir(args.cache)})")
+    print(f"{recipe.key}: test accuracy {info['test_accuracy']:.4f}, {how} ({cache_dir(args.cache)})")
     return 0
 
 
-def _victim_trial(recipe):
-    """A trial of the recipe's victim: its construction checks the width, image size, seed and subset as
-    an attack on that victim would (a recipe checks only what training needs)."""
+def _zoo_knobs() -> dict:
+    """The knobs of a trained victim's recipe (gradinv.zoo): its data and model, and the defences it trains under."""
+    from gradinv.parameters import ZOO, parameters
+
+    return {name: knob for name, knob in parameters().items() if ZOO in knob.recipes}
+
+
+def _zoo_victim(args: argparse.Namespace):
+    """The trial of the victim the flags name, trained under the defences they turn on: its construction checks
+    the settings as an attack on that victim would, and its recipe is the checkpoint a study looks up."""
+    from gradinv.parameters import parameter_defaults
     from gradinv.trial import TrialSpec
 
-    return TrialSpec(dataset=recipe.dataset, model=recipe.model, width=recipe.width, trained_epochs=recipe.epochs,
-                     model_seed=recipe.model_seed, train_subset=recipe.train_subset, image_size=recipe.image_size)
+    if args.trained_epochs < 1:
+        raise ConfigError("--trained-epochs", args.trained_epochs, "train for at least 1 epoch (0 is the untrained model)")
+    return TrialSpec(**knob_values(args, _zoo_knobs(), parameter_defaults()), defended_training=True)
 
 
 def _status(args: argparse.Namespace) -> int:

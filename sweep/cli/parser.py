@@ -1,11 +1,17 @@
-"""The command line's argument parser (a usage error is one line and exit code 2, not a usage dump) and
-the checks of its path flags that run before any work: a path is never empty, and a directory to
-write is one that can be."""
+"""The command line's argument parser (a usage error is one line and exit code 2, not a usage dump), the
+flags of declared knobs (every verb's: `attack`, `zoo train`, `federation train`), and the checks of its
+path flags that run before any work: a path is never empty, and a directory to write is one that can be."""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, Collection, Mapping
+
+from gradinv.errors import ConfigError
+
+if TYPE_CHECKING:
+    from gradinv.parameters import Knob
 
 
 EXIT_USAGE = 2
@@ -27,3 +33,55 @@ def path(text: str) -> Path:
     return Path(text)
 
 
+
+
+def add_knob_flags(parser: argparse.ArgumentParser, knobs: Mapping[str, Knob], defaults: Mapping[str, Any],
+                   required: Collection[str] = ()) -> None:  # fmt: skip
+    """A flag per declared knob (gradinv.parameters): ``--name`` (or its singular repeated flag), of the
+    knob's kind, with its help, allowed values and default; the ``required`` ones have no default."""
+    from gradinv.parameters_page import listed_values
+
+    for name, knob in knobs.items():
+        allowed = listed_values(name, knob)
+        text = knob.help + (f" ({', '.join(map(str, allowed))})" if allowed else "")
+        default = "" if name in required else _default_text(defaults[name])
+        if knob.repeat_flag:
+            parser.add_argument(f"--{knob.repeat_flag.replace('_', '-')}", dest=name, type=int, action="append",
+                                metavar="INDEX", help=f"{text}; one per flag, repeatable{default}".replace("%", "%%"))  # fmt: skip
+            continue
+        kind = {"int": {"type": int}, "float": {"type": float}, "str": {}, "bool": {"action": argparse.BooleanOptionalAction},
+                "ints": {"metavar": "I,J,.." + (" | NAME" if knob.names else "")}}[knob.kind]  # fmt: skip
+        given = {"required": True} if name in required else {"default": None if knob.kind == "ints" else defaults[name]}
+        parser.add_argument(f"--{name.replace('_', '-')}", dest=name, **given, **kind,
+                            help=f"{text}{default}".replace("%", "%%"))  # fmt: skip
+
+
+def knob_values(args: argparse.Namespace, knobs: Mapping[str, Knob], defaults: Mapping[str, Any]) -> dict:
+    """The knobs' values from the parsed flags: a list flag read as integers, or as a name standing in for them."""
+    values = {}
+    for name, knob in knobs.items():
+        value = getattr(args, name)
+        if knob.kind == "ints":
+            flag = f"--{(knob.repeat_flag or name).replace('_', '-')}"
+            value = defaults[name] if value is None else _int_list(value, flag, knob.names)
+        values[name] = value
+    return values
+
+
+def _default_text(value) -> str:
+    if value is None:  # the help says what None means
+        return ""
+    return f" (default {','.join(map(str, value)) if isinstance(value, tuple) else value})"
+
+
+def _int_list(value: str | list[int], flag: str, names: tuple) -> tuple[int, ...] | str:
+    """A list flag: repeated values, comma-separated integers, or a name (checked by the knob)."""
+    if isinstance(value, list):
+        return tuple(value)
+    if names and value[:1].isalpha():
+        return value
+    try:
+        return tuple(int(part) for part in value.split(","))
+    except ValueError:
+        example = " or a named set such as " + names[-2] if names else ""
+        raise ConfigError(flag, value, f"give integers such as 0,1,-1{example}") from None

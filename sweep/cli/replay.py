@@ -16,6 +16,7 @@ import pyarrow.compute as pc
 import torch
 
 from gradinv.errors import ConfigError
+from gradinv.parameters import layers_of_columns
 from gradinv.trial import TrialOutcome, TrialSpec, run_trials
 from gradinv.victims import victim_source
 
@@ -65,6 +66,9 @@ def find_pack(results: str | Path, key: str) -> tuple[dict, list[dict]]:
 def spec_from_row(row: dict) -> TrialSpec:
     """The trial a row records: its non-null parameter columns (null: not applicable, so the default)."""
     values = {f.name: row[f.name] for f in dataclasses.fields(TrialSpec) if f.init and row.get(f.name) is not None}
+    values.pop("layers", None)
+    if (layers := layers_of_columns(row)) is not None:  # indices, or a name in its own column
+        values["layers"] = layers
     spec = TrialSpec(**{name: tuple(v) if isinstance(v, list) else v for name, v in values.items()})
     if trial_key(spec) != row["key"]:
         raise ConfigError("--replay KEY", row["key"], "its parameters give another key here: the row was written by "

@@ -13,8 +13,7 @@ from pathlib import Path
 
 from gradinv.attacks.registry import FAMILIES, settings_parts
 from gradinv.errors import ConfigError
-from gradinv.parameters import PARTS, DataSettings, InvertingSettings, OptimiserSettings, declarations, paper_defaults, \
-    parameters, search_space
+from gradinv.parameters import PARTS, DataSettings, declarations, paper_defaults, parameters, search_space
 from gradinv.trial import TrialSpec
 
 from gradinv.results.schema import trial_key
@@ -28,7 +27,8 @@ SAMPLERS = ("tpe", "random", "cmaes", "qmc", "gp")
 PRUNERS = ("median", "successive-halving", "none")
 CHECKPOINTS = 8  # invert_gradients reports at 8 evenly spaced iterations; pruning steps count them
 FIRST_DECAY = 3 / 8  # the step schedule's first decay: no candidate is judged before it
-PAPER_DEFAULTS = {"attack": "ig", **paper_defaults()}  # the paper's attack: inverting gradients as published
+# the yardstick: the family whose declared defaults are the paper's attack, as published
+PAPER_DEFAULTS = {"attack": next(f.name for f in FAMILIES.values() if f.paper_defaults), **paper_defaults()}
 DATA_FIELDS = tuple(declarations(DataSettings))
 
 
@@ -342,11 +342,11 @@ def _check_images(check: _Checker, base: TrialSpec, images: tuple, where: tuple)
 
 
 def budget_fields(family: str, budget: int, restarts: int) -> dict:
-    """How a family spends the budget: restarts x iterations, iterations alone, or (analytic) nothing."""
-    reads = FAMILIES[family].reads
-    if InvertingSettings in reads:
+    """How a family spends the budget, as it declares: restarts x iterations, iterations alone, or nothing."""
+    spent = FAMILIES[family].budget
+    if "restarts" in spent:
         return {"restarts": restarts, "iterations": budget // restarts}
-    return {"iterations": budget} if OptimiserSettings in reads else {}
+    return {"iterations": budget} if "iterations" in spent else {}
 
 
 def candidate(settings: TuneSettings, params: dict) -> dict:
