@@ -30,6 +30,8 @@ demo: setup
 	$(VENV)/bin/gradinv report $(RESULTS) --out $(RESULTS).html
 
 test: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 	$(PY) -m pytest
 
 # The numeric tests under forced kernel paths, thread counts and seeds: the spread of each bar.

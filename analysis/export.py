@@ -35,8 +35,11 @@ def export(results: str | Path, to: str | Path) -> pd.DataFrame:
     try:
         (to / IMAGES_DIR).mkdir(parents=True, exist_ok=True)
     except OSError as error:
-        raise ConfigError("--to", str(to), f"cannot write there ({error.strerror or error}: {error.filename}); "
-                                           "name a writable directory") from None  # fmt: skip
+        raise ConfigError(
+            "--to",
+            str(to),
+            f"cannot write there ({error.strerror or error}: {error.filename}); name a writable directory",
+        ) from None
     roles = load.column_roles(results)
     entries = [entry for row in load.iter_image_rows(results) for entry in _write_trial(row, to, roles)]
     index = pd.DataFrame(entries)
@@ -49,8 +52,12 @@ def _require_file_safe_keys(results: str | Path) -> None:
     written by other means must not write outside ``--to`` (a key such as ``../../x``)."""
     for key, file in load.finished_keys(results):
         if not FILE_SAFE_KEY.fullmatch(key):
-            raise ConfigError("key", key, "a trial key names exported files, so it must be 1 to 64 letters and digits "
-                                          f"(gradinv writes 20 hex digits); remove that row's file {file}")  # fmt: skip
+            raise ConfigError(
+                "key",
+                key,
+                "a trial key names exported files, so it must be 1 to 64 letters and digits "
+                f"(gradinv writes 20 hex digits); remove that row's file {file}",
+            )
 
 
 def _write_trial(row: dict, to: Path, roles: Roles) -> list[dict]:
@@ -61,14 +68,23 @@ def _write_trial(row: dict, to: Path, roles: Roles) -> list[dict]:
         names = {kind: f"{IMAGES_DIR}/{row['key']}-{position}-{kind}.png" for kind in ("truth", "reconstruction")}
         write_atomic(_inside(to, names["truth"]), truth)  # a new file renamed into place: never through a link
         write_atomic(_inside(to, names["reconstruction"]), recon)
-        entries.append({
-            "key": row["key"], "study": row["study"], "candidate": row.get("candidate"), "position": position,
-            "image": images[position] if position < len(images) else None,
-            "truth_file": names["truth"], "reconstruction_file": names["reconstruction"],
-            **{name: _at(row.get(f"{name}{PER_IMAGE_SUFFIX}"), position) for name in per_image},
-            "trial_psnr": row["psnr"], "baseline_psnr": row["baseline_psnr"], "label_accuracy": row["label_accuracy"],
-            "model_accuracy": row["model_accuracy"], **settings,
-        })  # fmt: skip
+        entries.append(
+            {
+                "key": row["key"],
+                "study": row["study"],
+                "candidate": row.get("candidate"),
+                "position": position,
+                "image": images[position] if position < len(images) else None,
+                "truth_file": names["truth"],
+                "reconstruction_file": names["reconstruction"],
+                **{name: _at(row.get(f"{name}{PER_IMAGE_SUFFIX}"), position) for name in per_image},
+                "trial_psnr": row["psnr"],
+                "baseline_psnr": row["baseline_psnr"],
+                "label_accuracy": row["label_accuracy"],
+                "model_accuracy": row["model_accuracy"],
+                **settings,
+            }
+        )
     return entries
 
 
@@ -76,8 +92,11 @@ def _inside(to: Path, name: str) -> Path:
     """``to / name``, which must resolve to a place under ``to`` (a link inside ``to`` could lead out)."""
     path = to / name
     if to.resolve() not in path.resolve().parents:
-        raise ConfigError("--to", str(to), f"{name} would be written outside it, to {path.resolve()}; "
-                                           "name a directory whose folders are not links")  # fmt: skip
+        raise ConfigError(
+            "--to",
+            str(to),
+            f"{name} would be written outside it, to {path.resolve()}; name a directory whose folders are not links",
+        )
     return path
 
 

@@ -37,8 +37,11 @@ _WORDS = {
     "local_steps": lambda v: f"{v} local step{'s' * (v != 1)}",
     "iterations": lambda v: f"{v} iterations",
     "width": lambda v: f"width {v}",
-    "dataset": str, "fl": str, "model": str, "attack": str,
-}  # fmt: skip
+    "dataset": str,
+    "fl": str,
+    "model": str,
+    "attack": str,
+}
 
 
 def _plain(value) -> str:
@@ -78,8 +81,10 @@ def _count(frame: pd.DataFrame, names: list[str]) -> int:
 def _groups(frame: pd.DataFrame, names: list[str]):
     if not names:
         return [({}, frame)]
-    return [(dict(zip(names, key if isinstance(key, tuple) else (key,))), part)
-            for key, part in frame.groupby(names, dropna=False, sort=True)]  # fmt: skip
+    return [
+        (dict(zip(names, key if isinstance(key, tuple) else (key,))), part)
+        for key, part in frame.groupby(names, dropna=False, sort=True)
+    ]
 
 
 def _colour_of(labels: list[str]) -> dict[str, str]:
@@ -104,8 +109,9 @@ def _baseline_line(axes, y: float, horizontal: bool) -> None:
 
 
 def _outside_legend(figure: Figure, handles: list, columns: int = 3) -> None:
-    figure.legend(handles=handles, loc="outside lower center", ncols=min(columns, len(handles)), frameon=False,
-                  fontsize=9)  # fmt: skip
+    figure.legend(
+        handles=handles, loc="outside lower center", ncols=min(columns, len(handles)), frameon=False, fontsize=9
+    )
 
 
 def _row_panels(groups) -> tuple[Figure, np.ndarray]:
@@ -133,10 +139,17 @@ def gain_per_setting(table: pd.DataFrame, by: list[str], question: str) -> Figur
             colour = LEAK_COLOUR if leak else NONE_COLOUR
             if not np.isnan(row.median_low):
                 axes.plot([row.median_low, row.median_high], [position, position], color=colour, linewidth=2.2)
-            axes.plot([row.gain_median], [position], "o", color=colour, markersize=7,
-                      markerfacecolor=colour if leak else "white")  # fmt: skip
-        axes.set_yticks(y, [setting_label({name: getattr(row, name) for name in rows}) for row in part.itertuples()],
-                        fontsize=9)  # fmt: skip
+            axes.plot(
+                [row.gain_median],
+                [position],
+                "o",
+                color=colour,
+                markersize=7,
+                markerfacecolor=colour if leak else "white",
+            )
+        axes.set_yticks(
+            y, [setting_label({name: getattr(row, name) for name in rows}) for row in part.itertuples()], fontsize=9
+        )
         beside = blended_transform_factory(axes.transAxes, axes.transData)  # right of the data, in words
         for position, row, leak in zip(y, part.itertuples(), leaks):
             if not leak:
@@ -147,12 +160,22 @@ def gain_per_setting(table: pd.DataFrame, by: list[str], question: str) -> Figur
         axes.grid(axis="x", alpha=0.3)
     all_axes[-1].set_xlabel("PSNR gain over the best no-information baseline (dB): median and its 95% interval")
     figure.suptitle(question, fontsize=12, x=0.01, ha="left")
-    _outside_legend(figure, [
-        Line2D([], [], color=LEAK_COLOUR, marker="o", linewidth=2.2, label="leakage (interval above 0)"),
-        Line2D([], [], color=NONE_COLOUR, marker="o", markerfacecolor="white", linewidth=2.2,
-               label="no leakage detected"),
-        Line2D([], [], color=BASELINE_COLOUR, linestyle="--", label=BASELINE_LABEL),
-    ])  # fmt: skip
+    _outside_legend(
+        figure,
+        [
+            Line2D([], [], color=LEAK_COLOUR, marker="o", linewidth=2.2, label="leakage (interval above 0)"),
+            Line2D(
+                [],
+                [],
+                color=NONE_COLOUR,
+                marker="o",
+                markerfacecolor="white",
+                linewidth=2.2,
+                label="no leakage detected",
+            ),
+            Line2D([], [], color=BASELINE_COLOUR, linestyle="--", label=BASELINE_LABEL),
+        ],
+    )
     return figure
 
 
@@ -160,8 +183,9 @@ def gain_per_setting(table: pd.DataFrame, by: list[str], question: str) -> Figur
 # Trained vs untrained
 
 
-def paired_arms(table: pd.DataFrame, rows: list[str], panels: list[str], value: str, question: str,
-                xlabel: str) -> Figure:  # fmt: skip
+def paired_arms(
+    table: pd.DataFrame, rows: list[str], panels: list[str], value: str, question: str, xlabel: str
+) -> Figure:
     """Per compared setting, the untrained and the trained arm's mean ``value`` joined by a line."""
     groups = _groups(table, panels)
     figure, all_axes = _row_panels(groups)
@@ -181,8 +205,10 @@ def paired_arms(table: pd.DataFrame, rows: list[str], panels: list[str], value: 
         axes.grid(axis="x", alpha=0.3)
     all_axes[-1].set_xlabel(xlabel)
     figure.suptitle(question, fontsize=12, x=0.01, ha="left")
-    handles = [Line2D([], [], color=COLOURS[0], marker="o", linestyle="", label="untrained"),
-               Line2D([], [], color=COLOURS[1], marker="s", linestyle="", label="trained")]  # fmt: skip
+    handles = [
+        Line2D([], [], color=COLOURS[0], marker="o", linestyle="", label="untrained"),
+        Line2D([], [], color=COLOURS[1], marker="s", linestyle="", label="trained"),
+    ]
     if value == "gain":
         handles.append(Line2D([], [], color=BASELINE_COLOUR, linestyle="--", label=BASELINE_LABEL))
     _outside_legend(figure, handles)
@@ -225,8 +251,14 @@ def gain_against(table: pd.DataFrame, x: str, panels: list[str], series: list[st
             line = line.sort_values(x)
             xs, colour = line[x].astype(float), colours[setting_label(key)]
             axes.plot(xs, line["gain_median"].astype(float), marker="o", color=colour)
-            axes.fill_between(xs, line["median_low"].astype(float), line["median_high"].astype(float), color=colour,
-                              alpha=0.15, linewidth=0)  # fmt: skip
+            axes.fill_between(
+                xs,
+                line["median_low"].astype(float),
+                line["median_high"].astype(float),
+                color=colour,
+                alpha=0.15,
+                linewidth=0,
+            )
         _baseline_line(axes, 0.0, horizontal=True)
         axes.set_xticks(sorted(part[x].astype(float).unique()))
         axes.set_title(setting_label(panel) if panel else "all trials", fontsize=10, loc="left")
@@ -264,12 +296,17 @@ def tuning_history(history: pd.DataFrame, baseline: float, question: str) -> Fig
     axes.set_ylabel("mean PSNR (dB)")
     axes.grid(alpha=0.3)
     figure.suptitle(question, fontsize=12, x=0.01, ha="left")
-    complete_marks = [Line2D([], [], color=COLOURS[0], marker=markers[f], linestyle="", label=f"complete: {f}")
-                      for f in families] or [Line2D([], [], color=COLOURS[0], marker="o", linestyle="", label="complete candidate")]  # fmt: skip
-    _outside_legend(figure, [
-        *complete_marks,
-        Line2D([], [], color=COLOURS[3], marker="x", linestyle="", label="pruned or failed (no final PSNR)"),
-        Line2D([], [], color=COLOURS[1], linewidth=2, label="best so far"),
-        Line2D([], [], color=BASELINE_COLOUR, linestyle="--", label="no-information baseline"),
-    ], columns=3 + len(complete_marks))  # fmt: skip
+    complete_marks = [
+        Line2D([], [], color=COLOURS[0], marker=markers[f], linestyle="", label=f"complete: {f}") for f in families
+    ] or [Line2D([], [], color=COLOURS[0], marker="o", linestyle="", label="complete candidate")]
+    _outside_legend(
+        figure,
+        [
+            *complete_marks,
+            Line2D([], [], color=COLOURS[3], marker="x", linestyle="", label="pruned or failed (no final PSNR)"),
+            Line2D([], [], color=COLOURS[1], linewidth=2, label="best so far"),
+            Line2D([], [], color=BASELINE_COLOUR, linestyle="--", label="no-information baseline"),
+        ],
+        columns=3 + len(complete_marks),
+    )
     return figure

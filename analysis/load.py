@@ -9,9 +9,9 @@ files say (analysis.roles). Where a crash left two rows of one key, the one the 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 import pandas as pd
 import pyarrow as pa
@@ -87,10 +87,7 @@ def load_images(path: str | Path, keys: list[str]) -> dict[str, tuple[list[bytes
         return {}
     data, columns = dataset(path), ["key", *IMAGES]
     table = _counted(path, data, columns, filter=pc.field("key").isin(list(keys)))
-    return {
-        key: (truth or [], recon or [])
-        for key, truth, recon in zip(*(table[c].to_pylist() for c in columns))
-    }
+    return {key: (truth or [], recon or []) for key, truth, recon in zip(*(table[c].to_pylist() for c in columns))}
 
 
 def load_curves(path: str | Path, keys: list[str]) -> pd.DataFrame:

@@ -9,8 +9,8 @@ more entry in DEFENCES.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Callable, Mapping
 
 import numpy as np
 import pandas as pd
@@ -85,24 +85,39 @@ def _pruning_strength(row) -> str:
 
 def _dp_strength(row) -> str:
     clip, rate = _value(row, "dp_clip"), _value(row, "dp_sample_rate", 1.0)
-    return (f"DP σ={_g(_value(row, 'dp_noise', 0.0))}" + (f" C={_g(clip)}" if clip is not None else "")
-            + (f" q={_g(rate)}" if rate < 1 else ""))  # fmt: skip
+    return (
+        f"DP σ={_g(_value(row, 'dp_noise', 0.0))}"
+        + (f" C={_g(clip)}" if clip is not None else "")
+        + (f" q={_g(rate)}" if rate < 1 else "")
+    )
 
 
 DEFENCES = (
-    Defence("update clip+noise", lambda r: _clip(r) is not None and _noise(r) > 0,
-            lambda r: f"clip {_g(_clip(r))} · noise_std {_g(_noise(r))}", lambda r: _noise(r) / _clip(r),
-            aware="clip_aware"),
-    Defence("update clip", lambda r: _clip(r) is not None and _noise(r) == 0, lambda r: f"clip {_g(_clip(r))}",
-            lambda r: -_clip(r), aware="clip_aware"),
+    Defence(
+        "update clip+noise",
+        lambda r: _clip(r) is not None and _noise(r) > 0,
+        lambda r: f"clip {_g(_clip(r))} · noise_std {_g(_noise(r))}",
+        lambda r: _noise(r) / _clip(r),
+        aware="clip_aware",
+    ),
+    Defence(
+        "update clip",
+        lambda r: _clip(r) is not None and _noise(r) == 0,
+        lambda r: f"clip {_g(_clip(r))}",
+        lambda r: -_clip(r),
+        aware="clip_aware",
+    ),
     Defence("noise", lambda r: _clip(r) is None and _noise(r) > 0, lambda r: f"noise_std {_g(_noise(r))}", _noise),
     Defence("pruning", lambda r: _keep(r) < 1, _pruning_strength, lambda r: -_keep(r), aware="prune_aware"),
-    Defence("quantisation", lambda r: _bits(r) is not None,
-            lambda r: f"{_bits(r)} bit{'s' * (_bits(r) != 1)} {_value(r, 'quant_rounding', 'stochastic')}",
-            lambda r: -_bits(r)),
+    Defence(
+        "quantisation",
+        lambda r: _bits(r) is not None,
+        lambda r: f"{_bits(r)} bit{'s' * (_bits(r) != 1)} {_value(r, 'quant_rounding', 'stochastic')}",
+        lambda r: -_bits(r),
+    ),
     Defence("DP-SGD", _dp_on, _dp_strength, lambda r: _value(r, "dp_noise", 0.0), aware="dp_aware"),
     Defence("secure aggregation", lambda r: _clients(r) > 1, lambda r: f"{_clients(r)} clients", _clients),
-)  # fmt: skip
+)
 
 
 def defence_columns() -> list[str]:
@@ -117,7 +132,7 @@ def _active(row: Mapping) -> list[Defence]:
 
 
 def defence_of(row: Mapping) -> str:
-    """"none", one defence's label, or the labels of a combination joined with " + "."""
+    """ "none", one defence's label, or the labels of a combination joined with " + "."""
     return " + ".join(defence.label for defence in _active(row)) or NONE
 
 
@@ -151,11 +166,13 @@ def labelled(runs: pd.DataFrame, by: list[str]) -> pd.DataFrame:
     context = [name for name in by if name not in ("dataset", *VICTIM_STATE, *defence_columns())]
     state = [name for name in VICTIM_STATE if name in done.columns]
     return done.assign(
-        defence=[defence_of(row) for row in records], strength=[strength_of(row) for row in records],
-        order=[strength_order(row) for row in records], aware=[aware_of(row) for row in records],
+        defence=[defence_of(row) for row in records],
+        strength=[strength_of(row) for row in records],
+        order=[strength_order(row) for row in records],
+        aware=[aware_of(row) for row in records],
         victim=[figures.setting_label({name: row[name] for name in state}) for row in records],
         setting=[figures.setting_label({name: row.get(name) for name in context}) for row in records],
-    )  # fmt: skip
+    )
 
 
 def _accuracy_source(rows: pd.DataFrame) -> pd.Series:
@@ -171,8 +188,9 @@ def _accuracy_source(rows: pd.DataFrame) -> pd.Series:
     plain_victims = set(victim[plain])
     trained = pd.to_numeric(rows["trained_epochs"], errors="coerce").fillna(0) > 0
     recorded = rows["model_accuracy"].notna() if "model_accuracy" in rows.columns else trained & False
-    own = [not is_plain and v in plain_victims and (v, k) not in plain_keys
-           for is_plain, v, k in zip(plain, victim, key)]  # fmt: skip
+    own = [
+        not is_plain and v in plain_victims and (v, k) not in plain_keys for is_plain, v, k in zip(plain, victim, key)
+    ]
     return pd.Series(np.select([~trained, ~recorded, own], [UNTRAINED, UNRECORDED, OWN], PLAIN), index=rows.index)
 
 
@@ -207,16 +225,21 @@ def _summary(key: tuple, group: pd.DataFrame, seed: int) -> dict:
     low, high = stats.mean_interval(psnr, seed)
     defence = key[GROUP.index("defence")]
     row = {
-        **dict(zip(GROUP, key)), "rank": defence_rank(defence), "order": group["order"].iloc[0],
+        **dict(zip(GROUP, key)),
+        "rank": defence_rank(defence),
+        "order": group["order"].iloc[0],
         "epochs": pd.to_numeric(group["trained_epochs"], errors="coerce").max(),  # untrained victims first
-        "trials": len(group), "psnr": psnr.mean(), "ci_low": low, "ci_high": high,
+        "trials": len(group),
+        "psnr": psnr.mean(),
+        "ci_low": low,
+        "ci_high": high,
         "gain_median": group["psnr_gain"].astype(float).median() if "psnr_gain" in group else math.nan,
         "baseline_psnr": group["baseline_psnr"].astype(float).median() if "baseline_psnr" in group else math.nan,
         "accuracy": group["model_accuracy"].astype(float).mean() if "model_accuracy" in group else math.nan,
         "accuracy_from": ", ".join(sorted(group["accuracy_from"].unique())),
         "delta": _one_or_range(group["dp_delta"]) if "dp_delta" in group else "–",
         "accountant": ", ".join(sorted(group["accountant"].dropna().unique())) if "accountant" in group else "",
-    }  # fmt: skip
+    }
     row.update({name: _one_or_range(group[name]) if name in group else "–" for name in EPSILONS})
     return row
 
@@ -243,17 +266,29 @@ def _number(value: float) -> str:
 def shown_table(table: pd.DataFrame) -> pd.DataFrame:
     """The table as the page shows it: accuracy as text ("untrained" where the victim is), the interval
     in words, and only the columns some row fills."""
-    accuracy = [UNTRAINED if source == UNTRAINED else markup.cell(value, 3)
-                for value, source in zip(table["accuracy"], table["accuracy_from"])]  # fmt: skip
-    shown = pd.DataFrame({
-        "dataset": table["dataset"], "victim": table["victim"], "setting": table["setting"],
-        "defence": table["defence"], "strength": table["strength"], "attacker knew": table["aware"],
-        "trials": table["trials"], "mean psnr": table["psnr"],
-        "interval": markup.intervals(table["psnr"], table["ci_low"], table["ci_high"]),
-        "median gain": table["gain_median"], "accuracy": accuracy, "accuracy from": table["accuracy_from"],
-        **{heading: table[name] for name, heading in EPSILONS.items()}, "δ": table["delta"],
-        "accountant": table["accountant"],
-    })  # fmt: skip
+    accuracy = [
+        UNTRAINED if source == UNTRAINED else markup.cell(value, 3)
+        for value, source in zip(table["accuracy"], table["accuracy_from"])
+    ]
+    shown = pd.DataFrame(
+        {
+            "dataset": table["dataset"],
+            "victim": table["victim"],
+            "setting": table["setting"],
+            "defence": table["defence"],
+            "strength": table["strength"],
+            "attacker knew": table["aware"],
+            "trials": table["trials"],
+            "mean psnr": table["psnr"],
+            "interval": markup.intervals(table["psnr"], table["ci_low"], table["ci_high"]),
+            "median gain": table["gain_median"],
+            "accuracy": accuracy,
+            "accuracy from": table["accuracy_from"],
+            **{heading: table[name] for name, heading in EPSILONS.items()},
+            "δ": table["delta"],
+            "accountant": table["accountant"],
+        }
+    )
     optional = ("setting", *EPSILONS.values(), "accountant")
     empty = [name for name in optional if shown[name].isin(["all", "–", ""]).all()]
     if all(heading in empty for heading in EPSILONS.values()):

@@ -11,9 +11,9 @@ makes no network request.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 import pandas as pd
 
@@ -29,8 +29,13 @@ from . import report_sections as sections
 from .roles import Roles
 
 
-def write_report(results: str | Path, out: str | Path, by: list[str] | None = None,
-                 threshold: float = stats.SUCCESS_PSNR, seed: int = 0) -> Path:  # fmt: skip
+def write_report(
+    results: str | Path,
+    out: str | Path,
+    by: list[str] | None = None,
+    threshold: float = stats.SUCCESS_PSNR,
+    seed: int = 0,
+) -> Path:
     out = Path(out)
     if out.is_dir():
         raise ConfigError("--out", str(out), "name a file to write, e.g. report.html")
@@ -56,12 +61,16 @@ def _writing(out: Path) -> Iterator[None]:
     try:
         yield
     except OSError as error:
-        raise ConfigError("--out", str(out), f"cannot write there ({error.strerror or error}: {error.filename}); "
-                                             "name a file in a writable directory") from None  # fmt: skip
+        raise ConfigError(
+            "--out",
+            str(out),
+            f"cannot write there ({error.strerror or error}: {error.filename}); name a file in a writable directory",
+        ) from None
 
 
-def build_report(results: str | Path, by: list[str] | None = None, threshold: float = stats.SUCCESS_PSNR,
-                 seed: int = 0) -> str:  # fmt: skip
+def build_report(
+    results: str | Path, by: list[str] | None = None, threshold: float = stats.SUCCESS_PSNR, seed: int = 0
+) -> str:
     frame, roles = load.load_trials(results), load.column_roles(results)
     tuned = tuning_history.tuned_studies(frame)
     runs = frame[~frame["study"].isin(tuned)]  # a tuned study's rows are searched, not designed settings
@@ -78,10 +87,16 @@ def build_report(results: str | Path, by: list[str] | None = None, threshold: fl
             privacy.section(results, runs, by, seed),
             federation.section(runs, by, seed),
             sections.quality(results, runs, by),
-            sections.gain_against(runs, by, "local_steps", "Leakage vs local steps",
-                                  "Does leakage fall with more local steps?"),
-            sections.gain_against(runs, by, "images_per_client", "Leakage vs images per client",
-                                  "Does leakage fall with more images per client?"),
+            sections.gain_against(
+                runs, by, "local_steps", "Leakage vs local steps", "Does leakage fall with more local steps?"
+            ),
+            sections.gain_against(
+                runs,
+                by,
+                "images_per_client",
+                "Leakage vs images per client",
+                "Does leakage fall with more images per client?",
+            ),
             images.one_image(results, runs, by),
             images.grids(results, runs, by),
         ]

@@ -36,7 +36,7 @@ def _column(frame: pd.DataFrame, name: str) -> pd.Series:
 
 
 def partition_label(partition, alpha) -> str:
-    """"IID", "Dirichlet α=0.1" ("Dirichlet" without a recorded alpha), "not recorded" for a null."""
+    """ "IID", "Dirichlet α=0.1" ("Dirichlet" without a recorded alpha), "not recorded" for a null."""
     if partition is None or (not isinstance(partition, str) and pd.isna(partition)):
         return "not recorded"
     if partition == "iid":
@@ -58,9 +58,11 @@ def federation_rows(runs: pd.DataFrame) -> pd.DataFrame:
     done = stats.finished(runs)
     done = done[done["round"].notna()]
     raw = list(zip(_column(done, "partition"), _column(done, "alpha")))
-    return done.assign(partition=[partition_label(*pair) for pair in raw],
-                       partition_order=[_partition_order(*pair) for pair in raw],
-                       round=done["round"].astype(int))  # fmt: skip
+    return done.assign(
+        partition=[partition_label(*pair) for pair in raw],
+        partition_order=[_partition_order(*pair) for pair in raw],
+        round=done["round"].astype(int),
+    )
 
 
 def global_accuracy(rows: pd.DataFrame) -> float:
@@ -83,29 +85,42 @@ def _summary(key: tuple, group: pd.DataFrame, seed: int) -> dict:
     psnr = group["psnr"].astype(float)
     low, high = stats.mean_interval(psnr, seed)
     return {
-        **dict(zip(GROUP, key)), "partition_order": group["partition_order"].iloc[0], "trials": len(group),
-        "psnr": psnr.mean(), "ci_low": low, "ci_high": high,
+        **dict(zip(GROUP, key)),
+        "partition_order": group["partition_order"].iloc[0],
+        "trials": len(group),
+        "psnr": psnr.mean(),
+        "ci_low": low,
+        "ci_high": high,
         "gain_median": pd.to_numeric(_column(group, "psnr_gain"), errors="coerce").median(),
         "baseline_psnr": pd.to_numeric(_column(group, "baseline_psnr"), errors="coerce").median(),
         "accuracy": global_accuracy(group),
-    }  # fmt: skip
+    }
 
 
 def accuracy_curves(rows: pd.DataFrame) -> pd.DataFrame:
     """Per dataset, partition and round the global accuracy, whatever update kind was attacked."""
-    curves = [{"dataset": dataset, "partition": partition, "round": round_, "accuracy": global_accuracy(group)}
-              for (dataset, partition, round_), group in rows.groupby(["dataset", "partition", "round"])]  # fmt: skip
+    curves = [
+        {"dataset": dataset, "partition": partition, "round": round_, "accuracy": global_accuracy(group)}
+        for (dataset, partition, round_), group in rows.groupby(["dataset", "partition", "round"])
+    ]
     return pd.DataFrame(curves, columns=["dataset", "partition", "round", "accuracy"])
 
 
 def shown_table(table: pd.DataFrame) -> pd.DataFrame:
     """The table as the page shows it: the interval in words, accuracy to three decimals."""
-    return pd.DataFrame({
-        "dataset": table["dataset"], "partition": table["partition"], "fl": table["fl"], "round": table["round"],
-        "trials": table["trials"], "mean psnr": table["psnr"],
-        "interval": markup.intervals(table["psnr"], table["ci_low"], table["ci_high"]),
-        "median gain": table["gain_median"], "global accuracy": [markup.cell(v, 3) for v in table["accuracy"]],
-    })  # fmt: skip
+    return pd.DataFrame(
+        {
+            "dataset": table["dataset"],
+            "partition": table["partition"],
+            "fl": table["fl"],
+            "round": table["round"],
+            "trials": table["trials"],
+            "mean psnr": table["psnr"],
+            "interval": markup.intervals(table["psnr"], table["ci_low"], table["ci_high"]),
+            "median gain": table["gain_median"],
+            "global accuracy": [markup.cell(v, 3) for v in table["accuracy"]],
+        }
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -136,10 +151,17 @@ def round_figure(table: pd.DataFrame, accuracy: pd.DataFrame, dataset: str, ques
     part, curves = table[table["dataset"] == dataset], accuracy[accuracy["dataset"] == dataset]
     colours = figures._colour_of(part["partition"].tolist())  # the table's order: IID first
     figure, (left, right) = figures._grid(2, 3.6)
-    for (partition, fl), line in list(part.groupby(["partition", "fl"], sort=False))[:figures.MAX_SERIES]:
+    for (partition, fl), line in list(part.groupby(["partition", "fl"], sort=False))[: figures.MAX_SERIES]:
         style, marker = FL_LOOK.get(fl, OTHER_LOOK)
-        left.errorbar(line["round"], line["psnr"], yerr=_error_bars(line), color=colours[partition], linestyle=style,
-                      marker=marker, capsize=3)  # fmt: skip
+        left.errorbar(
+            line["round"],
+            line["psnr"],
+            yerr=_error_bars(line),
+            color=colours[partition],
+            linestyle=style,
+            marker=marker,
+            capsize=3,
+        )
     baseline = part["baseline_psnr"].median()
     if not np.isnan(baseline):
         left.axhline(baseline, color=figures.BASELINE_COLOUR, linestyle="--", linewidth=1.2, zorder=1)
@@ -185,12 +207,14 @@ def section(runs: pd.DataFrame, by: list[str], seed: int = 0) -> str:
             "attacked: trials (pooled over attacked clients and federations), mean PSNR with its 95% BCa "
             f"interval (from {stats.MIN_BOOTSTRAP} trials; fewer say \u201c{stats.TOO_SMALL}\u201d), the median "
             "gain over the no-information baseline, and the global model's test accuracy at that round (one value "
-            "per federation, averaged where several)."),
+            "per federation, averaged where several)."
+        ),
         markup.note(
             "Reading: round 0 is the untrained model. The attacked images are the attacked client's own training "
             "images, and the client trained in the rounds its rows list (client_rounds), so from its first round "
-            "on the global model may already have seen them."),
-    ]  # fmt: skip
+            "on the global model may already have seen them."
+        ),
+    ]
     for dataset in sorted(table["dataset"].unique()):
         question = f"{dataset}: does leakage change as the federation trains?"
         parts.append(markup.figure(round_figure(table, accuracy, dataset, question), question))

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import base64
 import html
+from collections.abc import Collection
 from datetime import timezone
-from typing import Collection
 
 import numpy as np
 import pandas as pd
@@ -36,9 +36,12 @@ def page(title: str, sections: list[str]) -> str:
     """The document; every section escapes its text for HTML, and here the control characters that text
     from the files may hold (an error with terminal escapes) become visible escapes: HTML forbids them,
     and they would drive a terminal that shows the file."""
-    document = (f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>{html.escape(title)}"
-                f"</title><style>{STYLE}</style></head><body><h1>{html.escape(title)}</h1>\n"
-                + "\n".join(sections) + "\n</body></html>\n")  # fmt: skip
+    document = (
+        f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}'
+        f"</title><style>{STYLE}</style></head><body><h1>{html.escape(title)}</h1>\n"
+        + "\n".join(sections)
+        + "\n</body></html>\n"
+    )
     return visible(document, keep="\t\n")
 
 
@@ -62,10 +65,11 @@ def table(frame: pd.DataFrame, table_id: str, digits: int = 4, settings: Collect
     places = {c: None if c in settings else digits for c in frame.columns}
     kinds = {c: align(frame[c]) for c in frame.columns}
     body = "".join(
-        "<tr>" + "".join(f"<td class={kinds[c]}>{html.escape(cell(v, places[c]))}</td>" for c, v in row.items())
+        "<tr>"
+        + "".join(f"<td class={kinds[c]}>{html.escape(cell(v, places[c]))}</td>" for c, v in row.items())
         + "</tr>"
         for _, row in frame.iterrows()
-    )  # fmt: skip
+    )
     return f"<div class=wide><table id={table_id}><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>"
 
 
@@ -91,7 +95,7 @@ def figure(plot, alt: str) -> str:
 
 
 def img(png: bytes, alt: str) -> str:
-    return f"<img alt=\"{html.escape(alt)}\" src=\"data:image/png;base64,{base64.b64encode(png).decode()}\">"
+    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
 
 
 def tally(column: pd.Series) -> str:
@@ -118,8 +122,10 @@ def slug(text: str) -> str:
 def intervals(centre: pd.Series, low: pd.Series, high: pd.Series) -> list[str]:
     """Each interval as text (a no-break space keeps it on one line); "n too small" where there is a
     value but too few observations for an interval, "–" where there is no value."""
-    return [("–" if pd.isna(value) else stats.TOO_SMALL) if pd.isna(lo) else f"[{lo:.2f},\u00a0{hi:.2f}]"
-            for value, lo, hi in zip(centre, low, high)]  # fmt: skip
+    return [
+        ("–" if pd.isna(value) else stats.TOO_SMALL) if pd.isna(lo) else f"[{lo:.2f},\u00a0{hi:.2f}]"
+        for value, lo, hi in zip(centre, low, high)
+    ]
 
 
 def captioned(png: bytes, alt: str, caption: str) -> str:

@@ -20,9 +20,13 @@ def one_image(results, runs: pd.DataFrame, by: list[str]) -> str:
     if images.empty:
         return markup.empty_section(title, "No finished trials with images.")
     settings = [name for name in by if name != "dataset"]
-    parts = [markup.note("Per dataset, the image attacked under the most settings: ground truth, then its "
-                         "reconstruction under each setting (one trial per setting, the lowest key), with its PSNR "
-                         "and gain.")]  # fmt: skip
+    parts = [
+        markup.note(
+            "Per dataset, the image attacked under the most settings: ground truth, then its "
+            "reconstruction under each setting (one trial per setting, the lowest key), with its PSNR "
+            "and gain."
+        )
+    ]
     for dataset, part in images.groupby("dataset", sort=True):
         spread = part.groupby("image")["key"].nunique()
         image = int(spread[spread == spread.max()].index.min())
@@ -39,8 +43,9 @@ def one_image(results, runs: pd.DataFrame, by: list[str]) -> str:
             if index < len(recon):
                 caption = f"{label}<br>{markup.db(row.image_psnr)}{markup.gain_text(row.image_gain)}"
                 figures_html.append(markup.captioned(recon[index], "reconstruction", caption))
-        parts.append(f"<h3>{html.escape(str(dataset))}: image {image}</h3>"
-                     f"<div class=strip>{''.join(figures_html)}</div>")
+        parts.append(
+            f"<h3>{html.escape(str(dataset))}: image {image}</h3><div class=strip>{''.join(figures_html)}</div>"
+        )
     return markup.section(title, *parts)
 
 
@@ -52,9 +57,13 @@ def grids(results, runs: pd.DataFrame, by: list[str]) -> str:
     shown = settings[:MAX_GRID_SETTINGS]
     picks = [(key, _best_median_worst(group)) for key, group in shown]
     images = load.load_images(results, [row.key for _, chosen in picks for _, row in chosen])
-    parts = [markup.note("Per setting: the best, median and worst trial by PSNR gain (PSNR where no baseline was "
-                         "recorded); ground truth above its reconstruction, each captioned with the image's index in "
-                         "the dataset, its PSNR and its gain over the no-information baseline.")]  # fmt: skip
+    parts = [
+        markup.note(
+            "Per setting: the best, median and worst trial by PSNR gain (PSNR where no baseline was "
+            "recorded); ground truth above its reconstruction, each captioned with the image's index in "
+            "the dataset, its PSNR and its gain over the no-information baseline."
+        )
+    ]
     if len(settings) > len(shown):
         parts.append(markup.note(f"Showing {len(shown)} of {len(settings)} settings; group more coarsely with --by."))
     blocks = []
@@ -90,8 +99,10 @@ def _pick(name: str, row, pngs: tuple[list[bytes], list[bytes]]) -> str:
         if position < len(psnrs):
             image_gain = gains[position] if position < len(gains) else None
             caption += f"<br>{markup.db(psnrs[position])}{markup.gain_text(image_gain)}"
-        columns.append(f"<figure class=image>{markup.img(truth_png, 'ground truth')}"
-                       f"{markup.img(recon_png, 'reconstruction')}<figcaption>{caption}</figcaption></figure>")
+        columns.append(
+            f"<figure class=image>{markup.img(truth_png, 'ground truth')}"
+            f"{markup.img(recon_png, 'reconstruction')}<figcaption>{caption}</figcaption></figure>"
+        )
     gain = "" if pd.isna(row.psnr_gain) else f", gain {row.psnr_gain:+.2f}"
     caption = f"{name}: mean {markup.db(row.psnr)}{gain}<br><small>trial {html.escape(row.key)}</small>"
     return f"<figure class=pick><div class=row>{''.join(columns)}</div><figcaption>{caption}</figcaption></figure>"

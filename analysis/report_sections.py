@@ -16,8 +16,12 @@ from . import figures, load, stats, tuning_history
 from . import report_html as markup
 from .roles import Roles
 
-METRIC_TITLES = {"psnr": "PSNR (dB)", "psnr_gain": "PSNR gain over the no-information baseline (dB)", "ssim": "SSIM",
-                 "label_accuracy": "Label accuracy"}  # fmt: skip
+METRIC_TITLES = {
+    "psnr": "PSNR (dB)",
+    "psnr_gain": "PSNR gain over the no-information baseline (dB)",
+    "ssim": "SSIM",
+    "label_accuracy": "Label accuracy",
+}
 FIXED_PER_ROW = 4  # name/value pairs per row of the fixed-settings table
 VICTIM_MARGIN = 0.10  # a trained victim within this of chance accuracy has not learnt
 
@@ -26,8 +30,9 @@ VICTIM_MARGIN = 0.10  # a trained victim within this of chance accuracy has not 
 # Summary and context
 
 
-def summary(frame: pd.DataFrame, runs: pd.DataFrame, results, by: list[str], per_setting: pd.DataFrame,
-            roles: Roles) -> str:  # fmt: skip
+def summary(
+    frame: pd.DataFrame, runs: pd.DataFrame, results, by: list[str], per_setting: pd.DataFrame, roles: Roles
+) -> str:
     counts = frame["status"].value_counts()
     verdicts = per_setting["verdict"].value_counts()
     items = {
@@ -38,14 +43,18 @@ def summary(frame: pd.DataFrame, runs: pd.DataFrame, results, by: list[str], per
         "tuning rows": int(frame["candidate"].notna().sum()),
         "compute time (sum of each trial's share of its task)": markup.duration(load.compute_seconds(frame).sum()),
         "settings compared": ", ".join(by) or "none (one setting)",
-    }  # fmt: skip
+    }
     if not runs.empty:
         items["settings that leak"] = (
             f"{int(verdicts.get(stats.LEAKS, 0))} of {len(per_setting)} (median PSNR gain over the no-information "
-            "baseline, 95% interval above 0)" if per_setting["gain_median"].notna().any()
-            else "– (no baseline recorded in these rows)")  # fmt: skip
-    rows = "".join(f"<tr><th class=text>{html.escape(k)}</th><td class=text>{html.escape(str(v))}</td></tr>"
-                   for k, v in items.items())  # fmt: skip
+            "baseline, 95% interval above 0)"
+            if per_setting["gain_median"].notna().any()
+            else "– (no baseline recorded in these rows)"
+        )
+    rows = "".join(
+        f"<tr><th class=text>{html.escape(k)}</th><td class=text>{html.escape(str(v))}</td></tr>"
+        for k, v in items.items()
+    )
     parts = [f"<table id=summary>{rows}</table>", _provenance(frame)]
     if not runs.empty:
         parts += [_fixed(runs, roles), _victims(runs, roles)]
@@ -57,27 +66,37 @@ def _provenance(frame: pd.DataFrame) -> str:
     items = {
         "wall-clock span": markup.duration((finished - started).total_seconds()) if pd.notna(started) else "–",
         "first start / last finish": f"{markup.when(started)} / {markup.when(finished)}",
-        "hosts": markup.tally(frame["host"]), "nodes": frame["node_id"].nunique(),
+        "hosts": markup.tally(frame["host"]),
+        "nodes": frame["node_id"].nunique(),
         "devices": markup.tally(frame["device"]),
-        **{f"{name} version": markup.tally(frame[f"{name}_version"])
-           for name in ("gradinv", "torch", "torchvision", "python")},
+        **{
+            f"{name} version": markup.tally(frame[f"{name}_version"])
+            for name in ("gradinv", "torch", "torchvision", "python")
+        },
         "commits": markup.tally(frame["commit"]),
-    }  # fmt: skip
-    rows = "".join(f"<tr><th class=text>{html.escape(k)}</th><td class=text>{html.escape(str(v))}</td></tr>"
-                   for k, v in items.items())  # fmt: skip
+    }
+    rows = "".join(
+        f"<tr><th class=text>{html.escape(k)}</th><td class=text>{html.escape(str(v))}</td></tr>"
+        for k, v in items.items()
+    )
     return f"<details><summary>Where and when it ran</summary><table id=provenance>{rows}</table></details>"
 
 
 def _fixed(runs: pd.DataFrame, roles: Roles) -> str:
     """Settings every trial shares: what a reader needs to tell a toy budget from the paper's."""
-    fixed = {name: values[0] for name in roles.settings_in(runs)
-             if name != "images" and len(values := runs[name].unique()) == 1 and pd.notna(values[0])}  # fmt: skip
+    fixed = {
+        name: values[0]
+        for name in roles.settings_in(runs)
+        if name != "images" and len(values := runs[name].unique()) == 1 and pd.notna(values[0])
+    }
     if not fixed:
         return ""
-    cells = [f"<th class=text>{html.escape(name.replace('_', ' '))}</th>"
-             f"<td class=num>{html.escape(markup.cell(value, None))}</td>"
-             for name, value in fixed.items()]  # fmt: skip
-    rows = "".join(f"<tr>{''.join(cells[i:i + FIXED_PER_ROW])}</tr>" for i in range(0, len(cells), FIXED_PER_ROW))
+    cells = [
+        f"<th class=text>{html.escape(name.replace('_', ' '))}</th>"
+        f"<td class=num>{html.escape(markup.cell(value, None))}</td>"
+        for name, value in fixed.items()
+    ]
+    rows = "".join(f"<tr>{''.join(cells[i : i + FIXED_PER_ROW])}</tr>" for i in range(0, len(cells), FIXED_PER_ROW))
     return f"<h3>Fixed in every trial</h3><table id=fixed>{rows}</table>"
 
 
@@ -88,14 +107,20 @@ def _victims(runs: pd.DataFrame, roles: Roles) -> str:
     if trained.empty:
         return ""
     columns = [c for c in checkpoint_identity() if c in trained.columns and trained[c].notna().any()]
-    table = trained.groupby(columns, dropna=False, sort=True).agg(
-        checkpoints=("checkpoint_key", "nunique"), model_accuracy=("model_accuracy", "mean")).reset_index()
+    table = (
+        trained.groupby(columns, dropna=False, sort=True)
+        .agg(checkpoints=("checkpoint_key", "nunique"), model_accuracy=("model_accuracy", "mean"))
+        .reset_index()
+    )
     table["chance"] = table["dataset"].map(_chance)
-    table["reading"] = [_accuracy_reading(accuracy, chance)
-                        for accuracy, chance in zip(table["model_accuracy"], table["chance"])]  # fmt: skip
-    note = markup.note(f"Test accuracy of each trained victim beside chance (1 / classes). Within "
-                       f"{VICTIM_MARGIN:.0%} of chance the victim has not learnt, and trained vs untrained is not "
-                       "being tested.")  # fmt: skip
+    table["reading"] = [
+        _accuracy_reading(accuracy, chance) for accuracy, chance in zip(table["model_accuracy"], table["chance"])
+    ]
+    note = markup.note(
+        f"Test accuracy of each trained victim beside chance (1 / classes). Within "
+        f"{VICTIM_MARGIN:.0%} of chance the victim has not learnt, and trained vs untrained is not "
+        "being tested."
+    )
     return "<h3>Trained victims</h3>" + note + markup.table(table, "victims", 3, roles.settings)
 
 
@@ -124,16 +149,22 @@ def leakage(table: pd.DataFrame, by: list[str], roles: Roles) -> str:
         "Gain: a trial's PSNR minus that baseline. A setting leaks when the 95% interval of its median gain "
         "lies above 0 (an order-statistic interval, valid for any distribution; it needs 6 or more trials, "
         "fewer say \u201cn too small\u201d); otherwise it is marked \u201cno leakage detected\u201d. The mean "
-        "gain with its interval is under All tables.")  # fmt: skip
+        "gain with its interval is under All tables."
+    )
     parts = [note]
     if table["gain_median"].notna().any():
         parts.append(markup.figure(figures.gain_per_setting(table, by, question), question))
     else:
-        parts.append(markup.note("These rows carry no baseline (written before baselines were recorded): their "
-                                 "PSNR cannot be read as leakage, so there is nothing to plot."))  # fmt: skip
+        parts.append(
+            markup.note(
+                "These rows carry no baseline (written before baselines were recorded): their "
+                "PSNR cannot be read as leakage, so there is nothing to plot."
+            )
+        )
     shown = table[[*by, "trials", "baseline_psnr", "psnr", "gain_median"]].assign(
         interval=markup.intervals(table["gain_median"], table["median_low"], table["median_high"]),
-        verdict=table["verdict"])
+        verdict=table["verdict"],
+    )
     return markup.section("Leakage per setting", *parts, markup.table(shown, "leakage", 2, roles.settings))
 
 
@@ -150,8 +181,11 @@ def trained(runs: pd.DataFrame, by: list[str], seed: int, roles: Roles) -> str:
     pair_on = [name for name in roles.settings_in(runs) if name not in stats.MODEL_STATE]
     pairs = stats.trained_pairs(runs, pair_on)
     if pairs.empty:
-        return markup.empty_section(title, "No image was attacked under both an untrained and a trained victim with "
-                                           "every other setting equal: nothing to pair.")  # fmt: skip
+        return markup.empty_section(
+            title,
+            "No image was attacked under both an untrained and a trained victim with "
+            "every other setting equal: nothing to pair.",
+        )
     arms = [name for name in stats.MODEL_STATE if pairs[name].nunique(dropna=False) > 1]
     compared = [name for name in by if name not in stats.MODEL_STATE and pairs[name].nunique(dropna=False) > 1]
     table = stats.paired_difference(pairs, [*compared, *arms], seed)
@@ -163,9 +197,11 @@ def trained(runs: pd.DataFrame, by: list[str], seed: int, roles: Roles) -> str:
     note = markup.note(
         "Each pair is one image attacked under an untrained and a trained victim with every other setting "
         "equal (images, seeds, FL recipe, attack). Difference: trained minus untrained PSNR, averaged over "
-        f"pairs, with a BCa bootstrap interval from {stats.MIN_BOOTSTRAP} pairs on.")  # fmt: skip
+        f"pairs, with a BCa bootstrap interval from {stats.MIN_BOOTSTRAP} pairs on."
+    )
     shown = table.drop(columns=["untrained_gain", "trained_gain", "ci_low", "ci_high", "reading"]).assign(
-        interval=markup.intervals(table["difference"], table["ci_low"], table["ci_high"]), reading=table["reading"])
+        interval=markup.intervals(table["difference"], table["ci_low"], table["ci_high"]), reading=table["reading"]
+    )
     plot = figures.paired_arms(table, rows, panels, value, question, xlabel)
     return markup.section(title, note, markup.figure(plot, question), markup.table(shown, "trained", 2, roles.settings))
 
@@ -182,14 +218,19 @@ def quality(results, runs: pd.DataFrame, by: list[str]) -> str:
     if curves.empty:
         return markup.empty_section(title, "No quality curves in these rows (written before they were recorded).")
     points = curves.explode(["curve_iterations", "curve_psnr"]).rename(columns={"curve_iterations": "iteration"})
-    points = points.astype({"iteration": int, "curve_psnr": float}).merge(
-        done[["key", "baseline_psnr", *by]], on="key")
+    points = points.astype({"iteration": int, "curve_psnr": float}).merge(done[["key", "baseline_psnr", *by]], on="key")
     panels, series = figures.split_panels(points, by)
-    note = markup.note("Median over a setting's trials of the best restart's PSNR at each checkpoint; the dashed line "
-                       "is the median no-information baseline of the panel's trials. A curve still rising at the end "
-                       "means the budget was too short.")  # fmt: skip
-    return markup.section(title, note, _panel_cap(points, panels),
-                          markup.figure(figures.quality_curves(points, panels, series, question), question))
+    note = markup.note(
+        "Median over a setting's trials of the best restart's PSNR at each checkpoint; the dashed line "
+        "is the median no-information baseline of the panel's trials. A curve still rising at the end "
+        "means the budget was too short."
+    )
+    return markup.section(
+        title,
+        note,
+        _panel_cap(points, panels),
+        markup.figure(figures.quality_curves(points, panels, series, question), question),
+    )
 
 
 def gain_against(runs: pd.DataFrame, by: list[str], x: str, title: str, question: str) -> str:
@@ -204,13 +245,19 @@ def gain_against(runs: pd.DataFrame, by: list[str], x: str, title: str, question
     others = [name for name in by if name != x and subset[name].nunique(dropna=False) > 1]
     table = stats.leakage(subset, [*others, x])
     panels, series = figures.split_panels(table, others)
-    notes = [markup.note("Median PSNR gain over the no-information baseline, its 95% interval shaded (6 or more "
-                         "trials).")]
+    notes = [
+        markup.note("Median PSNR gain over the no-information baseline, its 95% interval shaded (6 or more trials).")
+    ]
     if skipped := len(done) - len(subset):
-        notes.append(markup.note(f"{skipped} finished trials have no {x} (it does not apply to them) and are left "
-                                 "out."))  # fmt: skip
-    return markup.section(title, *notes, _panel_cap(table, panels),
-                          markup.figure(figures.gain_against(table, x, panels, series, question), question))
+        notes.append(
+            markup.note(f"{skipped} finished trials have no {x} (it does not apply to them) and are left out.")
+        )
+    return markup.section(
+        title,
+        *notes,
+        _panel_cap(table, panels),
+        markup.figure(figures.gain_against(table, x, panels, series, question), question),
+    )
 
 
 def _panel_cap(frame: pd.DataFrame, panels: list[str]) -> str:
@@ -228,16 +275,26 @@ def tuning(frame: pd.DataFrame, tuned: list[str], seed: int, roles: Roles) -> st
     title = "Tuning"
     if not tuned:
         return markup.empty_section(title, "No tuning candidates in these results.")
-    parts = [markup.note("Each candidate's numbers come from its own trials on the tuning images (held-out trials "
-                         "are shown only in the comparison). Mean PSNR as the driver scores it (an exact copy counts "
-                         f"as {stats.PSNR_CAP:g} dB); pruned and failed candidates carry the best so far.")]
+    parts = [
+        markup.note(
+            "Each candidate's numbers come from its own trials on the tuning images (held-out trials "
+            "are shown only in the comparison). Mean PSNR as the driver scores it (an exact copy counts "
+            f"as {stats.PSNR_CAP:g} dB); pruned and failed candidates carry the best so far."
+        )
+    ]
     for study in tuned:
         rows = frame[frame["study"] == study]
         compute = markup.duration(load.compute_seconds(rows).sum())
-        parts += [f"<h3>{html.escape(study)}</h3>", markup.note(f"Compute: {compute} (each trial's share of its task).")]
+        parts += [
+            f"<h3>{html.escape(study)}</h3>",
+            markup.note(f"Compute: {compute} (each trial's share of its task)."),
+        ]
         strongest = tuning_history.strongest(rows, roles, seed)
-        parts.append(_strongest(study, strongest, roles) if not strongest.empty else
-                     markup.note("No held-out comparison in these rows (the driver writes it after the search ends)."))
+        parts.append(
+            _strongest(study, strongest, roles)
+            if not strongest.empty
+            else markup.note("No held-out comparison in these rows (the driver writes it after the search ends).")
+        )
         for setting, group in tuning_history.searches(rows, roles):
             parts.append(_search(study, setting, group, roles))
     return markup.section(title, *parts)
@@ -251,9 +308,13 @@ def _search(study: str, setting: dict, rows: pd.DataFrame, roles: Roles) -> str:
     question = "Did the search find a stronger attack as it went?"
     baseline = searched["baseline_psnr"].astype(float).mean()
     slug = markup.slug(f"{study} {described}" if setting else study)
-    return "".join([f"<h4>Search: {html.escape(described)}</h4>" if setting else "",
-                    markup.figure(figures.tuning_history(table, baseline, question), question),
-                    markup.table(table, f"tuning-{slug}", 2, roles.settings)])  # fmt: skip
+    return "".join(
+        [
+            f"<h4>Search: {html.escape(described)}</h4>" if setting else "",
+            markup.figure(figures.tuning_history(table, baseline, question), question),
+            markup.table(table, f"tuning-{slug}", 2, roles.settings),
+        ]
+    )
 
 
 def _strongest(study: str, table: pd.DataFrame, roles: Roles) -> str:
@@ -261,40 +322,67 @@ def _strongest(study: str, table: pd.DataFrame, roles: Roles) -> str:
     shown = table.assign(interval=markup.intervals(table["gain"], table["ci_low"], table["ci_high"]))
     shown = shown.rename(columns={"gain": "gain_over_defaults"}).drop(columns=["ci_low", "ci_high", "unpaired"])
     setting = [c for c in shown.columns if c in roles.settings]  # the per: axes
-    order = [*setting, "family", "candidate", "clients", "baseline_psnr", "tuned_psnr", "defaults_psnr",
-             "gain_over_baseline", "gain_over_defaults", "interval"]  # fmt: skip
-    note = markup.note(f"Strongest attack per setting: the best candidate (its family) against the paper's defaults "
-                       f"(inverting gradients, tv 1e-4, lr 0.1, step decay) on the same held-out clients, and the "
-                       f"no-information baseline on them: mean PSNR of each, the gain over the baseline, and the mean "
-                       f"paired gain over the defaults with a BCa bootstrap interval from {stats.MIN_BOOTSTRAP} "
-                       f"clients on.")  # fmt: skip
-    return "<h4>Strongest attack per setting</h4>" + note + markup.table(
-        shown[order], f"strongest-{markup.slug(study)}", digits=2, settings=roles.settings)
+    order = [
+        *setting,
+        "family",
+        "candidate",
+        "clients",
+        "baseline_psnr",
+        "tuned_psnr",
+        "defaults_psnr",
+        "gain_over_baseline",
+        "gain_over_defaults",
+        "interval",
+    ]
+    note = markup.note(
+        f"Strongest attack per setting: the best candidate (its family) against the paper's defaults "
+        f"(inverting gradients, tv 1e-4, lr 0.1, step decay) on the same held-out clients, and the "
+        f"no-information baseline on them: mean PSNR of each, the gain over the baseline, and the mean "
+        f"paired gain over the defaults with a BCa bootstrap interval from {stats.MIN_BOOTSTRAP} "
+        f"clients on."
+    )
+    return (
+        "<h4>Strongest attack per setting</h4>"
+        + note
+        + markup.table(shown[order], f"strongest-{markup.slug(study)}", digits=2, settings=roles.settings)
+    )
 
 
 def all_tables(runs: pd.DataFrame, by: list[str], threshold: float, seed: int, roles: Roles) -> str:
-    parts = [markup.note(f"One observation per finished trial (its metric is the mean over the client's images). "
-                         f"Interval: {stats.CONFIDENCE:.0%} BCa bootstrap interval of the mean ({stats.RESAMPLES} "
-                         f"resamples, seed {seed}), none under {stats.MIN_BOOTSTRAP} trials "
-                         f"(\u201c{stats.TOO_SMALL}\u201d); success rates with Wilson intervals.")]  # fmt: skip
+    parts = [
+        markup.note(
+            f"One observation per finished trial (its metric is the mean over the client's images). "
+            f"Interval: {stats.CONFIDENCE:.0%} BCa bootstrap interval of the mean ({stats.RESAMPLES} "
+            f"resamples, seed {seed}), none under {stats.MIN_BOOTSTRAP} trials "
+            f"(\u201c{stats.TOO_SMALL}\u201d); success rates with Wilson intervals."
+        )
+    ]
     for metric, table in stats.summarise_all(runs, by, seed).items():
         shown = table.assign(interval=markup.intervals(table["mean"], table["ci_low"], table["ci_high"]))
         shown = shown[[*by, "trials", "mean", "interval", "median", "std"]]
         shown_table = markup.table(shown, metric.replace("_", "-"), settings=roles.settings)
         parts.append(f"<h3>{METRIC_TITLES[metric]}</h3>" + shown_table)
-    parts += [f"<h3>Success rate</h3>", markup.note(f"A trial succeeds when its PSNR reaches {threshold:g} dB."),
-              markup.table(stats.success_rate(runs, by, threshold), "success", settings=roles.settings)]  # fmt: skip
+    parts += [
+        "<h3>Success rate</h3>",
+        markup.note(f"A trial succeeds when its PSNR reaches {threshold:g} dB."),
+        markup.table(stats.success_rate(runs, by, threshold), "success", settings=roles.settings),
+    ]
     best = stats.best_of_restarts(runs, by, seed)
     parts.append("<h3>Best of restarts</h3>")
     if best is None:
-        parts.append(markup.note("Each client's images were attacked with one attack seed: nothing to pick the best "
-                                 "from."))  # fmt: skip
+        parts.append(
+            markup.note("Each client's images were attacked with one attack seed: nothing to pick the best from.")
+        )
     else:
-        parts += [markup.note("Per client, the highest PSNR over trials that differ only in the attack seed."),
-                  markup.table(best, "best-of-restarts", settings=roles.settings)]  # fmt: skip
+        parts += [
+            markup.note("Per client, the highest PSNR over trials that differ only in the attack seed."),
+            markup.table(best, "best-of-restarts", settings=roles.settings),
+        ]
     body = "\n".join(parts)
-    return markup.section("All tables", f"<details><summary>Metrics, success rates and best of restarts per setting"
-                                        f"</summary>{body}</details>")  # fmt: skip
+    return markup.section(
+        "All tables",
+        f"<details><summary>Metrics, success rates and best of restarts per setting</summary>{body}</details>",
+    )
 
 
 def failures(frame: pd.DataFrame) -> str:
@@ -302,5 +390,8 @@ def failures(frame: pd.DataFrame) -> str:
     if failed.empty:
         return markup.empty_section("Failures", "No failed trials.")
     table = failed[["key", "study", "attempt", "error"]].sort_values(["study", "key"])
-    return markup.section("Failures", markup.note(f"{len(failed)} failed trial{'s' * (len(failed) != 1)}."),
-                          markup.table(table, "failures"))
+    return markup.section(
+        "Failures",
+        markup.note(f"{len(failed)} failed trial{'s' * (len(failed) != 1)}."),
+        markup.table(table, "failures"),
+    )

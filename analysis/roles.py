@@ -8,8 +8,8 @@ groups trials only when its file declares it a setting. Files written before rol
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Iterable, Mapping
 
 import pandas as pd
 import pyarrow as pa
@@ -41,7 +41,7 @@ class Roles:
     repetition: frozenset[str]
 
     @classmethod
-    def of_schema(cls, schema: pa.Schema) -> "Roles":
+    def of_schema(cls, schema: pa.Schema) -> Roles:
         """The roles in an ``annotated`` schema's field metadata."""
         roles = {field.name: field.metadata[ROLE_KEY].decode() for field in schema}
         repetition = frozenset(field.name for field in schema if field.metadata.get(REPETITION_KEY) == b"true")

@@ -46,8 +46,14 @@ def mean_interval(values, seed: int = 0) -> tuple[float, float]:
         return float(values[0]), float(values[0])
     with warnings.catch_warnings():  # a near-degenerate sample warns; the interval is still the best we have
         warnings.simplefilter("ignore")
-        result = scipy_stats.bootstrap((values,), np.mean, confidence_level=CONFIDENCE, n_resamples=RESAMPLES,
-                                       method="BCa", random_state=np.random.default_rng(seed))  # fmt: skip
+        result = scipy_stats.bootstrap(
+            (values,),
+            np.mean,
+            confidence_level=CONFIDENCE,
+            n_resamples=RESAMPLES,
+            method="BCa",
+            random_state=np.random.default_rng(seed),
+        )
     return float(result.confidence_interval.low), float(result.confidence_interval.high)
 
 
@@ -88,10 +94,17 @@ def summarise(frame: pd.DataFrame, by: list[str], metric: str, seed: int = 0) ->
     for key, group in _groups(finished(frame), by):
         values = group[metric].astype(float)
         low, high = mean_interval(values, seed)
-        rows.append({
-            **_key_columns(by, key), "trials": int(values.notna().sum()), "mean": values.mean(),
-            "ci_low": low, "ci_high": high, "median": values.median(), "std": values.std(),
-        })  # fmt: skip
+        rows.append(
+            {
+                **_key_columns(by, key),
+                "trials": int(values.notna().sum()),
+                "mean": values.mean(),
+                "ci_low": low,
+                "ci_high": high,
+                "median": values.median(),
+                "std": values.std(),
+            }
+        )
     columns = [*by, "trials", "mean", "ci_low", "ci_high", "median", "std"]
     return _keep_types(pd.DataFrame(rows, columns=columns), frame, by)
 
@@ -114,14 +127,34 @@ def leakage(frame: pd.DataFrame, by: list[str], seed: int = 0) -> pd.DataFrame:
         gains = group["psnr_gain"].astype(float).dropna()
         mean_low, mean_high = mean_interval(gains, seed)
         median_low, median_high = median_interval(gains)
-        rows.append({
-            **_key_columns(by, key), "trials": len(group), "baseline_psnr": group["baseline_psnr"].astype(float).mean(),
-            "psnr": group["psnr"].astype(float).mean(), "gain_mean": gains.mean(), "gain_ci_low": mean_low,
-            "gain_ci_high": mean_high, "gain_median": gains.median(), "median_low": median_low,
-            "median_high": median_high, "verdict": verdict(gains.size, median_low),
-        })  # fmt: skip
-    columns = [*by, "trials", "baseline_psnr", "psnr", "gain_mean", "gain_ci_low", "gain_ci_high", "gain_median",
-               "median_low", "median_high", "verdict"]  # fmt: skip
+        rows.append(
+            {
+                **_key_columns(by, key),
+                "trials": len(group),
+                "baseline_psnr": group["baseline_psnr"].astype(float).mean(),
+                "psnr": group["psnr"].astype(float).mean(),
+                "gain_mean": gains.mean(),
+                "gain_ci_low": mean_low,
+                "gain_ci_high": mean_high,
+                "gain_median": gains.median(),
+                "median_low": median_low,
+                "median_high": median_high,
+                "verdict": verdict(gains.size, median_low),
+            }
+        )
+    columns = [
+        *by,
+        "trials",
+        "baseline_psnr",
+        "psnr",
+        "gain_mean",
+        "gain_ci_low",
+        "gain_ci_high",
+        "gain_median",
+        "median_low",
+        "median_high",
+        "verdict",
+    ]
     return _keep_types(pd.DataFrame(rows, columns=columns), frame, by)
 
 
@@ -141,8 +174,16 @@ def success_rate(frame: pd.DataFrame, by: list[str], threshold: float = SUCCESS_
         hits = int((group["psnr"].astype(float) >= threshold).sum())
         low, high = wilson_interval(hits, len(group))
         rate = hits / len(group) if len(group) else float("nan")
-        rows.append({**_key_columns(by, key), "trials": len(group), "successes": hits, "rate": rate, "ci_low": low,
-                     "ci_high": high})  # fmt: skip
+        rows.append(
+            {
+                **_key_columns(by, key),
+                "trials": len(group),
+                "successes": hits,
+                "rate": rate,
+                "ci_low": low,
+                "ci_high": high,
+            }
+        )
     columns = [*by, "trials", "successes", "rate", "ci_low", "ci_high"]
     return _keep_types(pd.DataFrame(rows, columns=columns), frame, by)
 
@@ -176,8 +217,9 @@ def per_image(frame: pd.DataFrame) -> pd.DataFrame:
     done = finished(frame)
     done = done[done["images"].notna() & done["psnr_per_image"].notna()]
     if done.empty:
-        return done.assign(image=pd.Series(dtype="Int64"), image_psnr=pd.Series(dtype=float),
-                           image_gain=pd.Series(dtype=float))  # fmt: skip
+        return done.assign(
+            image=pd.Series(dtype="Int64"), image_psnr=pd.Series(dtype=float), image_gain=pd.Series(dtype=float)
+        )
     images = done["images"].map(lambda text: [int(i) for i in str(text).split(",")])
     gains = [[np.nan] * len(i) if g is None else list(g) for g, i in zip(done["psnr_gain_per_image"], images)]
     exploded = done.assign(image=images, image_psnr=done["psnr_per_image"].map(list), image_gain=gains)
@@ -196,10 +238,14 @@ def trained_pairs(frame: pd.DataFrame, pair_on: list[str]) -> pd.DataFrame:
     untrained = images[images["trained_epochs"] == 0][["pair", "image", "image_psnr", "image_gain"]]
     trained = images[images["trained_epochs"] > 0]
     pairs = trained.merge(untrained, on=["pair", "image"], suffixes=("_trained", "_untrained"))
-    return pairs.rename(columns={
-        "image_psnr_trained": "trained_psnr", "image_psnr_untrained": "untrained_psnr",
-        "image_gain_trained": "trained_gain", "image_gain_untrained": "untrained_gain",
-    })  # fmt: skip
+    return pairs.rename(
+        columns={
+            "image_psnr_trained": "trained_psnr",
+            "image_psnr_untrained": "untrained_psnr",
+            "image_gain_trained": "trained_gain",
+            "image_gain_untrained": "untrained_gain",
+        }
+    )
 
 
 def paired_difference(pairs: pd.DataFrame, by: list[str], seed: int = 0) -> pd.DataFrame:
@@ -209,14 +255,32 @@ def paired_difference(pairs: pd.DataFrame, by: list[str], seed: int = 0) -> pd.D
     for key, group in _groups(pairs, by):
         difference = group["trained_psnr"] - group["untrained_psnr"]
         low, high = mean_interval(difference, seed)
-        rows.append({
-            **_key_columns(by, key), "pairs": len(group), "untrained_psnr": group["untrained_psnr"].mean(),
-            "trained_psnr": group["trained_psnr"].mean(), "untrained_gain": group["untrained_gain"].mean(),
-            "trained_gain": group["trained_gain"].mean(), "difference": difference.mean(), "ci_low": low,
-            "ci_high": high, "reading": _difference_reading(low, high),
-        })  # fmt: skip
-    columns = [*by, "pairs", "untrained_psnr", "trained_psnr", "untrained_gain", "trained_gain", "difference",
-               "ci_low", "ci_high", "reading"]  # fmt: skip
+        rows.append(
+            {
+                **_key_columns(by, key),
+                "pairs": len(group),
+                "untrained_psnr": group["untrained_psnr"].mean(),
+                "trained_psnr": group["trained_psnr"].mean(),
+                "untrained_gain": group["untrained_gain"].mean(),
+                "trained_gain": group["trained_gain"].mean(),
+                "difference": difference.mean(),
+                "ci_low": low,
+                "ci_high": high,
+                "reading": _difference_reading(low, high),
+            }
+        )
+    columns = [
+        *by,
+        "pairs",
+        "untrained_psnr",
+        "trained_psnr",
+        "untrained_gain",
+        "trained_gain",
+        "difference",
+        "ci_low",
+        "ci_high",
+        "reading",
+    ]
     return pd.DataFrame(rows, columns=columns)
 
 

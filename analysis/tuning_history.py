@@ -38,8 +38,14 @@ def strongest(rows: pd.DataFrame, roles: Roles, seed: int = 0) -> pd.DataFrame:
         result = comparison(tuned, defaults, seed)
         if result is not None:
             family = tuned.loc[tuned["candidate"] == result["candidate"], "attack"].iloc[0]
-            table.append({**setting, "family": family, **result,
-                          "gain_over_baseline": result["tuned_psnr"] - result["baseline_psnr"]})  # fmt: skip
+            table.append(
+                {
+                    **setting,
+                    "family": family,
+                    **result,
+                    "gain_over_baseline": result["tuned_psnr"] - result["baseline_psnr"],
+                }
+            )
     return pd.DataFrame(table)
 
 
@@ -80,15 +86,21 @@ def comparison(tuned: pd.DataFrame, defaults: pd.DataFrame, seed: int = 0) -> di
     """The best candidate against the paper's defaults on the same held-out clients: each side's mean
     PSNR, the mean paired gain and its interval; None when a side lacks finished rows."""
     pairs = stats.finished(tuned)[["images", "psnr", "baseline_psnr", "candidate"]].merge(
-        stats.finished(defaults)[["images", "psnr"]], on="images", suffixes=("_tuned", "_defaults"))
+        stats.finished(defaults)[["images", "psnr"]], on="images", suffixes=("_tuned", "_defaults")
+    )
     if pairs.empty:
         return None
     tuned_psnr = np.minimum(pairs["psnr_tuned"].astype(float), stats.PSNR_CAP)
     default_psnr = np.minimum(pairs["psnr_defaults"].astype(float), stats.PSNR_CAP)
     low, high = stats.mean_interval(tuned_psnr - default_psnr, seed)
     return {
-        "candidate": int(pairs["candidate"].iloc[0]), "clients": len(pairs),
-        "baseline_psnr": pairs["baseline_psnr"].astype(float).mean(), "tuned_psnr": tuned_psnr.mean(),
-        "defaults_psnr": default_psnr.mean(), "gain": (tuned_psnr - default_psnr).mean(), "ci_low": low,
-        "ci_high": high, "unpaired": len(tuned) + len(defaults) - 2 * len(pairs),
-    }  # fmt: skip
+        "candidate": int(pairs["candidate"].iloc[0]),
+        "clients": len(pairs),
+        "baseline_psnr": pairs["baseline_psnr"].astype(float).mean(),
+        "tuned_psnr": tuned_psnr.mean(),
+        "defaults_psnr": default_psnr.mean(),
+        "gain": (tuned_psnr - default_psnr).mean(),
+        "ci_low": low,
+        "ci_high": high,
+        "unpaired": len(tuned) + len(defaults) - 2 * len(pairs),
+    }

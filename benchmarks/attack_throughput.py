@@ -21,14 +21,13 @@ from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
+from arguments import positive  # benchmarks/ is on sys.path when a script runs
 
 from gradinv import data
 from gradinv.attacks.inverting import IGConfig, invert_gradients, total_variation
 from gradinv.client.update import client_update
 from gradinv.trial import TrialSpec
 from gradinv.victims import Untrained
-
-from arguments import positive  # benchmarks/ is on sys.path when a script runs
 
 
 @dataclass(frozen=True)
@@ -78,8 +77,11 @@ def setup(case: Case, lanes: int, device: str):
 def ours(case: Case, lanes: int, iterations: int, device: str) -> float:
     model, updates, labels, box, shape = setup(case, lanes, device)
     config = IGConfig(iterations=iterations, restarts=1, tv=1e-4, lr=0.1)
-    run = lambda n: invert_gradients(model, updates, labels, [IGConfig(iterations=n, restarts=1, tv=1e-4, lr=0.1)] * lanes,  # noqa: E731
-                                     list(range(lanes)), box, shape)  # fmt: skip
+
+    def run(n):
+        configs = [IGConfig(iterations=n, restarts=1, tv=1e-4, lr=0.1)] * lanes
+        return invert_gradients(model, updates, labels, configs, list(range(lanes)), box, shape)
+
     run(1)  # warm-up
     # Time 1 + N iterations minus 1 iteration: per-call work (building the objective, the final
     # restart scoring) is paid once per attack, not per iteration, and a real attack runs thousands.
@@ -160,8 +162,10 @@ def main() -> None:
     chosen = [cases()[name] for name in args.cases.split(",")]
     if args.width:
         chosen = [at_width(case, args.width) for case in chosen]
-    print(f"device {args.device}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
-          f"{args.repeats} interleaved repeats of {args.iterations} iterations\n")  # fmt: skip
+    print(
+        f"device {args.device}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
+        f"{args.repeats} interleaved repeats of {args.iterations} iterations\n"
+    )
     for case in chosen:
         extra = (32, 64) if args.device.startswith("cuda") and max(case.lanes) == 16 else ()
         lanes = [lane for lane in (*case.lanes, *extra) if lane <= args.max_lanes]

@@ -30,23 +30,34 @@ import statistics
 import time
 
 import torch
+from arguments import positive  # benchmarks/ is on sys.path when a script runs
 
 from gradinv.trial import TrialSpec, run_trials
 from gradinv.victims import Untrained
-
-from arguments import positive  # benchmarks/ is on sys.path when a script runs
 
 FACES_PER_CLASS = 25  # the faces test split: 25 of each class, class 1 first
 
 
 def batch_images(index: int) -> tuple[int, ...]:
     """Batch ``index``: four faces of each class."""
-    return tuple(range(4 * index, 4 * index + 4)) + tuple(range(FACES_PER_CLASS + 4 * index, FACES_PER_CLASS + 4 * index + 4))
+    return tuple(range(4 * index, 4 * index + 4)) + tuple(
+        range(FACES_PER_CLASS + 4 * index, FACES_PER_CLASS + 4 * index + 4)
+    )
 
 
 def specs(batches: list[int], args, **prior) -> list[TrialSpec]:
-    return [TrialSpec(dataset="faces", image_size=args.size, model="resnet20", images=batch_images(b), client_bn="train",
-                      iterations=args.iterations, **prior) for b in batches]  # fmt: skip
+    return [
+        TrialSpec(
+            dataset="faces",
+            image_size=args.size,
+            model="resnet20",
+            images=batch_images(b),
+            client_bn="train",
+            iterations=args.iterations,
+            **prior,
+        )
+        for b in batches
+    ]
 
 
 def psnrs(batches: list[int], args, metric: str = "psnr", **prior) -> tuple[list[float], float]:
@@ -81,12 +92,17 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     scored = list(range(args.batches))
     assert args.tune_batch not in scored and max(scored + [args.tune_batch]) < 6, "batches 0..5 hold 8 faces each"
-    print(f"resnet20 (untrained), faces {args.size}x{args.size}, 8 per batch, FedSGD, client_bn train, labels known, "
-          f"{args.iterations} iterations, 1 restart, {args.threads} thread(s)\n")  # fmt: skip
+    print(
+        f"resnet20 (untrained), faces {args.size}x{args.size}, 8 per batch, FedSGD, client_bn train, labels known, "
+        f"{args.iterations} iterations, 1 restart, {args.threads} thread(s)\n"
+    )
     weight = args.weight if args.weight is not None else choose_weight(args)
     print(f"\nChosen bn_prior = {weight:g}. Scored batches (PSNR in dB):\n")
-    rows = {"plain": psnrs(scored, args), "bn batch": psnrs(scored, args, bn_prior=weight, bn_stats="batch"),
-            "bn running (0/1 target)": psnrs(scored, args, bn_prior=weight, bn_stats="running")}  # fmt: skip
+    rows = {
+        "plain": psnrs(scored, args),
+        "bn batch": psnrs(scored, args, bn_prior=weight, bn_stats="batch"),
+        "bn running (0/1 target)": psnrs(scored, args, bn_prior=weight, bn_stats="running"),
+    }
     print("| attack | " + " | ".join(f"batch {b}" for b in scored) + " | mean | vs plain | seconds |")
     print("|---|" + "---|" * (len(scored) + 3))
     plain_mean = statistics.mean(rows["plain"][0])

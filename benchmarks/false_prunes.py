@@ -27,7 +27,9 @@ REPO = Path(__file__).resolve().parent.parent
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("study", nargs="?", type=Path, default=REPO / "studies" / "tune-quickstart.yaml")
-    parser.add_argument("--results", type=Path, default=None, help="the search's results (default: a temporary directory)")
+    parser.add_argument(
+        "--results", type=Path, default=None, help="the search's results (default: a temporary directory)"
+    )
     args = parser.parse_args()
     study = load_study(args.study)
     with tempfile.TemporaryDirectory(prefix="false-prunes-") as scratch:
@@ -40,12 +42,16 @@ def main() -> None:
         top = best[r["search"]].value if best[r["search"]] else math.nan
         final = math.nan if r["final"] is None else r["final"]
         verdict = "would have won" if final > top else "false prune" if r["false_prune"] else "rightly pruned"
-        print(f"{r['search']:<32} {r['candidate']:>9} {r['pruned_at']:>7}/8 {final:8.2f} {r['median_completed']:8.2f} "
-              f"{top:8.2f}  {verdict}")  # fmt: skip
+        print(
+            f"{r['search']:<32} {r['candidate']:>9} {r['pruned_at']:>7}/8 {final:8.2f} {r['median_completed']:8.2f} "
+            f"{top:8.2f}  {verdict}"
+        )
     false = sum(r["false_prune"] for r in records)
     rate = f"{false / len(records):.2f}" if records else "n/a"
-    print(f"\npruned {len(records)}, false prunes {false} (rate {rate}): pruned candidates that finished above the "
-          f"median of the completed ones")  # fmt: skip
+    print(
+        f"\npruned {len(records)}, false prunes {false} (rate {rate}): pruned candidates that finished above the "
+        f"median of the completed ones"
+    )
 
 
 if __name__ == "__main__":

@@ -17,13 +17,13 @@ import argparse
 import statistics
 
 import torch
+from arguments import positive  # benchmarks/ is on sys.path when a script runs
 
 from gradinv import data, metrics
 from gradinv.attacks.imprint import brightness_thresholds, imprinted, lane_images
-from gradinv.client.update import FLConfig, client_update
+from gradinv.client.update import client_update
 from gradinv.models import build_model
-
-from arguments import positive  # benchmarks/ is on sys.path when a script runs
+from gradinv.parameters import ClientSettings
 
 DATASET = "fashion-mnist"
 
@@ -37,14 +37,23 @@ def alone_share(block, images: torch.Tensor) -> float:
     return float((inside & (counts[bin_of.clamp(min=0)] == 1)).float().mean())
 
 
-def attack_batch(batch: int, start: int, bins: int, thresholds_from: torch.Tensor, fl: FLConfig, width: int,
-                 gain: float, seed: int):
+def attack_batch(
+    batch: int,
+    start: int,
+    bins: int,
+    thresholds_from: torch.Tensor,
+    fl: ClientSettings,
+    width: int,
+    gain: float,
+    seed: int,
+):
     """(alone share, per-image PSNR) for test images ``start .. start + batch``."""
     spec = data.dataset_spec(DATASET)
     images01, labels = data.load_images(DATASET, list(range(start, start + batch)))
     images = data.normalise(images01, spec)
-    victim = build_model("convnet", channels=1, num_classes=spec.num_classes, image_size=spec.size, width=width,
-                         seed=seed)
+    victim = build_model(
+        "convnet", channels=1, num_classes=spec.num_classes, image_size=spec.size, width=width, seed=seed
+    )
     model = imprinted(victim, tuple(images.shape[1:]), brightness_thresholds(thresholds_from, bins), gain=gain)
     update = client_update(model, images, labels, fl)
     recon01 = data.denormalise(lane_images(model, update, tuple(images.shape)), spec).clamp(0, 1)
@@ -74,10 +83,12 @@ def main() -> None:
     sample01, _ = data.load_images(DATASET, list(range(args.train_sample)), split="train")
     sample = data.normalise(sample01, spec)
     fedavg = dict(fl="fedavg", local_steps=args.local_steps, local_lr=args.local_lr)
-    fl = FLConfig(**fedavg) if args.fl == "fedavg" else FLConfig()
+    fl = ClientSettings(**fedavg) if args.fl == "fedavg" else ClientSettings()
     steps = f" ({args.local_steps} local steps, lr {args.local_lr:g})" if args.fl == "fedavg" else ""
-    print(f"{DATASET} 28x28, convnet width {args.width}, {args.batch} images per batch, {args.fl}{steps}, "
-          f"gain {args.gain:g}, thresholds from {args.train_sample} training images; PSNR in dB on [0, 1] pixels\n")  # fmt: skip
+    print(
+        f"{DATASET} 28x28, convnet width {args.width}, {args.batch} images per batch, {args.fl}{steps}, "
+        f"gain {args.gain:g}, thresholds from {args.train_sample} training images; PSNR in dB on [0, 1] pixels\n"
+    )
     print(f"{'bins':>6}{'batch':>7}{'images':>11}{'alone':>8}{'>=30 dB':>9}{'median':>9}")
     for bins in args.bins:
         shares, medians = [], []
@@ -88,8 +99,10 @@ def main() -> None:
             medians.append(float(psnr.median()))
             span = f"{start}-{start + args.batch - 1}"
             print(f"{bins:>6}{index:>7}{span:>11}{alone:>8.2f}{shares[-1]:>9.2f}{medians[-1]:>9.1f}")
-        print(f"{bins:>6}{'mean':>7}{'':>11}{'':>8}{statistics.mean(shares):>9.2f}{statistics.mean(medians):>9.1f}"
-              f"   (min share {min(shares):.2f})\n")  # fmt: skip
+        print(
+            f"{bins:>6}{'mean':>7}{'':>11}{'':>8}{statistics.mean(shares):>9.2f}{statistics.mean(medians):>9.1f}"
+            f"   (min share {min(shares):.2f})\n"
+        )
 
 
 if __name__ == "__main__":

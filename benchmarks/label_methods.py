@@ -20,12 +20,12 @@ import statistics
 import time
 
 import torch
+from arguments import positive  # benchmarks/ is on sys.path when a script runs
 
 from gradinv import data, metrics, zoo
 from gradinv.attacks.labels import LABEL_METHODS, applicable, classifier_parameters, ilrg_labels, recover_labels_with
-from gradinv.client.update import FLConfig, client_update
-
-from arguments import positive  # benchmarks/ is on sys.path when a script runs
+from gradinv.client.update import client_update
+from gradinv.parameters import ClientSettings
 
 DATASET = "fashion-mnist"
 PAPER_ONLY = "ilrg, paper only"
@@ -43,7 +43,7 @@ def score_batches(model: torch.nn.Module, size: int, batches: int) -> dict[str, 
     scores = {method: {"inside": [], "outside": []} for method in (*LABEL_METHODS, PAPER_ONLY)}
     for index in range(batches):
         images01, labels = data.load_images(DATASET, list(range(index * size, (index + 1) * size)))
-        update = client_update(model, data.normalise(images01, spec), labels, FLConfig())
+        update = client_update(model, data.normalise(images01, spec), labels, ClientSettings())
         for method, kept in scores.items():
             condition_of = "ilrg" if method == PAPER_ONLY else method
             where = "inside" if applicable(condition_of, size, spec.num_classes) is None else "outside"
@@ -73,16 +73,20 @@ def main() -> None:
     checkpoint, trained_now = zoo.ensure(recipe)
     victims = {"untrained": recipe.untrained(), "trained": checkpoint.model()}
     accuracy, source = checkpoint.sidecar["test_accuracy"], "trained now" if trained_now else "from the cache"
-    print(f"{DATASET} 28x28, convnet width {args.width}, FedSGD, {args.batches} batches per row; trained: "
-          f"{args.epochs} epochs on {args.train_subset} images, test accuracy {accuracy:.3f} "
-          f"({source}, {time.perf_counter() - start:.0f} s)\n")  # fmt: skip
+    print(
+        f"{DATASET} 28x28, convnet width {args.width}, FedSGD, {args.batches} batches per row; trained: "
+        f"{args.epochs} epochs on {args.train_subset} images, test accuracy {accuracy:.3f} "
+        f"({source}, {time.perf_counter() - start:.0f} s)\n"
+    )
     print("| victim | batch | method | mean accuracy (applicable) | not applicable | accuracy when run anyway |")
     print("|---|---|---|---|---|---|")
     for victim, model in victims.items():
         for size in args.sizes:
             for method, kept in score_batches(model, size, args.batches).items():
-                print(f"| {victim} | {size} | {method} | {cell(kept['inside'])} | {len(kept['outside'])} | "
-                      f"{cell(kept['outside'])} |")  # fmt: skip
+                print(
+                    f"| {victim} | {size} | {method} | {cell(kept['inside'])} | {len(kept['outside'])} | "
+                    f"{cell(kept['outside'])} |"
+                )
     print(f"\n{time.perf_counter() - start:.0f} s in all")
 
 

@@ -14,11 +14,10 @@ import dataclasses
 import statistics
 
 import torch
+from arguments import positive  # benchmarks/ is on sys.path when a script runs
 
 from gradinv.errors import ConfigError
 from gradinv.trial import TrialSpec, run_trials
-
-from arguments import positive  # benchmarks/ is on sys.path when a script runs
 
 
 def main() -> None:
@@ -41,13 +40,17 @@ def main() -> None:
     packed = [outcome.metrics["psnr"] for outcome in run_trials(specs)]
     alone = [run_trials([spec])[0].metrics["psnr"] for spec in specs]
     gaps = [p - a for p, a in zip(packed, alone)]
-    print(f"{args.trials} trials, {args.model} width {args.width}, {args.dataset}, {args.fl}, "
-          f"{args.iterations} iterations; PSNR in dB\n")  # fmt: skip
+    print(
+        f"{args.trials} trials, {args.model} width {args.width}, {args.dataset}, {args.fl}, "
+        f"{args.iterations} iterations; PSNR in dB\n"
+    )
     print(f"{'trial':>6}{'packed':>10}{'alone':>10}{'gap':>10}")
     for trial, (p, a, gap) in enumerate(zip(packed, alone, gaps)):
         print(f"{trial:>6}{p:>10.2f}{a:>10.2f}{gap:>+10.2f}")
-    print(f"\nmean packed {statistics.mean(packed):.2f} dB, mean alone {statistics.mean(alone):.2f} dB, "
-          f"mean difference {statistics.mean(gaps):+.2f} dB, largest per-trial gap {max(map(abs, gaps)):.2f} dB")  # fmt: skip
+    print(
+        f"\nmean packed {statistics.mean(packed):.2f} dB, mean alone {statistics.mean(alone):.2f} dB, "
+        f"mean difference {statistics.mean(gaps):+.2f} dB, largest per-trial gap {max(map(abs, gaps)):.2f} dB"
+    )
 
 
 if __name__ == "__main__":

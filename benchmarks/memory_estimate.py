@@ -71,8 +71,14 @@ def measure(name: str, iterations: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--cases", nargs="+", choices=[*CASES, "all"], default=list(DEFAULT), metavar="CASE",
-                        help=f"cases to run, or all (default: {' '.join(DEFAULT)}; all: {' '.join(CASES)})")
+    parser.add_argument(
+        "--cases",
+        nargs="+",
+        choices=[*CASES, "all"],
+        default=list(DEFAULT),
+        metavar="CASE",
+        help=f"cases to run, or all (default: {' '.join(DEFAULT)}; all: {' '.join(CASES)})",
+    )
     parser.add_argument("--iterations", type=positive, default=2, help="attack iterations per trial")
     args = parser.parse_args()
     from gradinv import memory
@@ -85,9 +91,12 @@ def main() -> None:
         estimate = memory.trial_bytes(spec_of(settings), lanes)
         found = measure(name, args.iterations)
         own_estimate, own = estimate - memory.PROCESS, found["peak"] - found["before"]
-        print(f"| {name} | {lanes} | {memory.human(estimate)} | {memory.human(found['peak'])} | "
-              f"{estimate / found['peak']:.2f} | {memory.human(own_estimate)} | {memory.human(own)} | "
-              f"{own_estimate / max(own, 1):.2f} |", flush=True)  # fmt: skip
+        print(
+            f"| {name} | {lanes} | {memory.human(estimate)} | {memory.human(found['peak'])} | "
+            f"{estimate / found['peak']:.2f} | {memory.human(own_estimate)} | {memory.human(own)} | "
+            f"{own_estimate / max(own, 1):.2f} |",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -55,8 +55,11 @@ class Setting:
 
 def has_avx512() -> bool:
     try:
-        return any("avx512f" in line.split() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                   if line.startswith("flags"))  # fmt: skip
+        return any(
+            "avx512f" in line.split()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("flags")
+        )
     except OSError:
         return False
 
@@ -91,10 +94,28 @@ def probe(setting: Setting) -> str:
 
 def run_tests(setting: Setting, threads: int, seed: int, log: Path, tests: list[str]) -> tuple[int, list[str], float]:
     """The numeric tests under one setting; their exit code, the failed tests and the seconds taken."""
-    env = {**os.environ, **setting.env, **thread_env(threads), "GRADINV_BAR_LOG": str(log),
-           "GRADINV_BAR_SEED": str(seed)}  # fmt: skip
-    command = [sys.executable, "-m", "pytest", "-m", "numeric", "-q", "-o", "addopts=", "-p", "no:cacheprovider",
-               "-rf", "--tb=no", *tests]  # fmt: skip
+    env = {
+        **os.environ,
+        **setting.env,
+        **thread_env(threads),
+        "GRADINV_BAR_LOG": str(log),
+        "GRADINV_BAR_SEED": str(seed),
+    }
+    command = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-m",
+        "numeric",
+        "-q",
+        "-o",
+        "addopts=",
+        "-p",
+        "no:cacheprovider",
+        "-rf",
+        "--tb=no",
+        *tests,
+    ]
     start = time.perf_counter()
     done = subprocess.run(command, env=env, capture_output=True, text=True, cwd=REPO)
     failed = [line.split()[1] for line in done.stdout.splitlines() if line.startswith("FAILED ")]
@@ -116,8 +137,10 @@ def spread_table(records: list[dict]) -> str:
         missed = sum(r["missed"] for r in group)
         threshold = f"{group[0]['direction']} {group[0]['threshold']:g}"
         side = "attack" if holds else "control"
-        rows.append(f"| {bar.replace('|', '&#124;')} | {threshold} | {side} | {len(values)} | {min(values):.4g} | "
-                    f"{statistics.median(values):.4g} | {max(values):.4g} | {missed} |")  # fmt: skip
+        rows.append(
+            f"| {bar.replace('|', '&#124;')} | {threshold} | {side} | {len(values)} | {min(values):.4g} | "
+            f"{statistics.median(values):.4g} | {max(values):.4g} | {missed} |"
+        )
     return "\n".join(rows)
 
 
@@ -142,8 +165,9 @@ def main() -> int:
     if args.settings:
         unknown = sorted(set(args.settings) - {s.name for s in settings})
         if unknown:
-            parser.error(f"--settings: {' '.join(unknown)} is not valid here; choose from "
-                         f"{', '.join(s.name for s in settings)}")  # fmt: skip
+            parser.error(
+                f"--settings: {' '.join(unknown)} is not valid here; choose from {', '.join(s.name for s in settings)}"
+            )
         settings = [s for s in settings if s.name in args.settings]
     if args.log_dir:
         args.log_dir.mkdir(parents=True, exist_ok=True)

@@ -18,11 +18,10 @@ import statistics
 import time
 
 import torch
+from arguments import positive  # benchmarks/ is on sys.path when a script runs
 
 from gradinv.errors import ConfigError
 from gradinv.trial import TrialSpec, run_trials
-
-from arguments import positive  # benchmarks/ is on sys.path when a script runs
 
 FORMER = dict(decay="step-eighths", clamp_init=True)
 
@@ -51,14 +50,18 @@ def main() -> None:
     differences = [r - f for r, f in zip(scores["reference"], scores["former"])]
     mean = statistics.mean(differences)
     stderr = statistics.stdev(differences) / math.sqrt(len(differences)) if len(differences) > 1 else math.nan
-    print(f"{args.images} {args.dataset} images, convnet width {args.width}, {args.iterations} iterations, "
-          f"{args.threads} thread(s), {time.perf_counter() - start:.0f} s; PSNR in dB\n")  # fmt: skip
+    print(
+        f"{args.images} {args.dataset} images, convnet width {args.width}, {args.iterations} iterations, "
+        f"{args.threads} thread(s), {time.perf_counter() - start:.0f} s; PSNR in dB\n"
+    )
     print(f"{'image':>6}{'reference':>11}{'former':>9}{'diff':>8}")
     for image, (r, f, d) in enumerate(zip(scores["reference"], scores["former"], differences)):
         print(f"{image:>6}{r:>11.2f}{f:>9.2f}{d:>+8.2f}")
-    print(f"\nmean PSNR: reference defaults {statistics.mean(scores['reference']):.2f} dB, former "
-          f"{statistics.mean(scores['former']):.2f} dB; paired difference {mean:+.2f} dB (standard error "
-          f"{stderr:.2f}); {sum(d > 0 for d in differences)} of {len(differences)} images higher")  # fmt: skip
+    print(
+        f"\nmean PSNR: reference defaults {statistics.mean(scores['reference']):.2f} dB, former "
+        f"{statistics.mean(scores['former']):.2f} dB; paired difference {mean:+.2f} dB (standard error "
+        f"{stderr:.2f}); {sum(d > 0 for d in differences)} of {len(differences)} images higher"
+    )
 
 
 if __name__ == "__main__":

@@ -14,9 +14,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from gradinv.data import dataset_spec
-
 from arguments import positive  # benchmarks/ is on sys.path when a script runs
+
+from gradinv.data import dataset_spec
 
 STUDY = """
 name: overhead
@@ -38,8 +38,8 @@ def write_study(directory: Path, trials: int, lanes: int = 1) -> Path:
 
 
 def plain_loop(study) -> float:
-    from sweep.worker import Pack, run_pack
     from gradinv.results.schema import trial_key
+    from sweep.worker import Pack, run_pack
 
     start = time.perf_counter()
     for spec in study.trials:
@@ -87,11 +87,16 @@ def main() -> None:
         loop = plain_loop(study)
         total, steady = full_path(study, Path(tmp) / "results")
         rows = pq.read_table(Path(tmp) / "results").num_rows
-    print(f"{trials} near-empty trials, {rows} rows written; lanes={args.lanes}; 2 tasks at once on Ray, "
-          "1 trial at a time in the loop\n")  # fmt: skip
+    print(
+        f"{trials} near-empty trials, {rows} rows written; lanes={args.lanes}; 2 tasks at once on Ray, "
+        "1 trial at a time in the loop\n"
+    )
     print(f"{'path':<38}{'seconds':>9}{'trials/s':>10}{'ms/trial':>10}")
-    for name, seconds in (("plain loop (run_pack, no Ray)", loop), ("full path incl. Ray start", total),
-                          ("full path after Ray start", steady)):  # fmt: skip
+    for name, seconds in (
+        ("plain loop (run_pack, no Ray)", loop),
+        ("full path incl. Ray start", total),
+        ("full path after Ray start", steady),
+    ):
         print(f"{name:<38}{seconds:>9.1f}{trials / seconds:>10.1f}{1000 * seconds / trials:>10.2f}")
     overhead = (steady - loop) / trials * 1000
     print(f"\nrunner overhead per trial, amortised (steady full path - plain loop): {overhead:.2f} ms")

@@ -42,9 +42,26 @@ def run_on_cluster(workers: int, study: Path, temp: Path, trials: int) -> tuple[
             cluster.add_worker(f"node_{index}", num_cpus=1)
         results = temp / f"results-{workers}"
         start = time.perf_counter()
-        done = subprocess.run([sys.executable, "-m", "sweep", "run", str(study), "--results", str(results),
-                               "--address", cluster.address, "--no-progress", "--batch-rows", "256"],
-                              cwd=REPO, env=cluster.env, capture_output=True, text=True)  # fmt: skip
+        done = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "sweep",
+                "run",
+                str(study),
+                "--results",
+                str(results),
+                "--address",
+                cluster.address,
+                "--no-progress",
+                "--batch-rows",
+                "256",
+            ],
+            cwd=REPO,
+            env=cluster.env,
+            capture_output=True,
+            text=True,
+        )
         seconds = time.perf_counter() - start
         if done.returncode != 0:
             raise RuntimeError(done.stdout[-2000:])

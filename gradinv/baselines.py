@@ -31,7 +31,7 @@ class BaselinePool:
     @classmethod
     def for_dataset(
         cls, dataset: str, image_size: int | None = None, pool_size: int = 100, data_root=None
-    ) -> "BaselinePool":
+    ) -> BaselinePool:
         """The pool for a dataset at a side length, computed once per process and then shared."""
         spec = data.dataset_spec(dataset)
         require(pool_size >= 1, "pool_size", pool_size, "use 1 or more training images")
@@ -67,7 +67,7 @@ def score_baselines(guesses: dict[str, torch.Tensor], truth01: torch.Tensor) -> 
     return scores, per_image[best]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _pool(dataset: str, side: int, pool_size: int, root: str) -> BaselinePool:
     available = len(data.open_dataset(dataset, root, split="train", image_size=side))
     require(pool_size <= available, "pool_size", pool_size, f"use 1 to {available}, the training images of {dataset}")

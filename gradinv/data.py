@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .dataset_specs import CIFAR10_MEAN, CIFAR10_STD, DATASETS, FACES_SPLIT, IMAGENET_MEAN, IMAGENET_STD, PHOTO_NAMES, BundledSplit, DatasetSpec, dataset_spec  # noqa: F401  (the specs, here too for the code that loads data)
+from .dataset_specs import PHOTO_NAMES, DatasetSpec, dataset_spec
 from .errors import ConfigError, require
 from .files import write_atomic
 
@@ -71,9 +71,7 @@ def load_images(
     """The images at ``indices`` of a split as ``([B, C, H, W] in [0, 1], labels [B])``."""
     dataset = open_dataset(name, root, split=split, image_size=image_size, download=download)
     for index in indices:
-        require(
-            0 <= index < len(dataset), "image", index, f"use an index from 0 to {len(dataset) - 1} for {name}"
-        )
+        require(0 <= index < len(dataset), "image", index, f"use an index from 0 to {len(dataset) - 1} for {name}")
     pairs = [dataset[i] for i in indices]
     images = torch.stack([image for image, _ in pairs])
     labels = torch.tensor([int(label) for _, label in pairs], dtype=torch.long)
@@ -127,10 +125,12 @@ class _TensorDataset(torch.utils.data.Dataset):
 def _bundled_split(spec: DatasetSpec, split: str) -> tuple[np.ndarray, np.ndarray]:
     """A bundled set's images and labels for one split: its ``BundledSplit``, else all of them (test only)."""
     require(
-        split == "test" or spec.trainable, "dataset", spec.name,
+        split == "test" or spec.trainable,
+        "dataset",
+        spec.name,
         f"its {spec.test_images} images are all attacked and none is left to train on; use trained_epochs 0 "
         "or a dataset with a training split",
-    )  # fmt: skip
+    )
     images, labels = _bundled(spec.name)
     if spec.split is None:
         return images, labels
@@ -138,7 +138,7 @@ def _bundled_split(spec: DatasetSpec, split: str) -> tuple[np.ndarray, np.ndarra
     return images[chosen], labels[chosen]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _bundled(name: str) -> tuple[np.ndarray, np.ndarray]:
     """Images shipped inside scikit-image's wheel: no download, no data root."""
     import skimage.data
@@ -215,14 +215,21 @@ def _stage_debian_fashion_mnist(root: Path) -> None:
         try:
             raw.mkdir(parents=True, exist_ok=True)
         except OSError as error:
-            raise ConfigError("data root", str(root), f"cannot unpack Fashion-MNIST there ({error.strerror}); "
-                              "point --data-root or GRADINV_DATA at a directory you can write") from None  # fmt: skip
+            raise ConfigError(
+                "data root",
+                str(root),
+                f"cannot unpack Fashion-MNIST there ({error.strerror}); "
+                "point --data-root or GRADINV_DATA at a directory you can write",
+            ) from None
         try:
             with gzip.open(packed, "rb") as source:  # concurrent stagers each rename a complete file
                 write_atomic(target, lambda sink: shutil.copyfileobj(source, sink))
         except (EOFError, gzip.BadGzipFile, zlib.error) as error:  # a damaged package file: nothing staged
-            raise ConfigError("dataset file", str(packed), f"it cannot be unpacked ({error}); reinstall it: "
-                              "apt-get install --reinstall dataset-fashion-mnist") from None  # fmt: skip
+            raise ConfigError(
+                "dataset file",
+                str(packed),
+                f"it cannot be unpacked ({error}); reinstall it: apt-get install --reinstall dataset-fashion-mnist",
+            ) from None
 
 
 # torchvision's folder of each IDX dataset under the data root, and the bytes of each IDX item type

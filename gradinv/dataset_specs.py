@@ -64,15 +64,23 @@ DATASETS = {
         DatasetSpec("fashion-mnist", 1, 28, 10, (0.2860,), (0.3530,), 10_000, train_images=60_000),
         DatasetSpec("mnist", 1, 28, 10, (0.1307,), (0.3081,), 10_000, train_images=60_000),
         DatasetSpec("cifar10", 3, 32, 10, CIFAR10_MEAN, CIFAR10_STD, 10_000, train_images=50_000),
-        DatasetSpec("cifar100", 3, 32, 100, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762), 10_000,
-                    train_images=50_000),
+        DatasetSpec(
+            "cifar100", 3, 32, 100, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762), 10_000, train_images=50_000
+        ),
         DatasetSpec("imagenet", 3, 224, 1000, IMAGENET_MEAN, IMAGENET_STD, 50_000, train_images=1_281_167),
         # Labeled Faces in the Wild subset bundled with scikit-image, split by FACES_SPLIT.
-        DatasetSpec("faces", 1, 25, 2, (0.3771,), (0.2728,), len(FACES_SPLIT.test), split=FACES_SPLIT,
-                    train_images=len(FACES_SPLIT.train)),
         DatasetSpec(
-            "photos", 3, 224, len(PHOTO_NAMES), IMAGENET_MEAN, IMAGENET_STD, len(PHOTO_NAMES), trainable=False
+            "faces",
+            1,
+            25,
+            2,
+            (0.3771,),
+            (0.2728,),
+            len(FACES_SPLIT.test),
+            split=FACES_SPLIT,
+            train_images=len(FACES_SPLIT.train),
         ),
+        DatasetSpec("photos", 3, 224, len(PHOTO_NAMES), IMAGENET_MEAN, IMAGENET_STD, len(PHOTO_NAMES), trainable=False),
     )
 }
 

@@ -34,9 +34,9 @@ import hashlib
 import json
 import os
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -57,23 +57,51 @@ class RecipeSettings:
     """The recipe's own fields, not trial parameters: :func:`recipe_class` puts them after the knobs
     gradinv.parameters declares for the FEDERATION recipe."""
 
-    self_balancing: bool = knob(False, kind="bool",
-                                help="dirichlet: a client past len/clients images takes no more classes")  # fmt: skip
-    checkpoint_every: int = knob(1, kind="int", check=lambda v: v >= 1, fix="use 1 or more",
-                                 help="keep every k-th round as a resume point (not in the key)")  # fmt: skip
-    accuracy_images: int = knob(1000, kind="int", check=lambda v: v >= 1, fix="use 1 or more",
-                                help="the first N test images score each round's global model")  # fmt: skip
+    self_balancing: bool = knob(
+        False, kind="bool", help="dirichlet: a client past len/clients images takes no more classes"
+    )
+    checkpoint_every: int = knob(
+        1,
+        kind="int",
+        check=lambda v: v >= 1,
+        fix="use 1 or more",
+        help="keep every k-th round as a resume point (not in the key)",
+    )
+    accuracy_images: int = knob(
+        1000,
+        kind="int",
+        check=lambda v: v >= 1,
+        fix="use 1 or more",
+        help="the first N test images score each round's global model",
+    )
     version: int = FEDERATION_VERSION
 
 
 DIRICHLET_ONLY = ("alpha", "min_partition_size")  # None under iid
 NOT_KEYED = ("fed_rounds", "checkpoint_every")  # how far to train, how often to keep: training further extends it
 # The fields every key has held: a field added since is keyed only off its default, so existing keys stay.
-ALWAYS_KEYED = frozenset({
-    "dataset", "model", "width", "norm", "model_seed", "image_size", "train_subset", "fed_clients", "partition",
-    "alpha", "min_partition_size", "clients_per_round", "fed_epochs", "fed_batch_size", "fed_lr", "self_balancing",
-    "accuracy_images", "version",
-})  # fmt: skip
+ALWAYS_KEYED = frozenset(
+    {
+        "dataset",
+        "model",
+        "width",
+        "norm",
+        "model_seed",
+        "image_size",
+        "train_subset",
+        "fed_clients",
+        "partition",
+        "alpha",
+        "min_partition_size",
+        "clients_per_round",
+        "fed_epochs",
+        "fed_batch_size",
+        "fed_lr",
+        "self_balancing",
+        "accuracy_images",
+        "version",
+    }
+)
 
 
 class FederationRules:
@@ -86,8 +114,12 @@ class FederationRules:
         for name, declared in parameters.declarations(self).items():
             if name not in DIRICHLET_ONLY or dirichlet:
                 declared.validate(name, getattr(self, name))
-        require(data.dataset_spec(self.dataset).trainable, "dataset", self.dataset,
-                "it keeps no images to train on (every image is attacked)")  # fmt: skip
+        require(
+            data.dataset_spec(self.dataset).trainable,
+            "dataset",
+            self.dataset,
+            "it keeps no images to train on (every image is attacked)",
+        )
         if self.width is None:  # the model's default width: the key is the same either way
             object.__setattr__(self, "width", models.default_width(self.model))
         if not dirichlet:  # no concentration: one key whatever the unused settings say
@@ -97,8 +129,12 @@ class FederationRules:
         self._check_partition()
         if self.clients_per_round is None:
             object.__setattr__(self, "clients_per_round", self.fed_clients)  # one key for "all" and its count
-        require(self.clients_per_round <= self.fed_clients, "clients_per_round", self.clients_per_round,
-                f"use 1 to {self.fed_clients} (the federation's clients)")  # fmt: skip
+        require(
+            self.clients_per_round <= self.fed_clients,
+            "clients_per_round",
+            self.clients_per_round,
+            f"use 1 to {self.fed_clients} (the federation's clients)",
+        )
 
     def _check_partition(self) -> None:
         """What any partition of the training images needs: an image per client, and under dirichlet
@@ -107,9 +143,13 @@ class FederationRules:
         require(clients <= available, "fed_clients", clients, f"use at most {available} clients ({self._images()})")
         if self.partition == "dirichlet":
             most = available // clients
-            require(self.min_partition_size <= most, "min_partition_size", self.min_partition_size,
-                    f"no partition gives each of {clients} clients that many of {self._images()}; use 0 to {most}, "
-                    "or fewer clients")  # fmt: skip
+            require(
+                self.min_partition_size <= most,
+                "min_partition_size",
+                self.min_partition_size,
+                f"no partition gives each of {clients} clients that many of {self._images()}; use 0 to {most}, "
+                "or fewer clients",
+            )
 
     @property
     def training_images(self) -> int:
@@ -134,16 +174,21 @@ class FederationRules:
     def check_positions(self, client: int, positions: Sequence[int]) -> None:
         """Refuses a client the federation lacks, and attacked-image positions beyond any share ``client``
         can hold (the share drawn is checked again when its partition is known: :func:`attacked_images`)."""
-        require(0 <= client < self.fed_clients, "attacked_client", client,
-                f"use 0 to {self.fed_clients - 1} (the federation's clients)")  # fmt: skip
+        require(
+            0 <= client < self.fed_clients,
+            "attacked_client",
+            client,
+            f"use 0 to {self.fed_clients - 1} (the federation's clients)",
+        )
         fewest, most = self.share_size(client)
         holds = f"holds {most}" if fewest == most else f"holds at most {most}"
         for position in positions:
-            require(position < most, "images", position,
-                    f"client {client} {holds} images; use positions 0 to {most - 1}")  # fmt: skip
+            require(
+                position < most, "images", position, f"client {client} {holds} images; use positions 0 to {most - 1}"
+            )
 
     @classmethod
-    def of_trial(cls, trial) -> "Federation":
+    def of_trial(cls, trial) -> Federation:
         """The federation a trial's victim comes from."""
         own = parameters.declarations(RecipeSettings)
         return cls(**{name: getattr(trial, name) for name in parameters.declarations(cls) if name not in own})
@@ -151,8 +196,11 @@ class FederationRules:
     @property
     def key(self) -> str:
         plain = parameters.defaults(self)
-        fields = {name: value for name, value in dataclasses.asdict(self).items()
-                  if name not in NOT_KEYED and (name in ALWAYS_KEYED or value != plain[name])}  # fmt: skip
+        fields = {
+            name: value
+            for name, value in dataclasses.asdict(self).items()
+            if name not in NOT_KEYED and (name in ALWAYS_KEYED or value != plain[name])
+        }
         if split := data.dataset_spec(self.dataset).split_version:
             fields["split_version"] = split
         canonical = json.dumps(fields, sort_keys=True, separators=(",", ":"))
@@ -161,19 +209,31 @@ class FederationRules:
 
     def initial_model(self) -> torch.nn.Module:
         spec = data.dataset_spec(self.dataset)
-        return models.build_model(self.model, channels=spec.channels, num_classes=spec.num_classes,
-                                  image_size=self.image_size or spec.size, width=self.width, seed=self.model_seed,
-                                  norm=self.norm).eval()  # fmt: skip
+        return models.build_model(
+            self.model,
+            channels=spec.channels,
+            num_classes=spec.num_classes,
+            image_size=self.image_size or spec.size,
+            width=self.width,
+            seed=self.model_seed,
+            norm=self.norm,
+        ).eval()
 
     def check_round(self, round_: int) -> None:
-        require(0 <= round_ <= self.fed_rounds, "round", round_,
-                f"use 0 to {self.fed_rounds} (fed_rounds), or raise fed_rounds")  # fmt: skip
+        require(
+            0 <= round_ <= self.fed_rounds,
+            "round",
+            round_,
+            f"use 0 to {self.fed_rounds} (fed_rounds), or raise fed_rounds",
+        )
 
 
 def recipe_class(parts: Sequence[type]) -> type:
     """The federation recipe: the knobs of ``parts`` declared for the FEDERATION recipe, and RecipeSettings."""
-    fields = [(f.name, f.type, dataclasses.field(default=f.default, metadata=f.metadata))
-              for f in (*parameters.recipe_fields(FEDERATION, parts), *dataclasses.fields(RecipeSettings))]  # fmt: skip
+    fields = [
+        (f.name, f.type, dataclasses.field(default=f.default, metadata=f.metadata))
+        for f in (*parameters.recipe_fields(FEDERATION, parts), *dataclasses.fields(RecipeSettings))
+    ]
     cls = dataclasses.make_dataclass("Federation", fields, bases=(FederationRules,), frozen=True, kw_only=True)
     cls.__module__ = __name__
     cls.__doc__ = FederationRules.__doc__
@@ -193,15 +253,23 @@ def partitions(federation: Federation, labels: np.ndarray) -> list[np.ndarray]:
         if federation.partition == "iid":
             parts = partition.iid_partition(len(labels), federation.fed_clients, federation.model_seed)
         else:
-            parts = partition.dirichlet_partition(labels, federation.fed_clients, federation.alpha, federation.model_seed,
-                                                  min_partition_size=federation.min_partition_size,
-                                                  self_balancing=federation.self_balancing)  # fmt: skip
+            parts = partition.dirichlet_partition(
+                labels,
+                federation.fed_clients,
+                federation.alpha,
+                federation.model_seed,
+                min_partition_size=federation.min_partition_size,
+                self_balancing=federation.self_balancing,
+            )
     except ConfigError as error:  # the partitioner's "clients" is the trial's fed_clients
         raise ConfigError("fed_clients" if error.field == "clients" else error.field, error.value, error.fix) from None
     empty = [client for client, part in enumerate(parts) if len(part) == 0]
     if empty:
-        raise ConfigError("fed_clients", federation.fed_clients,
-                          f"client {empty[0]} holds no images; use fewer clients or a larger min_partition_size")
+        raise ConfigError(
+            "fed_clients",
+            federation.fed_clients,
+            f"client {empty[0]} holds no images; use fewer clients or a larger min_partition_size",
+        )
     return parts
 
 
@@ -314,16 +382,23 @@ def attacked_images(federation: Federation, sidecar: dict, client: int, position
     own = np.asarray(sidecar["partitions"][client])
     order = np.random.default_rng([federation.model_seed, 0, client]).permutation(own)
     for position in positions:
-        require(position < len(order), "images", position,
-                f"client {client} holds {len(order)} images; use positions 0 to {len(order) - 1}")  # fmt: skip
+        require(
+            position < len(order),
+            "images",
+            position,
+            f"client {client} holds {len(order)} images; use positions 0 to {len(order) - 1}",
+        )
     return [int(order[position]) for position in positions]
 
 
 def victim_columns(federation: Federation, sidecar: dict, client: int) -> dict:
     """The columns a row attacking ``client`` of this round's global model carries."""
-    return {"federation_key": federation.key, "model_accuracy": sidecar["test_accuracy"],
-            "client_label_histogram": sidecar["label_histograms"][client],
-            "client_rounds": participation(sidecar, client)}  # fmt: skip
+    return {
+        "federation_key": federation.key,
+        "model_accuracy": sidecar["test_accuracy"],
+        "client_label_histogram": sidecar["label_histograms"][client],
+        "client_rounds": participation(sidecar, client),
+    }
 
 
 def federation_dir(federation: Federation, cache: str | os.PathLike | None = None) -> Path:
@@ -337,8 +412,15 @@ def round_entry(federation: Federation, number: int, cache: str | os.PathLike | 
     return Entry(federation_dir(federation, cache), name, "federation", f"round {number}", "run again to retrain it")
 
 
-ROUND_FIELDS = {"key": str, "round": int, "test_accuracy": (int, float), "participants": dict, "partitions": list,
-                "label_histograms": list, "training_seconds": (int, float)}  # what readers of a round's sidecar use
+ROUND_FIELDS = {
+    "key": str,
+    "round": int,
+    "test_accuracy": (int, float),
+    "participants": dict,
+    "partitions": list,
+    "label_histograms": list,
+    "training_seconds": (int, float),
+}  # what readers of a round's sidecar use
 
 
 def _sidecar_problem(federation: Federation, number: int, info: dict) -> str | None:
@@ -363,7 +445,9 @@ def load_round(federation: Federation, number: int, cache: str | os.PathLike | N
     return None if found is None else Round(federation, number, *found)
 
 
-def kept_rounds(federation: Federation, rounds: Sequence[int], cache: str | os.PathLike | None = None) -> dict[int, Round]:
+def kept_rounds(
+    federation: Federation, rounds: Sequence[int], cache: str | os.PathLike | None = None
+) -> dict[int, Round]:
     """The rounds asked for, as kept on this machine (train them first)."""
     found = {number: load_round(federation, number, cache) for number in rounds}
     missing = [number for number, kept in found.items() if kept is None]
@@ -429,9 +513,17 @@ def _initial(federation: Federation, parts, labels, data_root, cache) -> Round:
     model = federation.initial_model()
     num_classes = data.dataset_spec(federation.dataset).num_classes
     histograms = [partition.label_histogram(labels.numpy(), part, num_classes) for part in parts]
-    sidecar = {"key": federation.key, "round": 0, "test_accuracy": _accuracy(federation, model, data_root),
-               "participants": {}, "partitions": [p.tolist() for p in parts], "label_histograms": histograms,
-               "training_seconds": 0.0, "torch": torch.__version__, "recipe": dataclasses.asdict(federation)}  # fmt: skip
+    sidecar = {
+        "key": federation.key,
+        "round": 0,
+        "test_accuracy": _accuracy(federation, model, data_root),
+        "participants": {},
+        "partitions": [p.tolist() for p in parts],
+        "label_histograms": histograms,
+        "training_seconds": 0.0,
+        "torch": torch.__version__,
+        "recipe": dataclasses.asdict(federation),
+    }
     initial = Round(federation, 0, {k: v.detach().clone() for k, v in model.state_dict().items()}, sidecar)
     _store(initial, cache)
     return initial
@@ -445,9 +537,13 @@ def _next_round(federation, current: Round, images, labels, parts, run_clients: 
     state = averaged(run_clients(federation, current.state, number, clients))
     model = federation.initial_model()
     model.load_state_dict(state)
-    sidecar = {**current.sidecar, "round": number, "test_accuracy": _accuracy(federation, model, data_root),
-               "participants": {**current.sidecar["participants"], str(number): chosen},
-               "training_seconds": current.sidecar["training_seconds"] + time.perf_counter() - start}  # fmt: skip
+    sidecar = {
+        **current.sidecar,
+        "round": number,
+        "test_accuracy": _accuracy(federation, model, data_root),
+        "participants": {**current.sidecar["participants"], str(number): chosen},
+        "training_seconds": current.sidecar["training_seconds"] + time.perf_counter() - start,
+    }
     return Round(federation, number, state, sidecar)
 
 
@@ -455,8 +551,9 @@ def _accuracy(federation: Federation, model: torch.nn.Module, data_root) -> floa
     """The global model's accuracy on the first ``accuracy_images`` test images."""
     images, labels = _test_split(federation.dataset, federation.image_size, federation.accuracy_images, data_root)
     with torch.no_grad():
-        correct = sum(int((model(batch).argmax(1) == truth).sum())
-                      for batch, truth in zip(images.split(1000), labels.split(1000)))  # fmt: skip
+        correct = sum(
+            int((model(batch).argmax(1) == truth).sum()) for batch, truth in zip(images.split(1000), labels.split(1000))
+        )
     return correct / len(labels)
 
 

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import os
 import uuid
+from collections.abc import Callable
 from pathlib import Path
-from typing import BinaryIO, Callable
+from typing import BinaryIO
 
 from .errors import ConfigError
 
@@ -54,7 +55,8 @@ def require_writable_directory(flag: str, directory: str | os.PathLike) -> None:
     while not os.path.exists(nearest) and nearest != nearest.parent:  # false for a dangling link: its parent
         nearest = nearest.parent
     if not nearest.is_dir():
-        raise ConfigError(flag, str(directory), f"{nearest} is not a directory; name a directory (it is created "
-                                                "if missing)")  # fmt: skip
+        raise ConfigError(
+            flag, str(directory), f"{nearest} is not a directory; name a directory (it is created if missing)"
+        )
     if not os.access(nearest, os.W_OK | os.X_OK):  # also false on a read-only file system
         raise ConfigError(flag, str(directory), f"{nearest} is not writable here; name a directory you can write")

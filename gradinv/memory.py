@@ -23,9 +23,9 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
 
 from .errors import ConfigError
 from .parameters import parameter_defaults
@@ -47,6 +47,7 @@ LBFGS_HISTORY = 100  # torch's L-BFGS keeps this many pairs of directions (DLG)
 BASELINE_POOL = 100  # training images the data-only baseline averages (gradinv.baselines)
 IMPRINT_READ_OFF = 36  # bytes per measuring weight: its gradient, in float64 twice, divided, cast back
 
+
 @dataclass(frozen=True)
 class ModelSize:
     """What the memory of a model's use scales with."""
@@ -65,8 +66,9 @@ def model_size(model: str, channels: int, num_classes: int, side: int, width: in
     from . import models
 
     with torch.device("meta"):
-        victim = models.build_model(model, channels=channels, num_classes=num_classes, image_size=side, width=width,
-                                    norm=norm)  # fmt: skip
+        victim = models.build_model(
+            model, channels=channels, num_classes=num_classes, image_size=side, width=width, norm=norm
+        )
     leaves = [module for module in victim.modules() if not list(module.children())]
     produced = [0]
 
@@ -115,8 +117,13 @@ def terms(spec, lanes: int = 1, device: str = "cpu") -> dict[str, int]:
         phases["attack"] = spec.imprint_bins * pixels * IMPRINT_READ_OFF
     phase = max(phases, key=phases.get)
     host = {
-        "data": FLOAT * pixels * (4 * images * lanes + (2 * BASELINE_POOL if info.trainable else 0)
-                                  + (2 * spec.imprint_sample if spec.attack == "imprint" else 0)),
+        "data": FLOAT
+        * pixels
+        * (
+            4 * images * lanes
+            + (2 * BASELINE_POOL if info.trainable else 0)
+            + (2 * spec.imprint_sample if spec.attack == "imprint" else 0)
+        ),
         "schedules": 2 * schedule,  # the client's and the attacker's, one entry per local step
     }
     if str(device).split(":")[0] != "cpu":
@@ -150,8 +157,16 @@ def _local_steps(spec) -> tuple[int, int]:
 
 
 # Settings a trial's memory grows with, and the value that shrinks each back (the default, or 1).
-SIZE_SETTINGS = ("image_size", "width", "images", "restarts", "local_steps", "fed_epochs", "imprint_bins",
-                 "imprint_sample")  # fmt: skip
+SIZE_SETTINGS = (
+    "image_size",
+    "width",
+    "images",
+    "restarts",
+    "local_steps",
+    "fed_epochs",
+    "imprint_bins",
+    "imprint_sample",
+)
 
 
 def _shrunk(spec, name: str):
@@ -188,8 +203,9 @@ def human(size: float) -> str:
     return f"{value:,.0f} {unit}" if value >= 1000 else f"{value:.3g} {unit}"
 
 
-def refuse_unfit(specs: Sequence, lanes: int, limit: int, holder: str, *, device: str = "cpu",
-                 locate: Callable[[str], str] = str) -> None:  # fmt: skip
+def refuse_unfit(
+    specs: Sequence, lanes: int, limit: int, holder: str, *, device: str = "cpu", locate: Callable[[str], str] = str
+) -> None:
     """Raise ConfigError, one line naming the setting, the estimate and the limit, for the first trial
     whose pack (up to ``lanes`` lane-compatible trials) is estimated to need more than ``limit`` bytes,
     what ``holder`` has. ``locate`` turns a setting's name into how the error shows it (a study file's
@@ -199,8 +215,12 @@ def refuse_unfit(specs: Sequence, lanes: int, limit: int, holder: str, *, device
         if need > limit:
             name, value = culprit(spec, packed, device)
             fewer = "fewer" if name in ("lanes", "restarts", "images", "local_steps", "fed_epochs") else "a smaller"
-            raise ConfigError(locate(name), value, f"a trial needs about {human(need)} of memory (estimated from "
-                              f"its settings), more than the {human(limit)} {holder} has; use {fewer} {name}")  # fmt: skip
+            raise ConfigError(
+                locate(name),
+                value,
+                f"a trial needs about {human(need)} of memory (estimated from "
+                f"its settings), more than the {human(limit)} {holder} has; use {fewer} {name}",
+            )
 
 
 def check_study(study, lanes: int, device: str, limit: int, holder: str) -> None:

@@ -25,9 +25,13 @@ def ssim(recon01: torch.Tensor, truth01: torch.Tensor) -> torch.Tensor:
     side = min(recon01.shape[-2:])
     kernel = min(11, side if side % 2 else side - 1)
     return structural_similarity_index_measure(
-        recon01.double(), truth01.double(), data_range=1.0, kernel_size=kernel, sigma=1.5 * kernel / 11,
+        recon01.double(),
+        truth01.double(),
+        data_range=1.0,
+        kernel_size=kernel,
+        sigma=1.5 * kernel / 11,
         reduction="none",
-    ).float()  # fmt: skip
+    ).float()
 
 
 def feature_mse(model: torch.nn.Module, recon: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import nn
@@ -27,12 +27,20 @@ class ConvNet(nn.Sequential):
     def __init__(self, channels: int, num_classes: int, width: int):
         w = width
         super().__init__(
-            *_conv_bn_relu(channels, w), *_conv_bn_relu(w, 2 * w), *_conv_bn_relu(2 * w, 2 * w),
-            *_conv_bn_relu(2 * w, 4 * w), nn.MaxPool2d(2, ceil_mode=True),
-            *_conv_bn_relu(4 * w, 4 * w), *_conv_bn_relu(4 * w, 4 * w), nn.MaxPool2d(2, ceil_mode=True),
-            *_conv_bn_relu(4 * w, 4 * w), *_conv_bn_relu(4 * w, 4 * w), nn.AdaptiveMaxPool2d(3),
-            nn.Flatten(), nn.Linear(36 * w, num_classes),
-        )  # fmt: skip
+            *_conv_bn_relu(channels, w),
+            *_conv_bn_relu(w, 2 * w),
+            *_conv_bn_relu(2 * w, 2 * w),
+            *_conv_bn_relu(2 * w, 4 * w),
+            nn.MaxPool2d(2, ceil_mode=True),
+            *_conv_bn_relu(4 * w, 4 * w),
+            *_conv_bn_relu(4 * w, 4 * w),
+            nn.MaxPool2d(2, ceil_mode=True),
+            *_conv_bn_relu(4 * w, 4 * w),
+            *_conv_bn_relu(4 * w, 4 * w),
+            nn.AdaptiveMaxPool2d(3),
+            nn.Flatten(),
+            nn.Linear(36 * w, num_classes),
+        )
 
 
 class LeNetZhu(nn.Sequential):
@@ -40,11 +48,16 @@ class LeNetZhu(nn.Sequential):
 
     def __init__(self, channels: int, num_classes: int, width: int):
         super().__init__(
-            nn.Conv2d(channels, width, 5, padding=2, stride=2), nn.Sigmoid(),
-            nn.Conv2d(width, width, 5, padding=2, stride=2), nn.Sigmoid(),
-            nn.Conv2d(width, width, 5, padding=2, stride=1), nn.Sigmoid(),
-            nn.AdaptiveAvgPool2d(8), nn.Flatten(), nn.Linear(64 * width, num_classes),
-        )  # fmt: skip
+            nn.Conv2d(channels, width, 5, padding=2, stride=2),
+            nn.Sigmoid(),
+            nn.Conv2d(width, width, 5, padding=2, stride=2),
+            nn.Sigmoid(),
+            nn.Conv2d(width, width, 5, padding=2, stride=1),
+            nn.Sigmoid(),
+            nn.AdaptiveAvgPool2d(8),
+            nn.Flatten(),
+            nn.Linear(64 * width, num_classes),
+        )
 
 
 class MLP(nn.Sequential):
@@ -52,9 +65,13 @@ class MLP(nn.Sequential):
 
     def __init__(self, channels: int, num_classes: int, width: int, image_size: int):
         super().__init__(
-            nn.Flatten(), nn.Linear(channels * image_size * image_size, width), nn.ReLU(),
-            nn.Linear(width, width), nn.ReLU(), nn.Linear(width, num_classes),
-        )  # fmt: skip
+            nn.Flatten(),
+            nn.Linear(channels * image_size * image_size, width),
+            nn.ReLU(),
+            nn.Linear(width, width),
+            nn.ReLU(),
+            nn.Linear(width, num_classes),
+        )
 
 
 class _BasicBlock(nn.Module):
@@ -125,7 +142,13 @@ def default_width(name: str) -> int | None:
 
 
 def build_model(
-    name: str, *, channels: int, num_classes: int, image_size: int, width: int | None = None, seed: int = 0,
+    name: str,
+    *,
+    channels: int,
+    num_classes: int,
+    image_size: int,
+    width: int | None = None,
+    seed: int = 0,
     norm: str = "batch",
 ) -> nn.Module:
     """The model ``name`` initialised from ``seed`` (same seed, same weights), in eval mode.

@@ -10,9 +10,9 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from . import parameters
 from .attacks.registry import FAMILIES
 from .files import write_atomic
-from . import parameters
 from .parameters import Knob, declarations, defaults
 
 # The knobs whose values a registry names: the registries import the declarations, so the knob declares no

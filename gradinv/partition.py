@@ -47,8 +47,12 @@ def dirichlet_partition(
     _check_clients(clients, len(labels))
     _check_alpha(alpha)
     _check_min_partition_size(min_partition_size, clients, len(labels))
-    require(isinstance(max_tries, numbers.Integral) and max_tries >= 1, "max_tries", max_tries,
-            "give a whole number of draws, at least 1")
+    require(
+        isinstance(max_tries, numbers.Integral) and max_tries >= 1,
+        "max_tries",
+        max_tries,
+        "give a whole number of draws, at least 1",
+    )
     rng = np.random.default_rng(seed)
     best_smallest = -1
     for _ in range(max_tries):
@@ -58,21 +62,28 @@ def dirichlet_partition(
             return [np.sort(part) for part in parts]
         best_smallest = max(best_smallest, smallest)
     raise ConfigError(
-        "min_partition_size", min_partition_size,
+        "min_partition_size",
+        min_partition_size,
         f"in {max_tries} draws the smallest client never held more than {best_smallest} items; "
-        "lower min_partition_size, raise alpha, or use fewer clients")
+        "lower min_partition_size, raise alpha, or use fewer clients",
+    )
 
 
 def label_histogram(labels: np.ndarray, indices: np.ndarray, num_classes: int) -> list[int]:
     """How many of the items at `indices` carry each label 0..num_classes-1."""
     chosen = _check_labels(labels)[np.asarray(indices, dtype=np.int64)]
-    require(chosen.size == 0 or (chosen.min() >= 0 and chosen.max() < num_classes),
-            "num_classes", num_classes, "give a count above every label (labels run from 0)")
+    require(
+        chosen.size == 0 or (chosen.min() >= 0 and chosen.max() < num_classes),
+        "num_classes",
+        num_classes,
+        "give a count above every label (labels run from 0)",
+    )
     return np.bincount(chosen, minlength=num_classes).tolist()
 
 
-def _draw_partition(labels: np.ndarray, clients: int, alpha: float, self_balancing: bool,
-                    rng: np.random.Generator) -> list[np.ndarray]:
+def _draw_partition(
+    labels: np.ndarray, clients: int, alpha: float, self_balancing: bool, rng: np.random.Generator
+) -> list[np.ndarray]:
     """One draw: each class's shuffled indices cut among the clients at Dirichlet fractions."""
     fair_share = len(labels) / clients
     parts: list[list[np.ndarray]] = [[] for _ in range(clients)]
@@ -102,28 +113,40 @@ def _close_full_clients(fractions: np.ndarray, full: np.ndarray) -> np.ndarray:
 
 def _check_labels(labels: np.ndarray) -> np.ndarray:
     labels = np.asarray(labels)
-    require(labels.ndim == 1 and np.issubdtype(labels.dtype, np.integer), "labels",
-            f"array of shape {labels.shape} and dtype {labels.dtype}",
-            "give a 1-D array of integer class labels, one per item")
+    require(
+        labels.ndim == 1 and np.issubdtype(labels.dtype, np.integer),
+        "labels",
+        f"array of shape {labels.shape} and dtype {labels.dtype}",
+        "give a 1-D array of integer class labels, one per item",
+    )
     return labels
 
 
 def _check_clients(clients: int, num_items: int) -> None:
-    require(_is_whole(clients) and 1 <= clients <= num_items, "clients", clients,
-            f"give a whole number from 1 to the number of items ({num_items})")
+    require(
+        _is_whole(clients) and 1 <= clients <= num_items,
+        "clients",
+        clients,
+        f"give a whole number from 1 to the number of items ({num_items})",
+    )
 
 
 def _check_alpha(alpha: float) -> None:
-    require(isinstance(alpha, numbers.Real) and not isinstance(alpha, bool)
-            and math.isfinite(alpha) and alpha > 0, "alpha", alpha,
-            "give a finite number above 0 (0.1: strongly skewed labels, 100: nearly IID)")
+    require(
+        isinstance(alpha, numbers.Real) and not isinstance(alpha, bool) and math.isfinite(alpha) and alpha > 0,
+        "alpha",
+        alpha,
+        "give a finite number above 0 (0.1: strongly skewed labels, 100: nearly IID)",
+    )
 
 
 def _check_min_partition_size(min_partition_size: int, clients: int, num_items: int) -> None:
-    require(_is_whole(min_partition_size)
-            and 0 <= min_partition_size and clients * min_partition_size <= num_items,
-            "min_partition_size", min_partition_size,
-            f"give a whole number from 0 to items/clients ({num_items // clients})")
+    require(
+        _is_whole(min_partition_size) and 0 <= min_partition_size and clients * min_partition_size <= num_items,
+        "min_partition_size",
+        min_partition_size,
+        f"give a whole number from 0 to items/clients ({num_items // clients})",
+    )
 
 
 def _is_whole(value: object) -> bool:

@@ -14,7 +14,7 @@ import torch
 from . import __version__
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def commit() -> str:
     """The project's git commit: $GRADINV_COMMIT (set by the runner for remote workers), else git."""
     if os.environ.get("GRADINV_COMMIT"):
@@ -28,19 +28,25 @@ def commit() -> str:
     return out.stdout.strip() if out.returncode == 0 else "unknown"
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def device_name(device: str) -> str:
     if torch.device(device).type == "cuda":
         return torch.cuda.get_device_name(torch.device(device))
     return f"cpu ({platform.processor() or platform.machine()})"
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _software() -> dict:
     import torchvision
 
-    return {"gradinv": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__,
-            "python": platform.python_version(), "commit": commit(), "host": socket.gethostname()}  # fmt: skip
+    return {
+        "gradinv": __version__,
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "python": platform.python_version(),
+        "commit": commit(),
+        "host": socket.gethostname(),
+    }
 
 
 def provenance(device: str | torch.device = "cpu") -> dict:

@@ -9,24 +9,23 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from types import SimpleNamespace
-from typing import Callable, Sequence
 
 import torch
 
 from . import data, metrics, models, parameters
-from .attacks.costs import layer_indices
 from .attacks.base import AttackJob, AttackResult, Family
+from .attacks.costs import layer_indices
 from .attacks.inverting import IGConfig
-from .baselines import BaselinePool, score_baselines
 from .attacks.labels import applicable, recover_labels_with
 from .attacks.registry import FAMILIES, settings_parts
-from .errors import require
+from .baselines import BaselinePool, score_baselines
 from .client.defences import sent_update
+from .errors import require
 from .federation import Federation
-from .client.update import FLConfig
-from .parameters import LAYER_SET_COLUMN, extract, federated, trained_victim
+from .parameters import LAYER_SET_COLUMN, ClientSettings, extract, federated, trained_victim
 from .victims import recipe_of, victim_source
 
 
@@ -40,24 +39,44 @@ class TrialRules:
         if federated(self):
             self._check_federation()
         for index in self.images:  # in a federation: positions in the attacked client's draw (checked when run)
-            require(0 <= index and (federated(self) or index < spec.test_images), "image", index,
-                    f"use 0 to {spec.test_images - 1} for {self.dataset}")  # fmt: skip
+            require(
+                0 <= index and (federated(self) or index < spec.test_images),
+                "image",
+                index,
+                f"use 0 to {spec.test_images - 1} for {self.dataset}",
+            )
         models.default_width(self.model)  # validates the name
         if trained_victim(self):  # the checkpoint's own rules (training images, GroupNorm under DP-SGD)
             self.recipe()
         for requirement in self.family.requires:
             requirement.check(self)
-        require(self.dp_clip is None or self.local_momentum == 0, "local_momentum", self.local_momentum,
-                "DP-SGD's local steps are plain SGD; use 0")  # fmt: skip
-        require(self.dp_clip is None or self.client_bn == "eval", "client_bn", self.client_bn,
-                "DP-SGD here runs BatchNorm in eval mode (Opacus' per-example gradients); use eval")  # fmt: skip
-        require(self.bn_prior == 0 or self.bn_stats == "running" or self.client_bn == "train", "bn_stats", self.bn_stats,
-                "a client batch's own statistics exist only when it runs BatchNorm in train mode: set client_bn train")  # fmt: skip
+        require(
+            self.dp_clip is None or self.local_momentum == 0,
+            "local_momentum",
+            self.local_momentum,
+            "DP-SGD's local steps are plain SGD; use 0",
+        )
+        require(
+            self.dp_clip is None or self.client_bn == "eval",
+            "client_bn",
+            self.client_bn,
+            "DP-SGD here runs BatchNorm in eval mode (Opacus' per-example gradients); use eval",
+        )
+        require(
+            self.bn_prior == 0 or self.bn_stats == "running" or self.client_bn == "train",
+            "bn_stats",
+            self.bn_stats,
+            "a client batch's own statistics exist only when it runs BatchNorm in train mode: set client_bn train",
+        )
         if self.labels == "recovered":
             reason = applicable(self.label_method, len(self.images), spec.num_classes, fl=self.fl)
             require(reason is None, "label_method", self.label_method, f"{reason}; use bias_counts")
-        require(len(self.images) % self.aggregated_clients == 0, "aggregated_clients", self.aggregated_clients,
-                f"use a number of clients that divides the trial's {len(self.images)} images (1: no aggregation)")  # fmt: skip
+        require(
+            len(self.images) % self.aggregated_clients == 0,
+            "aggregated_clients",
+            self.aggregated_clients,
+            f"use a number of clients that divides the trial's {len(self.images)} images (1: no aggregation)",
+        )
         self._check_dp_batches()
         self.ig_config()  # the settings that constrain each other
         if not isinstance(self.layers, str):  # indices, not a set's name
@@ -65,10 +84,18 @@ class TrialRules:
             layer_indices(count, self.layers)
 
     def _check_federation(self) -> None:
-        require(not trained_victim(self), "trained_epochs", self.trained_epochs,
-                "use 0: a federation round is the victim (round), not a zoo checkpoint")  # fmt: skip
-        require(self.aggregated_clients == 1, "aggregated_clients", self.aggregated_clients,
-                "use 1: a federation round attacks one client's update")  # fmt: skip
+        require(
+            not trained_victim(self),
+            "trained_epochs",
+            self.trained_epochs,
+            "use 0: a federation round is the victim (round), not a zoo checkpoint",
+        )
+        require(
+            self.aggregated_clients == 1,
+            "aggregated_clients",
+            self.aggregated_clients,
+            "use 1: a federation round attacks one client's update",
+        )
         # the recipe's own rules (training images, an image per client, room for the partition sizes), the
         # round within fed_rounds, the attacked client among the clients and its share
         federation = Federation.of_trial(self)
@@ -107,17 +134,23 @@ class TrialRules:
     def side(self) -> int:
         return self.image_size or self.data_spec.size
 
-    def fl_config(self) -> FLConfig:
+    def fl_config(self) -> ClientSettings:
         """How the client computes its update. In a federation, FedAvg is the federation's local training:
         ``fed_epochs`` passes over the client's images in mini-batches of ``fed_batch_size`` at ``fed_lr``.
         The one place ``fed_*`` knobs become ``local_*`` ones (the vocabulary: parameters.ClientSettings)."""
         if not federated(self) or self.fl == "fedsgd":
-            return extract(FLConfig, self)
+            return extract(ClientSettings, self)
         count = self.images_per_client
         batch = self.fed_batch_size if self.fed_batch_size < count else 0
-        return FLConfig(fl="fedavg", local_steps=self.fed_epochs * math.ceil(count / self.fed_batch_size),
-                        local_lr=self.fed_lr, local_momentum=self.fed_momentum, local_batch_size=batch,
-                        data_order_seed=self.data_order_seed, client_bn=self.client_bn)  # fmt: skip
+        return ClientSettings(
+            fl="fedavg",
+            local_steps=self.fed_epochs * math.ceil(count / self.fed_batch_size),
+            local_lr=self.fed_lr,
+            local_momentum=self.fed_momentum,
+            local_batch_size=batch,
+            data_order_seed=self.data_order_seed,
+            client_bn=self.client_bn,
+        )
 
     def ig_config(self) -> IGConfig:
         return extract(IGConfig, self)
@@ -161,11 +194,7 @@ class TrialRules:
         """The resolved fields that differ from the defaults, as plain JSON-ready values."""
         defaults = parameters.defaults(self)
         resolved = self.resolved()
-        return {
-            name: _plain(getattr(resolved, name))
-            for name in defaults
-            if getattr(resolved, name) != defaults[name]
-        }
+        return {name: _plain(getattr(resolved, name)) for name in defaults if getattr(resolved, name) != defaults[name]}
 
 
 def spec_class(parts, name: str = "TrialSpec") -> type:
@@ -180,7 +209,7 @@ TrialSpec = spec_class(parameters.PARTS)
 DEFAULTS = parameters.defaults(TrialSpec)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def parameter_tensors(model: str, channels: int, num_classes: int, side: int, width: int | None) -> int:
     """How many parameter tensors the model has (built on the meta device: no memory, no numbers)."""
     with torch.device("meta"):
@@ -199,7 +228,7 @@ def lane_signature(spec) -> tuple:
         (name, knob.lane_shared(getattr(spec, name)) if callable(knob.lane_shared) else getattr(spec, name))
         for name, knob in parameters.declarations(spec).items()
         if knob.lane_shared is not False
-    )  # fmt: skip
+    )
 
 
 @dataclass
@@ -221,8 +250,10 @@ class TrialOutcome:
     lanes: int = 1
 
 
-NO_FINITE_RESTART = ("every restart ended in NaN: the attack diverged, or the victim's update for the attacker's "
-                     "guesses is exactly zero (saturated predictions: try init rand or zeros)")
+NO_FINITE_RESTART = (
+    "every restart ended in NaN: the attack diverged, or the victim's update for the attacker's "
+    "guesses is exactly zero (saturated predictions: try init rand or zeros)"
+)
 
 VictimLoader = Callable[[TrialSpec], torch.nn.Module]
 ImageLoader = Callable[[TrialSpec], tuple[torch.Tensor, torch.Tensor, dict]]  # images in [0, 1], labels, columns
@@ -264,8 +295,9 @@ def run_trials(
         true_labels.append(labels)
         updates.append(update)
         known = spec.labels == "known"
-        attacker_labels.append(labels if known else recover_labels_with(spec.label_method, update, info.num_classes,
-                                                                          model).to(device))  # fmt: skip
+        attacker_labels.append(
+            labels if known else recover_labels_with(spec.label_method, update, info.num_classes, model).to(device)
+        )
     shape = tuple(truths[0].shape)
     labels = torch.stack(attacker_labels)
     labels_known = [s.labels == "known" for s in specs]
@@ -274,22 +306,39 @@ def run_trials(
 
     def score_checkpoint(_, images):  # the best restart's quality along the way, per lane
         for lane, (recon, truth) in enumerate(zip(images, truths)):
-            recon01 = _matched(data.denormalise(recon, info).clamp(0, 1), truth, true_labels[lane] if ordered[lane] else None)
-            quality[lane].append((float(metrics.psnr(recon01, truth).mean()), float(metrics.ssim(recon01, truth).mean())))
+            recon01 = _matched(
+                data.denormalise(recon, info).clamp(0, 1), truth, true_labels[lane] if ordered[lane] else None
+            )
+            quality[lane].append(
+                (float(metrics.psnr(recon01, truth).mean()), float(metrics.ssim(recon01, truth).mean()))
+            )
 
     def checkpoint(iteration, costs):  # the attack hands on_images the same checkpoint's images first
         on_checkpoint(iteration, costs, [lane[-1] for lane in quality])
 
-    job = AttackJob(model, specs, updates, labels, labels_known, shape, info.num_classes, data.pixel_box(info, truths[0]),
-                    on_progress=on_progress, on_checkpoint=on_checkpoint and checkpoint, on_images=score_checkpoint,
-                    deadline=deadline)  # fmt: skip
+    job = AttackJob(
+        model,
+        specs,
+        updates,
+        labels,
+        labels_known,
+        shape,
+        info.num_classes,
+        data.pixel_box(info, truths[0]),
+        on_progress=on_progress,
+        on_checkpoint=on_checkpoint and checkpoint,
+        on_images=score_checkpoint,
+        deadline=deadline,
+    )
     result = family.run(job)
     if result.labels is not None:  # the attack settled on labels of its own
         labels = result.labels
     pool = _baseline_pool(first, data_root)
     return [
-        dataclasses.replace(_score(spec, model, info, truth, result, lane, labels[lane], truth_labels, pool, quality[lane]),
-                            image_columns=image_columns[lane])  # fmt: skip
+        dataclasses.replace(
+            _score(spec, model, info, truth, result, lane, labels[lane], truth_labels, pool, quality[lane]),
+            image_columns=image_columns[lane],
+        )
         for lane, (spec, truth, truth_labels) in enumerate(zip(specs, truths, true_labels))
     ]
 
@@ -306,13 +355,26 @@ def _matched(recon01: torch.Tensor, truth01: torch.Tensor, known_labels: torch.T
     return recon01[metrics.match_to_truth(recon01, truth01, known_labels)]
 
 
-def _score(spec, model, info, truth01, result: AttackResult, lane, predicted_labels, truth_labels,
-           pool: BaselinePool | None, quality: list[tuple[float, float]]) -> TrialOutcome:  # fmt: skip
+def _score(
+    spec,
+    model,
+    info,
+    truth01,
+    result: AttackResult,
+    lane,
+    predicted_labels,
+    truth_labels,
+    pool: BaselinePool | None,
+    quality: list[tuple[float, float]],
+) -> TrialOutcome:
     common = dict(
-        spec=spec, restart_scores=result.restart_scores[lane].tolist(), seconds=result.seconds,
-        curve=[(iteration, costs[lane]) for iteration, costs in result.curve], quality_curve=quality,
+        spec=spec,
+        restart_scores=result.restart_scores[lane].tolist(),
+        seconds=result.seconds,
+        curve=[(iteration, costs[lane]) for iteration, costs in result.curve],
+        quality_curve=quality,
         lanes=len(result.images),
-    )  # fmt: skip
+    )
     recon = result.images[lane]
     if not torch.isfinite(recon).all() or not math.isfinite(min(common["restart_scores"])):
         return TrialOutcome(status="failed", error=NO_FINITE_RESTART, **common)
@@ -336,6 +398,10 @@ def _score(spec, model, info, truth01, result: AttackResult, lane, predicted_lab
     summary["label_accuracy"] = metrics.label_accuracy(predicted_labels.cpu(), truth_labels.cpu())
     summary.update(baselines)
     return TrialOutcome(
-        status="ok", metrics=summary, per_image={k: v.tolist() for k, v in per_image.items()},
-        truth=truth01.cpu(), reconstruction=recon01.cpu(), **common,
-    )  # fmt: skip
+        status="ok",
+        metrics=summary,
+        per_image={k: v.tolist() for k, v in per_image.items()},
+        truth=truth01.cpu(),
+        reconstruction=recon01.cpu(),
+        **common,
+    )

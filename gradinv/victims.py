@@ -15,17 +15,24 @@ from typing import Any
 
 import torch
 
-from . import data, models, zoo
-from . import parameters
+from . import data, models, parameters, zoo
 from .parameters import federated, trained_victim
 
 
 def recipe_of(spec: Any) -> zoo.Recipe:
     """The zoo recipe of the spec's victim (one checkpoint for the default width, named or not); with
     ``defended_training``, trained under the trial's defences."""
-    return zoo.Recipe(spec.dataset, spec.model, spec.width or models.default_width(spec.model), spec.trained_epochs,
-                      spec.model_seed, spec.train_subset, spec.image_size, norm=spec.norm,
-                      defence=training_defence(spec))  # fmt: skip
+    return zoo.Recipe(
+        spec.dataset,
+        spec.model,
+        spec.width or models.default_width(spec.model),
+        spec.trained_epochs,
+        spec.model_seed,
+        spec.train_subset,
+        spec.image_size,
+        norm=spec.norm,
+        defence=training_defence(spec),
+    )
 
 
 def training_defence(spec: Any) -> tuple:
@@ -35,16 +42,22 @@ def training_defence(spec: Any) -> tuple:
         return ()
     # the resolved values, read without building the resolved trial (a trial checks its recipe when built)
     unused, plain = spec.not_applicable(), parameters.defaults(spec)
-    return tuple(sorted((name, getattr(spec, name)) for name in parameters.training_defences(spec)
-                        if name not in unused and getattr(spec, name) != plain[name]))  # fmt: skip
+    return tuple(
+        sorted(
+            (name, getattr(spec, name))
+            for name in parameters.training_defences(spec)
+            if name not in unused and getattr(spec, name) != plain[name]
+        )
+    )
 
 
 class TestImages:
     """Untrained and zoo victims are attacked on the test split's images at the trial's indices."""
 
     def client_images(self, data_root=None) -> tuple[torch.Tensor, torch.Tensor, dict]:
-        images01, labels = data.load_images(self.spec.dataset, self.spec.images, data_root,
-                                            image_size=self.spec.image_size)  # fmt: skip
+        images01, labels = data.load_images(
+            self.spec.dataset, self.spec.images, data_root, image_size=self.spec.image_size
+        )
         return images01, labels, {}
 
 
@@ -57,8 +70,15 @@ class Untrained(TestImages):
 
     def model(self) -> torch.nn.Module:
         spec, info = self.spec, self.spec.data_spec
-        return models.build_model(spec.model, channels=info.channels, num_classes=info.num_classes,
-                                  image_size=spec.side, width=spec.width, seed=spec.model_seed, norm=spec.norm)  # fmt: skip
+        return models.build_model(
+            spec.model,
+            channels=info.channels,
+            num_classes=info.num_classes,
+            image_size=spec.side,
+            width=spec.width,
+            seed=spec.model_seed,
+            norm=spec.norm,
+        )
 
     def row_columns(self, sidecar: dict | None = None) -> dict:
         return {}
@@ -80,8 +100,11 @@ class ZooCheckpoint(TestImages):
 
     def row_columns(self, sidecar: dict | None = None) -> dict:
         sidecar = sidecar or {}
-        return {"checkpoint_key": self.recipe.key, "model_accuracy": sidecar.get("test_accuracy"),
-                "training_epsilon": sidecar.get("training_epsilon")}  # fmt: skip
+        return {
+            "checkpoint_key": self.recipe.key,
+            "model_accuracy": sidecar.get("test_accuracy"),
+            "training_epsilon": sidecar.get("training_epsilon"),
+        }
 
 
 @dataclass(frozen=True)
@@ -116,8 +139,9 @@ class FederationRound:
 
         sidecar = sidecar or self.kept_round().sidecar
         indices = attacked_images(self.federation, sidecar, self.spec.attacked_client, self.spec.images)
-        images01, labels = data.load_images(self.spec.dataset, indices, data_root, split="train",
-                                            image_size=self.spec.image_size)  # fmt: skip
+        images01, labels = data.load_images(
+            self.spec.dataset, indices, data_root, split="train", image_size=self.spec.image_size
+        )
         return images01, labels, {"train_images": indices}
 
 

@@ -12,8 +12,8 @@ import hashlib
 import json
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from opacus.data_loader import DPDataLoader
@@ -53,9 +53,13 @@ class Recipe:
             object.__setattr__(self, "width", default_width)
         require(self.epochs >= 1, "epochs", self.epochs, "train for at least 1 epoch (0 is the untrained model)")
         require(self.train_subset is None or self.train_subset >= 1, "train_subset", self.train_subset, "use 1 or more")
-        require(self.norm == "group" or "dp_clip" not in dict(self.defence), "norm", self.norm,
-                "DP-SGD training needs norm: group (BatchNorm mixes the examples of a batch); compare it with "
-                "plain norm: group victims")  # fmt: skip
+        require(
+            self.norm == "group" or "dp_clip" not in dict(self.defence),
+            "norm",
+            self.norm,
+            "DP-SGD training needs norm: group (BatchNorm mixes the examples of a batch); compare it with "
+            "plain norm: group victims",
+        )
         object.__setattr__(self, "defence", tuple(sorted((str(k), v) for k, v in self.defence)))  # JSON gives lists
 
     @property
@@ -71,17 +75,30 @@ class Recipe:
 
     def train_command(self) -> str:
         """The `gradinv zoo train` command that builds this checkpoint: a flag per knob of the recipe."""
-        knobs = {"dataset": self.dataset, "model": self.model, "width": self.width, "trained_epochs": self.epochs,
-                 "model_seed": self.model_seed, "train_subset": self.train_subset, "image_size": self.image_size,
-                 "norm": self.norm, **dict(self.defence)}  # fmt: skip
+        knobs = {
+            "dataset": self.dataset,
+            "model": self.model,
+            "width": self.width,
+            "trained_epochs": self.epochs,
+            "model_seed": self.model_seed,
+            "train_subset": self.train_subset,
+            "image_size": self.image_size,
+            "norm": self.norm,
+            **dict(self.defence),
+        }
         return "gradinv zoo train " + " ".join(_flag(name, value) for name, value in knobs.items() if value is not None)
 
     def untrained(self) -> torch.nn.Module:
         spec = data.dataset_spec(self.dataset)
         return models.build_model(
-            self.model, channels=spec.channels, num_classes=spec.num_classes,
-            image_size=self.image_size or spec.size, width=self.width, seed=self.model_seed, norm=self.norm,
-        )  # fmt: skip
+            self.model,
+            channels=spec.channels,
+            num_classes=spec.num_classes,
+            image_size=self.image_size or spec.size,
+            width=self.width,
+            seed=self.model_seed,
+            norm=self.norm,
+        )
 
 
 def _flag(name: str, value) -> str:
@@ -109,8 +126,13 @@ def entry(recipe: Recipe, cache: str | os.PathLike | None = None) -> Entry:
     return Entry(cache_dir(cache), recipe.key, "checkpoint", "it", rebuild)
 
 
-SIDECAR_FIELDS = {"key": str, "test_accuracy": (int, float), "epochs": int, "seed": int,
-                  "training_seconds": (int, float)}  # fmt: skip
+SIDECAR_FIELDS = {
+    "key": str,
+    "test_accuracy": (int, float),
+    "epochs": int,
+    "seed": int,
+    "training_seconds": (int, float),
+}
 
 
 def load(recipe: Recipe, cache: str | os.PathLike | None = None) -> Checkpoint | None:
@@ -151,8 +173,9 @@ def train(recipe: Recipe, *, data_root=None, on_epoch=None) -> Checkpoint:
         train_set = torch.utils.data.Subset(train_set, range(min(recipe.train_subset, len(train_set))))
     order = torch.Generator().manual_seed(recipe.model_seed)
     loader = torch.utils.data.DataLoader(train_set, batch_size=recipe.batch_size, shuffle=True, generator=order)
-    step = TrainingStep(model, recipe.defence, recipe.lr, sample_rate=1 / len(loader),
-                        expected_batch_size=len(train_set) / len(loader))
+    step = TrainingStep(
+        model, recipe.defence, recipe.lr, sample_rate=1 / len(loader), expected_batch_size=len(train_set) / len(loader)
+    )
     if step.private is not None:  # DP-SGD: Poisson-sampled batches, as its accountant assumes
         loader = DPDataLoader.from_data_loader(loader, generator=order)
     steps = recipe.epochs * len(loader)
@@ -170,10 +193,15 @@ def train(recipe: Recipe, *, data_root=None, on_epoch=None) -> Checkpoint:
     step.finish()
     model.eval()
     sidecar = {
-        "key": recipe.key, "test_accuracy": test_accuracy(model, recipe, data_root), "epochs": recipe.epochs,
-        "seed": recipe.model_seed, "training_seconds": time.perf_counter() - start, "torch": torch.__version__,
-        "recipe": dataclasses.asdict(recipe), **step.privacy(steps),
-    }  # fmt: skip
+        "key": recipe.key,
+        "test_accuracy": test_accuracy(model, recipe, data_root),
+        "epochs": recipe.epochs,
+        "seed": recipe.model_seed,
+        "training_seconds": time.perf_counter() - start,
+        "torch": torch.__version__,
+        "recipe": dataclasses.asdict(recipe),
+        **step.privacy(steps),
+    }
     return Checkpoint(recipe, {k: v.detach().clone() for k, v in model.state_dict().items()}, sidecar)
 
 

@@ -37,8 +37,14 @@ class TrainingStep:
         from .client import dp_training as dp
 
         self.private = self.settings
-        self.module, wrapped = dp.make_private(model, sgd, clip=self.settings.dp_clip, noise_seed=self.settings.defence_seed,
-                                               noise_multiplier=self.settings.dp_noise, expected_batch_size=expected_batch_size)  # fmt: skip
+        self.module, wrapped = dp.make_private(
+            model,
+            sgd,
+            clip=self.settings.dp_clip,
+            noise_seed=self.settings.defence_seed,
+            noise_multiplier=self.settings.dp_noise,
+            expected_batch_size=expected_batch_size,
+        )
         self.dp_optimiser, self.optimiser = wrapped, wrapped.original_optimizer
         self.parameters = list(wrapped.params)
 
@@ -62,7 +68,9 @@ class TrainingStep:
     def _defend_gradient(self) -> None:
         from .client.defences import client_defences
 
-        defences = client_defences(dataclasses.replace(self.settings, defence_seed=self.settings.defence_seed * 1_000_003 + self.count))
+        defences = client_defences(
+            dataclasses.replace(self.settings, defence_seed=self.settings.defence_seed * 1_000_003 + self.count)
+        )
         if not defences:
             return
         gradient = tuple(p.grad for p in self.parameters)
@@ -82,5 +90,8 @@ class TrainingStep:
             return {}
         from .client.accounting import ACCOUNTANT, epsilon
 
-        return {"training_epsilon": epsilon(self.settings.dp_noise, self.sample_rate, steps, self.settings.dp_delta),
-                "accountant": ACCOUNTANT, "delta": self.settings.dp_delta}  # fmt: skip
+        return {
+            "training_epsilon": epsilon(self.settings.dp_noise, self.sample_rate, steps, self.settings.dp_delta),
+            "accountant": ACCOUNTANT,
+            "delta": self.settings.dp_delta,
+        }

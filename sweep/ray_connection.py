@@ -23,8 +23,10 @@ from gradinv.errors import ConfigError
 LOOPBACK = "127.0.0.1"
 TOKEN_SOURCES = ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")  # where Ray looks before ~/.ray/auth_token
 PROBE_SECONDS = 5  # a head that is up accepts a TCP connection well within this
-UNREACHABLE_FIX = ("start the cluster's head first (ray start --head) or give the address it printed "
-                   "as HOST:PORT (the GCS port, 6379 by default); leave --address out to run locally")  # fmt: skip
+UNREACHABLE_FIX = (
+    "start the cluster's head first (ray start --head) or give the address it printed "
+    "as HOST:PORT (the GCS port, 6379 by default); leave --address out to run locally"
+)
 
 
 def connect(address: str | None, runtime_env: dict, max_retries: int):
@@ -68,8 +70,9 @@ def require_reachable(address: str | None) -> None:
         socket.create_connection((host, int(port)), timeout=PROBE_SECONDS).close()
     except OSError as error:
         reason = error.strerror or str(error) or type(error).__name__
-        raise ConfigError(field, address, f"nothing accepts connections there ({host}:{port}: {reason}); "
-                                          f"{UNREACHABLE_FIX}") from None  # fmt: skip
+        raise ConfigError(
+            field, address, f"nothing accepts connections there ({host}:{port}: {reason}); {UNREACHABLE_FIX}"
+        ) from None
 
 
 def _named(address: str | None) -> tuple[str, str | None]:
@@ -94,8 +97,13 @@ def _start_local(ray, options: dict, max_retries: int) -> None:
     try:
         with _fresh_token():
             # Cap Ray's out-of-memory retries, unlimited by default, like ours.
-            ray.init(address="local", _node_ip_address=LOOPBACK, _temp_dir=str(temp_dir),
-                     _system_config={"task_oom_retries": max_retries}, **options)  # fmt: skip
+            ray.init(
+                address="local",
+                _node_ip_address=LOOPBACK,
+                _temp_dir=str(temp_dir),
+                _system_config={"task_oom_retries": max_retries},
+                **options,
+            )
     finally:
         ray_constants.ENABLE_RAY_CLUSTER = cluster_mode
     session = Path(ray._private.worker._global_node.get_session_dir_path())
@@ -120,11 +128,14 @@ def _private_temp_dir() -> Path:
             private.mkdir(mode=0o700)
         found = os.lstat(private)
     except OSError as error:
-        raise ConfigError("RAY_TMPDIR", str(private.parent), f"set it to a directory you can write ({error.strerror})")
+        fix = f"set it to a directory you can write ({error.strerror})"
+        raise ConfigError("RAY_TMPDIR", str(private.parent), fix) from None
     if not stat.S_ISDIR(found.st_mode) or found.st_uid != os.getuid():  # planted by someone else, or a link
-        raise ConfigError("RAY_TMPDIR", str(private.parent),
-                          f"{private} is not a directory of yours: remove it, or set RAY_TMPDIR to a directory "
-                          "of your own")  # fmt: skip
+        raise ConfigError(
+            "RAY_TMPDIR",
+            str(private.parent),
+            f"{private} is not a directory of yours: remove it, or set RAY_TMPDIR to a directory of your own",
+        )
     os.chmod(private, 0o700)  # not a link (checked), so this tightens the directory itself
     return private / "ray"
 
@@ -162,5 +173,8 @@ def _reload_token() -> None:
 
 
 def _token_available() -> bool:
-    return bool(os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH")
-                or (Path.home() / ".ray" / "auth_token").exists())  # fmt: skip
+    return bool(
+        os.environ.get("RAY_AUTH_TOKEN")
+        or os.environ.get("RAY_AUTH_TOKEN_PATH")
+        or (Path.home() / ".ray" / "auth_token").exists()
+    )

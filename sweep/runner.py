@@ -18,25 +18,35 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from tqdm import tqdm
 
 from gradinv import memory
 from gradinv.errors import ConfigError
 from gradinv.provenance import commit
+from gradinv.results.journal import JOURNAL_DIR
+from gradinv.results.schema import to_table, trial_key
+from gradinv.results.store import ResultsDir
 from gradinv.trial import TrialSpec
 
+from .ray_connection import connect, require_reachable
+from .study import Resources, Study
+from .task_loop import (
+    DEFAULT_LANES,
+    MachineryFailed,
+    NodeWatch,
+    TaskLoop,
+    collect,
+    device_of,
+    failed_rows,
+    make_packs,
+    pack_task,
+)
 from .victim_training import Victims, check_caches, victim_from_checkpoint
 from .worker import Pack, current_attempt, run_pack
-from gradinv.results.journal import JOURNAL_DIR
-from .ray_connection import connect, require_reachable
-from gradinv.results.store import ResultsDir
-from gradinv.results.schema import to_table, trial_key
-from .study import Resources, Study
-from .task_loop import DEFAULT_LANES, MachineryFailed, NodeWatch, TaskLoop, collect, device_of, failed_rows, make_packs, pack_task
 
 EXIT_OK, EXIT_INCOMPLETE, EXIT_WRITE_FAILED, EXIT_INTERRUPTED, EXIT_TERMINATED = 0, 1, 1, 130, 143
 
@@ -139,7 +149,12 @@ class NodeFit:
 
     def __init__(self, ray, resources: Resources, *, named_cluster: bool, wait_seconds: float, clock=time.monotonic):
         self.ray, self.resources, self.named_cluster, self.wait_seconds, self.clock = (
-            ray, resources, named_cluster, wait_seconds, clock)  # fmt: skip
+            ray,
+            resources,
+            named_cluster,
+            wait_seconds,
+            clock,
+        )
         self.fits = False
         self.since = self.polled = None
 
@@ -158,8 +173,10 @@ class NodeFit:
             raise ConfigError(field, value, f"{largest} {fix}")
         if self.since is None:
             self.since = self.polled
-            print(f"no node fits one trial ({field} {value}; {largest}): "
-                  f"waiting up to {self.wait_seconds:g} s for the cluster to add one")  # fmt: skip
+            print(
+                f"no node fits one trial ({field} {value}; {largest}): "
+                f"waiting up to {self.wait_seconds:g} s for the cluster to add one"
+            )
         elif self.polled - self.since >= self.wait_seconds:
             fix = "for the cluster to add a larger node; ask for less per trial or give the cluster such nodes"
             raise ConfigError(field, value, f"{largest}, after waiting {self.wait_seconds:g} s {fix}")
@@ -227,8 +244,18 @@ def _drive(ray, study: Study, todo, results: ResultsDir, options: RunOptions, fi
     capacity = ray.cluster_resources().get("CPU", 1) / max(study.resources.num_cpus, 1e-3)
     limit = options.max_concurrent or max(2, math.ceil(2 * capacity))
     bar = tqdm(total=len(todo), desc=study.name, unit="trial", disable=not options.progress, dynamic_ncols=True)
-    run = _Drive(loop, task, make_packs(study, todo, device), victims, limit, study.max_retries, fit, bar,
-                 _Batcher(results, options.flush_rows, options.flush_seconds), NodeWatch(ray))  # fmt: skip
+    run = _Drive(
+        loop,
+        task,
+        make_packs(study, todo, device),
+        victims,
+        limit,
+        study.max_retries,
+        fit,
+        bar,
+        _Batcher(results, options.flush_rows, options.flush_seconds),
+        NodeWatch(ray),
+    )
     with loop.stopping_on_signals():
         try:
             stopped = run.until_done()
@@ -248,8 +275,19 @@ def _drive(ray, study: Study, todo, results: ResultsDir, options: RunOptions, fi
 class _Drive:
     """The drive loop's state: packs waiting, tasks in flight (on the shared task loop), finished rows."""
 
-    def __init__(self, loop: TaskLoop, task, packs: list[Pack], victims: Victims, limit: int, max_retries: int,
-                 fit: NodeFit, bar, batcher: _Batcher, watch: NodeWatch):  # fmt: skip
+    def __init__(
+        self,
+        loop: TaskLoop,
+        task,
+        packs: list[Pack],
+        victims: Victims,
+        limit: int,
+        max_retries: int,
+        fit: NodeFit,
+        bar,
+        batcher: _Batcher,
+        watch: NodeWatch,
+    ):
         self.loop, self.task, self.victims, self.limit, self.max_retries = loop, task, victims, limit, max_retries
         self.fit, self.bar, self.batcher, self.watch = fit, bar, batcher, watch
         self.waiting = list(packs)  # in study order; a pack whose victim is still training waits its turn
@@ -299,16 +337,22 @@ def _write_failed(path: Path, failure: RowsNotWritten) -> int:
     """One line on stderr: the directory, the OS error, where the finished rows are; exit code 1."""
     kept = f"; {_rows(failure.kept)} kept in {path / JOURNAL_DIR} for the next run" if failure.kept else ""
     unsaved = f"; {_rows(failure.unsaved)} could not be kept" if failure.unsaved else ""
-    print(f"gradinv run: cannot write results to {path}: {failure.error}{kept}{unsaved}; free space or make it "
-          "writable, then run the same command (it skips what has a row)", file=sys.stderr)  # fmt: skip
+    print(
+        f"gradinv run: cannot write results to {path}: {failure.error}{kept}{unsaved}; free space or make it "
+        "writable, then run the same command (it skips what has a row)",
+        file=sys.stderr,
+    )
     return EXIT_WRITE_FAILED
 
 
 def _machinery_failed(path: Path, failure: MachineryFailed, unfinished: int) -> int:
     """One line on stderr: what failed, how many trials did not finish (no row: the next run runs them); exit 1."""
     trials = f"{unfinished} trial" + ("s" if unfinished != 1 else "")
-    print(f"gradinv run: Ray failed under the run ({failure.what}): {trials} did not finish and have no row; "
-          f"the finished rows are in {path}; run the same command to run the rest", file=sys.stderr)  # fmt: skip
+    print(
+        f"gradinv run: Ray failed under the run ({failure.what}): {trials} did not finish and have no row; "
+        f"the finished rows are in {path}; run the same command to run the rest",
+        file=sys.stderr,
+    )
     return EXIT_INCOMPLETE
 
 

@@ -18,9 +18,9 @@ import pyarrow as pa
 from gradinv.data import dataset_spec
 from gradinv.errors import ConfigError
 from gradinv.parameters import DataSettings, declarations, parameters
+from gradinv.results.schema import SCHEMA
 from gradinv.trial import DEFAULTS, TrialSpec
 
-from gradinv.results.schema import SCHEMA
 from .study_yaml import StudyError, read_yaml
 
 TOP_LEVEL = ("name", "data", "fixed", "grid", "zip", "resources", "max_retries", "timeout", "lanes", "tune")
@@ -143,8 +143,13 @@ def load_study(path: str | Path, max_trials: int = MAX_TRIALS) -> Study:
     study = read_study(path, max_trials)
     if study.trials is None:
         line = study.lines.get(("grid",)) or study.lines.get(("zip",))
-        raise StudyError(study.path, line, "grid", f"{study.points} trials exceed the cap of {max_trials}; sweep "
-                         f"fewer values, or raise the cap (gradinv run --max-trials {study.points})")  # fmt: skip
+        raise StudyError(
+            study.path,
+            line,
+            "grid",
+            f"{study.points} trials exceed the cap of {max_trials}; sweep "
+            f"fewer values, or raise the cap (gradinv run --max-trials {study.points})",
+        )
     return study
 
 
@@ -177,8 +182,9 @@ def read_study(path: str | Path, max_trials: int = MAX_TRIALS) -> Study:
         check.fail(("zip",), "all zip axes must have the same length")
     resources = _resources(check, document.get("resources") or {})
     last_attempt = _column_range("attempt")[1]  # a trial's last attempt is max_retries + 1
-    max_retries = check.number(document.get("max_retries", 3), ("max_retries",), integer=True, minimum=0,
-                               maximum=last_attempt - 1)  # fmt: skip
+    max_retries = check.number(
+        document.get("max_retries", 3), ("max_retries",), integer=True, minimum=0, maximum=last_attempt - 1
+    )
     timeout = document.get("timeout")
     if timeout is not None:
         timeout = float(check.number(timeout, ("timeout",), positive=True))
@@ -194,14 +200,28 @@ def read_study(path: str | Path, max_trials: int = MAX_TRIALS) -> Study:
     axes = {**grid, **{f"zip:{k}": v for k, v in zipped.items()}}
     if isinstance(data["dataset"], list):
         axes = {"dataset": data["dataset"], **axes}
-    return Study(name, str(path), trials, collapsed, axes, points, resources, max_retries, timeout, lanes, tune, lines,
-                 sweep.fixed)  # fmt: skip
+    return Study(
+        name,
+        str(path),
+        trials,
+        collapsed,
+        axes,
+        points,
+        resources,
+        max_retries,
+        timeout,
+        lanes,
+        tune,
+        lines,
+        sweep.fixed,
+    )
 
 
 def _name(check: _Checker, name) -> str:
     if isinstance(name, str) and len(name) > MAX_NAME_LENGTH:
-        check.fail(("name",), f"{name[:MAX_NAME_LENGTH] + '...'!r} is {len(name)} characters; "
-                              f"use at most {MAX_NAME_LENGTH}")  # fmt: skip
+        check.fail(
+            ("name",), f"{name[:MAX_NAME_LENGTH] + '...'!r} is {len(name)} characters; use at most {MAX_NAME_LENGTH}"
+        )
     if not isinstance(name, str) or not NAME_PATTERN.match(name):
         check.fail(("name",), f"{name!r}: use letters, digits, '.', '_' and '-'")
     return name
@@ -219,8 +239,11 @@ def _resources(check: _Checker, value) -> Resources:
     for name, amount in (("num_cpus", num_cpus), ("num_gpus", num_gpus)):
         units = amount / RAY_RESOURCE_UNIT
         if not math.isclose(units, round(units), rel_tol=1e-9, abs_tol=1e-6) or 0 < units < 1:
-            check.fail(("resources", name), f"{amount!r}: Ray counts resources in steps of {RAY_RESOURCE_UNIT}; use a "
-                                            f"multiple of {RAY_RESOURCE_UNIT}")  # fmt: skip
+            check.fail(
+                ("resources", name),
+                f"{amount!r}: Ray counts resources in steps of {RAY_RESOURCE_UNIT}; use a "
+                f"multiple of {RAY_RESOURCE_UNIT}",
+            )
     return Resources(float(num_cpus), float(num_gpus))
 
 
@@ -274,7 +297,7 @@ class _Sweep:
     zipped: dict
 
     @classmethod
-    def validated(cls, check: _Checker, data: dict, fixed: dict, grid: dict, zipped: dict) -> "_Sweep":
+    def validated(cls, check: _Checker, data: dict, fixed: dict, grid: dict, zipped: dict) -> _Sweep:
         datasets = _datasets(check, data)
         indices = _image_indices(check, data, datasets)
         base = {
@@ -289,9 +312,12 @@ class _Sweep:
             if not 1 <= per_client * clients <= len(indices):
                 most = len(indices) // clients
                 dealt = f" x {clients} clients = {per_client * clients}" if clients > 1 else ""
-                check.fail(sweep.where("images_per_client"), f"{per_client}{dealt}: use 1 to {most} images per "
-                           f"client (the study has {len(indices)} images)" if most else
-                           f"{per_client}{dealt}: the study has {len(indices)} images, fewer than {clients} clients")
+                check.fail(
+                    sweep.where("images_per_client"),
+                    f"{per_client}{dealt}: use 1 to {most} images per client (the study has {len(indices)} images)"
+                    if most
+                    else f"{per_client}{dealt}: the study has {len(indices)} images, fewer than {clients} clients",
+                )
         return sweep
 
     def where(self, name: str) -> tuple:
@@ -343,7 +369,13 @@ class _Sweep:
         return tuple(trials), points - len(trials)
 
 
-_DATA_FIELDS = {"dataset": "dataset", "image": "images", "images": "images", "labels": "labels", "image_size": "image_size"}
+_DATA_FIELDS = {
+    "dataset": "dataset",
+    "image": "images",
+    "images": "images",
+    "labels": "labels",
+    "image_size": "image_size",
+}
 
 
 def _location(field_name: str, where) -> tuple:

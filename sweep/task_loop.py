@@ -13,15 +13,15 @@ import signal
 import threading
 import time
 import types
+from collections.abc import Callable
 from itertools import groupby
-from typing import Callable
 
 from gradinv import memory
 from gradinv.trial import TrialOutcome, TrialSpec, lane_signature
 
-from .worker import Pack, failed_outcomes, now, outcome_row, where_am_i
 from .stopping import Stopped
 from .study import Study
+from .worker import Pack, failed_outcomes, now, outcome_row, where_am_i
 
 DEFAULT_LANES = {"cpu": 1, "cuda": 16}
 
@@ -51,8 +51,13 @@ def pack_task(ray, function, study: Study, **options):
     the largest node's), so that Ray never starts more of them on a node than it holds."""
     resources = study.resources
     remote = ray.remote(function)
-    fixed = dict(num_cpus=resources.num_cpus, num_gpus=resources.num_gpus, max_retries=study.max_retries,
-                 retry_exceptions=False, **options)  # fmt: skip
+    fixed = dict(
+        num_cpus=resources.num_cpus,
+        num_gpus=resources.num_gpus,
+        max_retries=study.max_retries,
+        retry_exceptions=False,
+        **options,
+    )
     largest = memory.largest_node_memory(ray)
 
     def submit(pack: Pack, *args):
@@ -151,8 +156,10 @@ def task_error(error: BaseException) -> str:
 def failed_rows(pack: Pack, message: str, attempt: int, started_at=None) -> list[dict]:
     """Rows for trials that never produced their own (the task died for good, or had no victim)."""
     timing = {"started_at": started_at or now(), "finished_at": now(), "task_seconds": None}
-    return [outcome_row(pack, key, outcome, attempt, timing, nowhere(pack.device))
-            for key, outcome in zip(pack.keys, failed_outcomes(pack, message))]  # fmt: skip
+    return [
+        outcome_row(pack, key, outcome, attempt, timing, nowhere(pack.device))
+        for key, outcome in zip(pack.keys, failed_outcomes(pack, message))
+    ]
 
 
 def stopped_rows(pack: Pack, status: str, reason: str, curves: dict, qualities: dict, started_at) -> list[dict]:
@@ -161,13 +168,19 @@ def stopped_rows(pack: Pack, status: str, reason: str, curves: dict, qualities: 
     timing = {"started_at": started_at, "finished_at": now(), "task_seconds": None}
     rows = []
     for key, spec in zip(pack.keys, pack.specs):
-        outcome = TrialOutcome(spec=spec, status=status, error=reason, curve=curves.get(key, []),
-                               quality_curve=qualities.get(key, []), lanes=len(pack.keys))  # fmt: skip
+        outcome = TrialOutcome(
+            spec=spec,
+            status=status,
+            error=reason,
+            curve=curves.get(key, []),
+            quality_curve=qualities.get(key, []),
+            lanes=len(pack.keys),
+        )
         rows.append(outcome_row(pack, key, outcome, 1, timing, nowhere(pack.device)))
     return rows
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def nowhere(device: str) -> dict:
     """The host and provenance columns of a row no worker wrote: null."""
     return {name: None for name in where_am_i(device)}

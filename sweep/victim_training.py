@@ -13,11 +13,11 @@ import contextlib
 import functools
 
 from gradinv import cache, federation, zoo
+from gradinv.files import require_writable_directory
 from gradinv.parameters import federated
 from gradinv.trial import TrialSpec
 from gradinv.victims import FederationRound, ZooCheckpoint
 
-from gradinv.files import require_writable_directory
 from .task_loop import finished
 
 

@@ -26,9 +26,8 @@ from gradinv import data
 from gradinv.attacks.base import TrialTimeout
 from gradinv.client.accounting import privacy_columns
 from gradinv.provenance import provenance
-from gradinv.trial import TrialOutcome, TrialSpec, run_trials
-
 from gradinv.results.schema import parameter_columns
+from gradinv.trial import TrialOutcome, TrialSpec, run_trials
 
 
 class PackStopped(RuntimeError):
@@ -58,14 +57,28 @@ def now() -> dt.datetime:
 
 def outcome_row(pack: Pack, key: str, outcome: TrialOutcome, attempt: int, timing: dict, where: dict) -> dict:
     row = {
-        "study": pack.study, "key": key, "candidate": pack.candidate, **parameter_columns(outcome.spec),
-        **pack.extra, **outcome.image_columns, **privacy_columns(outcome.spec), **outcome.metrics, **{f"{name}_per_image": v for name, v in outcome.per_image.items()},
+        "study": pack.study,
+        "key": key,
+        "candidate": pack.candidate,
+        **parameter_columns(outcome.spec),
+        **pack.extra,
+        **outcome.image_columns,
+        **privacy_columns(outcome.spec),
+        **outcome.metrics,
+        **{f"{name}_per_image": v for name, v in outcome.per_image.items()},
         "restart_scores": outcome.restart_scores,
-        "curve_iterations": [i for i, _ in outcome.curve], "curve_costs": [c for _, c in outcome.curve],
-        "curve_psnr": [q for q, _ in outcome.quality_curve] or None, "curve_ssim": [q for _, q in outcome.quality_curve] or None,
-        "status": outcome.status, "error": outcome.error or None, "attempt": attempt,
-        "attack_seconds": outcome.seconds, "lanes": outcome.lanes, **timing, **where,
-    }  # fmt: skip
+        "curve_iterations": [i for i, _ in outcome.curve],
+        "curve_costs": [c for _, c in outcome.curve],
+        "curve_psnr": [q for q, _ in outcome.quality_curve] or None,
+        "curve_ssim": [q for _, q in outcome.quality_curve] or None,
+        "status": outcome.status,
+        "error": outcome.error or None,
+        "attempt": attempt,
+        "attack_seconds": outcome.seconds,
+        "lanes": outcome.lanes,
+        **timing,
+        **where,
+    }
     if outcome.curve:
         row["iterations_run"] = outcome.curve[-1][0]
     if outcome.reconstruction is not None:
@@ -85,10 +98,17 @@ def where_am_i(device: str) -> dict:
     except ImportError:  # the pack can also run without Ray
         pass
     return {
-        "host": socket.gethostname(), "node_id": node_id, "worker_pid": os.getpid(), "device": info["device"],
-        "threads": info["threads"], "gradinv_version": info["gradinv"], "torch_version": info["torch"],
-        "torchvision_version": info["torchvision"], "python_version": info["python"], "commit": info["commit"],
-    }  # fmt: skip
+        "host": socket.gethostname(),
+        "node_id": node_id,
+        "worker_pid": os.getpid(),
+        "device": info["device"],
+        "threads": info["threads"],
+        "gradinv_version": info["gradinv"],
+        "torch_version": info["torch"],
+        "torchvision_version": info["torchvision"],
+        "python_version": info["python"],
+        "commit": info["commit"],
+    }
 
 
 def current_attempt() -> int:
@@ -112,8 +132,15 @@ def run_pack(pack: Pack, attempt: int = 1, victim=None, on_checkpoint=None, imag
     torch.set_num_threads(pack.threads)
     started, clock = now(), time.monotonic()
     deadline = clock + pack.timeout if pack.timeout else None
-    run = functools.partial(_run_lanes, device=pack.device, attempt=attempt, victim=victim, images=images,
-                            on_checkpoint=on_checkpoint, deadline=deadline)  # fmt: skip
+    run = functools.partial(
+        _run_lanes,
+        device=pack.device,
+        attempt=attempt,
+        victim=victim,
+        images=images,
+        on_checkpoint=on_checkpoint,
+        deadline=deadline,
+    )
     try:
         outcomes = run(pack.keys, pack.specs)
     except WHOLE_PACK_STOPS as error:
@@ -121,11 +148,18 @@ def run_pack(pack: Pack, attempt: int = 1, victim=None, on_checkpoint=None, imag
     except Exception as error:  # noqa: BLE001 - any trial error is data, not a crash
         outcomes = _one_by_one(pack, run) if len(pack.specs) > 1 else failed_outcomes(pack, _describe(error))
     seconds = time.monotonic() - clock
-    timing = {"started_at": started, "finished_at": now(), "task_seconds": seconds,
-              "trial_seconds": seconds / len(pack.keys), "pack_id": uuid.uuid4().hex[:16]}  # fmt: skip
+    timing = {
+        "started_at": started,
+        "finished_at": now(),
+        "task_seconds": seconds,
+        "trial_seconds": seconds / len(pack.keys),
+        "pack_id": uuid.uuid4().hex[:16],
+    }
     where = where_am_i(pack.device)
-    return [outcome_row(pack, key, o, attempt, {**timing, "lane_index": lane}, where)
-            for lane, (key, o) in enumerate(zip(pack.keys, outcomes))]  # fmt: skip
+    return [
+        outcome_row(pack, key, o, attempt, {**timing, "lane_index": lane}, where)
+        for lane, (key, o) in enumerate(zip(pack.keys, outcomes))
+    ]
 
 
 def _run_lanes(keys, specs, *, device, attempt, victim, images, on_checkpoint, deadline) -> list[TrialOutcome]:
@@ -143,7 +177,9 @@ def _one_by_one(pack: Pack, run) -> list[TrialOutcome]:
         try:
             outcomes += run((key,), (spec,))
         except WHOLE_PACK_STOPS as error:
-            return outcomes + [TrialOutcome(spec=s, status="failed", error=_describe(error)) for s in pack.specs[index:]]
+            return outcomes + [
+                TrialOutcome(spec=s, status="failed", error=_describe(error)) for s in pack.specs[index:]
+            ]
         except Exception as error:  # noqa: BLE001 - this trial's error is data
             outcomes.append(TrialOutcome(spec=spec, status="failed", error=_describe(error)))
     return outcomes

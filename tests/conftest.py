@@ -1,9 +1,9 @@
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
-import shutil
 import tempfile
 import textwrap
 from pathlib import Path
@@ -31,9 +31,14 @@ class Driver:
 
     def __init__(self, *args: str, env: dict | None = None):
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "sweep", *args], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-            text=True, start_new_session=True, env={**os.environ, **(env or {})},
-        )  # fmt: skip
+            [sys.executable, "-m", "sweep", *args],
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+            env={**os.environ, **(env or {})},
+        )
 
     def wait(self, timeout: float = 300) -> tuple[int, str]:
         try:
@@ -87,8 +92,14 @@ class Bars:
     def _check(self, bar, value, threshold, direction, cleared, holds):
         log = os.environ.get("GRADINV_BAR_LOG")
         if log:
-            record = dict(bar=bar, value=float(value), threshold=threshold, direction=direction, holds=holds,
-                          seed_offset=self.seed_offset)  # fmt: skip
+            record = dict(
+                bar=bar,
+                value=float(value),
+                threshold=threshold,
+                direction=direction,
+                holds=holds,
+                seed_offset=self.seed_offset,
+            )
             with open(log, "a") as lines:
                 lines.write(json.dumps(record) + "\n")
         expected = "clear" if holds else "stay short of"

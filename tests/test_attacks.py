@@ -17,7 +17,8 @@ from gradinv import baselines, data, metrics
 from gradinv.attacks.analytic import first_linear_input
 from gradinv.attacks.inverting import IGConfig, invert_gradients
 from gradinv.attacks.labels import batch_labels, idlg_label
-from gradinv.client.update import FLConfig, client_update, minibatch_schedule, model_state, parameter_update
+from gradinv.client.update import client_update, minibatch_schedule, model_state, parameter_update
+from gradinv.parameters import ClientSettings
 from gradinv.trial import TrialSpec, run_trials
 from gradinv.victims import Untrained
 
@@ -78,7 +79,8 @@ def test_idlg_recovers_every_single_image_label():
     model = Untrained(spec).model()
     images01, labels = data.load_images(spec.dataset, tuple(range(50)), image_size=16)
     images = data.normalise(images01, spec.data_spec)
-    found = [idlg_label(client_update(model, images[i : i + 1], labels[i : i + 1], FLConfig()), 10) for i in range(50)]
+    updates = [client_update(model, images[i : i + 1], labels[i : i + 1], ClientSettings()) for i in range(50)]
+    found = [idlg_label(update, 10) for update in updates]
     assert found == labels.tolist()
 
 
@@ -122,8 +124,9 @@ def test_attacker_unrolls_the_clients_update_exactly(settings, bars):
 
 
 def test_local_momentum_is_torch_sgds():
-    spec = dataclasses.replace(SMALL, images=(0, 1, 2, 3), fl="fedavg", local_steps=3, local_lr=0.05, local_momentum=0.9,
-                               local_batch_size=2)  # fmt: skip
+    spec = dataclasses.replace(
+        SMALL, images=(0, 1, 2, 3), fl="fedavg", local_steps=3, local_lr=0.05, local_momentum=0.9, local_batch_size=2
+    )
     model, images, labels, update = client(spec)
     reference = dataclasses.replace(update.fl, local_momentum=0.0)
     assert not torch.allclose(update.tensors[0], client_update(model, images, labels, reference).tensors[0])
@@ -138,7 +141,7 @@ def test_local_momentum_is_torch_sgds():
 
 
 def test_minibatch_schedule_covers_each_image_once_per_epoch():
-    schedule = minibatch_schedule(5, FLConfig(fl="fedavg", local_steps=6, local_batch_size=2, data_order_seed=3))
+    schedule = minibatch_schedule(5, ClientSettings(fl="fedavg", local_steps=6, local_batch_size=2, data_order_seed=3))
     first_epoch = torch.cat(schedule[:3]).sort().values
     second_epoch = torch.cat(schedule[3:]).sort().values
     assert first_epoch.tolist() == second_epoch.tolist() == [0, 1, 2, 3, 4]
@@ -146,8 +149,18 @@ def test_minibatch_schedule_covers_each_image_once_per_epoch():
 
 def small_faces(seeds: list[int], iterations: int):
     """IG on one 16x16 face per client, packed as lanes; each image attacked with its own seed."""
-    specs = [TrialSpec(dataset="faces", images=(image,), image_size=16, model="convnet", width=16,
-                       iterations=iterations, attack_seed=seed) for image, seed in enumerate(seeds)]  # fmt: skip
+    specs = [
+        TrialSpec(
+            dataset="faces",
+            images=(image,),
+            image_size=16,
+            model="convnet",
+            width=16,
+            iterations=iterations,
+            attack_seed=seed,
+        )
+        for image, seed in enumerate(seeds)
+    ]
     return run_trials(specs)
 
 
@@ -180,11 +193,20 @@ def test_restart_winner_is_lowest_gradient_cost_and_nan_never_wins():
     spec = dataclasses.replace(SMALL, iterations=30)
     model, images, labels, update = client(spec)
     box = data.pixel_box(spec.data_spec, images)
-    good = invert_gradients(model, [update], labels[None], [IGConfig(iterations=30, restarts=3, tv=1e-4, lr=0.1)], [0], box, images.shape)
+    good = invert_gradients(
+        model, [update], labels[None], [IGConfig(iterations=30, restarts=3, tv=1e-4, lr=0.1)], [0], box, images.shape
+    )
     assert good.restart_scores.shape == (1, 3)
     poisoned = dataclasses.replace(update, tensors=tuple(t * float("nan") for t in update.tensors))
-    both = invert_gradients(model, [update, poisoned], torch.stack([labels, labels]),
-                            [IGConfig(iterations=30, restarts=3, tv=1e-4, lr=0.1)] * 2, [0, 0], box, images.shape)  # fmt: skip
+    both = invert_gradients(
+        model,
+        [update, poisoned],
+        torch.stack([labels, labels]),
+        [IGConfig(iterations=30, restarts=3, tv=1e-4, lr=0.1)] * 2,
+        [0, 0],
+        box,
+        images.shape,
+    )
     assert torch.isinf(both.restart_scores[1]).all()
     assert torch.isfinite(both.restart_scores[0]).all()
     assert torch.isfinite(both.images[0]).all()
@@ -196,9 +218,21 @@ def test_restart_winner_is_lowest_gradient_cost_and_nan_never_wins():
 def test_dlg_recovers_tiny_faces(labels, attack, bars):
     # L-BFGS settles in whichever basin last-bit differences pick: per image, anything from below the
     # data-only guess to 80 dB. The median over nine faces is the bar.
-    specs = [TrialSpec(dataset="faces", images=(image,), image_size=8, model="lenet-zhu", width=48, attack="dlg",
-                       iterations=100 if attack else 1, lr=1.0, labels=labels, attack_seed=seed)
-             for image, seed in enumerate(bars.seeds(9))]  # fmt: skip
+    specs = [
+        TrialSpec(
+            dataset="faces",
+            images=(image,),
+            image_size=8,
+            model="lenet-zhu",
+            width=48,
+            attack="dlg",
+            iterations=100 if attack else 1,
+            lr=1.0,
+            labels=labels,
+            attack_seed=seed,
+        )
+        for image, seed in enumerate(bars.seeds(9))
+    ]
     outcomes = run_trials(specs)
     assert all(o.status == "ok" for o in outcomes)
     gain = statistics.median(gains_over_guessing(outcomes))
@@ -209,8 +243,20 @@ def test_dlg_recovers_tiny_faces(labels, attack, bars):
 
 
 def test_dlg_lanes_side_by_side_equal_each_alone_and_report_checkpoints():
-    specs = [TrialSpec(dataset="faces", images=(image,), image_size=8, model="lenet-zhu", width=8, attack="dlg",
-                       iterations=16, lr=1.0, attack_seed=image) for image in (0, 1)]  # fmt: skip
+    specs = [
+        TrialSpec(
+            dataset="faces",
+            images=(image,),
+            image_size=8,
+            model="lenet-zhu",
+            width=8,
+            attack="dlg",
+            iterations=16,
+            lr=1.0,
+            attack_seed=image,
+        )
+        for image in (0, 1)
+    ]
     checkpoints = []
     together = run_trials(specs, on_checkpoint=lambda i, costs, quality: checkpoints.append((i, costs, quality)))
     alone = [run_trials([spec])[0] for spec in specs]
@@ -229,7 +275,9 @@ def test_a_stalled_dlg_lane_stops_stepping_with_the_images_it_would_end_with(mon
     monkeypatch.setattr(torch.optim.LBFGS, "step", lambda self, closure: steps.append(1) or real_step(self, closure))
     settled = run_trials([spec])[0]
     assert len(steps) < 40  # it stopped early
-    monkeypatch.setattr("gradinv.attacks.dlg._Lane.settled", property(lambda self: False, lambda self, value: None), raising=False)
+    monkeypatch.setattr(
+        "gradinv.attacks.dlg._Lane.settled", property(lambda self: False, lambda self, value: None), raising=False
+    )
     steps.clear()
     every_step = run_trials([spec])[0]
     assert len(steps) == 40 and torch.equal(settled.reconstruction, every_step.reconstruction)
@@ -238,11 +286,20 @@ def test_a_stalled_dlg_lane_stops_stepping_with_the_images_it_would_end_with(mon
 @pytest.mark.numeric
 @ATTACK_OR_CONTROL
 def test_unrolling_attacker_beats_one_that_assumes_fedsgd(attack, bars):
-    spec = TrialSpec(dataset="faces", images=(0, 1, 2, 3), model="convnet", width=8, fl="fedavg", local_steps=4,
-                     local_lr=0.1, local_batch_size=2, iterations=150 if attack else 1)  # fmt: skip
+    spec = TrialSpec(
+        dataset="faces",
+        images=(0, 1, 2, 3),
+        model="convnet",
+        width=8,
+        fl="fedavg",
+        local_steps=4,
+        local_lr=0.1,
+        local_batch_size=2,
+        iterations=150 if attack else 1,
+    )
     model, images, labels, update = client(spec)
     box = data.pixel_box(spec.data_spec, images)
-    as_gradient = dataclasses.replace(update, tensors=tuple(-t for t in update.tensors), fl=FLConfig())
+    as_gradient = dataclasses.replace(update, tensors=tuple(-t for t in update.tensors), fl=ClientSettings())
     scores = []
     for assumed in (update, as_gradient):
         result = invert_gradients(model, [assumed], labels[None], [spec.ig_config()], bars.seeds(1), box, images.shape)
@@ -266,15 +323,18 @@ def test_metrics_on_known_answers():
 
 
 def test_layers_take_named_sets_and_negative_indices_and_refuse_bad_ones(tmp_path, capsys):
-    from sweep.cli.main import main
     from gradinv.results.schema import trial_key
+    from sweep.cli.main import main
 
     named = TrialSpec(layers="top10")
     assert named.ig_config().layers == "top10" and named.key_fields() == {"layer_set": "top10"}  # keyed as before
     assert trial_key(TrialSpec(layers="all")) == trial_key(TrialSpec())
     assert TrialSpec(layers=(0, -1)).ig_config().layers == (0, -1)
-    for bad, message in [((0, 34), "use indices from -34 to 33"), ((1, -33), "list each parameter tensor once"),
-                         ("last7", "give a list of indices or one of all, first4, ")]:  # fmt: skip
+    for bad, message in [
+        ((0, 34), "use indices from -34 to 33"),
+        ((1, -33), "list each parameter tensor once"),
+        ("last7", "give a list of indices or one of all, first4, "),
+    ]:
         with pytest.raises(ValueError, match=message):
             TrialSpec(layers=bad)  # convnet: 34 parameter tensors
     assert main(["attack", "--layers", "0,x", "--out", str(tmp_path / "out")]) == 2
@@ -306,8 +366,9 @@ def test_packed_lanes_of_sgd_and_lbfgs_match_their_single_runs(optimizer):
     configs = [spec.ig_config(), dataclasses.replace(spec.ig_config(), tv=1e-2)]
     packed = invert_gradients(model, updates, torch.stack(labels), configs, [0, 1], box, images.shape)
     for lane in (0, 1):
-        alone = invert_gradients(model, updates[lane : lane + 1], labels[lane][None], configs[lane : lane + 1], [lane],
-                                 box, images.shape)  # fmt: skip
+        alone = invert_gradients(
+            model, updates[lane : lane + 1], labels[lane][None], configs[lane : lane + 1], [lane], box, images.shape
+        )
         assert torch.allclose(packed.images[lane], alone.images[0], rtol=0, atol=1e-4)
 
 

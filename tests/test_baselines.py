@@ -8,7 +8,7 @@ import pytest
 import skimage.data
 import torch
 
-from gradinv import data
+from gradinv import data, dataset_specs
 from gradinv.baselines import BaselinePool, score_baselines
 from gradinv.errors import ConfigError
 
@@ -24,7 +24,7 @@ def psnr_by_formula(guess: np.ndarray, truth: np.ndarray) -> float:
 
 def test_faces_pool_and_scores_equal_a_direct_computation():
     pool = BaselinePool.for_dataset("faces", pool_size=20)
-    train = data.FACES_SPLIT.train[:20]
+    train = dataset_specs.FACES_SPLIT.train[:20]
     images = faces01(train)
     labels = np.array([1 if index < 100 else 0 for index in train])
     assert torch.allclose(pool.mean_image[0].double(), torch.from_numpy(images.mean(0)), atol=1e-6)
@@ -34,7 +34,7 @@ def test_faces_pool_and_scores_equal_a_direct_computation():
         direct = torch.from_numpy(images[labels == label].mean(0))
         assert torch.allclose(pool.class_means[label][0].double(), direct, atol=1e-6)
 
-    truth = faces01([data.FACES_SPLIT.test[0]])  # one attacked face
+    truth = faces01([dataset_specs.FACES_SPLIT.test[0]])  # one attacked face
     scores, _ = score_baselines(pool.guesses(torch.tensor([1])), torch.from_numpy(truth).float().view(1, 1, 25, 25))
     expected = {
         "mean_image": psnr_by_formula(images.mean(0), truth[0]),
@@ -48,8 +48,8 @@ def test_faces_pool_and_scores_equal_a_direct_computation():
 
 
 def test_the_pool_never_holds_an_attacked_image():
-    pool = BaselinePool.for_dataset("faces", pool_size=len(data.FACES_SPLIT.train))
-    not_attacked = [index for index in range(200) if index not in data.FACES_SPLIT.test]
+    pool = BaselinePool.for_dataset("faces", pool_size=len(dataset_specs.FACES_SPLIT.train))
+    not_attacked = [index for index in range(200) if index not in dataset_specs.FACES_SPLIT.test]
     assert torch.allclose(pool.mean_image[0].double(), torch.from_numpy(faces01(not_attacked).mean(0)), atol=1e-6)
     with pytest.raises(ConfigError, match="pool_size: 151.*use 1 to 150"):
         BaselinePool.for_dataset("faces", pool_size=151)  # the pool cannot reach into the test split
@@ -72,8 +72,10 @@ def test_class_mean_guesses_follow_labels_and_fall_back_to_the_pool_mean():
     pool = BaselinePool.for_dataset("faces", image_size=8, pool_size=2)  # one face, one non-face
     guesses = pool.guesses(torch.tensor([0, 1, 7]))
     assert {name: tuple(g.shape) for name, g in guesses.items()} == {
-        "mean_image": (3, 1, 8, 8), "flat": (3, 1, 8, 8), "class_mean": (3, 1, 8, 8),
-    }  # fmt: skip
+        "mean_image": (3, 1, 8, 8),
+        "flat": (3, 1, 8, 8),
+        "class_mean": (3, 1, 8, 8),
+    }
     assert torch.equal(guesses["class_mean"][0], pool.class_means[0])
     assert torch.equal(guesses["class_mean"][1], pool.class_means[1])
     assert torch.equal(guesses["class_mean"][2], pool.mean_image)  # a class the pool lacks
@@ -124,9 +126,9 @@ def test_a_changed_split_changes_the_keys_of_its_trials_and_checkpoints():
     import hashlib
     import json
 
+    from gradinv.results.schema import RESULTS_FORMAT, trial_key
     from gradinv.trial import TrialSpec
     from gradinv.zoo import Recipe
-    from gradinv.results.schema import RESULTS_FORMAT, trial_key
 
     def unversioned(spec):  # how a key was made before datasets had split versions
         canonical = json.dumps({"format": RESULTS_FORMAT, **spec.non_default()}, sort_keys=True, separators=(",", ":"))

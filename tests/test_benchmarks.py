@@ -46,44 +46,92 @@ class Smallest:
 
 RUNS = {
     "attack_throughput.py": Smallest(
-        ("--cases", "convnet64-4img-fedavg5,convnet32-28x28x1", "--repeats", "1", "--iterations", "1",
-         "--max-lanes", "2", "--width", "2", "--threads", "1"),
-        "  configuration      trial-its/s  ratio to (a)          min..max", r"  \([abc]\) (plain loop|lanes=[12]) ", 6),
+        (
+            "--cases",
+            "convnet64-4img-fedavg5,convnet32-28x28x1",
+            "--repeats",
+            "1",
+            "--iterations",
+            "1",
+            "--max-lanes",
+            "2",
+            "--width",
+            "2",
+            "--threads",
+            "1",
+        ),
+        "  configuration      trial-its/s  ratio to (a)          min..max",
+        r"  \([abc]\) (plain loop|lanes=[12]) ",
+        6,
+    ),
     "bn_prior.py": Smallest(
         ("--iterations", "1", "--size", "8", "--batches", "1", "--weights", "0.01"),
-        "| attack | batch 0 | mean | vs plain | seconds |", r"\| (plain|bn batch|bn running|best data-only guess)", 4),
+        "| attack | batch 0 | mean | vs plain | seconds |",
+        r"\| (plain|bn batch|bn running|best data-only guess)",
+        4,
+    ),
     "false_prunes.py": Smallest(
         ("{tmp}/tiny-tune.yaml",),
         "search                           candidate pruned at    final   median     best  verdict",
-        r"tiny-tune +2 +\d/8 .*(rightly pruned|false prune|would have won)$", 1),  # candidate 2 is pruned
+        r"tiny-tune +2 +\d/8 .*(rightly pruned|false prune|would have won)$",
+        1,
+    ),  # candidate 2 is pruned
     "imprint_recovery.py": Smallest(
         ("--bins", "2", "--batches", "1", "--batch", "2", "--train-sample", "2", "--width", "1", "--fl", "fedavg"),
-        "  bins  batch     images   alone  >=30 dB   median", r" +2 +(0 +0-1|mean) ", 2),
+        "  bins  batch     images   alone  >=30 dB   median",
+        r" +2 +(0 +0-1|mean) ",
+        2,
+    ),
     "label_methods.py": Smallest(
         ("--batches", "1", "--sizes", "2", "12", "--width", "1", "--epochs", "1", "--train-subset", "8"),
         "| victim | batch | method | mean accuracy (applicable) | not applicable | accuracy when run anyway |",
-        r"\| (untrained|trained) \| (2|12) \| (bias_counts|ilrg|ilrg, paper only) \|", 12),
+        r"\| (untrained|trained) \| (2|12) \| (bias_counts|ilrg|ilrg, paper only) \|",
+        12,
+    ),
     "lane_agreement.py": Smallest(
         ("--trials", "2", "--iterations", "1", "--width", "1", "--fl", "fedavg"),
-        " trial    packed     alone       gap", r" +[01] +-?\d+\.\d\d +-?\d+\.\d\d +[+-]\d+\.\d\d$", 2),
+        " trial    packed     alone       gap",
+        r" +[01] +-?\d+\.\d\d +-?\d+\.\d\d +[+-]\d+\.\d\d$",
+        2,
+    ),
     "memory_estimate.py": Smallest(
         ("--cases", "tiny", "--iterations", "1"),
         "| case | lanes | estimate | measured peak RSS | ratio | trial's own: estimate | measured | ratio |",
-        r"\| tiny \| 1 \| ", 1),
+        r"\| tiny \| 1 \| ",
+        1,
+    ),
     "portability.py": Smallest(
-        ("tests/test_lanes.py::test_each_lane_matches_its_own_single_lane_computation[settings0]", "--seeds", "1",
-         "--threads", "1", "--settings", "default/SSE41"),
-        "| bar | threshold | run | n | min | median | max | missed |", r"\| lanes: (objective|gradient), ", 2),
+        (
+            "tests/test_lanes.py::test_each_lane_matches_its_own_single_lane_computation[settings0]",
+            "--seeds",
+            "1",
+            "--threads",
+            "1",
+            "--settings",
+            "default/SSE41",
+        ),
+        "| bar | threshold | run | n | min | median | max | missed |",
+        r"\| lanes: (objective|gradient), ",
+        2,
+    ),
     "reference_defaults.py": Smallest(
         ("--images", "2", "--iterations", "1", "--width", "1", "--lanes", "2"),
-        " image  reference   former    diff", r" +[01] +-?\d+\.\d\d +-?\d+\.\d\d +[+-]\d+\.\d\d$", 2),
+        " image  reference   former    diff",
+        r" +[01] +-?\d+\.\d\d +-?\d+\.\d\d +[+-]\d+\.\d\d$",
+        2,
+    ),
     "runner_overhead.py": Smallest(
         ("--trials", "2"),
         "path                                    seconds  trials/s  ms/trial",
-        r"(plain loop|full path) .* +\d+\.\d\d$", 3),
+        r"(plain loop|full path) .* +\d+\.\d\d$",
+        3,
+    ),
     "scaling.py": Smallest(
         ("--trials", "2", "--workers", "1"),
-        "worker nodes    seconds  trials/s  speed-up", r"1 +\d+\.\d +\d+\.\d +1\.00$", 1),
+        "worker nodes    seconds  trials/s  speed-up",
+        r"1 +\d+\.\d +\d+\.\d +1\.00$",
+        1,
+    ),
 }
 
 
@@ -94,8 +142,15 @@ def test_every_benchmark_script_has_a_smallest_run():
 
 def run_script(script: str, args: list[str], env: dict, timeout: float = 300) -> tuple[int, str]:
     """The script in its own process group, killed by that group whatever happens (Ray's processes too)."""
-    process = subprocess.Popen([sys.executable, f"benchmarks/{script}", *args], cwd=REPO, stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True, start_new_session=True, env=env)  # fmt: skip
+    process = subprocess.Popen(
+        [sys.executable, f"benchmarks/{script}", *args],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+        env=env,
+    )
     try:
         try:
             output, _ = process.communicate(timeout=timeout)

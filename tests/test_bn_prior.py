@@ -7,19 +7,23 @@ import torch
 from torch import nn
 from torch.func import vmap
 
-from gradinv.attacks.bn_prior import BatchNormPrior, feature_distance, group_consistency
-from gradinv.attacks.inverting import IGConfig, LaneObjective, invert_gradients, total_variation
-from gradinv.client.defences import attacker_update
-from gradinv.errors import ConfigError
 from gradinv.attacks import steps
-from gradinv.attacks.inverting import initial_images
+from gradinv.attacks.bn_prior import BatchNormPrior, feature_distance, group_consistency
+from gradinv.attacks.inverting import IGConfig, LaneObjective, initial_images, invert_gradients, total_variation
+from gradinv.client.defences import attacker_update
 from gradinv.client.update import (
-    FLConfig, aggregate, client_update, feature_statistics, minibatch_schedule, model_state,
+    aggregate,
+    client_update,
+    feature_statistics,
+    minibatch_schedule,
+    model_state,
 )
+from gradinv.errors import ConfigError
 from gradinv.models import build_model
+from gradinv.parameters import ClientSettings
 
 BOX = (torch.full((3, 1, 1), -2.0), torch.full((3, 1, 1), 2.0))
-FEDAVG = FLConfig(fl="fedavg", local_steps=3, local_lr=0.05, local_batch_size=2, data_order_seed=7)
+FEDAVG = ClientSettings(fl="fedavg", local_steps=3, local_lr=0.05, local_batch_size=2, data_order_seed=7)
 
 
 def convnet(norm: str = "batch") -> nn.Module:
@@ -42,7 +46,7 @@ def buffers_of(model: nn.Module) -> dict:
 
 def test_the_prior_is_zero_at_the_batch_whose_statistics_are_the_targets_and_positive_elsewhere():
     model, (images, labels) = convnet(), batch()
-    update = client_update(model, images, labels, FLConfig(client_bn="train"))
+    update = client_update(model, images, labels, ClientSettings(client_bn="train"))
     prior = BatchNormPrior(model, *model_state(model), [update], "batch", restarts(2))
     other, _ = batch(seed=1)
     at_truth, elsewhere = prior(torch.stack([images, other])).tolist()
@@ -55,11 +59,12 @@ def test_running_statistics_are_the_targets_of_a_model_whose_running_statistics_
     model, (images, labels) = convnet(), batch()
     params, buffers = model_state(model)
     with torch.no_grad():  # each layer's running statistics := this batch's, so eval forward = train forward
-        for (name, norm), (mean, var) in zip(_norms(model), feature_statistics(model, params, buffers, images, "train")):
+        for (_, norm), (mean, var) in zip(_norms(model), feature_statistics(model, params, buffers, images, "train")):
             norm.running_mean.copy_(mean)
             norm.running_var.copy_(var)
-    prior = BatchNormPrior(model, *model_state(model), [client_update(model, images, labels, FLConfig())],
-                           "running", restarts(2))  # fmt: skip
+    prior = BatchNormPrior(
+        model, *model_state(model), [client_update(model, images, labels, ClientSettings())], "running", restarts(2)
+    )
     other, _ = batch(seed=1)
     at_truth, elsewhere = prior(torch.stack([images, other])).tolist()
     assert at_truth < 1e-4  # measured 0.0 (seeds 0-3)
@@ -101,8 +106,9 @@ def by_hand(model: TwoBlocks, x: torch.Tensor) -> list[tuple[torch.Tensor, torch
     return stats
 
 
-@pytest.mark.parametrize("fl", [FLConfig(client_bn="train"), dataclasses.replace(FEDAVG, client_bn="train")],
-                         ids=["fedsgd", "fedavg"])  # fmt: skip
+@pytest.mark.parametrize(
+    "fl", [ClientSettings(client_bn="train"), dataclasses.replace(FEDAVG, client_bn="train")], ids=["fedsgd", "fedavg"]
+)
 def test_the_client_records_its_first_batchs_batch_norm_input_statistics(fl):
     model = TwoBlocks().eval()
     images, labels = batch(size=5)
@@ -118,11 +124,14 @@ def test_the_client_records_its_first_batchs_batch_norm_input_statistics(fl):
     assert fl.fl == "fedsgd" or len(first) == 2  # FedAvg: the first mini-batch alone
 
 
-@pytest.mark.parametrize("base", [FLConfig(), FEDAVG], ids=["fedsgd", "fedavg"])
+@pytest.mark.parametrize("base", [ClientSettings(), FEDAVG], ids=["fedsgd", "fedavg"])
 def test_train_mode_changes_the_update_and_the_attacker_unrolls_either_mode_exactly(base):
     model, (images, labels) = convnet(), batch()
     before = buffers_of(model)
-    sent = {mode: client_update(model, images, labels, dataclasses.replace(base, client_bn=mode)) for mode in ("eval", "train")}
+    sent = {
+        mode: client_update(model, images, labels, dataclasses.replace(base, client_bn=mode))
+        for mode in ("eval", "train")
+    }
     change = max((a - b).abs().max().item() for a, b in zip(sent["eval"].tensors, sent["train"].tensors))
     # largest coordinate change, measured 1.1 to 2.0 (FedSGD), 0.088 to 0.146 (FedAvg), seeds 0-3
     assert change > 1e-3
@@ -130,7 +139,7 @@ def test_train_mode_changes_the_update_and_the_attacker_unrolls_either_mode_exac
     for mode, update in sent.items():
         predict = attacker_update(IGConfig(), update)
         runs = torch.stack([images, images])  # under vmap, as the attack computes it
-        unrolled = vmap(lambda x: predict(model, params, buffers, x, labels))(runs)
+        unrolled = vmap(lambda x, predict=predict: predict(model, params, buffers, x, labels))(runs)
         worst = max((u - t).abs().max().item() for u, t in zip(unrolled, update.tensors))
         assert worst < 1e-6, (mode, worst)
     assert sent["eval"].bn_batch_stats is None
@@ -141,7 +150,7 @@ def test_train_mode_changes_the_update_and_the_attacker_unrolls_either_mode_exac
 
 def test_a_zero_prior_and_a_single_restarts_group_weight_change_no_bit_of_the_attack():
     model, (images, labels) = convnet(), batch()
-    update = client_update(model, images, labels, FLConfig(client_bn="train"))
+    update = client_update(model, images, labels, ClientSettings(client_bn="train"))
 
     def attack(**settings):
         config = IGConfig(iterations=6, **settings)
@@ -155,11 +164,15 @@ def test_a_zero_prior_and_a_single_restarts_group_weight_change_no_bit_of_the_at
 
 def test_the_objective_is_the_gradient_cost_plus_tv_plus_the_weighted_priors():
     model, (images, labels) = convnet(), batch()
-    update = client_update(model, images, labels, FLConfig(client_bn="train"))
+    update = client_update(model, images, labels, ClientSettings(client_bn="train"))
     x = torch.stack([batch(seed=s)[0] for s in (1, 2, 3, 4)])  # one lane, four restarts
     plain = LaneObjective(model, [update], labels.unsqueeze(0), [IGConfig(restarts=4)])
-    priors = LaneObjective(model, [update], labels.unsqueeze(0),
-                           [IGConfig(restarts=4, bn_prior=0.2, bn_stats="batch", group_consistency=0.3)])  # fmt: skip
+    priors = LaneObjective(
+        model,
+        [update],
+        labels.unsqueeze(0),
+        [IGConfig(restarts=4, bn_prior=0.2, bn_stats="batch", group_consistency=0.3)],
+    )
     _, total, match = plain(x)
     assert torch.equal(total, match + plain.tv_weights * total_variation(x))
     _, with_priors, _ = priors(x)
@@ -169,11 +182,16 @@ def test_the_objective_is_the_gradient_cost_plus_tv_plus_the_weighted_priors():
 
 def test_the_prior_batched_over_runs_equals_each_run_alone():
     model, (images, labels) = convnet(), batch()
-    updates = [client_update(model, images, labels, FLConfig(client_bn="train")),
-               client_update(model, batch(seed=5)[0], labels, FLConfig(client_bn="train"))]  # fmt: skip
+    updates = [
+        client_update(model, images, labels, ClientSettings(client_bn="train")),
+        client_update(model, batch(seed=5)[0], labels, ClientSettings(client_bn="train")),
+    ]
     x = torch.stack([batch(seed=s)[0] for s in range(4)])  # two lanes, two restarts each
     batched = BatchNormPrior(model, *model_state(model), updates, "batch", restarts(2))(x)
-    alone = [BatchNormPrior(model, *model_state(model), [updates[r // 2]], "batch", lambda t: t)(x[r : r + 1]) for r in range(4)]
+    alone = [
+        BatchNormPrior(model, *model_state(model), [updates[r // 2]], "batch", lambda t: t)(x[r : r + 1])
+        for r in range(4)
+    ]
     torch.testing.assert_close(batched, torch.cat(alone), rtol=1e-5, atol=1e-5)
     params, buffers = model_state(model)
     exact = feature_distance(feature_statistics(model, params, buffers, x[3], "train"), updates[1].bn_batch_stats[0])
@@ -182,8 +200,10 @@ def test_the_prior_batched_over_runs_equals_each_run_alone():
 
 def test_under_secure_aggregation_each_clients_group_meets_its_own_statistics():
     model, (images, labels) = convnet(), batch()
-    fl = FLConfig(client_bn="train")
-    sent = aggregate([client_update(model, images[:2], labels[:2], fl), client_update(model, images[2:], labels[2:], fl)])
+    fl = ClientSettings(client_bn="train")
+    sent = aggregate(
+        [client_update(model, images[:2], labels[:2], fl), client_update(model, images[2:], labels[2:], fl)]
+    )
     assert len(sent.bn_batch_stats) == 2
     prior = BatchNormPrior(model, *model_state(model), [sent], "batch", restarts(2))
     swapped = torch.cat([images[2:], images[:2]])
@@ -194,7 +214,7 @@ def test_under_secure_aggregation_each_clients_group_meets_its_own_statistics():
 
 def test_group_consistency_pulls_the_restarts_together():
     model, (images, labels) = convnet(), batch()
-    update = client_update(model, images, labels, FLConfig(client_bn="train"))
+    update = client_update(model, images, labels, ClientSettings(client_bn="train"))
     apart, together = (restart_spread(model, update, labels, weight) for weight in (0.0, 10.0))
     # measured (seeds 0-3): 26.5 to 28.6 apart, 1.41 to 1.45 together
     assert together < 0.5 * apart
@@ -214,22 +234,33 @@ def restart_spread(model, update, labels, weight: float, iterations: int = 30) -
 
 def test_misconfigurations_are_refused_with_the_fix():
     model, (images, labels) = convnet(), batch()
-    eval_update = client_update(model, images, labels, FLConfig())
+    eval_update = client_update(model, images, labels, ClientSettings())
     with pytest.raises(ConfigError, match="client_bn train"):
         BatchNormPrior(model, *model_state(model), [eval_update], "batch", lambda t: t)
     plain = convnet(norm="group")
     with pytest.raises(ConfigError, match="no BatchNorm"):
-        BatchNormPrior(plain, *model_state(plain), [client_update(plain, images, labels, FLConfig())], "running", lambda t: t)
+        BatchNormPrior(
+            plain, *model_state(plain), [client_update(plain, images, labels, ClientSettings())], "running", lambda t: t
+        )
     with pytest.raises(ConfigError, match="L-BFGS"):
         IGConfig(restarts=2, optimizer="lbfgs", group_consistency=0.1)
 
 
-@pytest.mark.parametrize("settings, line", [
-    (dict(bn_prior=0.1, bn_stats="batch"), "bn_stats: 'batch' is not valid; a client batch's own statistics exist only "
-                                           "when it runs BatchNorm in train mode: set client_bn train"),
-    (dict(client_bn="train", dp_clip=1.0), "client_bn: 'train' is not valid; DP-SGD here runs BatchNorm in eval mode "
-                                           "(Opacus' per-example gradients); use eval"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "settings, line",
+    [
+        (
+            dict(bn_prior=0.1, bn_stats="batch"),
+            "bn_stats: 'batch' is not valid; a client batch's own statistics exist only "
+            "when it runs BatchNorm in train mode: set client_bn train",
+        ),
+        (
+            dict(client_bn="train", dp_clip=1.0),
+            "client_bn: 'train' is not valid; DP-SGD here runs BatchNorm in eval mode "
+            "(Opacus' per-example gradients); use eval",
+        ),
+    ],
+)
 def test_a_trial_refuses_settings_that_contradict_the_clients_batch_norm(settings, line):
     from gradinv.trial import TrialSpec
 

@@ -14,9 +14,9 @@ import torch
 
 from gradinv import cache, federation, zoo
 from gradinv.errors import ConfigError
+from gradinv.files import require_writable_directory
 from sweep import runner
 from sweep.cli.main import main
-from gradinv.files import require_writable_directory
 from sweep.study import load_study
 
 ZOO_STUDY = """
@@ -30,8 +30,9 @@ data: {dataset: faces, images: 1, image_size: 8}
 fixed: {model: convnet, width: 2, iterations: 2, round: 1, fed_rounds: 1, fed_clients: 2, train_subset: 8,
         fed_batch_size: 4}
 """
-EMPTY_SIDECAR = ("round-00001.json lacks key, round, test_accuracy, participants, partitions, label_histograms, "
-                 "training_seconds")
+EMPTY_SIDECAR = (
+    "round-00001.json lacks key, round, test_accuracy, participants, partitions, label_histograms, training_seconds"
+)
 RAN = "ran.txt"  # a pickled checkpoint that executed code would leave this file
 
 
@@ -64,8 +65,14 @@ def test_a_cached_checkpoint_holding_more_than_tensors_is_one_line_and_runs_no_c
 ):
     study = write_study(ZOO_STUDY)
     recipe = load_study(study).trials[0].recipe()
-    sidecar = {"key": recipe.key, "test_accuracy": 0.5, "epochs": 1, "seed": 0, "training_seconds": 1.0,
-               "recipe": dataclasses.asdict(recipe)}  # fmt: skip
+    sidecar = {
+        "key": recipe.key,
+        "test_accuracy": 0.5,
+        "epochs": 1,
+        "seed": 0,
+        "training_seconds": 1.0,
+        "recipe": dataclasses.asdict(recipe),
+    }
     zoo.store(zoo.Checkpoint(recipe, recipe.untrained().state_dict(), sidecar))
     weights = zoo.entry(recipe).weights
     torch.save({**recipe.untrained().state_dict(), "extra": Planted(str(tmp_path / RAN))}, weights)
@@ -107,8 +114,10 @@ def kept_round(no_ray, write_study):
 
 
 def expected_round_error(weights, problem: str) -> str:
-    return (f"gradinv run: error: federation: '{weights}' is not valid; round 1 is unreadable ({problem}); delete "
-            "round-00001.pt and round-00001.json and run again to retrain it")
+    return (
+        f"gradinv run: error: federation: '{weights}' is not valid; round 1 is unreadable ({problem}); delete "
+        "round-00001.pt and round-00001.json and run again to retrain it"
+    )
 
 
 def test_an_empty_round_sidecar_is_one_line(kept_round, tmp_path, capsys):
@@ -130,9 +139,31 @@ def test_gradinv_attack_on_a_damaged_round_is_the_same_line(kept_round, tmp_path
     _, weights, sidecar = kept_round
     sidecar.write_text("{}")
     out = tmp_path / "out"
-    code = main(["attack", "--dataset", "faces", "--image-size", "8", "--width", "2", "--iterations", "2",
-                 "--round", "1", "--fed-rounds", "1", "--fed-clients", "2", "--train-subset", "8",
-                 "--fed-batch-size", "4", "--out", str(out)])  # fmt: skip
+    code = main(
+        [
+            "attack",
+            "--dataset",
+            "faces",
+            "--image-size",
+            "8",
+            "--width",
+            "2",
+            "--iterations",
+            "2",
+            "--round",
+            "1",
+            "--fed-rounds",
+            "1",
+            "--fed-clients",
+            "2",
+            "--train-subset",
+            "8",
+            "--fed-batch-size",
+            "4",
+            "--out",
+            str(out),
+        ]
+    )
     err = capsys.readouterr().err.strip().splitlines()
     problem = EMPTY_SIDECAR
     assert code == 2 and err == [expected_round_error(weights, problem).replace("gradinv run", "gradinv attack")]

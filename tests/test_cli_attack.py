@@ -9,7 +9,20 @@ import pytest
 from gradinv import data
 from sweep.cli.main import main
 
-TINY = ["--dataset", "faces", "--image", "0", "--image", "1", "--model", "convnet", "--width", "4", "--iterations", "20"]
+TINY = [
+    "--dataset",
+    "faces",
+    "--image",
+    "0",
+    "--image",
+    "1",
+    "--model",
+    "convnet",
+    "--width",
+    "4",
+    "--iterations",
+    "20",
+]
 
 
 def test_attack_writes_metrics_and_picture(tmp_path, capsys):
@@ -70,8 +83,11 @@ def test_missing_dataset_files_name_where_to_put_them(tmp_path, capsys):
 
 
 def test_a_real_process_prints_no_traceback(tmp_path):
-    done = subprocess.run([sys.executable, "-m", "sweep", "attack", "--model", "nope", "--out", str(tmp_path / "o")],
-                          capture_output=True, text=True)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-m", "sweep", "attack", "--model", "nope", "--out", str(tmp_path / "o")],
+        capture_output=True,
+        text=True,
+    )
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == [
         "gradinv attack: error: model: 'nope' is not valid; choose one of convnet, lenet-zhu, mlp, resnet20, "
@@ -80,6 +96,10 @@ def test_a_real_process_prints_no_traceback(tmp_path):
 
 
 def test_the_analytic_attack_names_the_model_it_needs(tmp_path, capsys):
-    code = exit_code(["attack", "--dataset", "faces", "--image", "0", "--attack", "analytic", "--out", str(tmp_path / "x")])
+    code = exit_code(
+        ["attack", "--dataset", "faces", "--image", "0", "--attack", "analytic", "--out", str(tmp_path / "x")]
+    )
     err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and len(err) == 1 and "model: 'convnet' is not valid; the analytic attack needs the 'mlp'" in err[0], err
+    assert (
+        code == 2 and len(err) == 1 and "model: 'convnet' is not valid; the analytic attack needs the 'mlp'" in err[0]
+    ), err

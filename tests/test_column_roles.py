@@ -16,11 +16,18 @@ from analysis.export import export
 from analysis.report import build_report
 from analysis.roles import Roles
 from gradinv.errors import ConfigError
-from gradinv.results.store import ResultsDir
 from gradinv.results.schema import _PARAMETER_TYPES, REPETITION_KEY, ROLE_KEY, ROLES, SCHEMA, SCHEMA_VERSION, to_table
+from gradinv.results.store import ResultsDir
 
-HEAVY = {"truth_png", "reconstruction_png", "restart_scores", "curve_iterations", "curve_costs", "curve_psnr",
-         "curve_ssim"}  # fmt: skip
+HEAVY = {
+    "truth_png",
+    "reconstruction_png",
+    "restart_scores",
+    "curve_iterations",
+    "curve_costs",
+    "curve_psnr",
+    "curve_ssim",
+}
 
 
 def png() -> bytes:
@@ -33,13 +40,31 @@ def trial(n: int, **extra) -> dict:
     """One finished one-image trial; two datasets, six clients each."""
     dataset = ("faces", "fashion-mnist")[n % 2]
     return {
-        "study": "roles", "key": f"{n:020d}", "dataset": dataset, "fl": "fedsgd", "model": "convnet",
-        "iterations": 10, "images": [n], "images_per_client": 1, "model_seed": 0, "attack_seed": n,
-        "status": "ok", "psnr": 12.0 + n, "psnr_per_image": [12.0 + n], "psnr_gain": 1.0 + n,
-        "psnr_gain_per_image": [1.0 + n], "baseline_psnr": 11.0, "ssim": 0.5, "label_accuracy": 1.0,
-        "truth_png": [png()], "reconstruction_png": [png()], "attempt": 1, "lanes": 1, "task_seconds": 1.0,
+        "study": "roles",
+        "key": f"{n:020d}",
+        "dataset": dataset,
+        "fl": "fedsgd",
+        "model": "convnet",
+        "iterations": 10,
+        "images": [n],
+        "images_per_client": 1,
+        "model_seed": 0,
+        "attack_seed": n,
+        "status": "ok",
+        "psnr": 12.0 + n,
+        "psnr_per_image": [12.0 + n],
+        "psnr_gain": 1.0 + n,
+        "psnr_gain_per_image": [1.0 + n],
+        "baseline_psnr": 11.0,
+        "ssim": 0.5,
+        "label_accuracy": 1.0,
+        "truth_png": [png()],
+        "reconstruction_png": [png()],
+        "attempt": 1,
+        "lanes": 1,
+        "task_seconds": 1.0,
         **extra,
-    }  # fmt: skip
+    }
 
 
 def roles_in(file) -> dict[str, bytes | None]:
@@ -62,7 +87,11 @@ def test_every_schema_column_has_one_declared_role():
     assert {"psnr", "psnr_gain", "baseline_psnr", "psnr_per_image", "status", "model_accuracy"} <= by_role["outcome"]
     assert {"host", "torch_version", "task_seconds", "pack_id", "attempt", "checkpoint_key"} <= by_role["provenance"]
     repetition = {field.name for field in SCHEMA if (field.metadata or {}).get(REPETITION_KEY) == b"true"}
-    assert repetition == {"images", "model_seed", "data_order_seed", "attack_seed", "attacked_client"} <= by_role["setting"]
+    assert (
+        repetition
+        == {"images", "model_seed", "data_order_seed", "attack_seed", "attacked_client"}
+        <= by_role["setting"]
+    )
     assert SCHEMA_VERSION == 6 and SCHEMA.metadata[b"gradinv.schema_version"] == b"6"
 
 
@@ -82,7 +111,9 @@ def test_files_written_by_results_dir_carry_the_roles(tmp_path):
 
 def without_roles(table: pa.Table, version: str) -> pa.Table:
     """``table`` as gradinv wrote it before roles were recorded: no field metadata."""
-    schema = pa.schema([field.remove_metadata() for field in table.schema], metadata={"gradinv.schema_version": version})
+    schema = pa.schema(
+        [field.remove_metadata() for field in table.schema], metadata={"gradinv.schema_version": version}
+    )
     return table.cast(schema)
 
 
@@ -97,7 +128,9 @@ def test_a_schema_2_file_without_roles_reads_and_reports(tmp_path):
     page = build_report(path)
     assert leakage_columns(page)[:2] == ["dataset", "trials"]
     index = export(path, tmp_path / "export")
-    assert len(index) == 12 and index["dataset"].nunique() == 2 and index["psnr"].tolist() == [12.0 + n for n in range(12)]
+    assert (
+        len(index) == 12 and index["dataset"].nunique() == 2 and index["psnr"].tolist() == [12.0 + n for n in range(12)]
+    )
     # a directory holding files of both kinds reads as one (`run` would refuse to add to it: another format)
     pq.write_table(to_table([trial(n, key=f"{n:019d}x") for n in range(12, 14)]), path / "part-2.parquet")
     assert len(load.load_trials(path)) == 14 and load.column_roles(path) == roles
@@ -106,9 +139,11 @@ def test_a_schema_2_file_without_roles_reads_and_reports(tmp_path):
 def test_a_new_column_takes_the_role_its_file_declares(tmp_path, monkeypatch):
     """An outcome the schema gains later is read as an outcome, never grouped by; a setting is grouped
     by; a column a file carries without a role is an outcome too."""
-    new = [pa.field("lpips", pa.float64(), metadata={ROLE_KEY: b"outcome"}),
-           pa.field("defence", pa.string(), metadata={ROLE_KEY: b"setting"}),
-           pa.field("unmarked", pa.float64())]  # fmt: skip
+    new = [
+        pa.field("lpips", pa.float64(), metadata={ROLE_KEY: b"outcome"}),
+        pa.field("defence", pa.string(), metadata={ROLE_KEY: b"setting"}),
+        pa.field("unmarked", pa.float64()),
+    ]
     monkeypatch.setattr(schema_module, "SCHEMA", pa.schema([*SCHEMA, *new], metadata=SCHEMA.metadata))
     path = tmp_path / "results"
     rows = [trial(n, lpips=0.1 * n, defence=("none", "clip")[n // 12], unmarked=float(n)) for n in range(24)]

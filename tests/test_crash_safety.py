@@ -12,11 +12,11 @@ import time
 import pandas as pd
 import pytest
 
+from gradinv.results.journal import JOURNAL_DIR, RowJournal
+from gradinv.results.schema import to_table, trial_key
+from gradinv.results.store import ResultsDir
 from sweep import runner
 from sweep.cli.main import main
-from gradinv.results.journal import JOURNAL_DIR, RowJournal
-from gradinv.results.store import ResultsDir
-from gradinv.results.schema import to_table, trial_key
 from sweep.study import Resources, load_study
 
 STUDY = """
@@ -60,8 +60,16 @@ def wait_for(condition, seconds=240):
 def test_sigterm_writes_the_finished_rows_and_exits_143(write_study, tmp_path, driver):
     study_path = study_file(write_study, images=6)
     results = tmp_path / "results"
-    run = driver("run", str(study_path), "--results", str(results), "--no-progress", "--batch-seconds", "600",
-                 env=with_a_stuck_trial(study_path, tmp_path))  # fmt: skip
+    run = driver(
+        "run",
+        str(study_path),
+        "--results",
+        str(results),
+        "--no-progress",
+        "--batch-seconds",
+        "600",
+        env=with_a_stuck_trial(study_path, tmp_path),
+    )
     wait_for(lambda: ResultsDir(results).journalled_rows() >= 3)
     journalled = ResultsDir(results).journalled_rows()
     run.signal(signal.SIGTERM)
@@ -208,8 +216,13 @@ def test_a_local_instance_refuses_what_no_node_has(resources, nodes, field, larg
 def test_a_named_cluster_waits_for_autoscaling_then_says_so(capsys):
     clock = [0.0]
     small, grown = [_node(8)], [_node(8), _node(64)]
-    fit = runner.NodeFit(_FakeRay(small, small, grown), Resources(num_cpus=64), named_cluster=True, wait_seconds=300,
-                         clock=lambda: clock[0])
+    fit = runner.NodeFit(
+        _FakeRay(small, small, grown),
+        Resources(num_cpus=64),
+        named_cluster=True,
+        wait_seconds=300,
+        clock=lambda: clock[0],
+    )
     fit.check()  # no node fits yet: it says it waits, and does
     assert "waiting up to 300 s" in capsys.readouterr().out
     clock[0] = 200.0
@@ -220,8 +233,9 @@ def test_a_named_cluster_waits_for_autoscaling_then_says_so(capsys):
     fit.check()
 
     clock[0] = 0.0
-    never = runner.NodeFit(_FakeRay(small), Resources(num_cpus=64), named_cluster=True, wait_seconds=300,
-                         clock=lambda: clock[0])
+    never = runner.NodeFit(
+        _FakeRay(small), Resources(num_cpus=64), named_cluster=True, wait_seconds=300, clock=lambda: clock[0]
+    )
     never.check()
     clock[0] = 300.5
     with pytest.raises(runner.ConfigError) as refused:
@@ -242,8 +256,9 @@ def test_status_counts_journalled_rows_with_the_batched_ones(tmp_path, capsys):
     assert "5 rows in 1 files and 3 in the journal" in capsys.readouterr().out
 
 
-def test_a_bad_file_appearing_mid_run_ends_it_with_one_line_and_every_row_kept(write_study, tmp_path, monkeypatch,
-                                                                               capsys, ray_tmpdir):  # fmt: skip
+def test_a_bad_file_appearing_mid_run_ends_it_with_one_line_and_every_row_kept(
+    write_study, tmp_path, monkeypatch, capsys, ray_tmpdir
+):
     """The batches go on beside it (no traceback at the next write); the summary, which reads the
     directory, names it like any bad file."""
     study_path = study_file(write_study, images=2)

@@ -3,7 +3,7 @@
 import pytest
 import skimage.data
 
-from gradinv import data
+from gradinv import data, dataset_specs
 from gradinv.errors import ConfigError
 
 
@@ -36,7 +36,7 @@ def test_the_split_is_stratified_and_the_attacked_images_start_with_faces():
 
 def test_the_spec_records_the_split_and_whether_a_dataset_can_train():
     faces, photos, fmnist = (data.dataset_spec(name) for name in ("faces", "photos", "fashion-mnist"))
-    assert faces.split is data.FACES_SPLIT and faces.split_version == 1 and faces.test_images == 50
+    assert faces.split is dataset_specs.FACES_SPLIT and faces.split_version == 1 and faces.test_images == 50
     assert faces.trainable and fmnist.trainable and fmnist.split_version == 0
     assert not photos.trainable and photos.split_version == 0
 

@@ -7,17 +7,16 @@ import statistics
 
 import pytest
 import torch
+from cli_refusals import assert_attack_refuses
 
 from gradinv import data
 from gradinv.attacks.inverting import LaneObjective
 from gradinv.client.defences import add_noise, attacker_defences, client_defences, clip, kept_masks, prune, quantise
 from gradinv.client.update import client_update
 from gradinv.parameters import DefenceSettings
+from gradinv.results.schema import trial_key
 from gradinv.trial import TrialSpec, run_trials
 from gradinv.victims import Untrained
-from gradinv.results.schema import trial_key
-
-from cli_refusals import assert_attack_refuses
 
 
 def _update(seed: int = 0, shapes=((6, 5), (7,), (3, 2, 2))) -> tuple[torch.Tensor, ...]:
@@ -55,7 +54,9 @@ def test_pruning_keeps_the_ceil_of_the_fraction_of_largest_magnitudes(fraction):
     pruned = torch.cat([t.flatten() for t in prune(update, fraction, "global")])
     count = math.ceil(fraction * whole.numel())
     assert int(pruned.count_nonzero()) == count
-    assert pruned.abs().max() == whole.abs().max() and pruned[pruned != 0].abs().min() >= whole.abs().sort().values[-count]
+    assert (
+        pruned.abs().max() == whole.abs().max() and pruned[pruned != 0].abs().min() >= whole.abs().sort().values[-count]
+    )
 
 
 def test_nearest_one_bit_quantisation_is_scaled_sign_sgd():
@@ -138,27 +139,36 @@ def test_the_clip_aware_attacker_clips_its_candidate_like_the_client():
     "argv, line",
     [
         (["--noise-std", "-0.1"], "noise_std: -0.1 is not valid; use 0 (no noise) or more"),
-        (["--keep-fraction", "0"], "keep_fraction: 0.0 is not valid; use a fraction above 0 and at most 1 (1: no pruning)"),
-        (["--keep-fraction", "1.5"], "keep_fraction: 1.5 is not valid; use a fraction above 0 and at most 1 (1: no pruning)"),
+        (
+            ["--keep-fraction", "0"],
+            "keep_fraction: 0.0 is not valid; use a fraction above 0 and at most 1 (1: no pruning)",
+        ),
+        (
+            ["--keep-fraction", "1.5"],
+            "keep_fraction: 1.5 is not valid; use a fraction above 0 and at most 1 (1: no pruning)",
+        ),
         (["--quant-bits", "0"], "quant_bits: 0 is not valid; use 1 bit or more, or leave it out for no quantisation"),
         (["--clip-update", "0"], "clip_update: 0.0 is not valid; use a positive norm, or leave it out for no clip"),
         (["--clip-update", "inf"], "clip_update: inf is not valid; use a finite norm"),
         (["--dp-delta", "1"], "dp_delta: 1.0 is not valid; use a delta between 0 and 1"),
         (["--prune-scope", "row"], "prune_scope: 'row' is not valid; choose one of layer, global"),
         (["--aggregated-clients", "0"], "aggregated_clients: 0 is not valid; use 1 (no aggregation) or more clients"),
-        (["--image", "0", "--image", "1", "--image", "2", "--aggregated-clients", "2"],
-         "aggregated_clients: 2 is not valid; use a number of clients that divides the trial's 3 images "
-         "(1: no aggregation)"),
+        (
+            ["--image", "0", "--image", "1", "--image", "2", "--aggregated-clients", "2"],
+            "aggregated_clients: 2 is not valid; use a number of clients that divides the trial's 3 images "
+            "(1: no aggregation)",
+        ),
     ],
-)  # fmt: skip
+)
 def test_a_bad_defence_value_exits_2_with_one_line(argv, line, tmp_path, capsys):
     assert_attack_refuses(argv, line, tmp_path, capsys)
 
 
 def test_defaults_leave_keys_unchanged_and_inapplicable_settings_collapse():
     assert TrialSpec().key_fields() == {} and trial_key(TrialSpec(dp_delta=1e-5)) == trial_key(TrialSpec())
-    idle = TrialSpec(prune_scope="global", prune_aware=True, quant_rounding="nearest", defence_seed=3, clip_aware=True,
-                     dp_delta=1e-3)  # fmt: skip
+    idle = TrialSpec(
+        prune_scope="global", prune_aware=True, quant_rounding="nearest", defence_seed=3, clip_aware=True, dp_delta=1e-3
+    )
     assert idle.key_fields() == {} and trial_key(idle) == trial_key(TrialSpec())
     assert TrialSpec(noise_std=0.1, defence_seed=3).key_fields() == {"noise_std": 0.1, "defence_seed": 3}
     assert "defence_seed" in TrialSpec(quant_bits=2, quant_rounding="nearest").not_applicable()
@@ -179,10 +189,21 @@ AWARE_TOLERANCE = 1.5  # dB per image: one image's PSNR moves by up to 1.2 dB ac
 AWARE_GAIN = 2.0  # dB: the median paired gain of the prune-aware attacker measured 4.2-5.2 across seeds
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _psnr_per_image(**defence) -> tuple[float, ...]:
-    specs = [TrialSpec(dataset="faces", images=(image,), image_size=16, model="convnet", width=16, iterations=100,
-                       attack_seed=image, **defence) for image in range(4)]  # fmt: skip
+    specs = [
+        TrialSpec(
+            dataset="faces",
+            images=(image,),
+            image_size=16,
+            model="convnet",
+            width=16,
+            iterations=100,
+            attack_seed=image,
+            **defence,
+        )
+        for image in range(4)
+    ]
     outcomes = run_trials(specs)
     assert all(o.status == "ok" for o in outcomes)
     return tuple(o.metrics["psnr"] for o in outcomes)
@@ -219,7 +240,9 @@ def test_dp_sgd_noise_cuts_leakage(bars):
 def test_stronger_noise_never_leaks_more_beyond_the_seed_spread(bars):
     medians = [statistics.median(_psnr_per_image(**({"noise_std": s} if s else {}))) for s in (0, 1e-3, 1e-2, 1e-1)]
     rises = [stronger - weaker for weaker, stronger in zip(medians, medians[1:])]
-    bars.below("defences: largest rise of the median PSNR from one noise strength to the next [dB]", max(rises), ADJACENT_RISE)
+    bars.below(
+        "defences: largest rise of the median PSNR from one noise strength to the next [dB]", max(rises), ADJACENT_RISE
+    )
 
 
 def test_a_dp_row_records_the_accountants_epsilon_and_the_update_level_one():
@@ -228,9 +251,22 @@ def test_a_dp_row_records_the_accountants_epsilon_and_the_update_level_one():
     from gradinv.client.accounting import gaussian_mechanism_epsilon
     from sweep.worker import Pack, run_pack
 
-    spec = TrialSpec(dataset="faces", images=(0, 1), image_size=8, model="convnet", width=2, iterations=2, fl="fedavg",
-                     local_steps=3, dp_clip=0.5, dp_noise=1.3, dp_sample_rate=0.5, dp_delta=1e-6, clip_update=2.0,
-                     noise_std=1.0)  # fmt: skip
+    spec = TrialSpec(
+        dataset="faces",
+        images=(0, 1),
+        image_size=8,
+        model="convnet",
+        width=2,
+        iterations=2,
+        fl="fedavg",
+        local_steps=3,
+        dp_clip=0.5,
+        dp_noise=1.3,
+        dp_sample_rate=0.5,
+        dp_delta=1e-6,
+        clip_update=2.0,
+        noise_std=1.0,
+    )
     (row,) = run_pack(Pack("dp", ("k",), (spec,), 1, "cpu", None))
     accountant = RDPAccountant()
     for _ in range(3):  # one accountant step per local DP-SGD step
@@ -238,6 +274,14 @@ def test_a_dp_row_records_the_accountants_epsilon_and_the_update_level_one():
     assert row["status"] == "ok" and row["accountant"] == "rdp"
     assert row["epsilon"] == pytest.approx(accountant.get_epsilon(1e-6), abs=1e-9)
     assert row["update_epsilon"] == pytest.approx(gaussian_mechanism_epsilon(0.5, 1e-6), abs=1e-9)
-    undefended = run_pack(Pack("dp", ("k",), (TrialSpec(dataset="faces", images=(0,), image_size=8, model="convnet",
-                                                       width=2, iterations=2),), 1, "cpu", None))[0]  # fmt: skip
+    undefended = run_pack(
+        Pack(
+            "dp",
+            ("k",),
+            (TrialSpec(dataset="faces", images=(0,), image_size=8, model="convnet", width=2, iterations=2),),
+            1,
+            "cpu",
+            None,
+        )
+    )[0]
     assert undefended["epsilon"] is None and undefended["accountant"] is None and undefended["update_epsilon"] is None

@@ -21,12 +21,13 @@ from gradinv.attacks.analytic import first_linear_input
 from gradinv.attacks.dlg import deep_leakage
 from gradinv.attacks.inverting import IGConfig, invert_gradients
 from gradinv.attacks.labels import recover_labels
-from gradinv.client.update import FLConfig, client_update
+from gradinv.client.update import client_update
+from gradinv.parameters import ClientSettings
 from gradinv.trial import TrialSpec, run_trials
 
 SPEC = data.dataset_spec("faces")
-FEDSGD = FLConfig()
-FEDAVG = FLConfig(fl="fedavg", local_steps=2, local_batch_size=1)  # mini-batches: a shuffled schedule
+FEDSGD = ClientSettings()
+FEDAVG = ClientSettings(fl="fedavg", local_steps=2, local_batch_size=1)  # mini-batches: a shuffled schedule
 
 
 class MetaWatcher(TorchFunctionMode):
@@ -54,7 +55,7 @@ class Client:
     update: object
 
 
-def client(model_name: str, width: int, images: int, fl: FLConfig, device: str) -> Client:
+def client(model_name: str, width: int, images: int, fl: ClientSettings, device: str) -> Client:
     model = models.build_model(model_name, channels=1, num_classes=2, image_size=8, width=width, seed=1)
     model = model.to(device).eval()
     generator = torch.Generator().manual_seed(0)
@@ -66,20 +67,35 @@ def client(model_name: str, width: int, images: int, fl: FLConfig, device: str) 
 
 def ig(c: Client) -> list[torch.Tensor]:
     box = data.pixel_box(SPEC, c.images)
-    result = invert_gradients(c.model, [c.update], c.labels.unsqueeze(0), [IGConfig(iterations=3, restarts=2)], [0], box,
-                              tuple(c.images.shape))  # fmt: skip
+    result = invert_gradients(
+        c.model,
+        [c.update],
+        c.labels.unsqueeze(0),
+        [IGConfig(iterations=3, restarts=2)],
+        [0],
+        box,
+        tuple(c.images.shape),
+    )
     return [result.images]
 
 
 def dlg_known_labels(c: Client) -> list[torch.Tensor]:
-    result, labels = deep_leakage(c.model, [c.update], c.labels.unsqueeze(0), [IGConfig(iterations=2)], [0],
-                                  tuple(c.images.shape), SPEC.num_classes)  # fmt: skip
+    result, labels = deep_leakage(
+        c.model,
+        [c.update],
+        c.labels.unsqueeze(0),
+        [IGConfig(iterations=2)],
+        [0],
+        tuple(c.images.shape),
+        SPEC.num_classes,
+    )
     return [result.images, labels]
 
 
 def dlg_joint_labels(c: Client) -> list[torch.Tensor]:
-    result, labels = deep_leakage(c.model, [c.update], None, [IGConfig(iterations=2)], [0], tuple(c.images.shape),
-                                  SPEC.num_classes)  # fmt: skip
+    result, labels = deep_leakage(
+        c.model, [c.update], None, [IGConfig(iterations=2)], [0], tuple(c.images.shape), SPEC.num_classes
+    )
     return [result.images, labels]
 
 
@@ -126,12 +142,15 @@ def test_attack_runs_on_a_gpu(case):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
-@pytest.mark.parametrize("attack, model, labels", [("ig", "convnet", "recovered"), ("dlg", "convnet", "recovered"),
-                                                   ("analytic", "mlp", "known")])  # fmt: skip
+@pytest.mark.parametrize(
+    "attack, model, labels",
+    [("ig", "convnet", "recovered"), ("dlg", "convnet", "recovered"), ("analytic", "mlp", "known")],
+)
 def test_whole_trials_run_on_a_gpu(attack, model, labels):
     images = (0,) if attack == "analytic" else (0, 1)
-    spec = TrialSpec(dataset="faces", images=images, image_size=8, labels=labels, model=model, width=16,
-                     attack=attack, iterations=3)  # fmt: skip
+    spec = TrialSpec(
+        dataset="faces", images=images, image_size=8, labels=labels, model=model, width=16, attack=attack, iterations=3
+    )
     (outcome,) = run_trials([spec], device="cuda")
     assert outcome.status == "ok", outcome.error
     assert outcome.reconstruction.device.type == "cpu" and outcome.metrics["psnr"] > 0

@@ -10,11 +10,12 @@ from torch.func import functional_call, grad, vmap
 
 from gradinv import data, models
 from gradinv.client import dp_training as dp
+from gradinv.client.update import model_state, parameter_update
 from gradinv.errors import ConfigError
-from gradinv.client.update import FLConfig, model_state, parameter_update
+from gradinv.parameters import ClientSettings
 
-FEDSGD = FLConfig(fl="fedsgd")
-FEDAVG = FLConfig(fl="fedavg", local_steps=3, local_lr=0.1)
+FEDSGD = ClientSettings(fl="fedsgd")
+FEDAVG = ClientSettings(fl="fedavg", local_steps=3, local_lr=0.1)
 
 
 def victim(name: str = "convnet", width: int = 2, seed: int = 0) -> torch.nn.Module:
@@ -43,7 +44,11 @@ def test_opacus_per_example_gradients_equal_vmap_grad_in_eval_mode(name, width):
     model = victim(name, width)
     images, labels = client_data(5)
     module, optimiser = dp.make_private(
-        model, lambda ps: torch.optim.SGD(ps, lr=0.0), clip=1.0, noise_multiplier=0.0, expected_batch_size=5,
+        model,
+        lambda ps: torch.optim.SGD(ps, lr=0.0),
+        clip=1.0,
+        noise_multiplier=0.0,
+        expected_batch_size=5,
         noise_seed=0,
     )
     F.cross_entropy(module(images), labels, reduction="sum").backward()
@@ -65,11 +70,13 @@ def test_opacus_per_example_gradients_equal_vmap_grad_in_eval_mode(name, width):
 def test_noise_free_client_equals_the_attackers_clipped_update(fl, sample_rate):
     model, (images, labels) = victim(), client_data()
     clip = 0.5  # below every example's gradient norm here, so clipping acts
-    sent, batches = dp.dp_local_training(model, images, labels, fl=fl, clip=clip, noise_multiplier=0.0,
-                                         sample_rate=sample_rate, seed=3)  # fmt: skip
+    sent, batches = dp.dp_local_training(
+        model, images, labels, fl=fl, clip=clip, noise_multiplier=0.0, sample_rate=sample_rate, seed=3
+    )
     params, buffers = model_state(model)
-    unrolled = dp.clipped_update(model, params, buffers, images, labels, fl=fl, clip=clip, batches=batches,
-                                 sample_rate=sample_rate)  # fmt: skip
+    unrolled = dp.clipped_update(
+        model, params, buffers, images, labels, fl=fl, clip=clip, batches=batches, sample_rate=sample_rate
+    )
     assert largest_difference(sent, unrolled) < 1e-6  # measured at most 7.5e-9 (values up to 0.07)
     unclipped = parameter_update(model, params, buffers, images, labels, fl, [None] * dp.accounting_steps(fl))
     assert largest_difference(sent, unclipped) > 1e-3  # the clipping is what makes them agree
@@ -82,8 +89,9 @@ def test_empty_poisson_batches_are_steps_of_noise_alone():
     sent, batches = dp.dp_local_training(model, images, labels, noise_multiplier=0.0, **arguments)
     assert [len(b) for b in batches] == [0, 1, 0, 0]  # this seed's draw
     params, buffers = model_state(model)
-    unrolled = dp.clipped_update(model, params, buffers, images, labels, fl=fl, clip=0.5, batches=batches,
-                                 sample_rate=0.3)  # fmt: skip
+    unrolled = dp.clipped_update(
+        model, params, buffers, images, labels, fl=fl, clip=0.5, batches=batches, sample_rate=0.3
+    )
     assert largest_difference(sent, unrolled) < 1e-6
     noisy, _ = dp.dp_local_training(model, images, labels, noise_multiplier=1.0, **arguments)
     assert largest_difference(noisy, sent) > 1e-3
@@ -96,8 +104,9 @@ def test_the_image_gradient_flows_through_the_clipped_update():
     target = [torch.randn_like(p) for p in params.values()]
 
     def loss(guess):
-        update = dp.clipped_update(model, params, buffers, guess, labels, fl=FEDAVG, clip=0.5, batches=batches,
-                                   sample_rate=0.5)  # fmt: skip
+        update = dp.clipped_update(
+            model, params, buffers, guess, labels, fl=FEDAVG, clip=0.5, batches=batches, sample_rate=0.5
+        )
         flat = torch.cat([u.flatten() for u in update])
         return 1 - F.cosine_similarity(flat, torch.cat([t.flatten() for t in target]), dim=0)
 
@@ -110,8 +119,9 @@ def test_noise_is_seeded_and_has_the_declared_scale():
     clip, noise = 0.5, 2.0
 
     def run(multiplier: float, seed: int):
-        return dp.dp_local_training(model, images, labels, fl=FEDSGD, clip=clip, noise_multiplier=multiplier,
-                                    sample_rate=1.0, seed=seed)[0]  # fmt: skip
+        return dp.dp_local_training(
+            model, images, labels, fl=FEDSGD, clip=clip, noise_multiplier=multiplier, sample_rate=1.0, seed=seed
+        )[0]
 
     first, again, other, clean = run(noise, 0), run(noise, 0), run(noise, 1), run(0.0, 0)
     assert all(torch.equal(a, b) for a, b in zip(first, again))
@@ -127,8 +137,9 @@ def test_poisson_batches_are_seeded_and_returned():
     fl = dataclasses.replace(FEDAVG, local_steps=6)
 
     def run(seed: int):
-        return dp.dp_local_training(model, images, labels, fl=fl, clip=1.0, noise_multiplier=1.0, sample_rate=0.4,
-                                    seed=seed)  # fmt: skip
+        return dp.dp_local_training(
+            model, images, labels, fl=fl, clip=1.0, noise_multiplier=1.0, sample_rate=0.4, seed=seed
+        )
 
     (update, batches), (update_again, batches_again), (_, other_batches) = run(5), run(5), run(6)
     assert len(batches) == 6 and all(b.dtype == torch.long and len(set(b.tolist())) == len(b) for b in batches)
@@ -146,8 +157,9 @@ def test_accounting_steps():
 
 def test_a_batch_of_one_image_is_accepted():
     model, (images, labels) = victim(), client_data(1)
-    sent, batches = dp.dp_local_training(model, images, labels, fl=FEDSGD, clip=0.5, noise_multiplier=0.0,
-                                         sample_rate=1.0, seed=0)  # fmt: skip
+    sent, batches = dp.dp_local_training(
+        model, images, labels, fl=FEDSGD, clip=0.5, noise_multiplier=0.0, sample_rate=1.0, seed=0
+    )
     params, buffers = model_state(model)
     unrolled = dp.clipped_update(model, params, buffers, images, labels, fl=FEDSGD, clip=0.5, batches=batches)
     assert largest_difference(sent, unrolled) < 1e-6
@@ -193,9 +205,13 @@ def test_strong_noise_costs_accuracy_that_plain_training_reaches():
             optimiser = torch.optim.SGD(model.parameters(), lr=0.5)
         else:
             module, optimiser = dp.make_private(
-                model, lambda ps: torch.optim.SGD(ps, lr=0.5), clip=1.0, noise_multiplier=noise,
-                expected_batch_size=32, noise_seed=0,
-            )  # fmt: skip
+                model,
+                lambda ps: torch.optim.SGD(ps, lr=0.5),
+                clip=1.0,
+                noise_multiplier=noise,
+                expected_batch_size=32,
+                noise_seed=0,
+            )
         for indices in (index for epoch in batches for index in epoch):
             x, y = train_images[indices], train_labels[indices]
             if noise is None:

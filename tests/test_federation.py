@@ -14,15 +14,26 @@ import pandas as pd
 import pytest
 import torch
 
-from gradinv import data, federation as fed, parameters
+from gradinv import data, parameters
+from gradinv import federation as fed
 from gradinv.errors import ConfigError
 from gradinv.trial import TrialSpec
 from gradinv.victims import victim_source
 from sweep.cli.main import main
 
 REPO = Path(__file__).resolve().parent.parent
-TINY = dict(dataset="fashion-mnist", model="convnet", width=4, image_size=8, train_subset=60, fed_clients=4,
-            clients_per_round=2, fed_batch_size=8, fed_lr=0.05, fed_rounds=4)  # fmt: skip
+TINY = dict(
+    dataset="fashion-mnist",
+    model="convnet",
+    width=4,
+    image_size=8,
+    train_subset=60,
+    fed_clients=4,
+    clients_per_round=2,
+    fed_batch_size=8,
+    fed_lr=0.05,
+    fed_rounds=4,
+)
 
 
 def _states_equal(a: dict, b: dict) -> bool:
@@ -30,8 +41,10 @@ def _states_equal(a: dict, b: dict) -> bool:
 
 
 def test_the_server_averages_states_weighted_by_image_count_in_client_order():
-    states = [(1, {"w": torch.tensor([3.0, 0.0]), "seen": torch.tensor(4)}),
-              (3, {"w": torch.tensor([-1.0, 4.0]), "seen": torch.tensor(7)})]  # fmt: skip
+    states = [
+        (1, {"w": torch.tensor([3.0, 0.0]), "seen": torch.tensor(4)}),
+        (3, {"w": torch.tensor([-1.0, 4.0]), "seen": torch.tensor(7)}),
+    ]
     new = fed.averaged(states)
     assert torch.equal(new["w"], torch.tensor([0.0, 3.0])), new["w"]  # 1/4 [3, 0] + 3/4 [-1, 4]
     assert new["seen"].item() == 7 and new["seen"].dtype == torch.int64  # a counter: the largest
@@ -82,8 +95,13 @@ fed.train(recipe, int(sys.argv[2]), cache=sys.argv[1],
 def _trainer(cache: Path, up_to: int) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     script = TRAIN_SCRIPT.format(tiny={**TINY, "fed_rounds": 6})
-    return subprocess.Popen([sys.executable, "-c", script, str(cache), str(up_to)], stdout=subprocess.PIPE, text=True,
-                            env=env, start_new_session=True)  # fmt: skip
+    return subprocess.Popen(
+        [sys.executable, "-c", script, str(cache), str(up_to)],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=env,
+        start_new_session=True,
+    )
 
 
 def test_a_killed_training_resumes_from_the_last_round_kept(tmp_path):
@@ -114,16 +132,19 @@ def test_two_processes_asking_for_one_federation_train_it_once(tmp_path):
     assert sorted(trained) == ["1 True", "2 True", "3 True"], outputs
 
 
-@pytest.mark.parametrize("change, field", [
-    ({"partition": "dirichlet", "alpha": 0.0}, "alpha"),
-    ({"partition": "dirichlet", "alpha": -1.0}, "alpha"),
-    ({"checkpoint_every": 0}, "checkpoint_every"),
-    ({"clients_per_round": 5}, "clients_per_round"),
-    ({"fed_clients": 61}, "fed_clients"),
-    ({"partition": "shards"}, "partition"),
-    ({"fed_epochs": 0}, "fed_epochs"),
-    ({"fed_lr": float("nan")}, "fed_lr"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "change, field",
+    [
+        ({"partition": "dirichlet", "alpha": 0.0}, "alpha"),
+        ({"partition": "dirichlet", "alpha": -1.0}, "alpha"),
+        ({"checkpoint_every": 0}, "checkpoint_every"),
+        ({"clients_per_round": 5}, "clients_per_round"),
+        ({"fed_clients": 61}, "fed_clients"),
+        ({"partition": "shards"}, "partition"),
+        ({"fed_epochs": 0}, "fed_epochs"),
+        ({"fed_lr": float("nan")}, "fed_lr"),
+    ],
+)
 def test_a_bad_recipe_is_a_config_error_naming_the_field(change, field):
     with pytest.raises(ConfigError) as error:
         fed.Federation(**{**TINY, **change})
@@ -133,23 +154,48 @@ def test_a_bad_recipe_is_a_config_error_naming_the_field(change, field):
 def test_a_round_beyond_the_recipe_and_a_client_without_images_are_refused(tmp_path):
     with pytest.raises(ConfigError, match="round: 5 is not valid; use 0 to 4"):
         fed.train(fed.Federation(**TINY), 5, cache=tmp_path)
-    skewed = fed.Federation(**{**TINY, "partition": "dirichlet", "alpha": 0.01, "min_partition_size": 0, "fed_clients": 30})
+    skewed = fed.Federation(
+        **{**TINY, "partition": "dirichlet", "alpha": 0.01, "min_partition_size": 0, "fed_clients": 30}
+    )
     with pytest.raises(ConfigError, match="holds no images"):
         fed.train(skewed, 1, cache=tmp_path)
     assert not list(fed.federation_dir(skewed, tmp_path).glob("round-*"))
 
 
 def test_federation_train_trains_up_to_the_round_it_is_given(tmp_path, capsys):
-    flags = ["federation", "train", "--in-process", "--cache", str(tmp_path), "--dataset", "fashion-mnist", "--width",
-             "4", "--image-size", "8", "--train-subset", "60", "--fed-clients", "4", "--clients-per-round", "2",
-             "--fed-batch-size", "8", "--fed-lr", "0.05", "--fed-rounds", "4"]  # fmt: skip
+    flags = [
+        "federation",
+        "train",
+        "--in-process",
+        "--cache",
+        str(tmp_path),
+        "--dataset",
+        "fashion-mnist",
+        "--width",
+        "4",
+        "--image-size",
+        "8",
+        "--train-subset",
+        "60",
+        "--fed-clients",
+        "4",
+        "--clients-per-round",
+        "2",
+        "--fed-batch-size",
+        "8",
+        "--fed-lr",
+        "0.05",
+        "--fed-rounds",
+        "4",
+    ]
     assert main([*flags, "--up-to-round", "1"]) == 0
     root = fed.federation_dir(fed.Federation(**TINY), tmp_path)
     assert sorted(p.name for p in root.glob("round-*.json")) == ["round-00000.json", "round-00001.json"]
     assert ": round 1, test accuracy" in capsys.readouterr().out
     assert main([*flags, "--up-to-round", "5"]) == 2
     assert capsys.readouterr().err.strip().splitlines() == [
-        "gradinv federation: error: --up-to-round: 5 is not valid; use 0 to 4 (fed_rounds), or raise fed_rounds"]
+        "gradinv federation: error: --up-to-round: 5 is not valid; use 0 to 4 (fed_rounds), or raise fed_rounds"
+    ]
     with pytest.raises(SystemExit):  # the flag's old name, which read like the trial's round
         main([*flags, "--round", "1"])
 
@@ -170,7 +216,9 @@ def test_a_trials_federation_settings_make_its_recipe_with_the_same_defaults():
     declared = parameters.parameter_defaults()
     recipe_knobs = [f.name for f in dataclasses.fields(fed.Federation) if f.name in declared]
     assert recipe_knobs == [f.name for f in parameters.recipe_fields(parameters.FEDERATION)]
-    assert {"round", "attacked_client"}.isdisjoint(recipe_knobs)  # which round and client: the trial's, not the recipe's
+    assert {"round", "attacked_client"}.isdisjoint(
+        recipe_knobs
+    )  # which round and client: the trial's, not the recipe's
     assert all(fed.Federation.__dataclass_fields__[name].default == declared[name] for name in recipe_knobs)
     assert fed.Federation(**{**TINY, "partition": "dirichlet"}).alpha == declared["alpha"] == 1.0
     trial = TrialSpec(round=2, partition="dirichlet", alpha=0.1, fed_clients=4, train_subset=60, width=4)
@@ -183,8 +231,19 @@ def test_a_trials_federation_settings_make_its_recipe_with_the_same_defaults():
 # Trials on a round
 
 
-ROUND_TRIAL = dict(dataset="fashion-mnist", model="convnet", width=4, image_size=8, train_subset=60, fed_clients=4,
-                   clients_per_round=2, fed_batch_size=8, fed_lr=0.05, fed_rounds=4, iterations=5)  # fmt: skip
+ROUND_TRIAL = dict(
+    dataset="fashion-mnist",
+    model="convnet",
+    width=4,
+    image_size=8,
+    train_subset=60,
+    fed_clients=4,
+    clients_per_round=2,
+    fed_batch_size=8,
+    fed_lr=0.05,
+    fed_rounds=4,
+    iterations=5,
+)
 
 
 def test_a_round_victim_attacks_its_clients_own_training_images(tmp_path, monkeypatch):
@@ -209,18 +268,26 @@ def test_fedavg_on_a_round_trains_as_the_federation_does():
     assert (config.local_steps, config.local_lr, config.local_batch_size) == (4, 0.05, 8)  # 2 epochs x ceil(10 / 8)
     assert TrialSpec(**ROUND_TRIAL, round=1).fl_config().fl == "fedsgd"
     momentum = TrialSpec(**ROUND_TRIAL, round=1, fl="fedavg", fed_momentum=0.9, images=(0, 1)).fl_config()
-    assert momentum.local_momentum == 0.9 and fed.Federation.of_trial(TrialSpec(**ROUND_TRIAL, round=1, fed_momentum=0.9)).fed_momentum == 0.9
+    assert (
+        momentum.local_momentum == 0.9
+        and fed.Federation.of_trial(TrialSpec(**ROUND_TRIAL, round=1, fed_momentum=0.9)).fed_momentum == 0.9
+    )
 
 
-@pytest.mark.parametrize("change, line", [
-    ({"round": 5}, "round: 5 is not valid; use 0 to 4 (fed_rounds), or raise fed_rounds"),
-    ({"trained_epochs": 2}, "trained_epochs: 2 is not valid; use 0: a federation round is the victim"),
-    ({"attacked_client": 4}, "attacked_client: 4 is not valid; use 0 to 3 (the federation's clients)"),
-    ({"aggregated_clients": 2, "images": (0, 1)}, "aggregated_clients: 2 is not valid; use 1: a federation round"),
-    ({"dataset": "photos", "model": "mlp"}, "dataset: 'photos' is not valid; it keeps no images to train on"),
-    ({"fl": "fedavg", "dp_clip": 1.0, "images": tuple(range(10))},  # the client's batches are fed_batch_size's
-     "fed_batch_size: 8 is not valid; DP-SGD draws its own batches at dp_sample_rate; use 10 or more"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "change, line",
+    [
+        ({"round": 5}, "round: 5 is not valid; use 0 to 4 (fed_rounds), or raise fed_rounds"),
+        ({"trained_epochs": 2}, "trained_epochs: 2 is not valid; use 0: a federation round is the victim"),
+        ({"attacked_client": 4}, "attacked_client: 4 is not valid; use 0 to 3 (the federation's clients)"),
+        ({"aggregated_clients": 2, "images": (0, 1)}, "aggregated_clients: 2 is not valid; use 1: a federation round"),
+        ({"dataset": "photos", "model": "mlp"}, "dataset: 'photos' is not valid; it keeps no images to train on"),
+        (
+            {"fl": "fedavg", "dp_clip": 1.0, "images": tuple(range(10))},  # the client's batches are fed_batch_size's
+            "fed_batch_size: 8 is not valid; DP-SGD draws its own batches at dp_sample_rate; use 10 or more",
+        ),
+    ],
+)
 def test_a_bad_round_trial_is_one_line_naming_the_field(change, line):
     with pytest.raises(ConfigError) as error:
         TrialSpec(**{**ROUND_TRIAL, "round": 1, **change})

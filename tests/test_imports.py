@@ -35,13 +35,30 @@ def results(tmp_path_factory) -> Path:
     rows = []
     for image in range(4):
         truth = rng.random((8, 8))
-        rows.append({
-            "study": "light", "key": f"{image:020d}", "dataset": "faces", "images": [image], "images_per_client": 1,
-            "model": "convnet", "width": 2, "attack": "ig", "iterations": 8, "status": "ok", "psnr": 20.0 + image,
-            "psnr_per_image": [20.0 + image], "ssim": 0.5, "label_accuracy": 1.0, "baseline_psnr": 15.0,
-            "psnr_gain": 5.0 + image, "truth_png": [png(truth)], "reconstruction_png": [png(truth[::-1])],
-            "trained_epochs": 2 if image == 3 else 0, "model_accuracy": 0.9 if image == 3 else None,
-        })  # fmt: skip
+        rows.append(
+            {
+                "study": "light",
+                "key": f"{image:020d}",
+                "dataset": "faces",
+                "images": [image],
+                "images_per_client": 1,
+                "model": "convnet",
+                "width": 2,
+                "attack": "ig",
+                "iterations": 8,
+                "status": "ok",
+                "psnr": 20.0 + image,
+                "psnr_per_image": [20.0 + image],
+                "ssim": 0.5,
+                "label_accuracy": 1.0,
+                "baseline_psnr": 15.0,
+                "psnr_gain": 5.0 + image,
+                "truth_png": [png(truth)],
+                "reconstruction_png": [png(truth[::-1])],
+                "trained_epochs": 2 if image == 3 else 0,
+                "model_accuracy": 0.9 if image == 3 else None,
+            }
+        )
     with ResultsDir(path) as written:
         written.write(rows)
     return path
@@ -157,8 +174,12 @@ def test_the_declarations_and_the_dp_step_import_nothing_that_imports_them():
 
 
 def test_no_module_imports_a_layer_above_its_own():
-    upward = sorted(f"{source} -> {target}" for source, targets in import_graph().items() for target in targets
-                    if layer(target) > layer(source))  # fmt: skip
+    upward = sorted(
+        f"{source} -> {target}"
+        for source, targets in import_graph().items()
+        for target in targets
+        if layer(target) > layer(source)
+    )
     assert not upward, upward
 
 

@@ -3,20 +3,20 @@ brightness bin comes back exactly from a real client update; thresholds and bad 
 
 import pytest
 import torch
-
-from gradinv.attacks.imprint import ImprintBlock, brightness_thresholds, imprinted, recover, run
-from gradinv.attacks.base import AttackJob
-from gradinv.errors import ConfigError
-from gradinv.client.update import FLConfig, client_update
-from gradinv.models import build_model
-
 from cli_refusals import assert_attack_refuses
+
+from gradinv.attacks.base import AttackJob
+from gradinv.attacks.imprint import ImprintBlock, brightness_thresholds, imprinted, recover, run
+from gradinv.client.update import client_update
+from gradinv.errors import ConfigError
+from gradinv.models import build_model
+from gradinv.parameters import ClientSettings
 
 SHAPE = (1, 8, 8)
 BINS = 32
 
 
-def attacked_client(seed: int, fl: FLConfig = FLConfig(), batch: int = 8):
+def attacked_client(seed: int, fl: ClientSettings = ClientSettings(), batch: int = 8):
     """8 random normalised images, a width-4 ConvNet behind the imprint block, and the client's update."""
     generator = torch.Generator().manual_seed(seed)
     images = torch.randn(batch, *SHAPE, generator=generator)
@@ -56,8 +56,9 @@ def best_errors(reconstruction: torch.Tensor, images: torch.Tensor, indices) -> 
 
 def job_for(model, images, update) -> AttackJob:
     box = (torch.full((1, 1, 1), -3.0), torch.full((1, 1, 1), 3.0))
-    return AttackJob(model, [None], [update], torch.zeros(1, len(images), dtype=torch.long), [False],
-                     tuple(images.shape), 10, box)  # fmt: skip
+    return AttackJob(
+        model, [None], [update], torch.zeros(1, len(images), dtype=torch.long), [False], tuple(images.shape), 10, box
+    )
 
 
 def test_run_returns_the_lone_images_among_its_batch():
@@ -73,7 +74,7 @@ def test_run_returns_the_lone_images_among_its_batch():
 # different images (a control: nothing about these) errs by more than 1.9 (6 seeds).
 @pytest.mark.parametrize("own_update", [True, False])
 def test_one_fedavg_step_recovers_the_lone_images(own_update):
-    fedavg = FLConfig(fl="fedavg", local_steps=1)
+    fedavg = ClientSettings(fl="fedavg", local_steps=1)
     model, images, update = attacked_client(1, fedavg)
     if not own_update:
         _, _, update = attacked_client(2, fedavg)
@@ -116,7 +117,7 @@ def test_bad_input_names_the_field():
     plain = build_model("convnet", channels=1, num_classes=10, image_size=8, width=4)
     images = torch.randn(2, *SHAPE)
     with pytest.raises(ValueError, match="malicious model"):
-        run(job_for(plain, images, client_update(plain, images, torch.tensor([0, 1]), FLConfig())))
+        run(job_for(plain, images, client_update(plain, images, torch.tensor([0, 1]), ClientSettings())))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -129,8 +130,16 @@ def test_an_imprint_trial_reads_every_lone_test_image_exactly():
     from gradinv.trial import TrialSpec, run_trials
     from gradinv.victims import Untrained
 
-    spec = TrialSpec(attack="imprint", threat_model="malicious", images=tuple(range(8)), image_size=8, model="convnet",
-                     width=4, imprint_bins=64, imprint_sample=200)  # fmt: skip
+    spec = TrialSpec(
+        attack="imprint",
+        threat_model="malicious",
+        images=tuple(range(8)),
+        image_size=8,
+        model="convnet",
+        width=4,
+        imprint_bins=64,
+        imprint_sample=200,
+    )
     (outcome,) = run_trials([spec])
     images01, _ = data.load_images("fashion-mnist", spec.images, split="test", image_size=8)
     alone = lone_images(shipped_model(Untrained(spec).model(), spec), data.normalise(images01, spec.data_spec))
@@ -141,16 +150,25 @@ def test_an_imprint_trial_reads_every_lone_test_image_exactly():
 @pytest.mark.parametrize(
     "argv, line",
     [
-        (["--attack", "imprint"], "threat_model: 'honest' is not valid; the imprint attack ships a modified model: "
-                                  "declare threat_model malicious"),
-        (["--attack", "imprint", "--threat-model", "malicious", "--fl", "fedavg", "--local-steps", "2"],
-         "fl: 'fedavg' is not valid; the imprint read-off is exact for one gradient: use fedsgd, or fedavg with "
-         "local_steps 1"),
-        (["--attack", "imprint", "--threat-model", "malicious", "--dataset", "faces"],
-         "imprint_sample: 1000 is not valid; the bins come from the training split of faces; use 20 to 150 images"),
-        (["--attack", "imprint", "--threat-model", "malicious", "--imprint-bins", "1"],
-         "imprint_bins: 1 is not valid; use 2 or more bins"),
+        (
+            ["--attack", "imprint"],
+            "threat_model: 'honest' is not valid; the imprint attack ships a modified model: "
+            "declare threat_model malicious",
+        ),
+        (
+            ["--attack", "imprint", "--threat-model", "malicious", "--fl", "fedavg", "--local-steps", "2"],
+            "fl: 'fedavg' is not valid; the imprint read-off is exact for one gradient: use fedsgd, or fedavg with "
+            "local_steps 1",
+        ),
+        (
+            ["--attack", "imprint", "--threat-model", "malicious", "--dataset", "faces"],
+            "imprint_sample: 1000 is not valid; the bins come from the training split of faces; use 20 to 150 images",
+        ),
+        (
+            ["--attack", "imprint", "--threat-model", "malicious", "--imprint-bins", "1"],
+            "imprint_bins: 1 is not valid; use 2 or more bins",
+        ),
     ],
-)  # fmt: skip
+)
 def test_a_bad_imprint_trial_exits_2_with_one_line(argv, line, tmp_path, capsys):
     assert_attack_refuses(argv, line, tmp_path, capsys)

@@ -6,16 +6,17 @@ import torch
 
 from gradinv import data
 from gradinv.attacks.labels import LABEL_METHODS, applicable, batch_labels, recover_labels_with
+from gradinv.client.update import client_update
 from gradinv.errors import ConfigError
-from gradinv.client.update import FLConfig, client_update
 from gradinv.models import build_model
+from gradinv.parameters import ClientSettings
 
 SPEC = data.dataset_spec("fashion-mnist")
 # Fashion-MNIST test images labelled 0, 0, 0, 3, 3, 5, 7, 9: a batch of 8 with repeats.
 REPEATS = [19, 27, 35, 13, 29, 8, 9, 0]
 
 
-def tiny_client(seed: int, fl: FLConfig = FLConfig()):
+def tiny_client(seed: int, fl: ClientSettings = ClientSettings()):
     model = build_model("mlp", channels=1, num_classes=10, image_size=8, width=8, seed=seed)
     images01, labels = data.load_images("fashion-mnist", REPEATS, image_size=8)
     return model, labels, client_update(model, data.normalise(images01, SPEC), labels, fl)
@@ -53,7 +54,7 @@ def test_unknown_method_or_missing_inputs_are_config_errors():
         applicable("llg", 8, 10)
     with pytest.raises(ConfigError, match="model"):
         recover_labels_with("ilrg", update, 10)
-    _, _, fedavg = tiny_client(0, FLConfig(fl="fedavg", local_steps=1))
+    _, _, fedavg = tiny_client(0, ClientSettings(fl="fedavg", local_steps=1))
     with pytest.raises(ConfigError, match="FedSGD"):
         recover_labels_with("ilrg", fedavg, 10, model)
 

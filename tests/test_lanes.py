@@ -34,8 +34,9 @@ def lane_inputs(spec: TrialSpec, lanes: int):
 
 
 @pytest.mark.numeric
-@pytest.mark.parametrize("settings", [dict(), dict(fl="fedavg", local_steps=3, local_lr=0.05, images=(0, 1),
-                                                    local_batch_size=1)])  # fmt: skip
+@pytest.mark.parametrize(
+    "settings", [dict(), dict(fl="fedavg", local_steps=3, local_lr=0.05, images=(0, 1), local_batch_size=1)]
+)
 def test_each_lane_matches_its_own_single_lane_computation(settings, bars):
     spec = dataclasses.replace(BASE, restarts=2, **settings)
     lanes = 4
@@ -56,15 +57,23 @@ def test_each_lane_matches_its_own_single_lane_computation(settings, bars):
 def test_fused_cosine_cost_and_its_gradient_match_the_plain_formula(length):
     generator = torch.Generator().manual_seed(0)
     targets = [torch.randn(3, length, generator=generator), torch.randn(3, 2, 5, generator=generator)]
-    candidate = [torch.randn(3, length, generator=generator, dtype=torch.float64).requires_grad_(True),
-                 torch.randn(3, 2, 5, generator=generator, dtype=torch.float64).requires_grad_(True)]  # fmt: skip
+    candidate = [
+        torch.randn(3, length, generator=generator, dtype=torch.float64).requires_grad_(True),
+        torch.randn(3, 2, 5, generator=generator, dtype=torch.float64).requires_grad_(True),
+    ]
     weights = [1.0, 0.5]
     fused = GradientCost([t.double() for t in targets], weights, "cosine")(candidate)
     (fused_grad,) = torch.autograd.grad(fused.sum(), candidate[:1])
 
     def plain(c, t):
-        per_layer = [(w * (a * b.double()).flatten(1).sum(1), w * a.pow(2).flatten(1).sum(1),
-                      w * b.double().pow(2).flatten(1).sum(1)) for a, b, w in zip(c, t, weights)]  # fmt: skip
+        per_layer = [
+            (
+                w * (a * b.double()).flatten(1).sum(1),
+                w * a.pow(2).flatten(1).sum(1),
+                w * b.double().pow(2).flatten(1).sum(1),
+            )
+            for a, b, w in zip(c, t, weights)
+        ]
         dot, norm_c, norm_t = (sum(parts) for parts in zip(*per_layer))
         return 1 - dot / (norm_c.sqrt() * norm_t.sqrt())
 

@@ -5,15 +5,15 @@ import dataclasses
 import types
 
 import pytest
-
 from cli_refusals import assert_attack_refuses
+
 from gradinv import memory
 from gradinv.trial import TrialSpec
 from sweep import runner
 from sweep.cli.main import main
-from sweep.worker import Pack
 from sweep.study import load_study
 from sweep.task_loop import pack_task
+from sweep.worker import Pack
 
 LIMIT = 16 * 2**30  # the machine these tests pretend to run on
 BASE = "name: big\ndata: {dataset: faces, images: 2}\nfixed: {model: convnet, iterations: 2, %s}\n"
@@ -22,8 +22,12 @@ OVERSIZED = {
     "image_size": ("data: {dataset: faces, images: 2, image_size: 60000}\n", "data.image_size", 60000, "a smaller"),
     "width": ("width: 200000", "fixed.width", 200000, "a smaller"),
     "restarts": ("restarts: 1000000", "fixed.restarts", 1000000, "fewer"),
-    "imprint_bins": ("attack: imprint, threat_model: malicious, imprint_sample: 100, imprint_bins: 1000000000",
-                     "fixed.imprint_bins", 1000000000, "a smaller"),
+    "imprint_bins": (
+        "attack: imprint, threat_model: malicious, imprint_sample: 100, imprint_bins: 1000000000",
+        "fixed.imprint_bins",
+        1000000000,
+        "a smaller",
+    ),
     "local_steps": ("fl: fedavg, local_steps: 2147483647", "fixed.local_steps", 2147483647, "fewer"),
 }
 
@@ -62,8 +66,10 @@ def test_a_trial_the_machine_cannot_hold_is_refused_in_one_line_before_anything_
 
 def test_gradinv_attack_refuses_what_the_machine_cannot_hold(small_machine, tmp_path, capsys):
     spec = TrialSpec(dataset="faces", image_size=60000)
-    line = (f"image_size: 60000 is not valid; a trial needs about {memory.human(memory.trial_bytes(spec))} of memory "
-            "(estimated from its settings), more than the 16 GiB this machine has; use a smaller image_size")
+    line = (
+        f"image_size: 60000 is not valid; a trial needs about {memory.human(memory.trial_bytes(spec))} of memory "
+        "(estimated from its settings), more than the 16 GiB this machine has; use a smaller image_size"
+    )
     assert_attack_refuses(["--dataset", "faces", "--image-size", "60000"], line, tmp_path, capsys)
 
 
@@ -114,9 +120,11 @@ class FakeRay:
         self.submitted: list[dict] = []
 
     def nodes(self):
-        return [{"Alive": True, "Resources": {"CPU": 2, "memory": 10 * 2**30}},
-                {"Alive": True, "Resources": {"CPU": 2, "memory": 4 * 2**30}},
-                {"Alive": False, "Resources": {"CPU": 64, "memory": 999 * 2**30}}]  # fmt: skip
+        return [
+            {"Alive": True, "Resources": {"CPU": 2, "memory": 10 * 2**30}},
+            {"Alive": True, "Resources": {"CPU": 2, "memory": 4 * 2**30}},
+            {"Alive": False, "Resources": {"CPU": 64, "memory": 999 * 2**30}},
+        ]
 
     def remote(self, function):
         fake = self

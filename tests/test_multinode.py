@@ -7,8 +7,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from tests.support.local_cluster import LocalCluster
 from gradinv.results.store import ResultsDir
+from tests.support.local_cluster import LocalCluster
 
 STUDY = """
 name: multinode
@@ -39,8 +39,18 @@ def test_a_study_finishes_with_exactly_n_rows_after_a_worker_node_is_lost(cluste
         cluster.add_worker(name, env={"GRADINV_CACHE": str(tmp_path / f"cache-{name}")})
     study = write_study(STUDY)
     results = tmp_path / "results"
-    run = driver("run", str(study), "--results", str(results), "--address", cluster.address,
-                 "--no-progress", "--batch-rows", "1", env=cluster.env)  # fmt: skip
+    run = driver(
+        "run",
+        str(study),
+        "--results",
+        str(results),
+        "--address",
+        cluster.address,
+        "--no-progress",
+        "--batch-rows",
+        "1",
+        env=cluster.env,
+    )
     deadline = time.monotonic() + 300
     while len(ResultsDir(results).files()) < 4 and time.monotonic() < deadline:
         time.sleep(0.5)

@@ -9,8 +9,8 @@ import time
 import urllib.error
 import urllib.request
 
-import ray  # puts Ray's bundled psutil on the path
 import psutil  # noqa: E402  (comes with Ray)
+import ray  # puts Ray's bundled psutil on the path
 
 from sweep.runner import connect, runtime_environment
 
@@ -89,8 +89,9 @@ def test_a_local_instance_listens_on_loopback_or_answers_nothing_without_a_token
             time.sleep(0.5)
         started = ray_processes()[1:]
         sockets = listening([psutil.Process(), *started])
-        open_ = sorted(f"{ip}:{port} ({name})" for (ip, port), name in sockets.items()
-                       if open_without_credentials(ip, port))  # fmt: skip
+        open_ = sorted(
+            f"{ip}:{port} ({name})" for (ip, port), name in sockets.items() if open_without_credentials(ip, port)
+        )
         assert sockets and not open_, open_
     finally:
         ray.shutdown()

@@ -10,8 +10,9 @@ from sweep import worker as execution
 from sweep.worker import Pack, run_pack
 
 KEYS = ("k0", "k1", "k2")
-SPECS = tuple(TrialSpec(dataset="faces", images=(i,), image_size=8, model="convnet", width=2, iterations=3)
-              for i in range(3))  # fmt: skip
+SPECS = tuple(
+    TrialSpec(dataset="faces", images=(i,), image_size=8, model="convnet", width=2, iterations=3) for i in range(3)
+)
 
 
 @pytest.fixture
@@ -43,7 +44,9 @@ def run_trials_calls(monkeypatch):
 def test_a_lane_that_raises_fails_its_trial_alone(faults, run_trials_calls):
     faults({"k1": "raise"})
     checkpoints = []
-    rows = run_pack(Pack("s", KEYS, SPECS), on_checkpoint=lambda keys, i, costs, quality: checkpoints.append((keys, costs, quality)))
+    rows = run_pack(
+        Pack("s", KEYS, SPECS), on_checkpoint=lambda keys, i, costs, quality: checkpoints.append((keys, costs, quality))
+    )
     assert [row["key"] for row in rows] == list(KEYS)
     assert [row["status"] for row in rows] == ["ok", "failed", "ok"]
     assert "injected fault for trial k1" in rows[1]["error"]

@@ -16,19 +16,25 @@ import torch
 
 from gradinv import parameters, parameters_page, trial
 from gradinv.attacks.registry import FAMILIES
+from gradinv.client.update import client_update
 from gradinv.errors import ConfigError
-from gradinv.client.update import FLConfig, client_update
 from gradinv.models import build_model, default_width
-from gradinv.parameters import knob
+from gradinv.parameters import ClientSettings, knob
+from gradinv.results.schema import SCHEMA, parameter_columns, parameter_types
 from gradinv.trial import TrialSpec, lane_signature
 from gradinv.victims import Untrained, ZooCheckpoint, victim_source
-from sweep.cli import main as cli
 from sweep import study
-from gradinv.results.schema import SCHEMA, parameter_columns, parameter_types
+from sweep.cli import main as cli
 
 REPO = Path(__file__).resolve().parent.parent
 DATA_SECTION = ("dataset", "images", "labels", "image_size")
-DEFENDED_FIXED = {"clip_update": 1.0, "noise_std": 0.1, "keep_fraction": 0.5, "quant_bits": 4, "dp_clip": 1.0}  # every defence knob applies
+DEFENDED_FIXED = {
+    "clip_update": 1.0,
+    "noise_std": 0.1,
+    "keep_fraction": 0.5,
+    "quant_bits": 4,
+    "dp_clip": 1.0,
+}  # every defence knob applies
 DEFENDED = [arg for name, value in DEFENDED_FIXED.items() for arg in (f"--{name.replace('_', '-')}", str(value))]
 # a value that needs more than the default image: (flags, study-file settings) that give each trial two
 # (a study deals images_per_client to each of the trial's clients)
@@ -61,9 +67,20 @@ def _flag(name: str) -> str:
 
 def _good_value(name: str, declared: parameters.Knob, default):
     """A valid value other than the default (the YAML value, and what the trial then holds)."""
-    special = {"dataset": "faces", "model": "mlp", "images": [1], "layers": [0], "image_size": 16, "keep_fraction": 0.25,
-               "noise_std": 0.5, "dp_delta": 0.001, "dp_sample_rate": 0.5, "aggregated_clients": 2,
-               "imprint_sample": 120, "attack": "dlg"}  # fmt: skip
+    special = {
+        "dataset": "faces",
+        "model": "mlp",
+        "images": [1],
+        "layers": [0],
+        "image_size": 16,
+        "keep_fraction": 0.25,
+        "noise_std": 0.5,
+        "dp_delta": 0.001,
+        "dp_sample_rate": 0.5,
+        "aggregated_clients": 2,
+        "imprint_sample": 120,
+        "attack": "dlg",
+    }
     if name in special:
         value = special[name]
         return value, tuple(value) if isinstance(value, list) else value
@@ -112,7 +129,10 @@ def _exit_line(capsys, argv: list[str]) -> tuple[int, str]:
 
 
 def test_the_declarations_import_neither_torch_nor_pyarrow():
-    probe = "import sys, gradinv.parameters, gradinv.attacks.registry; print('torch' in sys.modules, 'pyarrow' in sys.modules)"
+    probe = (
+        "import sys, gradinv.parameters, gradinv.attacks.registry; "
+        "print('torch' in sys.modules, 'pyarrow' in sys.modules)"
+    )
     out = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, check=True).stdout
     assert out.split() == ["False", "False"]
 
@@ -121,20 +141,68 @@ def test_the_declarations_import_neither_torch_nor_pyarrow():
     "spec, fields",
     [  # key_fields() computed before the parameters were declared in parts: IG keys must not move
         (TrialSpec(), {}),
-        (TrialSpec(fl="fedavg", local_steps=5, local_batch_size=2, images=(0, 1, 2, 3)),
-         {"images": [0, 1, 2, 3], "fl": "fedavg", "local_steps": 5, "local_batch_size": 2}),
-        (TrialSpec(trained_epochs=2, width=16, train_subset=100), {"width": 16, "trained_epochs": 2, "train_subset": 100}),
-        (TrialSpec(dataset="faces", model="resnet20", tv=1e-2, decay="cosine", layers="last10", restarts=2, scoring="tv",
-                   optimizer="sgd", clamp_init=True),
-         {"dataset": "faces", "model": "resnet20", "restarts": 2, "tv": 0.01, "decay": "cosine", "clamp_init": True,
-          "layer_set": "last10", "optimizer": "sgd", "scoring": "tv", "split_version": 1}),
-        (TrialSpec(fl="fedavg", batch_order="sequential", data_order_seed=3, local_batch_size=1, images=(0, 1), width=8,
-                   model_seed=2, labels="recovered", attack_seed=4, layers=(0, 1), tol=0.1),
-         {"images": [0, 1], "labels": "recovered", "width": 8, "model_seed": 2, "fl": "fedavg", "local_batch_size": 1,
-          "batch_order": "sequential", "layers": [0, 1], "attack_seed": 4}),
+        (
+            TrialSpec(fl="fedavg", local_steps=5, local_batch_size=2, images=(0, 1, 2, 3)),
+            {"images": [0, 1, 2, 3], "fl": "fedavg", "local_steps": 5, "local_batch_size": 2},
+        ),
+        (
+            TrialSpec(trained_epochs=2, width=16, train_subset=100),
+            {"width": 16, "trained_epochs": 2, "train_subset": 100},
+        ),
+        (
+            TrialSpec(
+                dataset="faces",
+                model="resnet20",
+                tv=1e-2,
+                decay="cosine",
+                layers="last10",
+                restarts=2,
+                scoring="tv",
+                optimizer="sgd",
+                clamp_init=True,
+            ),
+            {
+                "dataset": "faces",
+                "model": "resnet20",
+                "restarts": 2,
+                "tv": 0.01,
+                "decay": "cosine",
+                "clamp_init": True,
+                "layer_set": "last10",
+                "optimizer": "sgd",
+                "scoring": "tv",
+                "split_version": 1,
+            },
+        ),
+        (
+            TrialSpec(
+                fl="fedavg",
+                batch_order="sequential",
+                data_order_seed=3,
+                local_batch_size=1,
+                images=(0, 1),
+                width=8,
+                model_seed=2,
+                labels="recovered",
+                attack_seed=4,
+                layers=(0, 1),
+                tol=0.1,
+            ),
+            {
+                "images": [0, 1],
+                "labels": "recovered",
+                "width": 8,
+                "model_seed": 2,
+                "fl": "fedavg",
+                "local_batch_size": 1,
+                "batch_order": "sequential",
+                "layers": [0, 1],
+                "attack_seed": 4,
+            },
+        ),
         (TrialSpec(attack="analytic", model="mlp", tv=0.1, iterations=5), {"model": "mlp", "attack": "analytic"}),
     ],
-)  # fmt: skip
+)
 def test_inverting_gradients_and_analytic_key_fields_are_unchanged(spec, fields):
     assert json.dumps(spec.key_fields(), sort_keys=True) == json.dumps(fields, sort_keys=True)
 
@@ -147,21 +215,42 @@ def test_every_declared_parameter_is_a_flag_a_column_and_a_study_key(tmp_path):
         yaml_value, held = _good_value(name, declared, default)
         # the flag
         flag_value = _flag_arguments(name, declared, yaml_value)
-        where_all_apply = FEDERATED if federation(name) else [
-            "--fl", "fedavg", "--restarts", "2", "--trained-epochs", "1", *DEFENDED]  # the flag comes last
+        where_all_apply = (
+            FEDERATED if federation(name) else ["--fl", "fedavg", "--restarts", "2", "--trained-epochs", "1", *DEFENDED]
+        )  # the flag comes last
         if name in APPLIES_WITH:
             where_all_apply = [arg for other, value in APPLIES_WITH[name].items() for arg in (_flag(other), str(value))]
         image_flags, image_settings = IMAGES_FOR.get(name, ([], {}))
-        args = cli.build_parser().parse_args(["attack", "--out", str(tmp_path), *where_all_apply, *image_flags, *flag_value])
+        args = cli.build_parser().parse_args(
+            ["attack", "--out", str(tmp_path), *where_all_apply, *image_flags, *flag_value]
+        )
         assert getattr(cli._trial_spec(args), name) == held, name
         # the column, of the declared type
         column = SCHEMA.field(name).type
-        assert column == {"int32": pa.int32(), "int64": pa.int64(), "float64": pa.float64(), "string": pa.string(),
-                          "bool": pa.bool_(), "list<int32>": pa.list_(pa.int32())}[declared.arrow], name  # fmt: skip
+        assert (
+            column
+            == {
+                "int32": pa.int32(),
+                "int64": pa.int64(),
+                "float64": pa.float64(),
+                "string": pa.string(),
+                "bool": pa.bool_(),
+                "list<int32>": pa.list_(pa.int32()),
+            }[declared.arrow]
+        ), name
         # the study key
         data = {"dataset": "faces", "images": 2}
-        fixed = dict(FEDERATED_FIXED) if federation(name) else {  # where all apply
-            "fl": "fedavg", "restarts": 2, "trained_epochs": 1, **DEFENDED_FIXED, **image_settings}
+        fixed = (
+            dict(FEDERATED_FIXED)
+            if federation(name)
+            else {  # where all apply
+                "fl": "fedavg",
+                "restarts": 2,
+                "trained_epochs": 1,
+                **DEFENDED_FIXED,
+                **image_settings,
+            }
+        )
         if name in APPLIES_WITH:
             fixed = {other: value for other, value in APPLIES_WITH[name].items() if other not in DATA_SECTION}
             data.update({other: value for other, value in APPLIES_WITH[name].items() if other in DATA_SECTION})
@@ -192,12 +281,15 @@ def test_a_wrong_value_in_a_study_file_names_the_file_line_and_parameter(tmp_pat
 
 
 def test_dlg_trials_carry_only_the_settings_dlg_reads(tmp_path):
-    path = _study(tmp_path, """
+    path = _study(
+        tmp_path,
+        """
         name: dlg
         data: {dataset: faces, images: 1}
         fixed: {attack: dlg, iterations: 5}
         grid: {tv: [1.0e-4, 1.0e-3], restarts: [1, 2], lr: [0.1, 1.0]}
-    """)  # fmt: skip
+    """,
+    )
     trials = study.read_study(path).trials
     assert len(trials) == 2 and sorted(t.lr for t in trials) == [0.1, 1.0]  # tv and restarts collapse
     columns = parameter_columns(trials[0])
@@ -211,7 +303,7 @@ def test_dlg_trials_carry_only_the_settings_dlg_reads(tmp_path):
 def test_the_parameters_page_lists_every_parameter_as_declared():
     text = (REPO / "docs" / "parameters.md").read_text()
     assert parameters_page.page_block() in text, "regenerate it: python -m gradinv.parameters_page docs/parameters.md"
-    for name, default in parameters.parameter_defaults().items():
+    for name in parameters.parameter_defaults():
         assert f"| `{name}` |" in text
 
 
@@ -229,7 +321,9 @@ def test_every_family_runs_through_the_registry(monkeypatch):
 def test_the_knobs_read_the_family_traits_not_its_name(monkeypatch):
     from gradinv.attacks import registry
 
-    assert {"prune_aware", "attack_seed"} <= TrialSpec(attack="analytic", model="mlp", keep_fraction=0.5).not_applicable()
+    assert {"prune_aware", "attack_seed"} <= TrialSpec(
+        attack="analytic", model="mlp", keep_fraction=0.5
+    ).not_applicable()
     mirroring = dataclasses.replace(FAMILIES["analytic"], mirrors_defences=True, seeded=True)
     monkeypatch.setitem(registry.FAMILIES, "analytic", mirroring)
     spec = TrialSpec(attack="analytic", model="mlp", keep_fraction=0.5, prune_aware=True, attack_seed=3)
@@ -242,18 +336,23 @@ def test_the_knobs_read_the_family_traits_not_its_name(monkeypatch):
 def test_victim_sources_and_the_default_width_share_one_checkpoint():
     assert isinstance(victim_source(TrialSpec()), Untrained) and victim_source(TrialSpec()).recipe is None
     named = victim_source(TrialSpec(trained_epochs=2, width=default_width("convnet")))
-    assert isinstance(named, ZooCheckpoint) and named.recipe.key == victim_source(TrialSpec(trained_epochs=2)).recipe.key
-    assert named.row_columns({"test_accuracy": 0.5}) == {"checkpoint_key": named.recipe.key, "model_accuracy": 0.5,
-                                                         "training_epsilon": None}
+    assert (
+        isinstance(named, ZooCheckpoint) and named.recipe.key == victim_source(TrialSpec(trained_epochs=2)).recipe.key
+    )
+    assert named.row_columns({"test_accuracy": 0.5}) == {
+        "checkpoint_key": named.recipe.key,
+        "model_accuracy": 0.5,
+        "training_epsilon": None,
+    }
 
 
 def test_a_client_update_passes_through_its_defences_in_order():
     model = build_model("mlp", channels=1, num_classes=2, image_size=4, seed=0)
     images, labels = torch.rand(1, 1, 4, 4), torch.tensor([1])
-    plain = client_update(model, images, labels, FLConfig())
+    plain = client_update(model, images, labels, ClientSettings())
     halve = lambda tensors: tuple(t / 2 for t in tensors)  # noqa: E731
     shift = lambda tensors: tuple(t + 1 for t in tensors)  # noqa: E731
-    defended = client_update(model, images, labels, FLConfig(), defences=(halve, shift))
+    defended = client_update(model, images, labels, ClientSettings(), defences=(halve, shift))
     assert defended.defences == (halve, shift)
     assert all(torch.equal(d, p / 2 + 1) for d, p in zip(defended.tensors, plain.tensors))
 
@@ -264,8 +363,15 @@ def test_a_client_update_passes_through_its_defences_in_order():
 
 @dataclass(frozen=True, kw_only=True)
 class ClipSettings(parameters.Part):
-    clip: float = knob(0.0, kind="float", help="FedAvg: clip the update to this norm; 0: no clipping", search="log",
-                       check=lambda v: v >= 0, fix="use 0 (no clipping) or more", applies=lambda t: t.fl == "fedavg")  # fmt: skip
+    clip: float = knob(
+        0.0,
+        kind="float",
+        help="FedAvg: clip the update to this norm; 0: no clipping",
+        search="log",
+        check=lambda v: v >= 0,
+        fix="use 0 (no clipping) or more",
+        applies=lambda t: t.fl == "fedavg",
+    )
 
 
 @pytest.fixture
@@ -281,14 +387,19 @@ def test_a_new_part_reaches_flags_schema_study_applicability_lanes_and_tune(with
     args = cli.build_parser().parse_args(["attack", "--out", str(tmp_path), "--fl", "fedavg", "--clip", "0.5"])
     assert cli._trial_spec(args) == Spec(fl="fedavg", clip=0.5)
     code, err = _exit_line(capsys, ["attack", "--out", str(tmp_path / "never"), "--clip", "-1"])
-    assert code == 2 and err.strip().splitlines() == ["gradinv attack: error: clip: -1.0 is not valid; use 0 (no clipping) or more"]
+    assert code == 2 and err.strip().splitlines() == [
+        "gradinv attack: error: clip: -1.0 is not valid; use 0 (no clipping) or more"
+    ]
     assert parameter_types()["clip"] == pa.float64()
     checker = study._Checker(Path("s.yaml"), {("fixed", "clip"): 3})
     assert study._coerce(checker, "clip", 1, ("fixed", "clip")) == 1.0
     with pytest.raises(study.StudyError, match=r"s.yaml:3: fixed.clip: expected a number"):
         study._coerce(checker, "clip", "x", ("fixed", "clip"))
     assert "clip" in Spec(clip=0.5).not_applicable() and "clip" not in Spec(fl="fedavg", clip=0.5).not_applicable()
-    assert Spec(clip=0.5).key_fields() == {} and Spec(fl="fedavg", clip=0.5).key_fields() == {"fl": "fedavg", "clip": 0.5}
+    assert Spec(clip=0.5).key_fields() == {} and Spec(fl="fedavg", clip=0.5).key_fields() == {
+        "fl": "fedavg",
+        "clip": 0.5,
+    }
     assert lane_signature(Spec(fl="fedavg", clip=0.5)) != lane_signature(Spec(fl="fedavg", clip=1.0))
     log_uniform, _ = parameters.search_space()
     assert "clip" in log_uniform and parameters.paper_defaults()["clip"] == 0.0

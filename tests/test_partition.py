@@ -60,9 +60,10 @@ def test_the_seed_alone_decides_the_partition():
 
 
 def test_small_alpha_skews_labels_and_large_alpha_mirrors_the_whole_set():
-    skew = {alpha: [mean_label_skew(BALANCED, dirichlet(BALANCED, seed, alpha=alpha))
-                    for seed in range(30)]
-            for alpha in (0.1, 100.0)}
+    skew = {
+        alpha: [mean_label_skew(BALANCED, dirichlet(BALANCED, seed, alpha=alpha)) for seed in range(30)]
+        for alpha in (0.1, 100.0)
+    }
     # Measured over seeds 0-49 (10 clients, 1000 items, min_partition_size 10):
     # alpha 0.1 gives 0.590-0.745, alpha 100 gives 0.031-0.046.
     assert min(skew[0.1]) >= 0.45
@@ -110,21 +111,24 @@ def test_self_balancing_caps_a_client_at_the_average_plus_one_class(labels):
     assert max(largest) > len(BALANCED) / 10 + 100
 
 
-@pytest.mark.parametrize("options, field", [
-    ({"alpha": 0}, "alpha"),
-    ({"alpha": -1}, "alpha"),
-    ({"alpha": float("nan")}, "alpha"),
-    ({"alpha": float("inf")}, "alpha"),
-    ({"alpha": "0.5"}, "alpha"),
-    ({"clients": 0}, "clients"),
-    ({"clients": 1001}, "clients"),
-    ({"clients": 2.0}, "clients"),
-    ({"min_partition_size": -1}, "min_partition_size"),
-    ({"min_partition_size": 101}, "min_partition_size"),
-    ({"max_tries": 0}, "max_tries"),
-    ({"labels": BALANCED.astype(float)}, "labels"),
-    ({"labels": BALANCED.reshape(100, 10)}, "labels"),
-])
+@pytest.mark.parametrize(
+    "options, field",
+    [
+        ({"alpha": 0}, "alpha"),
+        ({"alpha": -1}, "alpha"),
+        ({"alpha": float("nan")}, "alpha"),
+        ({"alpha": float("inf")}, "alpha"),
+        ({"alpha": "0.5"}, "alpha"),
+        ({"clients": 0}, "clients"),
+        ({"clients": 1001}, "clients"),
+        ({"clients": 2.0}, "clients"),
+        ({"min_partition_size": -1}, "min_partition_size"),
+        ({"min_partition_size": 101}, "min_partition_size"),
+        ({"max_tries": 0}, "max_tries"),
+        ({"labels": BALANCED.astype(float)}, "labels"),
+        ({"labels": BALANCED.reshape(100, 10)}, "labels"),
+    ],
+)
 def test_bad_dirichlet_inputs_name_their_field(options, field):
     arguments = {"labels": BALANCED, "clients": 10, "alpha": 0.5, "seed": 0} | options
     with pytest.raises(ConfigError, match=f"^{field}:") as raised:

@@ -9,8 +9,6 @@ optimisation loop is torch's own optimisers (Adam, SGD with the reference's sett
 in float64 on a tiny ConvNet; costs, image gradients and images must agree to 1e-5 relative.
 """
 
-import dataclasses
-
 import numpy as np
 import pytest
 import torch
@@ -19,9 +17,16 @@ from torch.func import functional_call
 
 from gradinv import metrics, models
 from gradinv.attacks.inverting import (
-    IGConfig, LaneObjective, final_images, initial_images, invert_gradients, median_filter, step_size_factor,
-)  # fmt: skip
-from gradinv.client.update import FLConfig, client_update, minibatch_schedule
+    IGConfig,
+    LaneObjective,
+    final_images,
+    initial_images,
+    invert_gradients,
+    median_filter,
+    step_size_factor,
+)
+from gradinv.client.update import client_update, minibatch_schedule
+from gradinv.parameters import ClientSettings
 from gradinv.trial import TrialSpec
 
 RTOL = 1e-5
@@ -106,8 +111,9 @@ def reference_tv(x):
     return (x[:, :, :, :-1] - x[:, :, :, 1:]).abs().mean() + (x[:, :, :-1, :] - x[:, :, 1:, :]).abs().mean()
 
 
-def reference_closure(model, x, labels, target, *, cost_fn="sim", indices="def", weights="equal", tv=1e-4,
-                      signed=False, **local):  # fmt: skip
+def reference_closure(
+    model, x, labels, target, *, cost_fn="sim", indices="def", weights="equal", tv=1e-4, signed=False, **local
+):
     """The reference's closure at images ``x``: (cost, image gradient)."""
     x = x.detach().clone().requires_grad_(True)
     cost = reference_cost(reference_candidate(model, x, labels, **local), target, cost_fn, indices, weights)
@@ -117,8 +123,21 @@ def reference_closure(model, x, labels, target, *, cost_fn="sim", indices="def",
     return cost.detach(), (x.grad.sign() if signed else x.grad)
 
 
-def reference_attack(model, x0, labels, target, *, optim="adam", lr=0.1, iterations=8, boxed=True, signed=True,
-                     tv=1e-4, lr_decay=True, **closure):  # fmt: skip
+def reference_attack(
+    model,
+    x0,
+    labels,
+    target,
+    *,
+    optim="adam",
+    lr=0.1,
+    iterations=8,
+    boxed=True,
+    signed=True,
+    tv=1e-4,
+    lr_decay=True,
+    **closure,
+):
     """The reference's restart loop: optimiser, MultiStepLR stepped per iteration, box projection."""
     x = x0.detach().clone().requires_grad_(True)
     optimiser = {
@@ -159,7 +178,7 @@ def setting():
     return model, images, labels, guess
 
 
-def ours(model, images, labels, guess, config, fl=FLConfig()):
+def ours(model, images, labels, guess, config, fl=ClientSettings()):
     update = client_update(model, images, labels, fl)
     grad, total, _ = LaneObjective(model, [update], labels[None], [config])(guess[None])
     return total[0], grad[0], update
@@ -181,10 +200,12 @@ OPTIONS = [  # (gradinv's settings, the reference's)
     (dict(layer_weighting="exp", cost="simlocal"), dict(weights="exp", cost_fn="simlocal")),
     (dict(layers=(0, 5, -1, -7)), dict(indices=[0, 5, -1, -7])),
     (dict(layers=(2, 3), layer_weighting="linear", cost="l1"), dict(indices=[2, 3], weights="linear", cost_fn="l1")),
-    *[(dict(layers=name), dict(indices=name)) for name in ("first4", "first5", "first10", "first50", "last5",
-                                                             "last10", "last50", "top10", "top50")],
+    *[
+        (dict(layers=name), dict(indices=name))
+        for name in ("first4", "first5", "first10", "first50", "last5", "last10", "last50", "top10", "top50")
+    ],
     (dict(layers="last5", layer_weighting="exp", cost="l2"), dict(indices="last5", weights="exp", cost_fn="l2")),
-]  # fmt: skip
+]
 
 
 def _reference_set(indices, count):
@@ -210,7 +231,9 @@ def test_cost_and_image_gradient_match_the_reference(setting, settings, referenc
 @pytest.mark.parametrize("steps, batch_size", [(2, 0), (5, 0), (3, 2), (5, 3)])
 def test_fedavg_cost_matches_the_reference_with_sequential_slices(setting, steps, batch_size):
     model, images, labels, guess = setting
-    fl = FLConfig(fl="fedavg", local_steps=steps, local_lr=0.05, local_batch_size=batch_size, batch_order="sequential")
+    fl = ClientSettings(
+        fl="fedavg", local_steps=steps, local_lr=0.05, local_batch_size=batch_size, batch_order="sequential"
+    )
     total, grad, update = ours(model, images, labels, guess, IGConfig(), fl)
     local = dict(local_steps=steps, local_lr=0.05, batch_size=batch_size)
     cost, reference_grad = reference_closure(model, guess, labels, list(update.tensors), **local)
@@ -218,13 +241,13 @@ def test_fedavg_cost_matches_the_reference_with_sequential_slices(setting, steps
 
 
 def test_sequential_batches_are_the_reference_slices_and_drop_the_rest():
-    fl = FLConfig(fl="fedavg", local_steps=5, local_batch_size=2, batch_order="sequential")
+    fl = ClientSettings(fl="fedavg", local_steps=5, local_batch_size=2, batch_order="sequential")
     assert [s.tolist() for s in minibatch_schedule(5, fl)] == [[0, 1], [2, 3], [0, 1], [2, 3], [0, 1]]
 
 
 def test_batch_set_compares_the_drawn_tensors(setting):
     model, images, labels, guess = setting
-    update = client_update(model, images, labels, FLConfig())
+    update = client_update(model, images, labels, ClientSettings())
     objective = LaneObjective(model, [update], labels[None], [IGConfig(layers="batch")], seed=5)
     mask = objective._batch_mask()
     objective.draws.manual_seed(5)
@@ -278,15 +301,17 @@ LOOPS = [  # (gradinv's settings, the reference's)
     (dict(cost="l2", layer_weighting="exp"), dict(cost_fn="l2", weights="exp")),
     (dict(optimizer="sgd", signed=False), dict(optim="sgd", signed=False)),
     (dict(optimizer="sgd"), dict(optim="sgd")),
-    (dict(optimizer="lbfgs", signed=False, tv=0.0, iterations=3),
-     dict(optim="LBFGS", signed=False, tv=0.0, iterations=3)),
-]  # fmt: skip
+    (
+        dict(optimizer="lbfgs", signed=False, tv=0.0, iterations=3),
+        dict(optim="LBFGS", signed=False, tv=0.0, iterations=3),
+    ),
+]
 
 
 def attack_and_reference(setting, config, **reference):
     model, images, labels, _ = setting
     images, labels = images[:2], labels[:2]
-    update = client_update(model, images, labels, FLConfig())
+    update = client_update(model, images, labels, ClientSettings())
     box = (torch.full((1, 1, 1), -MEAN / STD), torch.full((1, 1, 1), (1 - MEAN) / STD))
     result = invert_gradients(model, [update], labels[None], [config], [4], box, images.shape)
     x0 = initial_images(images.shape, 1, config.init, 4, torch.float64)[0]
@@ -344,6 +369,6 @@ def test_known_labels_pair_reconstructions_only_within_their_label():
 
 def test_precision_follows_the_update(setting):
     model, images, labels, _ = setting
-    update = client_update(model, images[:1], labels[:1], FLConfig())
+    update = client_update(model, images[:1], labels[:1], ClientSettings())
     objective = LaneObjective(model, [update], labels[None, :1], [IGConfig()])
     assert objective.tv_weights.dtype == objective.gradient_cost.weights.dtype == torch.float64

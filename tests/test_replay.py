@@ -6,9 +6,9 @@ import textwrap
 import pandas as pd
 import pytest
 
+from gradinv.results.store import ResultsDir
 from sweep.cli import replay
 from sweep.cli.main import main
-from gradinv.results.store import ResultsDir
 
 # Two clients per setting, packed two lanes to a computation: replay must rebuild the pack.
 STUDY = """
@@ -133,8 +133,15 @@ def test_a_row_with_an_impossible_thread_count_is_one_line_naming_the_field(stud
 
 def test_replaying_a_failed_row_says_how_it_failed(study_results, tmp_path, capsys):
     """Its metrics are missing, so they differ: the report says why, the error's control characters escaped."""
-    results, key = rewritten_pack(study_results, tmp_path, status="failed", error="RuntimeError: boom\x1b[2J",
-                                  psnr=None, ssim=None, psnr_per_image=None)  # fmt: skip
+    results, key = rewritten_pack(
+        study_results,
+        tmp_path,
+        status="failed",
+        error="RuntimeError: boom\x1b[2J",
+        psnr=None,
+        ssim=None,
+        psnr_per_image=None,
+    )
     assert main(["attack", "--replay", str(results), key]) == 1
     lines = capsys.readouterr().out.strip().splitlines()
     assert "the stored trial failed: RuntimeError: boom\\x1b[2J" in lines
@@ -167,8 +174,10 @@ def _old_layout(table):
     return table.select(names)
 
 
-@pytest.mark.parametrize("layers, columns", [("first4", {"layers": None, "layer_set": "first4"}),
-                                             ((0, -1), {"layers": [0, -1], "layer_set": "all"})])  # fmt: skip
+@pytest.mark.parametrize(
+    "layers, columns",
+    [("first4", {"layers": None, "layer_set": "first4"}), ((0, -1), {"layers": [0, -1], "layer_set": "all"})],
+)
 def test_a_row_written_before_the_merge_reads_and_replays_identically(tmp_path, layers, columns):
     import pyarrow.parquet as pq
     import torch
@@ -182,10 +191,18 @@ def test_a_row_written_before_the_merge_reads_and_replays_identically(tmp_path, 
     written = parameter_columns(spec)
     assert {name: written[name] for name in columns} == columns  # the columns as they were written before
     outcome = run_trials([spec])[0]
-    row = {**written, **{name: outcome.metrics[name] for name in replay.COMPARED}, "key": key, "study": "old",
-           "status": "ok", "lanes": 1, "lane_index": 0, "threads": torch.get_num_threads(),
-           "device": provenance("cpu")["device"],
-           "psnr_per_image": outcome.per_image["psnr"]}  # fmt: skip
+    row = {
+        **written,
+        **{name: outcome.metrics[name] for name in replay.COMPARED},
+        "key": key,
+        "study": "old",
+        "status": "ok",
+        "lanes": 1,
+        "lane_index": 0,
+        "threads": torch.get_num_threads(),
+        "device": provenance("cpu")["device"],
+        "psnr_per_image": outcome.per_image["psnr"],
+    }
     results = tmp_path / "results"
     results.mkdir()
     pq.write_table(_old_layout(to_table([row])), results / "part-0.parquet")

@@ -20,14 +20,13 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from html_tables import Tables
 from PIL import Image, ImageStat
 
 from analysis.export import export
 from analysis.report import write_report
-from sweep.cli.main import main
 from gradinv.results.store import ResultsDir
-
-from html_tables import Tables
+from sweep.cli.main import main
 
 REPO = Path(__file__).resolve().parent.parent
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -46,8 +45,9 @@ METRIC_TABLES = {"psnr": "psnr", "psnr-gain": "psnr_gain", "ssim": "ssim", "labe
 
 def run_command(args: list[str], timeout: float) -> subprocess.CompletedProcess:
     """A command in its own process group, stopped by that group's id however it ends."""
-    process = subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               start_new_session=True)  # fmt: skip
+    process = subprocess.Popen(
+        args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
     try:
         out, err = process.communicate(timeout=timeout)
     finally:
@@ -63,8 +63,19 @@ def real_results(tmp_path_factory) -> Path:
     """A real run of a 18-trial study on a local Ray instance."""
     root = tmp_path_factory.mktemp("report")
     (root / "study.yaml").write_text(STUDY)
-    done = run_command([sys.executable, "-m", "sweep", "run", str(root / "study.yaml"), "--results",
-                        str(root / "results"), "--no-progress"], timeout=300)  # fmt: skip
+    done = run_command(
+        [
+            sys.executable,
+            "-m",
+            "sweep",
+            "run",
+            str(root / "study.yaml"),
+            "--results",
+            str(root / "results"),
+            "--no-progress",
+        ],
+        timeout=300,
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     return root / "results"
 
@@ -77,16 +88,39 @@ def results(real_results, tmp_path_factory) -> Path:
     first = sorted(path.glob("*.parquet"))[0]
     schema = pq.read_schema(first)
     rows = pa.concat_tables(pq.read_table(f) for f in sorted(path.glob("*.parquet"))).to_pylist()
-    derived = [{**row, "key": row["key"][:16] + "trnd", "trained_epochs": 1, "psnr": row["psnr"] + 1,
-                "psnr_per_image": [p + 1 for p in row["psnr_per_image"]]} for row in rows]  # fmt: skip
+    derived = [
+        {
+            **row,
+            "key": row["key"][:16] + "trnd",
+            "trained_epochs": 1,
+            "psnr": row["psnr"] + 1,
+            "psnr_per_image": [p + 1 for p in row["psnr_per_image"]],
+        }
+        for row in rows
+    ]
     derived += [
-        {**row, "key": f"{row['key'][:16]}tun{i}", "study": "tiny-tune", "candidate": i, "tv": 10.0 ** -i,
-         "psnr": row["psnr"] + (i % 3)}
+        {
+            **row,
+            "key": f"{row['key'][:16]}tun{i}",
+            "study": "tiny-tune",
+            "candidate": i,
+            "tv": 10.0**-i,
+            "psnr": row["psnr"] + (i % 3),
+        }
         for i, row in enumerate(rows[:5])
-    ]  # fmt: skip
+    ]
     failed = {name: None for name in schema.names}
-    failed.update(study=rows[0]["study"], key="f" * 20, status="failed", attempt=3, fl="fedsgd", images=[0],
-                  trained_epochs=0, images_per_client=1, error="RuntimeError: worker died <twice> & gave up")
+    failed.update(
+        study=rows[0]["study"],
+        key="f" * 20,
+        status="failed",
+        attempt=3,
+        fl="fedsgd",
+        images=[0],
+        trained_epochs=0,
+        images_per_client=1,
+        error="RuntimeError: worker died <twice> & gave up",
+    )
     derived.append(failed)
     pq.write_table(pa.Table.from_pylist(derived, schema=schema), path / "part-9999999999999999999-derived.parquet")
     return path
@@ -171,8 +205,9 @@ def test_report_tables_equal_a_pandas_groupby(results, tmp_path):
     tuning = frame_of(tables["tuning-tiny-tune"])
     candidates = everything[everything["candidate"].notna()].sort_values("candidate")
     assert tuning["candidate"].astype(int).tolist() == candidates["candidate"].astype(int).tolist()
-    for shown_psnr, shown_best, psnr, best in zip(tuning["psnr"], tuning["best_so_far"], candidates["psnr"],
-                                                  candidates["psnr"].cummax()):  # fmt: skip
+    for shown_psnr, shown_best, psnr, best in zip(
+        tuning["psnr"], tuning["best_so_far"], candidates["psnr"], candidates["psnr"].cummax()
+    ):
         assert abs(number(shown_psnr) - psnr) <= 0.006 and abs(number(shown_best) - best) <= 0.006
 
     failures = frame_of(tables["failures"])
@@ -213,12 +248,25 @@ def page_requests(net_log: Path) -> list[str]:
 
 def browse(page: Path, work: Path, name: str) -> tuple[Image.Image, list[str]]:
     profile, shot, net_log = work / f"{name}-profile", work / f"{name}.png", work / f"{name}-net.json"
-    done = run_command([
-        CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-        "--disable-background-networking", "--disable-component-update", "--disable-sync",
-        f"--user-data-dir={profile}", f"--log-net-log={net_log}", f"--screenshot={shot}", "--window-size=1200,3000",
-        page.resolve().as_uri(),
-    ], timeout=120)  # fmt: skip
+    done = run_command(
+        [
+            CHROMIUM,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            f"--user-data-dir={profile}",
+            f"--log-net-log={net_log}",
+            f"--screenshot={shot}",
+            "--window-size=1200,3000",
+            page.resolve().as_uri(),
+        ],
+        timeout=120,
+    )
     assert shot.exists(), done.stderr[-2000:]
     return Image.open(shot), page_requests(net_log)
 
@@ -232,8 +280,10 @@ def test_report_renders_in_chromium_without_network_requests(results, tmp_path):
     assert requests == []
     # The same check sees a page that does reach out.
     control = tmp_path / "control.html"
-    control.write_text('<html><body><img src="http://example.invalid/a.png">'
-                       '<link rel="stylesheet" href="https://cdn.example.invalid/a.css"></body></html>')  # fmt: skip
+    control.write_text(
+        '<html><body><img src="http://example.invalid/a.png">'
+        '<link rel="stylesheet" href="https://cdn.example.invalid/a.css"></body></html>'
+    )
     _, control_requests = browse(control, tmp_path, "control")
     assert sorted(control_requests) == ["http://example.invalid/a.png", "https://cdn.example.invalid/a.css"]
 
@@ -313,8 +363,18 @@ def png_of(pixels) -> bytes:
     return buffer.getvalue()
 
 
-def synthetic_trial(study: str, setting: dict, images: list[int], gains: list[float], rng, *, baseline: float,
-                    candidate: int | None = None, status: str = "ok", lanes: int = 4) -> dict:
+def synthetic_trial(
+    study: str,
+    setting: dict,
+    images: list[int],
+    gains: list[float],
+    rng,
+    *,
+    baseline: float,
+    candidate: int | None = None,
+    status: str = "ok",
+    lanes: int = 4,
+) -> dict:
     """One finished trial as `gradinv run` writes it (schema 2), with the per-image gains given and
     images that look like what they score: noise around the truth, less of it for a higher gain."""
     psnrs = [baseline + gain for gain in gains]
@@ -325,23 +385,47 @@ def synthetic_trial(study: str, setting: dict, images: list[int], gains: list[fl
     final = float(np.mean(psnrs))
     key_text = json.dumps({"study": study, "candidate": candidate, **setting, "images": images}, sort_keys=True)
     return {
-        "study": study, "key": hashlib.sha256(key_text.encode()).hexdigest()[:20], "candidate": candidate,
-        "model": "convnet", "width": 16, "attack": "ig", "iterations": iterations, "restarts": 1, "lr": 0.1,
-        "tv": 1e-4, "model_seed": 0, "attack_seed": 0, **setting, "images": images,
-        "images_per_client": len(images), "status": status,
+        "study": study,
+        "key": hashlib.sha256(key_text.encode()).hexdigest()[:20],
+        "candidate": candidate,
+        "model": "convnet",
+        "width": 16,
+        "attack": "ig",
+        "iterations": iterations,
+        "restarts": 1,
+        "lr": 0.1,
+        "tv": 1e-4,
+        "model_seed": 0,
+        "attack_seed": 0,
+        **setting,
+        "images": images,
+        "images_per_client": len(images),
+        "status": status,
         "checkpoint_key": f"convnet-{setting['dataset']}-e2" if setting.get("trained_epochs") else None,
         "model_accuracy": ACCURACY[setting["dataset"]] if setting.get("trained_epochs") else None,
-        "psnr": final if status == "ok" else None, "psnr_per_image": psnrs if status == "ok" else None,
+        "psnr": final if status == "ok" else None,
+        "psnr_per_image": psnrs if status == "ok" else None,
         "psnr_gain": final - baseline if status == "ok" else None,
         "psnr_gain_per_image": gains if status == "ok" else None,
-        "baseline_psnr": baseline, "baseline_psnr_mean_image": baseline, "baseline_psnr_flat": baseline - 1.5,
-        "baseline_psnr_class_mean": baseline - 0.5, "ssim": 0.5, "label_accuracy": 1.0,
-        "truth_png": [png_of(t) for t in truth], "reconstruction_png": [png_of(r) for r in recon],
+        "baseline_psnr": baseline,
+        "baseline_psnr_mean_image": baseline,
+        "baseline_psnr_flat": baseline - 1.5,
+        "baseline_psnr_class_mean": baseline - 0.5,
+        "ssim": 0.5,
+        "label_accuracy": 1.0,
+        "truth_png": [png_of(t) for t in truth],
+        "reconstruction_png": [png_of(r) for r in recon],
         "curve_iterations": checkpoints,
         "curve_psnr": [baseline - 4 + (final - baseline + 4) * (k + 1) / 8 for k in range(8)],  # rising to the end
-        "iterations_run": iterations, "attempt": 1, "lanes": lanes, "pack_id": "pack-" + key_text[:8],
-        "task_seconds": 8.0, "trial_seconds": 8.0 / lanes, "host": "here", "device": "cpu",
-    }  # fmt: skip
+        "iterations_run": iterations,
+        "attempt": 1,
+        "lanes": lanes,
+        "pack_id": "pack-" + key_text[:8],
+        "task_seconds": 8.0,
+        "trial_seconds": 8.0 / lanes,
+        "host": "here",
+        "device": "cpu",
+    }
 
 
 def leaky_and_blind_rows(rng) -> list[dict]:
@@ -365,8 +449,12 @@ def tuning_rows(rng) -> list[dict]:
     rows = []
     for candidate, (gain, status) in enumerate([(2.0, "ok"), (3.0, "ok"), (0.0, "pruned"), (5.0, "ok")]):
         setting = {"dataset": "fashion-mnist", "trained_epochs": 0, "fl": "fedsgd", "tv": 10.0 ** -(candidate + 2)}
-        rows += [synthetic_trial("tune", setting, [i], [gain + 0.1 * i], rng, baseline=10.9, candidate=candidate,
-                                 status=status) for i in range(3)]  # fmt: skip
+        rows += [
+            synthetic_trial(
+                "tune", setting, [i], [gain + 0.1 * i], rng, baseline=10.9, candidate=candidate, status=status
+            )
+            for i in range(3)
+        ]
     best = {"dataset": "fashion-mnist", "trained_epochs": 0, "fl": "fedsgd", "tv": 1e-5}
     defaults = {"dataset": "fashion-mnist", "trained_epochs": 0, "fl": "fedsgd", "tv": 1e-4}
     for i in range(3, 13):
@@ -394,8 +482,11 @@ def test_report_marks_settings_at_the_baseline_as_no_leakage_detected(synthetic,
     frame = pd.read_parquet(synthetic)
     runs = frame[frame["study"] == "demo"]
     for row in leakage.itertuples():
-        same = runs[(runs["dataset"] == row.dataset) & (runs["trained_epochs"] == int(row.trained_epochs))
-                    & (runs["fl"] == row.fl)]  # fmt: skip
+        same = runs[
+            (runs["dataset"] == row.dataset)
+            & (runs["trained_epochs"] == int(row.trained_epochs))
+            & (runs["fl"] == row.fl)
+        ]
         assert int(row.trials) == len(same) == 12
         assert number(row.baseline_psnr) == pytest.approx(BASELINES[row.dataset], abs=0.006)
         assert number(row.gain_median) == pytest.approx(same["psnr_gain"].median(), abs=0.006)
@@ -411,8 +502,11 @@ def test_report_marks_settings_at_the_baseline_as_no_leakage_detected(synthetic,
 def test_small_settings_get_no_interval_and_say_so(tmp_path):
     rng = np.random.default_rng(1)
     setting = {"dataset": "faces", "trained_epochs": 0, "fl": "fedsgd", "local_steps": None}
-    rows = [synthetic_trial("small", {**setting, "fl": fl}, [i], [1.0 + i % 2], rng, baseline=10.0)
-            for fl, count in (("fedsgd", 5), ("fedavg", 6)) for i in range(count)]  # fmt: skip
+    rows = [
+        synthetic_trial("small", {**setting, "fl": fl}, [i], [1.0 + i % 2], rng, baseline=10.0)
+        for fl, count in (("fedsgd", 5), ("fedavg", 6))
+        for i in range(count)
+    ]
     with ResultsDir(tmp_path / "results") as results:
         results.write(rows)
     page = write_report(tmp_path / "results", tmp_path / "report.html").read_text()
@@ -449,7 +543,12 @@ def test_trained_vs_untrained_is_paired_per_image(synthetic, tmp_path):
     assert victims.loc["fashion-mnist", "reading"] == "above chance"
     fixed = dict(pair for row in tables["fixed"] for pair in zip(row[::2], row[1::2]))  # name, value, name, ...
     assert {name: fixed[name] for name in ("iterations", "width", "restarts", "lr", "tv")} == {
-        "iterations": "80", "width": "16", "restarts": "1", "lr": "0.1", "tv": "0.0001"}
+        "iterations": "80",
+        "width": "16",
+        "restarts": "1",
+        "lr": "0.1",
+        "tv": "0.0001",
+    }
     assert "local steps" not in fixed and "images" not in fixed  # local steps: null under FedSGD
 
 
@@ -457,9 +556,12 @@ def test_curves_grids_and_compute_are_read_from_the_new_columns(synthetic, tmp_p
     page = write_report(synthetic, tmp_path / "report.html").read_text()
     assert 'alt="Was the attack budget enough?' in page and "No quality curves" not in page
     frame = pd.read_parquet(synthetic)
-    scored = {(int(image), round(psnr, 2), round(gain, 2)) for images, psnrs, gains in
-              zip(frame["images"], frame["psnr_per_image"], frame["psnr_gain_per_image"]) if psnrs is not None
-              for image, psnr, gain in zip(images, psnrs, gains)}  # fmt: skip
+    scored = {
+        (int(image), round(psnr, 2), round(gain, 2))
+        for images, psnrs, gains in zip(frame["images"], frame["psnr_per_image"], frame["psnr_gain_per_image"])
+        if psnrs is not None
+        for image, psnr, gain in zip(images, psnrs, gains)
+    }
     captions = re.findall(r"<figcaption>image (\d+)<br>([\d.]+) dB \(([+-][\d.]+)\)</figcaption>", page)
     assert len(captions) == 8 * 3  # 8 settings x best, median and worst one-image trials, each image captioned
     assert {(int(i), float(p), float(g)) for i, p, g in captions} <= scored
@@ -504,12 +606,13 @@ def test_page_puts_plots_before_long_tables_and_few_series_per_axes(synthetic, t
 
     page = write_report(synthetic, tmp_path / "report.html").read_text()
     first_plot = page.index("<p class=plot>")
-    tables = [page[m.start():page.index("</table>", m.start())] for m in re.finditer(r"<table id=", page)]
+    tables = [page[m.start() : page.index("</table>", m.start())] for m in re.finditer(r"<table id=", page)]
     long_tables = [page.index(t) for t in tables if "<thead>" in t and t.count("<tr>") > 8]  # 8+ data rows
     assert long_tables and first_plot < min(long_tables)
     assert "<details><summary>Metrics, success rates" in page  # the long per-metric tables are collapsed
-    frame = pd.DataFrame([{"dataset": d, "a": a, "b": b, "c": c} for d in "xy" for a in range(3) for b in range(3)
-                          for c in range(2)])  # fmt: skip
+    frame = pd.DataFrame(
+        [{"dataset": d, "a": a, "b": b, "c": c} for d in "xy" for a in range(3) for b in range(3) for c in range(2)]
+    )
     panels, series = split_panels(frame, ["dataset", "a", "b", "c"])
     assert panels[0] == "dataset" and all(len(part.groupby(series)) <= MAX_SERIES for _, part in frame.groupby(panels))
 
@@ -519,10 +622,24 @@ def test_outcome_columns_are_never_settings():
     from gradinv.results.schema import SCHEMA
 
     SETTINGS = Roles.of_schema(SCHEMA).settings
-    new = {"baseline_psnr", "baseline_psnr_mean_image", "baseline_psnr_flat", "baseline_psnr_class_mean",
-           "baseline_ssim_mean_image", "baseline_ssim_flat", "baseline_ssim_class_mean", "psnr_gain",
-           "psnr_gain_per_image", "curve_psnr", "curve_ssim", "pack_id", "lane_index", "trial_seconds",
-           "model_accuracy", "checkpoint_key"}  # fmt: skip
+    new = {
+        "baseline_psnr",
+        "baseline_psnr_mean_image",
+        "baseline_psnr_flat",
+        "baseline_psnr_class_mean",
+        "baseline_ssim_mean_image",
+        "baseline_ssim_flat",
+        "baseline_ssim_class_mean",
+        "psnr_gain",
+        "psnr_gain_per_image",
+        "curve_psnr",
+        "curve_ssim",
+        "pack_id",
+        "lane_index",
+        "trial_seconds",
+        "model_accuracy",
+        "checkpoint_key",
+    }
     assert new <= set(SCHEMA.names) and not new & set(SETTINGS)
     assert set(SETTINGS) <= set(SCHEMA.names)
 
@@ -535,9 +652,22 @@ def schema_1_copy(rows: list[dict], path: Path) -> Path:
     """The rows as a schema-1 file: without any column that version 2 added."""
     from gradinv.results.schema import to_table
 
-    added = {"baseline_psnr", "baseline_psnr_mean_image", "baseline_psnr_flat", "baseline_psnr_class_mean",
-             "baseline_ssim_mean_image", "baseline_ssim_flat", "baseline_ssim_class_mean", "psnr_gain",
-             "psnr_gain_per_image", "curve_psnr", "curve_ssim", "pack_id", "lane_index", "trial_seconds"}  # fmt: skip
+    added = {
+        "baseline_psnr",
+        "baseline_psnr_mean_image",
+        "baseline_psnr_flat",
+        "baseline_psnr_class_mean",
+        "baseline_ssim_mean_image",
+        "baseline_ssim_flat",
+        "baseline_ssim_class_mean",
+        "psnr_gain",
+        "psnr_gain_per_image",
+        "curve_psnr",
+        "curve_ssim",
+        "pack_id",
+        "lane_index",
+        "trial_seconds",
+    }
     table = to_table(rows)
     table = table.select([name for name in table.schema.names if name not in added])
     path.mkdir(parents=True)
@@ -569,7 +699,7 @@ def readme_section(title: str) -> str:
     text = (REPO / "docs" / "results.md").read_text()
     start = text.index(f"\n## {title}\n")
     end = text.find("\n## ", start + 1)
-    return text[start:end if end != -1 else None]
+    return text[start : end if end != -1 else None]
 
 
 def test_the_results_pages_reading_examples_run_on_the_demo_layout(synthetic, tmp_path, monkeypatch, capsys):
@@ -581,8 +711,11 @@ def test_the_results_pages_reading_examples_run_on_the_demo_layout(synthetic, tm
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf-cache")
     shutil.copytree(synthetic, tmp_path / "results" / "quickstart")
     section = readme_section("Reading the results")
-    commands = [shlex.split(line, comments=True) for block in re.findall(r"```sh\n(.*?)```", section, re.S)
-                for line in block.splitlines()]  # fmt: skip
+    commands = [
+        shlex.split(line, comments=True)
+        for block in re.findall(r"```sh\n(.*?)```", section, re.S)
+        for line in block.splitlines()
+    ]
     commands = [words for words in commands if words]
     assert commands and all(words[0] == "gradinv" for words in commands)
     for words in commands:  # the shell examples, through the same entry point as the `gradinv` script

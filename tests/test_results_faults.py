@@ -19,12 +19,12 @@ import torch
 
 from analysis import load
 from gradinv import data
-from gradinv.trial import TrialSpec
 from gradinv.results import store as results_module
-from sweep.cli.main import main
 from gradinv.results.journal import JOURNAL_DIR
-from gradinv.results.store import SET_ASIDE_DIR, SET_ASIDE_FLAG, ResultsDir
 from gradinv.results.schema import FORMAT_KEY, RESULTS_FORMAT, parameter_columns, results_format, to_table, trial_key
+from gradinv.results.store import SET_ASIDE_DIR, SET_ASIDE_FLAG, ResultsDir
+from gradinv.trial import TrialSpec
+from sweep.cli.main import main
 
 STUDY = """\
 name: faults
@@ -39,16 +39,32 @@ def trial_rows(count: int = 4, study: str = "faults") -> list[dict]:
     generator = torch.Generator().manual_seed(0)
     rows = []
     for i in range(count):
-        spec = TrialSpec(dataset="faces", images=(i,), image_size=8, width=2, iterations=3,
-                         fl=("fedsgd", "fedavg")[i % 2])  # fmt: skip
+        spec = TrialSpec(
+            dataset="faces", images=(i,), image_size=8, width=2, iterations=3, fl=("fedsgd", "fedavg")[i % 2]
+        )
         truth, recon = (data.png_bytes(torch.rand(1, 8, 8, generator=generator)) for _ in range(2))
-        rows.append({
-            **parameter_columns(spec), "study": study, "key": trial_key(spec), "status": "ok", "attempt": 1,
-            "psnr": 10.0 + i, "ssim": 0.1 * i, "mse": 0.1, "feature_mse": 0.1, "label_accuracy": 1.0,
-            "psnr_per_image": [10.0 + i], "ssim_per_image": [0.1 * i], "mse_per_image": [0.1],
-            "feature_mse_per_image": [0.1], "truth_png": [truth], "reconstruction_png": [recon],
-            "finished_at": datetime(2024, 1, 1, tzinfo=timezone.utc), "attack_seconds": 1.0,
-        })  # fmt: skip
+        rows.append(
+            {
+                **parameter_columns(spec),
+                "study": study,
+                "key": trial_key(spec),
+                "status": "ok",
+                "attempt": 1,
+                "psnr": 10.0 + i,
+                "ssim": 0.1 * i,
+                "mse": 0.1,
+                "feature_mse": 0.1,
+                "label_accuracy": 1.0,
+                "psnr_per_image": [10.0 + i],
+                "ssim_per_image": [0.1 * i],
+                "mse_per_image": [0.1],
+                "feature_mse_per_image": [0.1],
+                "truth_png": [truth],
+                "reconstruction_png": [recon],
+                "finished_at": datetime(2024, 1, 1, tzinfo=timezone.utc),
+                "attack_seconds": 1.0,
+            }
+        )
     return rows
 
 
@@ -119,8 +135,13 @@ def _wrong_type(path: Path) -> None:  # our column names, another type
     pq.write_table(pa.table({"study": ["s"], "key": ["0" * 20], "status": ["ok"], "psnr": ["high"]}), path)
 
 
-BAD_FILES = {"zero-bytes": _zero_bytes, "truncated": _truncated, "not-parquet": _not_parquet,
-             "foreign-schema": _foreign, "wrong-type": _wrong_type}  # fmt: skip
+BAD_FILES = {
+    "zero-bytes": _zero_bytes,
+    "truncated": _truncated,
+    "not-parquet": _not_parquet,
+    "foreign-schema": _foreign,
+    "wrong-type": _wrong_type,
+}
 
 
 @pytest.fixture(params=sorted(BAD_FILES))
@@ -208,7 +229,7 @@ def test_an_older_file_lacking_newer_columns_is_still_read(results, capsys):
 
 def test_status_shows_psnr_beside_the_baseline_and_the_gain_per_setting(tmp_path, capsys):
     rows = trial_rows()
-    for i, row in enumerate(rows):
+    for row in rows:
         row.update(baseline_psnr=9.0, psnr_gain=row["psnr"] - 9.0)
     with ResultsDir(tmp_path / "r") as directory:
         directory.write(rows)
@@ -220,8 +241,9 @@ def test_status_shows_psnr_beside_the_baseline_and_the_gain_per_setting(tmp_path
 
 
 @pytest.mark.parametrize("schema_version", [b"1", b"2", None])
-def test_run_into_a_directory_of_another_results_format_refuses_in_one_line(schema_version, results, tmp_path,
-                                                                            capsys, no_ray):  # fmt: skip
+def test_run_into_a_directory_of_another_results_format_refuses_in_one_line(
+    schema_version, results, tmp_path, capsys, no_ray
+):
     """Keys of another format never match ours: `run` would redo every trial beside the old rows."""
     old = to_table(trial_rows(1, study="old"))
     old = old.replace_schema_metadata({b"gradinv.schema_version": schema_version} if schema_version else None)
@@ -464,8 +486,13 @@ def _a_directory(results: Path) -> Path:
     return path
 
 
-FOREIGN_JOURNALS = {"foreign-name": _foreign_name, "another-schema": _another_schema,
-                    "another-format": _another_format, "fifo": _a_fifo, "directory": _a_directory}  # fmt: skip
+FOREIGN_JOURNALS = {
+    "foreign-name": _foreign_name,
+    "another-schema": _another_schema,
+    "another-format": _another_format,
+    "fifo": _a_fifo,
+    "directory": _a_directory,
+}
 
 
 @pytest.mark.parametrize("kind", sorted(FOREIGN_JOURNALS))
@@ -515,10 +542,11 @@ def _fifo(results: Path) -> Path:
     return results / "part-9999999999999999999-fifo.parquet"
 
 
-FOREIGN_ENTRIES = {"notes.txt": (_notes, "pandas and pyarrow read every visible file"),
-                   "a directory": (_plots, "a directory, not a results file"),
-                   "a FIFO": (_fifo, "a FIFO, not a results file; Parquet readers of the directory would hang on it"),
-                   }  # fmt: skip
+FOREIGN_ENTRIES = {
+    "notes.txt": (_notes, "pandas and pyarrow read every visible file"),
+    "a directory": (_plots, "a directory, not a results file"),
+    "a FIFO": (_fifo, "a FIFO, not a results file; Parquet readers of the directory would hang on it"),
+}
 
 
 @pytest.mark.parametrize("entry", sorted(FOREIGN_ENTRIES))
@@ -566,8 +594,9 @@ def test_bad_files_appearing_while_a_driver_writes_are_left_alone_and_the_rows_k
     assert frame.loc[rows[0]["key"], "psnr"] == 99.0 and frame.loc[trial_rows()[0]["key"], "psnr"] == 98.0
 
 
-@pytest.mark.parametrize("name, flags", [(JOURNAL_DIR, []), (JOURNAL_DIR, [SET_ASIDE_FLAG]),
-                                         (SET_ASIDE_DIR, [SET_ASIDE_FLAG])])  # fmt: skip
+@pytest.mark.parametrize(
+    "name, flags", [(JOURNAL_DIR, []), (JOURNAL_DIR, [SET_ASIDE_FLAG]), (SET_ASIDE_DIR, [SET_ASIDE_FLAG])]
+)
 def test_a_directory_gradinv_writes_in_that_is_a_link_is_refused_and_nothing_is_deleted(
     name, flags, results, tmp_path, capsys, no_ray
 ):

@@ -12,9 +12,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from gradinv import data
-from sweep.cli.main import main
-from gradinv.results.store import ResultsDir
 from gradinv.results.schema import SCHEMA, SCHEMA_VERSION, trial_key
+from gradinv.results.store import ResultsDir
+from sweep.cli.main import main
 from sweep.study import load_study
 from sweep.task_loop import Stopped, TaskLoop
 

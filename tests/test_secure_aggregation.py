@@ -11,9 +11,9 @@ from gradinv import data
 from gradinv.attacks.inverting import LaneObjective
 from gradinv.client.defences import client_defences, client_settings, private_training, sent_update
 from gradinv.client.update import client_update
+from gradinv.results.schema import parameter_columns, trial_key
 from gradinv.trial import TrialSpec, lane_signature, run_trials
 from gradinv.victims import Untrained
-from gradinv.results.schema import parameter_columns, trial_key
 
 TINY = dict(dataset="faces", image_size=8, model="convnet", width=8)
 
@@ -29,13 +29,32 @@ def _client_inputs(spec):
 
 
 def test_the_aggregate_is_the_mean_of_the_clients_updates_computed_separately():
-    spec = TrialSpec(images=(0, 1, 2, 3), aggregated_clients=2, fl="fedavg", local_steps=4, local_lr=0.1, dp_clip=0.5,
-                     dp_noise=0.5, dp_sample_rate=0.5, noise_std=1e-3, quant_bits=4, **TINY)  # fmt: skip
+    spec = TrialSpec(
+        images=(0, 1, 2, 3),
+        aggregated_clients=2,
+        fl="fedavg",
+        local_steps=4,
+        local_lr=0.1,
+        dp_clip=0.5,
+        dp_noise=0.5,
+        dp_sample_rate=0.5,
+        noise_std=1e-3,
+        quant_bits=4,
+        **TINY,
+    )
     model, images, labels = _client_inputs(spec)
     sent = sent_update(model, images, labels, spec)
-    alone = [client_update(model, images[2 * k : 2 * k + 2], labels[2 * k : 2 * k + 2], spec.fl_config(),
-                           client_defences(client_settings(spec, k)), private_training(client_settings(spec, k)))
-             for k in range(2)]  # fmt: skip
+    alone = [
+        client_update(
+            model,
+            images[2 * k : 2 * k + 2],
+            labels[2 * k : 2 * k + 2],
+            spec.fl_config(),
+            client_defences(client_settings(spec, k)),
+            private_training(client_settings(spec, k)),
+        )
+        for k in range(2)
+    ]
     assert sent.clients == 2 and sent.num_images == 4 and sent.images_per_client == 2
     for mean, first, second in zip(sent.tensors, alone[0].tensors, alone[1].tensors):
         assert torch.allclose(mean, (first + second) / 2, rtol=1e-6, atol=0)
@@ -85,7 +104,7 @@ FEDAVG = dict(images=(0, 1, 2, 3), aggregated_clients=2, fl="fedavg", local_step
         # updates are nearly parallel), float rounding at most ~1e-12
         (dict(clip_update=0.5, clip_aware=True, cost="l2"), 1e-10),
     ],
-)  # fmt: skip
+)
 def test_the_attackers_candidate_at_the_true_images_is_the_aggregate(settings, tolerance):
     assert _cost_at_truth(TrialSpec(**{**FEDAVG, **settings})) == pytest.approx(0, abs=tolerance)
 
@@ -124,8 +143,9 @@ AGGREGATION_DROP = 1.5  # dB: the smallest drop (2.4) less the largest seed spre
 @pytest.mark.numeric
 def test_aggregating_four_clients_cuts_each_images_leakage(bars):
     (seed,) = bars.seeds(1)
-    common = dict(dataset="faces", image_size=16, model="convnet", width=16, iterations=100, decay="none",
-                  attack_seed=seed)  # fmt: skip
+    common = dict(
+        dataset="faces", image_size=16, model="convnet", width=16, iterations=100, decay="none", attack_seed=seed
+    )
     alone = [o.metrics["psnr"] for o in run_trials([TrialSpec(images=(i,), **common) for i in range(4)])]
     (together,) = run_trials([TrialSpec(images=(0, 1, 2, 3), aggregated_clients=4, **common)])
     assert together.status == "ok" and len(together.per_image["psnr"]) == 4

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from gradinv.results.store import ResultsDir
 from sweep.cli.main import main
 from sweep.ray_connection import connect
-from gradinv.results.store import ResultsDir
 from tests.test_results_faults import trial_rows
 
 CRAFTED = "\x1b]0;pwned\x07\x1b[2J\x1b[HFAKE: all trials ok"  # retitle, clear the screen, home the cursor
@@ -50,8 +50,8 @@ def umask_022():
 
 
 def test_a_local_run_keeps_its_token_and_temporary_directory_to_its_user(home, ray_tmpdir, umask_022):
-    import ray
     import psutil  # after ray: Ray's bundled psutil
+    import ray
 
     own_dir = Path(ray_tmpdir) / f"gradinv-{os.getuid()}"
     own_dir.mkdir(mode=0o755)  # left open by someone: the start tightens it
@@ -107,8 +107,9 @@ def test_a_cluster_address_where_nothing_listens_is_one_line_naming_it(named_by,
     code = main(args)
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1, err
-    assert err.startswith(f"gradinv run: error: {named_by}: '{address}' is not valid; nothing accepts connections "
-                          "there (")  # fmt: skip
+    assert err.startswith(
+        f"gradinv run: error: {named_by}: '{address}' is not valid; nothing accepts connections there ("
+    )
     assert "Connection refused); start the cluster's head first (ray start --head)" in err
 
 

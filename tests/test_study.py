@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 
 from gradinv.data import dataset_spec
+from gradinv.results.schema import trial_key
 from gradinv.trial import TrialSpec
 from sweep.cli.main import main
-from gradinv.results.schema import trial_key
 from sweep.study import StudyError, load_study
 
 GOOD = """
@@ -60,12 +60,17 @@ def test_a_trial_deals_images_per_client_to_each_of_its_clients(write_study):
     assert study.points == len(study.trials) == 6 + 3 + 2 + 1  # counted from the axes as expanded
 
 
-@pytest.mark.parametrize("axes, expected", [
-    ("grid: {images_per_client: [2]}\nzip: {aggregated_clients: [1, 4]}",
-     "grid.images_per_client: 2 x 4 clients = 8: use 1 to 1 images per client (the study has 6 images)"),
-    ("fixed: {aggregated_clients: 7}", "fixed.images_per_client: 1 x 7 clients = 7: the study has 6 images, fewer"),
-    ("zip: {aggregated_clients: [0, 1]}", "zip.aggregated_clients: 0: use 1 (no aggregation) or more clients"),
-])
+@pytest.mark.parametrize(
+    "axes, expected",
+    [
+        (
+            "grid: {images_per_client: [2]}\nzip: {aggregated_clients: [1, 4]}",
+            "grid.images_per_client: 2 x 4 clients = 8: use 1 to 1 images per client (the study has 6 images)",
+        ),
+        ("fixed: {aggregated_clients: 7}", "fixed.images_per_client: 1 x 7 clients = 7: the study has 6 images, fewer"),
+        ("zip: {aggregated_clients: [0, 1]}", "zip.aggregated_clients: 0: use 1 (no aggregation) or more clients"),
+    ],
+)
 def test_trials_larger_than_the_study_are_refused_naming_the_setting(write_study, axes, expected):
     with pytest.raises(StudyError, match=re.escape(expected)):
         load_study(write_study("name: x\ndata: {dataset: faces, images: 6}\n" + axes + "\n"))
@@ -175,13 +180,15 @@ def test_alias_bomb_is_refused_before_it_expands(write_study):
 
 
 def test_aliases_within_the_bound_still_work(write_study):
-    study = load_study(write_study("""
+    study = load_study(
+        write_study("""
         name: reuse
         data: {dataset: faces, images: 2}
         fixed: {iterations: 5}
         grid: {attack_seed: &seeds [0, 1]}
         zip: {data_order_seed: *seeds, model_seed: *seeds}
-        """))  # fmt: skip
+        """)
+    )
     assert {(t.attack_seed, t.model_seed) for t in study.trials} == {(0, 0), (0, 1), (1, 0), (1, 1)}
 
 
@@ -235,11 +242,17 @@ def test_image_count_is_checked_against_the_test_split_before_building(write_stu
         load_study(write_study("data: {dataset: [mnist, faces], images: 1000000000}\nname: x\n"))
 
 
-@pytest.mark.parametrize("text, lines", [
-    ("name: x\ndata: {dataset: faces}\nfixed: {width: 8, width: 16}\n", ":3: fixed.width: set twice (lines 3 and 3)"),
-    ("name: x\ndata: {dataset: faces}\nname: y\n", ":3: name: set twice (lines 1 and 3)"),
-    ("name: x\ndata:\n  dataset: faces\n  images: 2\n  images: 3\n", ":5: data.images: set twice (lines 4 and 5)"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "text, lines",
+    [
+        (
+            "name: x\ndata: {dataset: faces}\nfixed: {width: 8, width: 16}\n",
+            ":3: fixed.width: set twice (lines 3 and 3)",
+        ),
+        ("name: x\ndata: {dataset: faces}\nname: y\n", ":3: name: set twice (lines 1 and 3)"),
+        ("name: x\ndata:\n  dataset: faces\n  images: 2\n  images: 3\n", ":5: data.images: set twice (lines 4 and 5)"),
+    ],
+)
 def test_duplicate_keys_are_refused_naming_both_lines(write_study, text, lines):
     with pytest.raises(StudyError, match=re.escape(lines)):
         load_study(write_study(text))
@@ -249,16 +262,19 @@ INT32 = "-2147483648 to 2147483647"
 INT64 = "-9223372036854775808 to 9223372036854775807"
 
 
-@pytest.mark.parametrize("setting, message", [
-    ("fixed: {attack_seed: 9223372036854775808}", f"fixed.attack_seed: {2**63} is out of range; use {INT64}"),
-    ("fixed: {model_seed: -9223372036854775809}", f"fixed.model_seed: {-(2**63) - 1} is out of range; use {INT64}"),
-    ("fixed: {iterations: 2147483648}", f"fixed.iterations: 2147483648 is out of range; use {INT32}"),
-    ("grid: {width: [8, 2147483648]}", f"grid.width: 2147483648 is out of range; use {INT32}"),
-    ("zip: {images_per_client: [4294967296]}", f"zip.images_per_client: 4294967296 is out of range; use {INT32}"),
-    ("fixed: {layers: [0, 2147483648]}", f"fixed.layers: 2147483648 is out of range; use {INT32}"),
-    ("max_retries: 2147483647", "max_retries: 2147483647 is out of range; use 0 to 2147483646"),
-    ("lanes: 2147483648", f"lanes: 2147483648 is out of range; use 1 to 2147483647"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "setting, message",
+    [
+        ("fixed: {attack_seed: 9223372036854775808}", f"fixed.attack_seed: {2**63} is out of range; use {INT64}"),
+        ("fixed: {model_seed: -9223372036854775809}", f"fixed.model_seed: {-(2**63) - 1} is out of range; use {INT64}"),
+        ("fixed: {iterations: 2147483648}", f"fixed.iterations: 2147483648 is out of range; use {INT32}"),
+        ("grid: {width: [8, 2147483648]}", f"grid.width: 2147483648 is out of range; use {INT32}"),
+        ("zip: {images_per_client: [4294967296]}", f"zip.images_per_client: 4294967296 is out of range; use {INT32}"),
+        ("fixed: {layers: [0, 2147483648]}", f"fixed.layers: 2147483648 is out of range; use {INT32}"),
+        ("max_retries: 2147483647", "max_retries: 2147483647 is out of range; use 0 to 2147483646"),
+        ("lanes: 2147483648", "lanes: 2147483648 is out of range; use 1 to 2147483647"),
+    ],
+)
 def test_integers_must_fit_their_results_column(write_study, setting, message):
     with pytest.raises(StudyError, match=re.escape(message)):
         load_study(write_study(f"name: x\ndata: {{dataset: faces, images: 2}}\n{setting}\n"))
@@ -275,8 +291,10 @@ def test_long_name_is_refused(write_study):
         load_study(write_study(f"name: {'a' * 300}\ndata: {{dataset: faces}}\n"))
 
 
-@pytest.mark.parametrize("flag, value", [("--batch-seconds", "nan"), ("--batch-seconds", "inf"),
-                                         ("--batch-seconds", "0"), ("--batch-rows", "0")])  # fmt: skip
+@pytest.mark.parametrize(
+    "flag, value",
+    [("--batch-seconds", "nan"), ("--batch-seconds", "inf"), ("--batch-seconds", "0"), ("--batch-rows", "0")],
+)
 def test_batch_flags_must_be_finite_and_positive(write_study, tmp_path, capsys, monkeypatch, flag, value):
     import sweep.runner
 
@@ -298,7 +316,11 @@ def test_paper_cifar10_dry_run_lists_trained_and_untrained_without_the_data(tmp_
     assert main(["run", str(study), "--results", str(tmp_path / "r"), "--dry-run"]) == 0
     out = capsys.readouterr().out.strip().splitlines()
     axes = {line.split(":")[0].strip(): line.split(":", 1)[1].strip() for line in out if line.startswith("  axis ")}
-    assert axes == {"axis trained_epochs": "[0, 30]", "axis fl": "['fedsgd', 'fedavg']",
-                    "axis local_steps": "[1, 5]", "axis images_per_client": "[1]"}  # fmt: skip
+    assert axes == {
+        "axis trained_epochs": "[0, 30]",
+        "axis fl": "['fedsgd', 'fedavg']",
+        "axis local_steps": "[1, 5]",
+        "axis images_per_client": "[1]",
+    }
     # 100 images x 2 model states x (FedSGD once + FedAvg at 1 and 5 local steps)
     assert out[-1] == "600 trials" and not (tmp_path / "r").exists()

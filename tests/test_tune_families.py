@@ -2,32 +2,49 @@
 family spends the budget, PSNR as the pruning signal, and a search per value of a `per:` axis whose
 strongest attacks the report tabulates."""
 
-
 import optuna
 import pandas as pd
 import pytest
 import yaml
 
 from analysis.report import write_report
+from sweep.cli.tune import main
 from sweep.study import load_study
 from sweep.tune.search import JOURNAL_NAME, suggest
 from sweep.tune.section import PAPER_DEFAULTS, candidate, trial_specs, tune_searches
 from sweep.tune.tuner import tune_study
-from sweep.cli.tune import main
 from tests.html_tables import section, table_frame
 
 BASE = "name: x\ndata: {dataset: faces, images: 6, image_size: 8}\nfixed: {model: convnet, width: 2}\ntune:\n"
 BAD = [
     ("  families:\n    gan: {}\n", ":6: tune.families.gan: unknown attack family; choose from ig, dlg"),
-    ("  families:\n    dlg: {tv: [1.0e-5, 1.0e-2]}\n", ":6: tune.families.dlg.tv: a setting of ig, not of dlg; move it under families.ig"),
-    ("  families:\n    ig: {imprint_bins: [64, 128]}\n", ":6: tune.families.ig.imprint_bins: a setting of imprint, not of ig"),
-    ("  families:\n    imprint: {}\n", ":6: tune.families.imprint: imprint cannot run here: threat_model 'honest': "
-                                       "the imprint attack ships a modified model: declare threat_model malicious"),
+    (
+        "  families:\n    dlg: {tv: [1.0e-5, 1.0e-2]}\n",
+        ":6: tune.families.dlg.tv: a setting of ig, not of dlg; move it under families.ig",
+    ),
+    (
+        "  families:\n    ig: {imprint_bins: [64, 128]}\n",
+        ":6: tune.families.ig.imprint_bins: a setting of imprint, not of ig",
+    ),
+    (
+        "  families:\n    imprint: {}\n",
+        ":6: tune.families.imprint: imprint cannot run here: threat_model 'honest': "
+        "the imprint attack ships a modified model: declare threat_model malicious",
+    ),
     ("  families:\n    analytic: {}\n", ":6: tune.families.analytic: analytic cannot run here: model 'convnet'"),
-    ("  families:\n    ig: {momentum: [0.1, 0.9]}\n", ":6: tune.families.ig.momentum: unknown parameter; searchable for ig:"),
-    ("  families: {ig: {tv: [1.0e-5, 1.0e-2]}}\n  space: {tv: [1.0e-5, 1.0e-2]}\n", ":6: tune.space: give each family's space under 'families'"),
+    (
+        "  families:\n    ig: {momentum: [0.1, 0.9]}\n",
+        ":6: tune.families.ig.momentum: unknown parameter; searchable for ig:",
+    ),
+    (
+        "  families: {ig: {tv: [1.0e-5, 1.0e-2]}}\n  space: {tv: [1.0e-5, 1.0e-2]}\n",
+        ":6: tune.space: give each family's space under 'families'",
+    ),
     ("  families: {}\n", ":5: tune.families: name at least one family"),
-    ("  per: [noise_std]\n  space: {tv: [1.0e-5, 1.0e-2]}\n", ":5: tune.per.0: 'noise_std' is not an axis of the study"),
+    (
+        "  per: [noise_std]\n  space: {tv: [1.0e-5, 1.0e-2]}\n",
+        ":5: tune.per.0: 'noise_std' is not an axis of the study",
+    ),
     ("  families:\n    ig: {bn_prior: [1.0e-3, 1.0e-1]}\n", None),  # valid: searched as an ig setting
 ]
 
@@ -37,7 +54,10 @@ def test_a_bad_families_or_per_section_is_one_line(section_text, message, write_
     path = write_study(BASE + section_text)
     if message is None:
         searched = tune_searches(load_study(path))[0].families
-        assert list(searched) == ["ig"] and (searched["ig"]["bn_prior"].low, searched["ig"]["bn_prior"].high) == (1e-3, 0.1)
+        assert list(searched) == ["ig"] and (searched["ig"]["bn_prior"].low, searched["ig"]["bn_prior"].high) == (
+            1e-3,
+            0.1,
+        )
         return
     results = tmp_path / "results"
     assert main([str(path), "--results", str(results)]) == 2
@@ -50,14 +70,19 @@ def test_an_axis_outside_per_is_refused_and_a_choice_that_cannot_run_is_named(wr
     grid = BASE.replace("tune:\n", "grid: {noise_std: [0.0, 0.1]}\ntune:\n") + "  space: {tv: [1.0e-5, 1.0e-2]}\n"
     assert main([str(write_study(grid))]) == 2
     assert ":4: grid.noise_std: tune searches the attack of one setting; fix this axis" in capsys.readouterr().err
-    both = BASE.replace("tune:\n", "grid: {tv: [1.0e-4, 1.0e-3]}\ntune:\n  per: [tv]\n") + "  space: {tv: [1.0e-5, 1.0e-2]}\n"
+    both = (
+        BASE.replace("tune:\n", "grid: {tv: [1.0e-4, 1.0e-3]}\ntune:\n  per: [tv]\n")
+        + "  space: {tv: [1.0e-5, 1.0e-2]}\n"
+    )
     assert main([str(write_study(both))]) == 2
     assert ":7: tune.space.tv: is also an axis of the study" in capsys.readouterr().err
     named = BASE.replace("width: 2}", "width: 2, layers: first4}") + "  space: {lr: [0.1, 1.0]}\n"
     assert tune_searches(load_study(write_study(named)))[0].base.layers == "first4"  # a named set, as given
     # A choice that cannot run in the study's setting is refused before anything runs: the batch's own
     # BatchNorm statistics exist only for a client in train mode.
-    bad_choice = BASE.replace("width: 2}", "width: 2, bn_stats: batch}") + "  families:\n    ig: {bn_prior: [1.0e-3, 1.0]}\n"
+    bad_choice = (
+        BASE.replace("width: 2}", "width: 2, bn_stats: batch}") + "  families:\n    ig: {bn_prior: [1.0e-3, 1.0]}\n"
+    )
     assert main([str(write_study(bad_choice))]) == 2
     assert ":6: tune.families.ig.bn_prior: 0.001 cannot run here: bn_stats 'batch'" in capsys.readouterr().err
 
@@ -65,13 +90,21 @@ def test_an_axis_outside_per_is_refused_and_a_choice_that_cannot_run_is_named(wr
 def test_each_family_spends_the_budget_its_own_way(write_study):
     study = BASE.replace("width: 2}", "width: 2, threat_model: malicious, imprint_sample: 100}") + (
         "  budget: 40\n  families:\n    ig: {restarts: [1, 2], tv: [1.0e-5, 1.0e-2]}\n    dlg: {lr: [1.0e-2, 1.0]}\n"
-        "    imprint: {imprint_bins: [32, 64]}\n")  # fmt: skip
+        "    imprint: {imprint_bins: [32, 64]}\n"
+    )
     settings = tune_searches(load_study(write_study(study)))[0]
     assert list(settings.families) == ["ig", "dlg", "imprint"]
     assert candidate(settings, {"attack": "ig", "ig.restarts": 2, "ig.tv": 1e-3}) == {
-        "attack": "ig", "tv": 1e-3, "restarts": 2, "iterations": 20}
+        "attack": "ig",
+        "tv": 1e-3,
+        "restarts": 2,
+        "iterations": 20,
+    }
     assert candidate(settings, {"attack": "dlg", "dlg.lr": 0.5}) == {"attack": "dlg", "lr": 0.5, "iterations": 40}
-    assert candidate(settings, {"attack": "imprint", "imprint.imprint_bins": 32}) == {"attack": "imprint", "imprint_bins": 32}
+    assert candidate(settings, {"attack": "imprint", "imprint.imprint_bins": 32}) == {
+        "attack": "imprint",
+        "imprint_bins": 32,
+    }
     # The paper's defaults are inverting gradients' whatever the families searched.
     defaults = next(iter(trial_specs(settings, PAPER_DEFAULTS, settings.held_out).values()))
     assert (defaults.attack, defaults.tv, defaults.lr, defaults.restarts * defaults.iterations) == ("ig", 1e-4, 0.1, 40)

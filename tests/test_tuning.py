@@ -15,13 +15,13 @@ import pytest
 
 from analysis import load, tuning_history
 from gradinv.results.store import ResultsDir
+from sweep.cli.tune import main
 from sweep.study import load_study
+from sweep.tune.audit import rerun_pruned
 from sweep.tune.report import TOO_SMALL, compare_on_held_out
 from sweep.tune.search import JOURNAL_NAME, make_pruner, open_study, sampled_params, suggest
 from sweep.tune.section import CHECKPOINTS, FIRST_DECAY, PAPER_DEFAULTS, trial_specs, tune_searches
-from sweep.tune.audit import rerun_pruned
 from sweep.tune.tuner import tune_study
-from sweep.cli.tune import main
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -74,12 +74,20 @@ BAD = [
     ("  pruner: hyperband\n  space: {tv: [1.0e-6, 1.0e-1]}\n", ":5: tune.pruner: unknown pruner 'hyperband'"),
     ("  pruner: {name: median, warmup: 0.1}\n  space: {tv: [1.0e-6, 1.0e-1]}\n", ":5: tune.pruner.warmup: 0.1"),
     ("  objective: mse\n  space: {tv: [1.0e-6, 1.0e-1]}\n", ":5: tune.objective: 'mse'"),
-    ("  tuning_images: [0, 1]\n  held_out_images: [1, 2]\n  space: {tv: [1.0e-6, 1.0e-1]}\n",
-     ":6: tune.held_out_images: shares images [1]"),  # fmt: skip
-    ("  tuning_images: 4\n  held_out_images: 4\n  space: {tv: [1.0e-6, 1.0e-1]}\n", ":6: tune.held_out_images: needs 4"),
+    (
+        "  tuning_images: [0, 1]\n  held_out_images: [1, 2]\n  space: {tv: [1.0e-6, 1.0e-1]}\n",
+        ":6: tune.held_out_images: shares images [1]",
+    ),
+    (
+        "  tuning_images: 4\n  held_out_images: 4\n  space: {tv: [1.0e-6, 1.0e-1]}\n",
+        ":6: tune.held_out_images: needs 4",
+    ),
     ("  space: {tv: [1.0e-6, 1.0e-1]}\n  candidates: 0\n", ":6: tune.candidates: must be at least 1"),
     ("  colour: blue\n", ":5: tune.colour: unknown key"),
-    ("  bootstrap: 10000\n  space: {tv: [1.0e-6, 1.0e-1]}\n", ":5: tune.bootstrap: the held-out interval is the report's"),
+    (
+        "  bootstrap: 10000\n  space: {tv: [1.0e-6, 1.0e-1]}\n",
+        ":5: tune.bootstrap: the held-out interval is the report's",
+    ),
 ]
 
 
@@ -106,8 +114,9 @@ STORAGES = [  # (--storage, relative to tmp_path where it is a path; what the on
 
 
 @pytest.mark.parametrize("storage, message", STORAGES, ids=[s.split("/")[0] for s, _ in STORAGES])
-def test_a_storage_that_cannot_be_opened_is_one_line_before_anything_starts(storage, message, write_study, tmp_path,
-                                                                            capsys, monkeypatch):  # fmt: skip
+def test_a_storage_that_cannot_be_opened_is_one_line_before_anything_starts(
+    storage, message, write_study, tmp_path, capsys, monkeypatch
+):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "a-file").write_text("")
     path = write_study(TINY.format(budget=16, candidates=1))
@@ -174,8 +183,14 @@ class Killed(BaseException):
     """The driver's process ends here: nothing after this write reaches storage."""
 
 
-WRITES = ("create_new_trial", "set_trial_param", "set_trial_user_attr", "set_trial_system_attr",
-          "set_trial_state_values", "set_trial_intermediate_value")  # fmt: skip
+WRITES = (
+    "create_new_trial",
+    "set_trial_param",
+    "set_trial_user_attr",
+    "set_trial_system_attr",
+    "set_trial_state_values",
+    "set_trial_intermediate_value",
+)
 
 
 def killed_after(url: str, writes: int | None):
@@ -191,6 +206,7 @@ def killed_after(url: str, writes: int | None):
                     raise Killed(name)
                 self.left -= 1
             return getattr(optuna.storages.JournalStorage, name)(self, *args, **kwargs)
+
         return write
 
     for name in WRITES:
@@ -220,7 +236,9 @@ def driver_life(settings, url: str, writes: int | None) -> tuple[list, tuple[int
     from sweep.tune.tuner import Tuner
 
     open_study(settings, url)  # created (or loaded) before the counted writes, as at start-up
-    tuned = optuna.load_study(study_name=settings.name, storage=killed_after(url, writes), sampler=make_sampler(settings))
+    tuned = optuna.load_study(
+        study_name=settings.name, storage=killed_after(url, writes), sampler=make_sampler(settings)
+    )
     driver, said = StartingDriver(), None
     try:
         said = requeue_interrupted(tuned)
@@ -231,8 +249,9 @@ def driver_life(settings, url: str, writes: int | None) -> tuple[list, tuple[int
 
 
 @pytest.mark.parametrize("first_kill", range(7))
-def test_a_kill_at_any_write_requeues_exactly_the_candidate_drawn_or_drops_one_never_drawn(first_kill, write_study,
-                                                                                           tmp_path):  # fmt: skip
+def test_a_kill_at_any_write_requeues_exactly_the_candidate_drawn_or_drops_one_never_drawn(
+    first_kill, write_study, tmp_path
+):
     """Kill the driver after each storage write of drawing a candidate, then kill the resumed driver
     after each write of its requeue and draw, then resume once more: every started candidate has all
     its parameters, and a candidate queued again starts with exactly the parameters first drawn."""
@@ -275,9 +294,19 @@ class HeldOutDriver:
     def evaluate(self, *evaluations):
         answers = []
         for evaluation in evaluations:
-            rows = [{"study": "tiny-tune", "key": key, "candidate": evaluation.number, "images": list(spec.images),
-                     "images_per_client": 1, "status": "ok", "psnr": self.psnr(evaluation.number, spec.images[0]),
-                     "baseline_psnr": 10.0} for key, spec in evaluation.specs.items()]  # fmt: skip
+            rows = [
+                {
+                    "study": "tiny-tune",
+                    "key": key,
+                    "candidate": evaluation.number,
+                    "images": list(spec.images),
+                    "images_per_client": 1,
+                    "status": "ok",
+                    "psnr": self.psnr(evaluation.number, spec.images[0]),
+                    "baseline_psnr": 10.0,
+                }
+                for key, spec in evaluation.specs.items()
+            ]
             self.rows += rows
             answers.append(rows)
         return answers
@@ -298,15 +327,20 @@ def test_the_held_out_interval_is_the_reports(write_study, tmp_path):
     reported = tuning_history.comparison(tuned, defaults)
     assert reported["clients"] == len(comparison.tuned) == 11
     assert comparison.gain == pytest.approx(reported["gain"], rel=1e-12)
-    assert (comparison.low, comparison.high) == (pytest.approx(reported["ci_low"], rel=1e-12),
-                                                 pytest.approx(reported["ci_high"], rel=1e-12))  # fmt: skip
+    assert (comparison.low, comparison.high) == (
+        pytest.approx(reported["ci_low"], rel=1e-12),
+        pytest.approx(reported["ci_high"], rel=1e-12),
+    )
     assert comparison.low < comparison.gain < comparison.high
     assert "BCa" in comparison.interval() and f"{comparison.low:+.2f}" in comparison.interval()
     # Under stats.MIN_BOOTSTRAP clients there is no interval, and the line says so.
-    few = compare_on_held_out(driver, tune_searches(load_study(write_study(TINY.format(budget=48, candidates=4))))[0], best)
+    few = compare_on_held_out(
+        driver, tune_searches(load_study(write_study(TINY.format(budget=48, candidates=4))))[0], best
+    )
     assert np.isnan(few.low) and few.interval().startswith(TOO_SMALL)
     assert set(trial_specs(settings, PAPER_DEFAULTS, settings.held_out)) == {
-        row["key"] for row in driver.rows if row["candidate"] is None and row["images"][0] >= 11}
+        row["key"] for row in driver.rows if row["candidate"] is None and row["images"][0] >= 11
+    }
 
 
 def test_pruning_stops_weak_candidates_early_and_rows_carry_candidates(write_study, tmp_path, ray_tmpdir, capsys):
@@ -366,8 +400,9 @@ def test_driver_killed_mid_search_resumes_without_losing_or_doubling_a_candidate
     path = write_study(TINY.format(budget=160, candidates=6))
     results = tmp_path / "results"
     command = [sys.executable, "-m", "sweep.cli.tune", str(path), "--results", str(results), "--no-progress"]
-    first = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                             start_new_session=True)  # fmt: skip
+    first = subprocess.Popen(
+        command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
     try:
         deadline = time.monotonic() + 240
         while not ResultsDir(results).files() and time.monotonic() < deadline:  # the first candidate's rows
@@ -379,8 +414,9 @@ def test_driver_killed_mid_search_resumes_without_losing_or_doubling_a_candidate
     running = [t.number for t in killed.trials if t.state == optuna.trial.TrialState.RUNNING]
     assert running  # a candidate was cut off mid-evaluation
 
-    second = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                              start_new_session=True)  # fmt: skip
+    second = subprocess.Popen(
+        command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
     try:
         output, _ = second.communicate(timeout=300)
     finally:
@@ -405,10 +441,13 @@ def test_driver_killed_mid_search_resumes_without_losing_or_doubling_a_candidate
     assert set(frame["candidate"].dropna().astype(int)) <= {t.number for t in tuned.trials}
 
 
-def test_a_trained_victim_is_trained_once_and_every_candidate_attacks_it(write_study, tmp_path, ray_tmpdir, monkeypatch):
+def test_a_trained_victim_is_trained_once_and_every_candidate_attacks_it(
+    write_study, tmp_path, ray_tmpdir, monkeypatch
+):
     monkeypatch.setenv("GRADINV_CACHE", str(tmp_path / "cache"))
     trained = TINY.format(budget=16, candidates=2).replace(
-        "fixed: {model: convnet, width: 2}", "fixed: {model: convnet, width: 2, trained_epochs: 1, train_subset: 40}")
+        "fixed: {model: convnet, width: 2}", "fixed: {model: convnet, width: 2, trained_epochs: 1, train_subset: 40}"
+    )
     study = load_study(write_study(trained))
     results = tmp_path / "results"
     assert tune_study(study, results, progress=False) == 0

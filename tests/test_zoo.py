@@ -15,8 +15,8 @@ import torch
 from gradinv import data, models, zoo
 from gradinv.errors import ConfigError
 from gradinv.trial import TrialOutcome, TrialSpec
-from sweep.cli.main import main
 from sweep.cli.attack import write_outcome
+from sweep.cli.main import main
 
 SMALL = zoo.Recipe("fashion-mnist", "convnet", 4, epochs=2, train_subset=600, image_size=10, batch_size=32)
 TINY = ["--dataset", "faces", "--model", "convnet", "--width", "2", "--trained-epochs", "1", "--image-size", "8"]
@@ -42,8 +42,9 @@ def test_cache_round_trip_and_listing(tmp_path):
 
 def test_two_processes_missing_the_same_checkpoint_train_it_once(tmp_path):
     command = [sys.executable, "-m", "sweep", "zoo", "train", *TINY, "--cache", str(tmp_path)]
-    processes = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-                 for _ in range(2)]  # fmt: skip
+    processes = [
+        subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True) for _ in range(2)
+    ]
     outputs = [p.communicate(timeout=300)[0] for p in processes]
     assert all(p.returncode == 0 for p in processes), outputs
     assert sum("trained in" in out for out in outputs) == 1
@@ -58,8 +59,27 @@ def test_a_truncated_checkpoint_is_one_clear_error(tmp_path, capsys):
     weights.write_bytes(weights.read_bytes()[:100])
     with pytest.raises(ConfigError, match="rebuild"):
         zoo.load(recipe, tmp_path)
-    code = main(["attack", "--dataset", "faces", "--image-size", "8", "--model", "convnet", "--width", "2",
-                 "--trained-epochs", "1", "--iterations", "2", "--cache", str(tmp_path), "--out", str(tmp_path / "o")])
+    code = main(
+        [
+            "attack",
+            "--dataset",
+            "faces",
+            "--image-size",
+            "8",
+            "--model",
+            "convnet",
+            "--width",
+            "2",
+            "--trained-epochs",
+            "1",
+            "--iterations",
+            "2",
+            "--cache",
+            str(tmp_path),
+            "--out",
+            str(tmp_path / "o"),
+        ]
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1
     assert str(weights) in err[0] and "gradinv zoo train" in err[0]
@@ -92,15 +112,35 @@ def test_a_study_over_trained_epochs_carries_checkpoint_key_and_accuracy(write_s
 
 def stored(recipe: zoo.Recipe, cache) -> None:
     """A checkpoint of the untrained weights in the cache, as training would leave it (no training)."""
-    sidecar = {"key": recipe.key, "test_accuracy": 0.5, "epochs": recipe.epochs, "seed": recipe.model_seed,
-               "training_seconds": 1.0, "torch": torch.__version__, "recipe": dataclasses.asdict(recipe)}  # fmt: skip
+    sidecar = {
+        "key": recipe.key,
+        "test_accuracy": 0.5,
+        "epochs": recipe.epochs,
+        "seed": recipe.model_seed,
+        "training_seconds": 1.0,
+        "torch": torch.__version__,
+        "recipe": dataclasses.asdict(recipe),
+    }
     zoo.store(zoo.Checkpoint(recipe, recipe.untrained().state_dict(), sidecar), cache)
 
 
 def test_zoo_train_without_width_builds_the_checkpoint_a_study_looks_up(tmp_path, capsys):
     assert zoo.Recipe("faces", "convnet", None, 1).key == zoo.Recipe("faces", "convnet", 64, 1).key
-    assert zoo.Recipe("fashion-mnist", "convnet", 2, epochs=1, image_size=8).key == "convnet-fashion-mnist-e1-667abb505606"  # recipe version 2
-    flags = ["--dataset", "faces", "--model", "mlp", "--trained-epochs", "1", "--train-subset", "32", "--image-size", "8"]
+    assert (
+        zoo.Recipe("fashion-mnist", "convnet", 2, epochs=1, image_size=8).key == "convnet-fashion-mnist-e1-667abb505606"
+    )  # recipe version 2
+    flags = [
+        "--dataset",
+        "faces",
+        "--model",
+        "mlp",
+        "--trained-epochs",
+        "1",
+        "--train-subset",
+        "32",
+        "--image-size",
+        "8",
+    ]
     assert main(["zoo", "train", *flags, "--cache", str(tmp_path)]) == 0
     recipe = TrialSpec(dataset="faces", model="mlp", trained_epochs=1, train_subset=32, image_size=8).recipe()
     assert zoo.load(recipe, tmp_path) is not None
@@ -172,7 +212,9 @@ def test_checkpoints_and_attack_outputs_are_readable_as_the_umask_allows(umask, 
         recipe = zoo.Recipe("faces", "convnet", 2, epochs=1, image_size=8)
         stored(recipe, tmp_path / "cache")
         spec = TrialSpec(dataset="faces", image_size=8)
-        outcome = TrialOutcome(spec=spec, status="ok", truth=torch.zeros(1, 1, 8, 8), reconstruction=torch.ones(1, 1, 8, 8))
+        outcome = TrialOutcome(
+            spec=spec, status="ok", truth=torch.zeros(1, 1, 8, 8), reconstruction=torch.ones(1, 1, 8, 8)
+        )
         write_outcome(outcome, tmp_path / "out", "cpu")
     finally:
         os.umask(previous)
@@ -209,5 +251,9 @@ def test_a_trial_with_defended_training_names_a_defended_checkpoint():
     spec = TrialSpec(dataset="faces", trained_epochs=1, keep_fraction=0.1, defended_training=True)
     assert spec.recipe().defence == (("keep_fraction", 0.1),)
     assert TrialSpec(dataset="faces", trained_epochs=1, keep_fraction=0.1).recipe().defence == ()
-    assert TrialSpec(dataset="faces", trained_epochs=1, keep_fraction=0.1, prune_aware=True,
-                     defended_training=True).recipe() == spec.recipe()  # what the attacker knows trains nothing
+    assert (
+        TrialSpec(
+            dataset="faces", trained_epochs=1, keep_fraction=0.1, prune_aware=True, defended_training=True
+        ).recipe()
+        == spec.recipe()
+    )  # what the attacker knows trains nothing

@@ -9,8 +9,9 @@ Light on purpose (no torch): the declarations are read by commands that never ru
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 from ..errors import require
 
@@ -25,17 +26,17 @@ if TYPE_CHECKING:
 class AttackJob:
     """What every attack receives: the lanes' client updates and what the attacker knows of them."""
 
-    model: "nn.Module"
+    model: nn.Module
     specs: Sequence[Any]  # the lanes' TrialSpecs (lane-compatible)
-    updates: Sequence["ClientUpdate"]
-    labels: "torch.Tensor"  # [L, B] the labels the attacker has (known, or recovered from the update)
+    updates: Sequence[ClientUpdate]
+    labels: torch.Tensor  # [L, B] the labels the attacker has (known, or recovered from the update)
     labels_known: Sequence[bool]
     image_shape: tuple[int, ...]  # [B, C, H, W]
     num_classes: int
-    box: tuple["torch.Tensor", "torch.Tensor"]  # the valid pixels, normalised, [C, 1, 1]
+    box: tuple[torch.Tensor, torch.Tensor]  # the valid pixels, normalised, [C, 1, 1]
     on_progress: Callable[[int], None] | None = None  # iterations done
     on_checkpoint: Callable[[int, list[float]], None] | None = None  # (iteration, best cost per lane)
-    on_images: Callable[[int, "torch.Tensor"], None] | None = None  # (iteration, best images per lane), called first
+    on_images: Callable[[int, torch.Tensor], None] | None = None  # (iteration, best images per lane), called first
     deadline: float | None = None  # time.monotonic() past which the attack stops (raising TrialTimeout)
 
     @property
@@ -45,11 +46,11 @@ class AttackJob:
 
 @dataclass
 class AttackResult:
-    images: "torch.Tensor"  # [L, B, C, H, W] in normalised coordinates, each lane's reconstruction
-    restart_scores: "torch.Tensor"  # [L, R] final gradient cost without TV (inf for NaN)
+    images: torch.Tensor  # [L, B, C, H, W] in normalised coordinates, each lane's reconstruction
+    restart_scores: torch.Tensor  # [L, R] final gradient cost without TV (inf for NaN)
     curve: list[tuple[int, list[float]]] = field(default_factory=list)  # (iteration, best cost per lane)
     seconds: float = 0.0
-    labels: "torch.Tensor | None" = None  # [L, B] labels the attack settled on; None: the ones it was given
+    labels: torch.Tensor | None = None  # [L, B] labels the attack settled on; None: the ones it was given
 
 
 class TrialTimeout(RuntimeError):
@@ -84,8 +85,8 @@ class Family:
     requires: tuple[Requirement, ...] = ()  # what it needs of the victim and the data
     ordered: bool = True  # reconstruction b is made for image b's label (False: matched to the truth by pixels)
     # a malicious server's: (victim, trial, data_root) -> the model it ships to the client instead
-    ships: Callable[["nn.Module", Any, Any], "nn.Module"] | None = None
+    ships: Callable[[nn.Module, Any, Any], nn.Module] | None = None
 
-    def shipped(self, victim: "nn.Module", trial, data_root=None) -> "nn.Module":
+    def shipped(self, victim: nn.Module, trial, data_root=None) -> nn.Module:
         """The model the client computes its update on: the victim, or the malicious server's version of it."""
         return victim if self.ships is None else self.ships(victim, trial, data_root)

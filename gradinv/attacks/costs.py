@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -20,8 +20,12 @@ COSINE_EPS = 1e-10  # simlocal: torch's cosine_similarity with the reference's e
 
 def layer_indices(count: int, layers: Sequence[int]) -> list[int]:
     """Explicit parameter indices as positions 0..count-1 (negative ones count from the end)."""
-    require(all(-count <= i < count for i in layers), "layers", list(layers),
-            f"use indices from {-count} to {count - 1}: the model has {count} parameter tensors")  # fmt: skip
+    require(
+        all(-count <= i < count for i in layers),
+        "layers",
+        list(layers),
+        f"use indices from {-count} to {count - 1}: the model has {count} parameter tensors",
+    )
     positions = [i % count for i in layers]
     require(len(set(positions)) == len(positions), "layers", list(layers), "list each parameter tensor once")
     return positions
@@ -121,8 +125,11 @@ class GradientCost:
         columns = weights.unbind(1)
         flat = [c.reshape(len(c), -1) for c in candidate]
         if self.cost in ("l2", "l1", "max"):
-            distance = {"l2": lambda d: d.pow(2).sum(1), "l1": lambda d: d.abs().sum(1),
-                        "max": lambda d: d.abs().amax(1)}[self.cost]  # fmt: skip
+            distance = {
+                "l2": lambda d: d.pow(2).sum(1),
+                "l1": lambda d: d.abs().sum(1),
+                "max": lambda d: d.abs().amax(1),
+            }[self.cost]
             return sum(w * distance(c - t) for c, t, w in zip(flat, self.targets, columns))
         if self.cost == "cosine":
             scale = _exact_scale(flat)
@@ -133,7 +140,7 @@ class GradientCost:
             return sum(
                 w.ne(0) * (1 - w * dot / (square.sqrt().clamp_min(COSINE_EPS) * norm))
                 for (dot, square), w, norm in zip(dots, columns, target_norms)
-            )  # fmt: skip
+            )
         dot = sum(w * layer_dot for (layer_dot, _), w in zip(dots, columns))
         norm_c = sum(w * layer_square for (_, layer_square), w in zip(dots, columns))
         target_norm = self.target_norm if mask is None else (weights * self.target_squares).sum(1).sqrt()

@@ -8,7 +8,7 @@ of the client update; the starting points are drawn on the CPU, so every device 
 from __future__ import annotations
 
 import time
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -16,8 +16,8 @@ from torch import nn
 from ..client.defences import attacker_update
 from ..client.update import ClientUpdate, model_state
 from ..parameters import DefenceSettings, OptimiserSettings, extract
-from .costs import GradientCost
 from .base import AttackJob, AttackResult, TrialTimeout
+from .costs import GradientCost
 
 
 def deep_leakage(
@@ -41,8 +41,20 @@ def deep_leakage(
     may raise to stop). Returns the result and the labels it settled on ``[L, B]``."""
     start = time.perf_counter()
     params, buffers = model_state(model)
-    lanes = [_Lane(model, params, buffers, update, None if labels is None else labels[lane], config, seed, image_shape,
-                   num_classes) for lane, (update, config, seed) in enumerate(zip(updates, configs, seeds))]  # fmt: skip
+    lanes = [
+        _Lane(
+            model,
+            params,
+            buffers,
+            update,
+            None if labels is None else labels[lane],
+            config,
+            seed,
+            image_shape,
+            num_classes,
+        )
+        for lane, (update, config, seed) in enumerate(zip(updates, configs, seeds))
+    ]
     iterations = max(config.iterations for config in configs)
     check_at = {max(1, round(iterations * (k + 1) / checkpoints)) for k in range(checkpoints)}
     curve = []
@@ -62,8 +74,12 @@ def deep_leakage(
             if on_checkpoint is not None:
                 on_checkpoint(done, costs)
     scores = [lane.score() for lane in lanes]
-    result = AttackResult(torch.stack([lane.x.detach() for lane in lanes]), torch.tensor(scores, device="cpu").view(-1, 1), curve,
-                          time.perf_counter() - start)  # fmt: skip
+    result = AttackResult(
+        torch.stack([lane.x.detach() for lane in lanes]),
+        torch.tensor(scores, device="cpu").view(-1, 1),
+        curve,
+        time.perf_counter() - start,
+    )
     return result, torch.stack([lane.found_labels() for lane in lanes])
 
 
@@ -78,13 +94,21 @@ class _Lane:
         self.label_logits = label_logits.to(device).requires_grad_(labels is None)
         self.labels, self.config = labels, config
         self.settled = False  # a step left the variables as they were: every later step would too
-        predict = attacker_update(DefenceSettings(), update)  # the client's training (and aggregation); no defence mirrored
+        predict = attacker_update(
+            DefenceSettings(), update
+        )  # the client's training (and aggregation); no defence mirrored
         squared_distance = GradientCost([t.unsqueeze(0) for t in update.tensors], [1.0] * len(update.tensors), "l2")
-        self.distance = lambda: squared_distance([t.unsqueeze(0) for t in predict(model, params, buffers, self.x,
-                                                                                 self.current_labels())])[0]  # fmt: skip
-        self.optimiser = torch.optim.LBFGS([self.x, self.label_logits] if labels is None else [self.x], lr=config.lr,
-                                           max_iter=1, line_search_fn="strong_wolfe", tolerance_grad=0.0,
-                                           tolerance_change=0.0)  # fmt: skip
+        self.distance = lambda: squared_distance(
+            [t.unsqueeze(0) for t in predict(model, params, buffers, self.x, self.current_labels())]
+        )[0]
+        self.optimiser = torch.optim.LBFGS(
+            [self.x, self.label_logits] if labels is None else [self.x],
+            lr=config.lr,
+            max_iter=1,
+            line_search_fn="strong_wolfe",
+            tolerance_grad=0.0,
+            tolerance_change=0.0,
+        )
         # Relative to the starting distance: the same minimiser, but L-BFGS's first step and tolerances
         # no longer depend on how small an update's entries happen to be.
         with torch.no_grad():
@@ -106,7 +130,8 @@ class _Lane:
         # L-BFGS stalls where its line search finds no step (a ReLU network's piecewise cost, say): the
         # direction and the history then stay as they are, so the lane is done.
         self.settled = self.optimiser.state[variables[0]]["n_iter"] > 1 and all(
-            torch.equal(old, new) for old, new in zip(before, variables))
+            torch.equal(old, new) for old, new in zip(before, variables)
+        )
 
     def score(self) -> float:
         with torch.no_grad():
@@ -121,8 +146,18 @@ def run(job: AttackJob) -> AttackResult:
     """The registry's entry (gradinv.attacks.registry): DLG on each lane in turn."""
     configs = [extract(OptimiserSettings, spec) for spec in job.specs]
     known = job.labels if all(job.labels_known) else None
-    result, labels = deep_leakage(job.model, job.updates, known, configs, job.seeds, job.image_shape, job.num_classes,
-                                  on_progress=job.on_progress, on_checkpoint=job.on_checkpoint, on_images=job.on_images,
-                                  deadline=job.deadline)  # fmt: skip
+    result, labels = deep_leakage(
+        job.model,
+        job.updates,
+        known,
+        configs,
+        job.seeds,
+        job.image_shape,
+        job.num_classes,
+        on_progress=job.on_progress,
+        on_checkpoint=job.on_checkpoint,
+        on_images=job.on_images,
+        deadline=job.deadline,
+    )
     result.labels = labels
     return result

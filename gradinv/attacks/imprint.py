@@ -43,8 +43,8 @@ import torch
 from torch import nn
 
 from .. import data
-from ..errors import require
 from ..client.update import ClientUpdate
+from ..errors import require
 from .base import AttackJob, AttackResult
 
 
@@ -61,8 +61,12 @@ def brightness_thresholds(images: torch.Tensor, bins: int) -> torch.Tensor:
     the sample; images darker than the darkest or brighter than the brightest sample image are lost.
     """
     require(isinstance(bins, int) and bins >= 2, "bins", bins, "use at least 2 bins (one gap between thresholds)")
-    require(images.dim() == 4 and len(images) >= 2, "images", tuple(images.shape),
-            "pass at least 2 images shaped [N, C, H, W] to take brightness quantiles from")  # fmt: skip
+    require(
+        images.dim() == 4 and len(images) >= 2,
+        "images",
+        tuple(images.shape),
+        "pass at least 2 images shaped [N, C, H, W] to take brightness quantiles from",
+    )
     values = brightness(images.double())
     levels = torch.linspace(0, 1, bins, dtype=torch.float64, device=values.device)
     return torch.quantile(values, levels).to(images.dtype)
@@ -88,11 +92,19 @@ class ImprintBlock(nn.Module):
     ):
         super().__init__()
         thresholds = torch.as_tensor(thresholds).detach().flatten()
-        require(len(image_shape) == 3 and all(int(s) >= 1 for s in image_shape), "image_shape", tuple(image_shape),
-                "give one image's shape as (channels, height, width)")  # fmt: skip
+        require(
+            len(image_shape) == 3 and all(int(s) >= 1 for s in image_shape),
+            "image_shape",
+            tuple(image_shape),
+            "give one image's shape as (channels, height, width)",
+        )
         require(len(thresholds) >= 2, "bins", len(thresholds), "use at least 2 thresholds (one gap between them)")
-        require(bool((thresholds[1:] >= thresholds[:-1]).all()), "thresholds", thresholds.tolist()[:8],
-                "sort the thresholds in increasing order (brightness_thresholds does)")  # fmt: skip
+        require(
+            bool((thresholds[1:] >= thresholds[:-1]).all()),
+            "thresholds",
+            thresholds.tolist()[:8],
+            "sort the thresholds in increasing order (brightness_thresholds does)",
+        )
         require(gain > 0, "gain", gain, "use a positive gain")
         self.image_shape = tuple(int(s) for s in image_shape)
         self.skip = skip
@@ -116,7 +128,10 @@ class ImprintBlock(nn.Module):
 
 
 def imprinted(
-    model: nn.Module, image_shape: tuple[int, int, int], thresholds: torch.Tensor, skip: bool = True,
+    model: nn.Module,
+    image_shape: tuple[int, int, int],
+    thresholds: torch.Tensor,
+    skip: bool = True,
     gain: float = 1e-3,
 ) -> nn.Sequential:
     """The malicious model the server ships: the imprint block, then ``model`` unchanged.
@@ -135,8 +150,9 @@ def shipped_model(victim: nn.Module, trial, data_root=None) -> nn.Sequential:
     bins sit at brightness quantiles of the first ``imprint_sample`` training images, the attacker's
     declared prior. (Those may include a federation client's own images: only their brightness counts.)"""
     side = trial.side
-    thresholds = _training_thresholds(trial.dataset, side, trial.imprint_sample, trial.imprint_bins,
-                                      str(data.data_root(data_root)))  # fmt: skip
+    thresholds = _training_thresholds(
+        trial.dataset, side, trial.imprint_sample, trial.imprint_bins, str(data.data_root(data_root))
+    )
     channels = trial.data_spec.channels
     return imprinted(victim, (channels, side, side), thresholds)
 
@@ -152,8 +168,10 @@ def bin_differences(weight_grad: torch.Tensor, bias_grad: torch.Tensor) -> tuple
     """Row ``i`` minus row ``i + 1`` of the block's weight and bias gradients, in float64:
     ``[bins - 1, C*H*W]`` and ``[bins - 1]``, each holding only the images of bin ``(c_i, c_{i+1}]``."""
     if weight_grad.dim() != 2 or bias_grad.shape != weight_grad.shape[:1] or len(bias_grad) < 2:
-        raise ValueError(f"expected the imprint block's weight [bins, C*H*W] and bias [bins] gradients with "
-                         f"bins >= 2, got {tuple(weight_grad.shape)} and {tuple(bias_grad.shape)}")  # fmt: skip
+        raise ValueError(
+            f"expected the imprint block's weight [bins, C*H*W] and bias [bins] gradients with "
+            f"bins >= 2, got {tuple(weight_grad.shape)} and {tuple(bias_grad.shape)}"
+        )
     weight, bias = weight_grad.double(), bias_grad.double()
     return weight[:-1] - weight[1:], bias[:-1] - bias[1:]
 

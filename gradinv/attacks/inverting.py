@@ -19,8 +19,8 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -28,8 +28,8 @@ from torch import nn
 from torch.func import vmap
 
 from ..client.defences import attacker_update, kept_masks
-from ..errors import require
 from ..client.update import ClientUpdate, model_state
+from ..errors import require
 from ..parameters import DefenceSettings, InvertingSettings, OptimiserSettings, declarations, extract
 from . import steps
 from .base import AttackJob, AttackResult, TrialTimeout
@@ -47,8 +47,12 @@ class IGConfig(InvertingSettings, OptimiserSettings, DefenceSettings):
 
     def __post_init__(self):
         super().__post_init__()
-        require(self.group_consistency == 0 or self.restarts == 1 or self.optimizer != "lbfgs", "group_consistency",
-                self.group_consistency, "L-BFGS optimises each restart alone; use adam or sgd, or 0")  # fmt: skip
+        require(
+            self.group_consistency == 0 or self.restarts == 1 or self.optimizer != "lbfgs",
+            "group_consistency",
+            self.group_consistency,
+            "L-BFGS optimises each restart alone; use adam or sgd, or 0",
+        )
 
     def shared(self) -> tuple:
         """The settings that every lane of one computation must share."""
@@ -95,8 +99,9 @@ def step_size_factor(iteration: int, iterations: int, decay: str) -> float:
     return 1.0
 
 
-def initial_images(shape: Sequence[int], restarts: int, init: str, seed: int,
-                   dtype: torch.dtype = torch.float32) -> torch.Tensor:  # fmt: skip
+def initial_images(
+    shape: Sequence[int], restarts: int, init: str, seed: int, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
     """``[R, B, C, H, W]`` starting points drawn from the trial's own attack seed (on the CPU, so that
     every device starts from the same images): standard normal, uniform in [-1, 1), or zeros."""
     generator = torch.Generator().manual_seed(seed)
@@ -125,9 +130,20 @@ class LaneObjective:
     BatchNorm prior is also batched by ``vmap`` over the runs.
     """
 
-    def __init__(self, model: nn.Module, updates: Sequence[ClientUpdate], labels: torch.Tensor,
-                 configs: Sequence[IGConfig], seed: int = 0):  # fmt: skip
-        require(len({c.shared() for c in configs}) == 1, "lanes", len(configs), "pack only trials with equal shared settings")
+    def __init__(
+        self,
+        model: nn.Module,
+        updates: Sequence[ClientUpdate],
+        labels: torch.Tensor,
+        configs: Sequence[IGConfig],
+        seed: int = 0,
+    ):
+        require(
+            len({c.shared() for c in configs}) == 1,
+            "lanes",
+            len(configs),
+            "pack only trials with equal shared settings",
+        )
         config = configs[0]
         self.restarts = config.restarts
         params, buffers = model_state(model)
@@ -142,8 +158,11 @@ class LaneObjective:
         self.labels = self.per_run(labels)
         self.tv_weights = self.per_run(torch.tensor([c.tv for c in configs], dtype=dtype, device=device))
         self.bn_prior = config.bn_prior
-        self.feature_prior = None if config.bn_prior == 0 else BatchNormPrior(model, params, buffers, updates,
-                                                                               config.bn_stats, self.per_run)  # fmt: skip
+        self.feature_prior = (
+            None
+            if config.bn_prior == 0
+            else BatchNormPrior(model, params, buffers, updates, config.bn_stats, self.per_run)
+        )
         self.group_weight = config.group_consistency if self.restarts > 1 else 0.0
         compared = self.gradient_cost.compared
         predicted = attacker_update(config, updates[0])  # lanes share the client recipe and its DP batches
@@ -204,8 +223,13 @@ class LaneObjective:
 def _single_run_objectives(model, updates, labels, configs, seed: int) -> list[LaneObjective]:
     """Each lane's objective for one run at a time (L-BFGS optimises run by run)."""
     return [
-        LaneObjective(model, updates[lane : lane + 1], labels[lane : lane + 1],
-                      [dataclasses.replace(configs[lane], restarts=1)], seed)  # fmt: skip
+        LaneObjective(
+            model,
+            updates[lane : lane + 1],
+            labels[lane : lane + 1],
+            [dataclasses.replace(configs[lane], restarts=1)],
+            seed,
+        )
         for lane in range(len(updates))
     ]
 
@@ -294,7 +318,12 @@ def invert_gradients(
             best = costs.min(dim=1).values.tolist()
             curve.append((done, best))
             if on_images is not None:
-                on_images(done, x.detach().view(lanes, restarts, *image_shape)[torch.arange(lanes, device=device), costs.argmin(dim=1)])
+                on_images(
+                    done,
+                    x.detach().view(lanes, restarts, *image_shape)[
+                        torch.arange(lanes, device=device), costs.argmin(dim=1)
+                    ],
+                )
             if on_checkpoint is not None:
                 on_checkpoint(done, best)
     with torch.no_grad():
@@ -311,6 +340,16 @@ def _finite(values: torch.Tensor) -> torch.Tensor:
 def run(job: AttackJob) -> AttackResult:
     """The registry's entry (gradinv.attacks.registry): inverting gradients on a pack of lanes."""
     configs = [extract(IGConfig, spec) for spec in job.specs]
-    return invert_gradients(job.model, job.updates, job.labels, configs, job.seeds, job.box, job.image_shape,
-                            on_checkpoint=job.on_checkpoint, on_images=job.on_images, on_progress=job.on_progress,
-                            deadline=job.deadline)  # fmt: skip
+    return invert_gradients(
+        job.model,
+        job.updates,
+        job.labels,
+        configs,
+        job.seeds,
+        job.box,
+        job.image_shape,
+        on_checkpoint=job.on_checkpoint,
+        on_images=job.on_images,
+        on_progress=job.on_progress,
+        deadline=job.deadline,
+    )

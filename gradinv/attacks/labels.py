@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import ConfigError, require
 from ..client.update import ClientUpdate
+from ..errors import ConfigError, require
 from ..parameters import LABEL_METHODS  # noqa: F401  (declared with the knob)
 
 
@@ -102,8 +102,10 @@ def applicable(method: str, batch: int, num_classes: int, fl: str = "fedsgd") ->
     if fl != "fedsgd":
         return "iLRG reads one FedSGD gradient (its equations do not hold for local training steps)"
     if batch > num_classes - 1:
-        return (f"a batch of {batch} can hold all {num_classes} classes; their embeddings are identifiable "
-                f"from the weight gradient for at most {num_classes - 1}")  # fmt: skip
+        return (
+            f"a batch of {batch} can hold all {num_classes} classes; their embeddings are identifiable "
+            f"from the weight gradient for at most {num_classes - 1}"
+        )
     return None
 
 
@@ -129,8 +131,9 @@ def classifier_parameters(model: torch.nn.Module | None, num_classes: int) -> tu
     raise ConfigError("model", type(model).__name__, "iLRG needs a fully connected classifier with a bias")
 
 
-def ilrg_labels(update: ClientUpdate, num_classes: int, weight: torch.Tensor, bias: torch.Tensor,
-                refine_steps: int = REFINE_STEPS) -> torch.Tensor:  # fmt: skip
+def ilrg_labels(
+    update: ClientUpdate, num_classes: int, weight: torch.Tensor, bias: torch.Tensor, refine_steps: int = REFINE_STEPS
+) -> torch.Tensor:
     """iLRG's labels (sorted) from a FedSGD update; ``refine_steps=0``: the paper's estimate alone."""
     require(update.fl.fl == "fedsgd", "fl", update.fl.fl, "iLRG reads a FedSGD gradient; use bias_counts for FedAvg")
     grad_weight, grad_bias = last_layer(update, num_classes)
@@ -164,8 +167,9 @@ def softmax_of(embeddings: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
     return torch.softmax(embeddings @ weight.T + bias, dim=1)
 
 
-def present_embeddings(grad_weight: torch.Tensor, probabilities: torch.Tensor, counts: torch.Tensor,
-                       present: torch.Tensor, batch: int) -> torch.Tensor:  # fmt: skip
+def present_embeddings(
+    grad_weight: torch.Tensor, probabilities: torch.Tensor, counts: torch.Tensor, present: torch.Tensor, batch: int
+) -> torch.Tensor:
     """The present classes' embeddings o_j solving ``B dL/dW = sum_j k_j (P_j - e_j) o_j^T`` by least squares."""
     residuals = counts[present, None] * (probabilities[present] - torch.eye(len(counts)).to(probabilities)[present])
     return batch * torch.linalg.lstsq(residuals.T, grad_weight, driver="gelsd").solution

@@ -41,25 +41,45 @@ def _imprint(job: AttackJob) -> AttackResult:
     return imprint.run(job)
 
 
-def _imprinted_model(victim: "nn.Module", trial, data_root) -> "nn.Module":
+def _imprinted_model(victim: nn.Module, trial, data_root) -> nn.Module:
     from . import imprint
 
     return imprint.shipped_model(victim, trial, data_root)
 
 
-ONE_IMAGE = Requirement("images_per_client", lambda t: len(t.images), lambda t: len(t.images) == 1,
-                        "the analytic attack recovers one image per client")  # fmt: skip
-FULLY_CONNECTED = Requirement("model", lambda t: t.model, lambda t: t.model == "mlp",
-                              "the analytic attack needs the 'mlp' model (a fully connected first layer)")  # fmt: skip
+ONE_IMAGE = Requirement(
+    "images_per_client",
+    lambda t: len(t.images),
+    lambda t: len(t.images) == 1,
+    "the analytic attack recovers one image per client",
+)
+FULLY_CONNECTED = Requirement(
+    "model",
+    lambda t: t.model,
+    lambda t: t.model == "mlp",
+    "the analytic attack needs the 'mlp' model (a fully connected first layer)",
+)
 
-MALICIOUS = Requirement("threat_model", lambda t: t.threat_model, lambda t: t.threat_model == "malicious",
-                        "the imprint attack ships a modified model: declare threat_model malicious")  # fmt: skip
-ONE_GRADIENT = Requirement("fl", lambda t: t.fl, lambda t: t.fl == "fedsgd" or (t.local_steps == 1 and t.round is None),
-                           "the imprint read-off is exact for one gradient: use fedsgd, or fedavg with local_steps 1")  # fmt: skip
+MALICIOUS = Requirement(
+    "threat_model",
+    lambda t: t.threat_model,
+    lambda t: t.threat_model == "malicious",
+    "the imprint attack ships a modified model: declare threat_model malicious",
+)
+ONE_GRADIENT = Requirement(
+    "fl",
+    lambda t: t.fl,
+    lambda t: t.fl == "fedsgd" or (t.local_steps == 1 and t.round is None),
+    "the imprint read-off is exact for one gradient: use fedsgd, or fedavg with local_steps 1",
+)
 TRAINING_SAMPLE = Requirement(
-    "imprint_sample", lambda t: t.imprint_sample, lambda t: t.imprint_sample <= _training_images(t.data_spec),
-    lambda t: f"the bins come from the training split of {t.dataset}; use {MIN_IMPRINT_SAMPLE} to "
-              f"{_training_images(t.data_spec)} images",
+    "imprint_sample",
+    lambda t: t.imprint_sample,
+    lambda t: t.imprint_sample <= _training_images(t.data_spec),
+    lambda t: (
+        f"the bins come from the training split of {t.dataset}; use {MIN_IMPRINT_SAMPLE} to "
+        f"{_training_images(t.data_spec)} images"
+    ),
 )
 
 
@@ -71,12 +91,25 @@ def _training_images(spec) -> int:
 FAMILIES: dict[str, Family] = {
     family.name: family
     for family in (
-        Family(name="ig", reads=(OptimiserSettings, InvertingSettings), run=_inverting, seeded=True,
-               mirrors_defences=True, budget=("restarts", "iterations"), paper_defaults=True),
+        Family(
+            name="ig",
+            reads=(OptimiserSettings, InvertingSettings),
+            run=_inverting,
+            seeded=True,
+            mirrors_defences=True,
+            budget=("restarts", "iterations"),
+            paper_defaults=True,
+        ),
         Family(name="dlg", reads=(OptimiserSettings,), run=_dlg, seeded=True, budget=("iterations",)),
         Family(name="analytic", reads=(), run=_analytic, requires=(ONE_IMAGE, FULLY_CONNECTED)),
-        Family(name="imprint", reads=(ImprintSettings,), run=_imprint, ships=_imprinted_model, ordered=False,
-               requires=(MALICIOUS, ONE_GRADIENT, TRAINING_SAMPLE)),
+        Family(
+            name="imprint",
+            reads=(ImprintSettings,),
+            run=_imprint,
+            ships=_imprinted_model,
+            ordered=False,
+            requires=(MALICIOUS, ONE_GRADIENT, TRAINING_SAMPLE),
+        ),
     )
 }
 

@@ -35,10 +35,14 @@ def privacy_columns(trial) -> dict:
     dp_sgd = trial.dp_clip is not None
     update_level = trial.clip_update is not None and trial.noise_std > 0
     return {
-        "epsilon": epsilon(trial.dp_noise, trial.dp_sample_rate, accounting_steps(trial), trial.dp_delta) if dp_sgd else None,
+        "epsilon": epsilon(trial.dp_noise, trial.dp_sample_rate, accounting_steps(trial), trial.dp_delta)
+        if dp_sgd
+        else None,
         "accountant": ACCOUNTANT if dp_sgd or update_level else None,
-        "update_epsilon": gaussian_mechanism_epsilon(trial.noise_std / trial.clip_update, trial.dp_delta) if update_level else None,
-    }  # fmt: skip
+        "update_epsilon": gaussian_mechanism_epsilon(trial.noise_std / trial.clip_update, trial.dp_delta)
+        if update_level
+        else None,
+    }
 
 
 def epsilon(noise_multiplier: float, sample_rate: float, steps: int, delta: float, accountant: str = "rdp") -> float:
@@ -60,7 +64,10 @@ def epsilon(noise_multiplier: float, sample_rate: float, steps: int, delta: floa
 
     spent = create_accountant(accountant)
     spent.history = [(noise_multiplier, sample_rate, steps)]  # Opacus' own record of `steps` identical steps
-    with np.errstate(divide="ignore"), warnings.catch_warnings():  # PRV takes log(1 - q), -inf at q = 1, and masks it out
+    with (
+        np.errstate(divide="ignore"),
+        warnings.catch_warnings(),
+    ):  # PRV takes log(1 - q), -inf at q = 1, and masks it out
         # At little noise RDP's best order is its smallest: the bound is loose there, and Opacus warns on every call
         warnings.filterwarnings("ignore", message="Optimal order is the smallest alpha")
         return float(spent.get_epsilon(delta))

@@ -52,9 +52,17 @@ import math
 import numpy as np
 import torch
 
-from .update import ClientUpdate, Defence, PrivateTraining, aggregate, average, client_update, minibatch_schedule
-from .update import parameter_update
 from ..parameters import DefenceSettings, extract
+from .update import (
+    ClientUpdate,
+    Defence,
+    PrivateTraining,
+    aggregate,
+    average,
+    client_update,
+    minibatch_schedule,
+    parameter_update,
+)
 
 Tensors = tuple[torch.Tensor, ...]
 NOISE_STREAM, ROUNDING_STREAM = 0, 1  # generator seed = 2 * defence_seed + stream: the streams never coincide
@@ -130,8 +138,11 @@ def client_defences(source) -> tuple[Defence, ...]:
     if settings.keep_fraction < 1:
         chain.append(functools.partial(prune, keep_fraction=settings.keep_fraction, scope=settings.prune_scope))
     if settings.quant_bits is not None:
-        chain.append(functools.partial(quantise, bits=settings.quant_bits, rounding=settings.quant_rounding,
-                                       seed=settings.defence_seed))  # fmt: skip
+        chain.append(
+            functools.partial(
+                quantise, bits=settings.quant_bits, rounding=settings.quant_rounding, seed=settings.defence_seed
+            )
+        )
     return tuple(chain)
 
 
@@ -220,5 +231,6 @@ def _attacker_training(settings: DefenceSettings, sent: ClientUpdate, schedule, 
     from .dp_training import clipped_update
 
     private = sent.private
-    return functools.partial(clipped_update, fl=fl, clip=private.clip, batches=sent.batches[client],
-                             sample_rate=private.sample_rate)  # fmt: skip
+    return functools.partial(
+        clipped_update, fl=fl, clip=private.clip, batches=sent.batches[client], sample_rate=private.sample_rate
+    )

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import copy
 import warnings
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -43,8 +43,12 @@ class EvalBatchNorm(nn.Module):
 
     def __init__(self, norm: nn.modules.batchnorm._BatchNorm):
         super().__init__()
-        require(norm.track_running_stats, "model", type(norm).__name__,
-                "DP-SGD needs BatchNorm layers that keep running statistics")  # fmt: skip
+        require(
+            norm.track_running_stats,
+            "model",
+            type(norm).__name__,
+            "DP-SGD needs BatchNorm layers that keep running statistics",
+        )
         self.weight, self.bias = norm.weight, norm.bias  # the same names, so the update keeps the model's order
         self.mean, self.var, self.eps = norm.running_mean.detach(), norm.running_var.detach(), norm.eps
 
@@ -95,9 +99,13 @@ def make_private(
     reference = next(private.parameters())
     noise = torch.Generator(device=reference.device).manual_seed(noise_seed)
     wrapped = DPOptimizer(
-        optimiser(list(private.parameters())), noise_multiplier=noise_multiplier, max_grad_norm=clip,
-        expected_batch_size=expected_batch_size, loss_reduction="mean", generator=noise,
-    )  # fmt: skip
+        optimiser(list(private.parameters())),
+        noise_multiplier=noise_multiplier,
+        max_grad_norm=clip,
+        expected_batch_size=expected_batch_size,
+        loss_reduction="mean",
+        generator=noise,
+    )
     return module, wrapped
 
 
@@ -172,9 +180,13 @@ def dp_local_training(
     batches = poisson_batches(len(images), sample_rate, accounting_steps(fl), sampling)
     lr = fl.local_lr if fl.fl == "fedavg" else 0.0
     module, optimiser = make_private(
-        model, lambda parameters: torch.optim.SGD(parameters, lr=lr), clip=clip, noise_multiplier=noise_multiplier,
-        expected_batch_size=expected_batch_size(len(images), sample_rate), noise_seed=noise_seed,
-    )  # fmt: skip
+        model,
+        lambda parameters: torch.optim.SGD(parameters, lr=lr),
+        clip=clip,
+        noise_multiplier=noise_multiplier,
+        expected_batch_size=expected_batch_size(len(images), sample_rate),
+        noise_seed=noise_seed,
+    )
     start = [parameter.detach().clone() for parameter in optimiser.params]
     if fl.fl == "fedsgd":
         noisy_gradient(module, optimiser, images[batches[0]], labels[batches[0]])

@@ -5,7 +5,7 @@ both unroll the same steps.
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 

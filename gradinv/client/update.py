@@ -1,6 +1,6 @@
 """What a federated client sends: a FedSGD gradient or a FedAvg weight update, after its defences.
 
-The pipeline: the victim's weights -> local training (:class:`FLConfig`, DP-SGD when the trial asks)
+The pipeline: the victim's weights -> local training (:class:`ClientSettings`, DP-SGD when the trial asks)
 -> defences (gradinv.client.defences) -> the update -> with secure aggregation, the mean of several clients'
 updates (:func:`aggregate`), which is all the server sees.
 One pure function, :func:`parameter_update`, computes the update from images and labels. The client
@@ -21,8 +21,8 @@ each BatchNorm layer's input mean and variance on its first local step's batch
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -32,7 +32,6 @@ from torch.func import functional_call, grad
 from ..parameters import ClientSettings
 from .local_sgd import local_sgd
 
-FLConfig = ClientSettings  # how the client computes its update (gradinv.parameters); the attacker knows all of it
 Defence = Callable[[tuple[torch.Tensor, ...]], tuple[torch.Tensor, ...]]  # an update in, the update sent out
 LayerStats = tuple[tuple[torch.Tensor, torch.Tensor], ...]  # per BatchNorm layer in module order: (mean, var) [C]
 
@@ -53,7 +52,7 @@ class ClientUpdate:
     the model's parameter order, and how they were made."""
 
     tensors: tuple[torch.Tensor, ...]
-    fl: FLConfig
+    fl: ClientSettings
     num_images: int  # every client's together; each client holds num_images // clients
     defences: tuple[Defence, ...] = ()  # applied after local training, in order; the attacker knows them
     private: PrivateTraining | None = None  # DP-SGD in the local training (the clients differ only in seed)
@@ -95,8 +94,13 @@ def batch_norm_mode(model: nn.Module, client_bn: str) -> Iterator[None]:
             m.training, m.track_running_stats = training, tracking
 
 
-def forward(model: nn.Module, params: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor], images: torch.Tensor,
-            client_bn: str) -> torch.Tensor:  # fmt: skip
+def forward(
+    model: nn.Module,
+    params: dict[str, torch.Tensor],
+    buffers: dict[str, torch.Tensor],
+    images: torch.Tensor,
+    client_bn: str,
+) -> torch.Tensor:
     """The model's logits for ``images`` at ``params`` with BatchNorm in the client's mode."""
     if client_bn == "eval":  # today's path, unchanged
         return functional_call(model, (params, buffers), (images,))
@@ -104,8 +108,13 @@ def forward(model: nn.Module, params: dict[str, torch.Tensor], buffers: dict[str
         return functional_call(model, (params, buffers), (images,))
 
 
-def feature_statistics(model: nn.Module, params: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor],
-                       images: torch.Tensor, client_bn: str) -> LayerStats:  # fmt: skip
+def feature_statistics(
+    model: nn.Module,
+    params: dict[str, torch.Tensor],
+    buffers: dict[str, torch.Tensor],
+    images: torch.Tensor,
+    client_bn: str,
+) -> LayerStats:
     """Each BatchNorm layer's input mean and (biased, as BatchNorm normalises with it) variance per
     channel over the batch and spatial positions, in module order. Differentiable in ``images`` and
     usable under ``vmap``: the hooks only compute from the inputs they see, nothing is written."""
@@ -129,7 +138,7 @@ def feature_statistics(model: nn.Module, params: dict[str, torch.Tensor], buffer
     return tuple(seen[name] for name in norms if name in seen)
 
 
-def minibatch_schedule(num_images: int, fl: FLConfig) -> list[torch.Tensor | None]:
+def minibatch_schedule(num_images: int, fl: ClientSettings) -> list[torch.Tensor | None]:
     """The image indices of each local step (None: all images).
 
     ``shuffled``: every local epoch visits the images in a new order (from ``data_order_seed``), its
@@ -156,7 +165,7 @@ def parameter_update(
     buffers: dict[str, torch.Tensor],
     images: torch.Tensor,
     labels: torch.Tensor,
-    fl: FLConfig,
+    fl: ClientSettings,
     schedule: list[torch.Tensor | None],
 ) -> tuple[torch.Tensor, ...]:
     """FedSGD: the loss gradient. FedAvg: theta_K - theta_0 after the local SGD steps.
@@ -173,7 +182,9 @@ def parameter_update(
     return local_sgd(params, gradient, fl, schedule)
 
 
-def local_training(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, fl: FLConfig) -> tuple[torch.Tensor, ...]:
+def local_training(
+    model: nn.Module, images: torch.Tensor, labels: torch.Tensor, fl: ClientSettings
+) -> tuple[torch.Tensor, ...]:
     """The client's training on its normalised ``images``: the gradient (FedSGD) or theta_K - theta_0 (FedAvg)."""
     params, buffers = model_state(model)
     schedule = minibatch_schedule(len(images), fl)
@@ -183,7 +194,11 @@ def local_training(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
 
 
 def client_update(
-    model: nn.Module, images: torch.Tensor, labels: torch.Tensor, fl: FLConfig, defences: tuple[Defence, ...] = (),
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    fl: ClientSettings,
+    defences: tuple[Defence, ...] = (),
     private: PrivateTraining | None = None,
 ) -> ClientUpdate:
     """What the client sends: the victim's weights -> local training (DP-SGD when ``private``) -> each
@@ -193,18 +208,35 @@ def client_update(
     if fl.client_bn == "train":  # what GradInversion's optimistic attacker knows: the first step's batch
         first = minibatch_schedule(len(images), fl)[0]
         with torch.no_grad():
-            stats = (feature_statistics(model, *model_state(model), images if first is None else images[first], "train"),)
+            stats = (
+                feature_statistics(model, *model_state(model), images if first is None else images[first], "train"),
+            )
     if private is None:
         tensors = local_training(model, images, labels, fl)
     else:
         from .dp_training import dp_local_training  # Opacus: only trials with DP-SGD load it
 
-        tensors, batches = dp_local_training(model, images, labels, fl=fl, clip=private.clip, seed=private.seed,
-                                             noise_multiplier=private.noise_multiplier, sample_rate=private.sample_rate)  # fmt: skip
+        tensors, batches = dp_local_training(
+            model,
+            images,
+            labels,
+            fl=fl,
+            clip=private.clip,
+            seed=private.seed,
+            noise_multiplier=private.noise_multiplier,
+            sample_rate=private.sample_rate,
+        )
     for defence in defences:
         tensors = defence(tensors)
-    return ClientUpdate(tensors, fl, len(images), tuple(defences), private, None if batches is None else (batches,),
-                        bn_batch_stats=stats)  # fmt: skip
+    return ClientUpdate(
+        tensors,
+        fl,
+        len(images),
+        tuple(defences),
+        private,
+        None if batches is None else (batches,),
+        bn_batch_stats=stats,
+    )
 
 
 def average(updates: Sequence[tuple[torch.Tensor, ...]]) -> tuple[torch.Tensor, ...]:
@@ -224,6 +256,13 @@ def aggregate(updates: Sequence[ClientUpdate]) -> ClientUpdate:
     first = updates[0]
     batches = None if first.batches is None else tuple(b for u in updates for b in u.batches)
     stats = None if first.bn_batch_stats is None else tuple(s for u in updates for s in u.bn_batch_stats)
-    return ClientUpdate(average([u.tensors for u in updates]), first.fl, sum(u.num_images for u in updates),
-                        first.defences, first.private, batches, clients=sum(u.clients for u in updates),
-                        bn_batch_stats=stats)  # fmt: skip
+    return ClientUpdate(
+        average([u.tensors for u in updates]),
+        first.fl,
+        sum(u.num_images for u in updates),
+        first.defences,
+        first.private,
+        batches,
+        clients=sum(u.clients for u in updates),
+        bn_batch_stats=stats,
+    )

@@ -42,7 +42,7 @@ def repetition_columns() -> tuple[str, ...]:
 
 
 _ARROW_TYPES = {"int32": pa.int32(), "int64": pa.int64(), "float64": pa.float64(), "string": pa.string(),
-                "bool": pa.bool_(), "list<int32>": pa.list_(pa.int32())}  # fmt: skip
+                "bool": pa.bool_(), "list<int32>": pa.list_(pa.int32())}
 _PARAMETER_TYPES = parameter_types()
 
 # Every column has one role, written into its field metadata so that readers (analysis) take it from
@@ -59,7 +59,7 @@ REPETITION = repetition_columns()
 
 METRICS = ("psnr", "ssim", "mse", "feature_mse")
 BASELINES = ("baseline_psnr", "baseline_psnr_mean_image", "baseline_psnr_flat", "baseline_psnr_class_mean",
-             "baseline_ssim_mean_image", "baseline_ssim_flat", "baseline_ssim_class_mean")  # fmt: skip
+             "baseline_ssim_mean_image", "baseline_ssim_flat", "baseline_ssim_class_mean")
 _floats = pa.list_(pa.float64())
 _ints = pa.list_(pa.int32())
 
@@ -68,7 +68,7 @@ def _with_role(role: str, *fields: pa.Field) -> list[pa.Field]:
     """``fields`` with ``role`` in their metadata, repetition settings flagged as such."""
     flag = {REPETITION_KEY: b"true"}
     return [field.with_metadata({ROLE_KEY: role.encode(), **(flag if field.name in REPETITION else {})})
-            for field in fields]  # fmt: skip
+            for field in fields]
 
 
 SCHEMA = pa.schema(
@@ -146,7 +146,7 @@ SCHEMA = pa.schema(
         ),
     ],
     metadata={"gradinv.schema_version": str(SCHEMA_VERSION)},
-)  # fmt: skip
+)
 
 
 def trial_key(spec: TrialSpec) -> str:
@@ -195,7 +195,7 @@ def file_problem(file: Path) -> str | None:
 def schema_problem(schema: pa.Schema) -> str | None:
     """Why rows of ``schema`` (a file's, a journal's) are not results rows; None when they are."""
     foreign = [f"{field.name} ({field.type})" for field in schema
-               if field.name not in SCHEMA.names or SCHEMA.field(field.name).type != field.type]  # fmt: skip
+               if field.name not in SCHEMA.names or SCHEMA.field(field.name).type != field.type]
     if foreign:
         return f"not a results file: columns outside the results schema: {', '.join(foreign[:3])}"
     missing = [field.name for field in SCHEMA if not field.nullable and field.name not in schema.names]

@@ -109,7 +109,7 @@ class ResultsDir:
             if held != schema.RESULTS_FORMAT:
                 written = f"results format {held}" if held else "files of an unknown results format"
                 raise ConfigError("--results", str(self.path), f"it holds {written} ({file.name}), this gradinv writes "
-                                  f"format {schema.RESULTS_FORMAT}; run into a new directory (status, report and export still read this one)")  # fmt: skip
+                                  f"format {schema.RESULTS_FORMAT}; run into a new directory (status, report and export still read this one)")
 
     def bad_file_error(self, file: Path, problem: str, footer: bool = True) -> ConfigError:
         """``footer``: the problem shows in the footer, so that the set-aside flag finds the file too."""
@@ -298,7 +298,7 @@ def _with_key(columns: list[str] | None) -> list[str] | None:
 
 
 _KINDS = {stat.S_IFREG: "file", stat.S_IFDIR: "directory", stat.S_IFLNK: "symbolic link", stat.S_IFIFO: "FIFO",
-          stat.S_IFSOCK: "socket", stat.S_IFCHR: "device", stat.S_IFBLK: "device"}  # fmt: skip
+          stat.S_IFSOCK: "socket", stat.S_IFCHR: "device", stat.S_IFBLK: "device"}
 
 
 def _kind(path: Path, follow: bool) -> str | None:
@@ -341,7 +341,7 @@ def _journal_problem(entry: Path) -> str | None:
     if held != schema.RESULTS_FORMAT:
         held = f"results format {held}" if held else "an unknown results format"
         return (f"a journal of {held} (this gradinv writes format {schema.RESULTS_FORMAT}); "
-                "the gradinv that wrote it folds it in")  # fmt: skip
+                "the gradinv that wrote it folds it in")
     return schema.schema_problem(written)
 
 
@@ -360,5 +360,5 @@ def _own_directory(path: Path) -> Path:
     kind = _kind(path, follow=False)
     if kind not in (None, "directory"):
         raise ConfigError("results file", str(path), f"it is a {kind}, not a directory gradinv made; remove it "
-                          "(gradinv creates and deletes files there)")  # fmt: skip
+                          "(gradinv creates and deletes files there)")
     return path

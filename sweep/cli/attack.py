@@ -9,8 +9,8 @@ from pathlib import Path
 from tqdm import tqdm
 
 from gradinv import data, memory
-from gradinv.files import write_atomic
 from gradinv.client.accounting import privacy_columns
+from gradinv.files import write_atomic
 from gradinv.provenance import provenance
 from gradinv.trial import TrialOutcome, TrialSpec, cached_victim, run_trials
 
@@ -18,7 +18,9 @@ from gradinv.trial import TrialOutcome, TrialSpec, cached_victim, run_trials
 def attack(spec: TrialSpec, out: Path, *, data_root=None, device: str = "cpu") -> TrialOutcome:
     """Run one trial with a progress bar and write its files into ``out`` (complete or not at all)."""
     memory.refuse_unfit([spec], 1, memory.machine_memory(), "this machine", device=device)  # before anything loads
-    data.open_dataset(spec.dataset, data_root, image_size=spec.image_size)  # a missing dataset fails here, before any output
+    data.open_dataset(
+        spec.dataset, data_root, image_size=spec.image_size
+    )  # a missing dataset fails here, before any output
     model = cached_victim(spec)  # so does a broken checkpoint; a missing one is trained first
     total = 1 if "iterations" in spec.not_applicable() else spec.iterations  # analytic families: one step
     with tqdm(total=total, desc="attack", unit="it", dynamic_ncols=True) as bar:
@@ -26,7 +28,9 @@ def attack(spec: TrialSpec, out: Path, *, data_root=None, device: str = "cpu") -
         def progress(done: int) -> None:
             bar.update(done - bar.n)
 
-        outcome = run_trials([spec], data_root=data_root, device=device, on_progress=progress, victim=lambda _: model)[0]
+        outcome = run_trials([spec], data_root=data_root, device=device, on_progress=progress, victim=lambda _: model)[
+            0
+        ]
         bar.update(total - bar.n)
     write_outcome(outcome, out, device)
     return outcome

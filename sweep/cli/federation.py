@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import argparse
 
-from .parser import Parser as _Parser
-from .parser import add_knob_flags, knob_values
 from gradinv.errors import ConfigError
 from gradinv.files import require_writable_directory
+
+from .parser import Parser as _Parser
+from .parser import add_knob_flags, knob_values
 
 
 def add_parser(verbs) -> None:
@@ -26,8 +27,13 @@ def _parser() -> argparse.ArgumentParser:
     federation_verbs = parser.add_subparsers(dest="federation_verb", required=True, parser_class=_Parser)
     train = federation_verbs.add_parser("train", help="train a federation's rounds (once) into the cache")
     add_knob_flags(train, declarations(Federation), defaults(Federation))
-    train.add_argument("--up-to-round", type=int, default=None, metavar="ROUND",
-                       help="train rounds 1 to ROUND (default --fed-rounds); a trial's round attacks after it")
+    train.add_argument(
+        "--up-to-round",
+        type=int,
+        default=None,
+        metavar="ROUND",
+        help="train rounds 1 to ROUND (default --fed-rounds); a trial's round attacks after it",
+    )
     train.add_argument("--data-root", default=None, help="dataset root (default $GRADINV_DATA)")
     train.add_argument("--cache", default=None, help="checkpoint cache (default $GRADINV_CACHE)")
     train.add_argument("--address", default=None, help="a running Ray cluster (default $RAY_ADDRESS, else local)")
@@ -66,16 +72,24 @@ def command(verb_args: argparse.Namespace) -> int:
         if args.in_process:
             final = fed.train(recipe, up_to, cache=args.cache, data_root=args.data_root, on_round=round_done)
         else:
-            from ..victim_training import ray_clients
             from ..ray_connection import connect
             from ..runner import runtime_environment
+            from ..victim_training import ray_clients
 
             ray = connect(args.address, runtime_environment(args.data_root), max_retries=3)
             try:
-                final = fed.train(recipe, up_to, cache=args.cache, data_root=args.data_root,
-                                  run_clients=ray_clients(ray), on_round=round_done)  # fmt: skip
+                final = fed.train(
+                    recipe,
+                    up_to,
+                    cache=args.cache,
+                    data_root=args.data_root,
+                    run_clients=ray_clients(ray),
+                    on_round=round_done,
+                )
             finally:
                 ray.shutdown()
-    print(f"{recipe.key}: round {final.number}, test accuracy {final.sidecar['test_accuracy']:.4f} "
-          f"({fed.federation_dir(recipe, args.cache)})")
+    print(
+        f"{recipe.key}: round {final.number}, test accuracy {final.sidecar['test_accuracy']:.4f} "
+        f"({fed.federation_dir(recipe, args.cache)})"
+    )
     return 0

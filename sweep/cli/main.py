@@ -8,15 +8,19 @@ import os
 import sys
 from pathlib import Path
 
-from sweep.cli import results as analysis_cli
 from gradinv.errors import ConfigError
-
-from . import federation as federation_cli, tune as tuning  # light: the tune command's arguments; its work is imported when it runs
 from gradinv.files import require_writable_directory
+from sweep.cli import results as analysis_cli
 
+from ..stopping import exit_code, raising_on_signals
+from . import (
+    federation as federation_cli,
+)  # light: the tune command's arguments; its work is imported when it runs
+from . import (
+    tune as tuning,
+)
 from .parser import EXIT_USAGE, add_knob_flags, knob_values, path
 from .parser import Parser as _Parser
-from ..stopping import exit_code, raising_on_signals
 
 
 def _add_trial_flags(parser: argparse.ArgumentParser) -> None:
@@ -37,8 +41,13 @@ def build_parser() -> argparse.ArgumentParser:
     attack = verbs.add_parser("attack", help="one reconstruction: images and metrics.json")
     _add_trial_flags(attack)
     attack.add_argument("--out", type=path, default=None, help="output directory (required unless --replay)")
-    attack.add_argument("--replay", nargs=2, metavar=("RESULTS", "KEY"), default=None,
-                        help="run a results row's trial again and compare its metrics (the trial flags are ignored)")
+    attack.add_argument(
+        "--replay",
+        nargs=2,
+        metavar=("RESULTS", "KEY"),
+        default=None,
+        help="run a results row's trial again and compare its metrics (the trial flags are ignored)",
+    )
     attack.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     attack.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     run = verbs.add_parser("run", help="run a study's trials on Ray into a Parquet results directory")
@@ -53,10 +62,17 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--batch-rows", type=int, default=64, help="write a results file every N finished trials")
     run.add_argument("--batch-seconds", type=float, default=15.0, help="... or every S seconds")
     # The cap's default is read when the study is (sweep.study imports torch; --help does not).
-    run.add_argument("--max-trials", type=int, default=None,
-                     help="refuse a study of more trials, counted before collapsing (default one million)")  # fmt: skip
-    run.add_argument("--set-aside-bad-files", action="store_true",
-                     help="move damaged or foreign *.parquet files of the results into its _quarantine/ (else refuse)")
+    run.add_argument(
+        "--max-trials",
+        type=int,
+        default=None,
+        help="refuse a study of more trials, counted before collapsing (default one million)",
+    )
+    run.add_argument(
+        "--set-aside-bad-files",
+        action="store_true",
+        help="move damaged or foreign *.parquet files of the results into its _quarantine/ (else refuse)",
+    )
 
     zoo = verbs.add_parser("zoo", help="trained victim checkpoints")
     zoo_verbs = zoo.add_subparsers(dest="zoo_verb", required=True, parser_class=_Parser)
@@ -115,8 +131,10 @@ def _run_attack(args: argparse.Namespace) -> int:
         print(f"gradinv attack: failed: {outcome.error}", file=sys.stderr)
         return 1
     m = outcome.metrics
-    print(f"PSNR {m['psnr']:.2f} dB (gain {m.get('psnr_gain', math.nan):+.2f})  SSIM {m['ssim']:.3f}  "
-          f"labels {m['label_accuracy']:.0%}{_privacy(spec)}  {outcome.seconds:.1f} s  -> {args.out}")  # fmt: skip
+    print(
+        f"PSNR {m['psnr']:.2f} dB (gain {m.get('psnr_gain', math.nan):+.2f})  SSIM {m['ssim']:.3f}  "
+        f"labels {m['label_accuracy']:.0%}{_privacy(spec)}  {outcome.seconds:.1f} s  -> {args.out}"
+    )
     return 0
 
 
@@ -146,8 +164,11 @@ def _privacy(spec) -> str:
     from gradinv.client.accounting import privacy_columns
 
     columns = privacy_columns(spec)
-    shown = [f"{columns[name]:.3g} ({what})" for name, what in (("epsilon", "DP-SGD"), ("update_epsilon", "update"))
-             if columns[name] is not None]  # fmt: skip
+    shown = [
+        f"{columns[name]:.3g} ({what})"
+        for name, what in (("epsilon", "DP-SGD"), ("update_epsilon", "update"))
+        if columns[name] is not None
+    ]
     return f"  epsilon {', '.join(shown)} at delta {spec.dp_delta:g}" if shown else ""
 
 
@@ -172,8 +193,15 @@ def _run_study(args: argparse.Namespace) -> int:
     if not (math.isfinite(args.batch_seconds) and args.batch_seconds > 0):  # nan would never flush by time
         raise ConfigError("--batch-seconds", args.batch_seconds, "use a finite, positive number of seconds")
     study = load_study(args.study, args.max_trials)
-    options = RunOptions(args.address, args.max_concurrent, args.retry_failed, args.batch_rows, args.batch_seconds,
-                         progress=not args.no_progress, set_aside_bad_files=args.set_aside_bad_files)  # fmt: skip
+    options = RunOptions(
+        args.address,
+        args.max_concurrent,
+        args.retry_failed,
+        args.batch_rows,
+        args.batch_seconds,
+        progress=not args.no_progress,
+        set_aside_bad_files=args.set_aside_bad_files,
+    )
     results = args.results or Path("results") / study.name
     return run_study(study, results, options, data_root_arg=args.data_root)
 
@@ -181,7 +209,6 @@ def _run_study(args: argparse.Namespace) -> int:
 def _zoo(args: argparse.Namespace) -> int:
     from gradinv import zoo
     from gradinv.cache import cache_dir
-
     from gradinv.results.text import visible
 
     if args.zoo_verb == "list":
@@ -189,11 +216,15 @@ def _zoo(args: argparse.Namespace) -> int:
             info = entry.info
             if info is None:  # skipped: one line on what to do about it
                 key = visible(entry.key)  # names and problems come from files: no terminal escapes
-                print(f"{key}  unreadable ({visible(entry.problem)}); delete {key}.pt and {key}.json, "
-                      "and the study or 'gradinv zoo train' that needs it trains it again")  # fmt: skip
+                print(
+                    f"{key}  unreadable ({visible(entry.problem)}); delete {key}.pt and {key}.json, "
+                    "and the study or 'gradinv zoo train' that needs it trains it again"
+                )
                 continue
-            print(f"{visible(str(info['key']))}  accuracy {info['test_accuracy']:.4f}  epochs {info['epochs']}  "
-                  f"seed {info['seed']}  {info['training_seconds']:.0f} s")  # fmt: skip
+            print(
+                f"{visible(str(info['key']))}  accuracy {info['test_accuracy']:.4f}  epochs {info['epochs']}  "
+                f"seed {info['seed']}  {info['training_seconds']:.0f} s"
+            )
         return 0
     _set_threads(args.threads)
     recipe = _zoo_victim(args).recipe()  # the settings' own rules, before the bar and the cache
@@ -227,7 +258,9 @@ def _zoo_victim(args: argparse.Namespace):
     from gradinv.trial import TrialSpec
 
     if args.trained_epochs < 1:
-        raise ConfigError("--trained-epochs", args.trained_epochs, "train for at least 1 epoch (0 is the untrained model)")
+        raise ConfigError(
+            "--trained-epochs", args.trained_epochs, "train for at least 1 epoch (0 is the untrained model)"
+        )
     return TrialSpec(**knob_values(args, _zoo_knobs(), parameter_defaults()), defended_training=True)
 
 
@@ -238,8 +271,15 @@ def _status(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"attack": _run_attack, "run": _run_study, "zoo": _zoo, "tune": tuning.command,
-            "federation": federation_cli.command, "status": _status, **analysis_cli.COMMANDS}  # fmt: skip
+COMMANDS = {
+    "attack": _run_attack,
+    "run": _run_study,
+    "zoo": _zoo,
+    "tune": tuning.command,
+    "federation": federation_cli.command,
+    "status": _status,
+    **analysis_cli.COMMANDS,
+}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -5,8 +5,9 @@ path flags that run before any work: a path is never empty, and a directory to w
 from __future__ import annotations
 
 import argparse
+from collections.abc import Collection, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Collection, Mapping
+from typing import TYPE_CHECKING, Any
 
 from gradinv.errors import ConfigError
 
@@ -28,15 +29,18 @@ def path(text: str) -> Path:
     """A path flag's value (``type=path``): an empty one is refused, where Path('') would be the current
     directory."""
     if not text.strip():
-        raise argparse.ArgumentTypeError(f"{text!r} is not valid; name a path (an empty one is not the current "
-                                         "directory: write . for that)")  # fmt: skip
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not valid; name a path (an empty one is not the current directory: write . for that)"
+        )
     return Path(text)
 
 
-
-
-def add_knob_flags(parser: argparse.ArgumentParser, knobs: Mapping[str, Knob], defaults: Mapping[str, Any],
-                   required: Collection[str] = ()) -> None:  # fmt: skip
+def add_knob_flags(
+    parser: argparse.ArgumentParser,
+    knobs: Mapping[str, Knob],
+    defaults: Mapping[str, Any],
+    required: Collection[str] = (),
+) -> None:
     """A flag per declared knob (gradinv.parameters): ``--name`` (or its singular repeated flag), of the
     knob's kind, with its help, allowed values and default; the ``required`` ones have no default."""
     from gradinv.parameters_page import listed_values
@@ -46,14 +50,26 @@ def add_knob_flags(parser: argparse.ArgumentParser, knobs: Mapping[str, Knob], d
         text = knob.help + (f" ({', '.join(map(str, allowed))})" if allowed else "")
         default = "" if name in required else _default_text(defaults[name])
         if knob.repeat_flag:
-            parser.add_argument(f"--{knob.repeat_flag.replace('_', '-')}", dest=name, type=int, action="append",
-                                metavar="INDEX", help=f"{text}; one per flag, repeatable{default}".replace("%", "%%"))  # fmt: skip
+            parser.add_argument(
+                f"--{knob.repeat_flag.replace('_', '-')}",
+                dest=name,
+                type=int,
+                action="append",
+                metavar="INDEX",
+                help=f"{text}; one per flag, repeatable{default}".replace("%", "%%"),
+            )
             continue
-        kind = {"int": {"type": int}, "float": {"type": float}, "str": {}, "bool": {"action": argparse.BooleanOptionalAction},
-                "ints": {"metavar": "I,J,.." + (" | NAME" if knob.names else "")}}[knob.kind]  # fmt: skip
+        kind = {
+            "int": {"type": int},
+            "float": {"type": float},
+            "str": {},
+            "bool": {"action": argparse.BooleanOptionalAction},
+            "ints": {"metavar": "I,J,.." + (" | NAME" if knob.names else "")},
+        }[knob.kind]
         given = {"required": True} if name in required else {"default": None if knob.kind == "ints" else defaults[name]}
-        parser.add_argument(f"--{name.replace('_', '-')}", dest=name, **given, **kind,
-                            help=f"{text}{default}".replace("%", "%%"))  # fmt: skip
+        parser.add_argument(
+            f"--{name.replace('_', '-')}", dest=name, **given, **kind, help=f"{text}{default}".replace("%", "%%")
+        )
 
 
 def knob_values(args: argparse.Namespace, knobs: Mapping[str, Knob], defaults: Mapping[str, Any]) -> dict:

@@ -17,12 +17,11 @@ import torch
 
 from gradinv.errors import ConfigError
 from gradinv.parameters import layers_of_columns
+from gradinv.results.schema import SCHEMA, trial_key
+from gradinv.results.store import ResultsDir
+from gradinv.results.text import visible
 from gradinv.trial import TrialOutcome, TrialSpec, run_trials
 from gradinv.victims import victim_source
-
-from gradinv.results.text import visible
-from gradinv.results.store import ResultsDir
-from gradinv.results.schema import SCHEMA, trial_key
 
 COMPARED = ("psnr", "ssim", "mse", "feature_mse", "psnr_gain", "label_accuracy")
 PROVENANCE = ("host", "device", "torch_version", "commit")  # where a difference explains differing numbers
@@ -58,8 +57,12 @@ def find_pack(results: str | Path, key: str) -> tuple[dict, list[dict]]:
         return row, [row]
     pack = sorted(table.filter(pc.equal(table["pack_id"], row["pack_id"])).to_pylist(), key=lambda r: r["lane_index"])
     if len(pack) != row["lanes"]:
-        raise ConfigError("--replay KEY", key, f"its pack ran {row['lanes']} lanes but {len(pack)} of its rows remain "
-                          "(the others were run again); replay needs the whole pack")  # fmt: skip
+        raise ConfigError(
+            "--replay KEY",
+            key,
+            f"its pack ran {row['lanes']} lanes but {len(pack)} of its rows remain "
+            "(the others were run again); replay needs the whole pack",
+        )
     return row, pack
 
 
@@ -71,8 +74,12 @@ def spec_from_row(row: dict) -> TrialSpec:
         values["layers"] = layers
     spec = TrialSpec(**{name: tuple(v) if isinstance(v, list) else v for name, v in values.items()})
     if trial_key(spec) != row["key"]:
-        raise ConfigError("--replay KEY", row["key"], "its parameters give another key here: the row was written by "
-                          "another results format; replay it with the gradinv version that wrote it")  # fmt: skip
+        raise ConfigError(
+            "--replay KEY",
+            row["key"],
+            "its parameters give another key here: the row was written by "
+            "another results format; replay it with the gradinv version that wrote it",
+        )
     return spec
 
 
@@ -98,8 +105,11 @@ def row_threads(row: dict) -> int:
     """The thread count the row's worker ran with (none recorded: 1)."""
     threads = row["threads"]
     if threads is not None and threads < 1:  # gradinv writes 1 or more: the file was changed since
-        raise ConfigError(f"threads of row {row['key']}", threads, "a trial runs on 1 or more threads; correct the "
-                          "row's threads column or replay another row")  # fmt: skip
+        raise ConfigError(
+            f"threads of row {row['key']}",
+            threads,
+            "a trial runs on 1 or more threads; correct the row's threads column or replay another row",
+        )
     return threads or 1
 
 
@@ -145,16 +155,20 @@ def report(result: Replay) -> str:
     """The stored and new metrics side by side (every digit), then whether they are identical."""
     row, outcome = result.row, result.outcome
     pairs = compare(row, outcome)
-    lines = [f"trial {row['key']}: pack {row['pack_id']}, lane {row['lane_index']} of {row['lanes']}, "
-             f"threads {row['threads']}, device {row['device']}"]  # fmt: skip
+    lines = [
+        f"trial {row['key']}: pack {row['pack_id']}, lane {row['lane_index']} of {row['lanes']}, "
+        f"threads {row['threads']}, device {row['device']}"
+    ]
     lines += [f"note: {note}" for note in result.notes]
     if row["status"] != "ok":  # its metrics are missing: say why rather than only that they differ
         lines.append(visible(f"the stored trial {row['status']}: {row['error'] or 'no error recorded'}"))
     if outcome.status != "ok":
         lines.append(f"the replay failed: {outcome.error}")
     lines.append(f"{'metric':<16}{'stored':>24}{'new':>24}")
-    lines += [f"{name:<16}{_text(stored):>24}{_text(new):>24}{'' if _same(stored, new) else '  differs'}"
-              for name, stored, new in pairs]  # fmt: skip
+    lines += [
+        f"{name:<16}{_text(stored):>24}{_text(new):>24}{'' if _same(stored, new) else '  differs'}"
+        for name, stored, new in pairs
+    ]
     lines.append("identical: yes" if identical(pairs) else "identical: no")
     return "\n".join(lines)
 

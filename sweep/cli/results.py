@@ -19,12 +19,26 @@ def add_parsers(verbs) -> None:
 
     report = verbs.add_parser("report", help="one self-contained HTML report of a results directory")
     report.add_argument("results", type=path, help="results directory (gradinv run --results DIR)")
-    report.add_argument("--out", type=path, default=Path("report.html"),
-                        help="file to write, outside the results directory (default report.html)")
-    report.add_argument("--by", nargs="+", action="extend", metavar="FIELD", default=None,
-                        help="settings to group by (default: every setting that varies)")  # fmt: skip
-    report.add_argument("--threshold", type=float, default=SUCCESS_PSNR,
-                        help=f"PSNR (dB) a successful reconstruction reaches (default {SUCCESS_PSNR:g})")  # fmt: skip
+    report.add_argument(
+        "--out",
+        type=path,
+        default=Path("report.html"),
+        help="file to write, outside the results directory (default report.html)",
+    )
+    report.add_argument(
+        "--by",
+        nargs="+",
+        action="extend",
+        metavar="FIELD",
+        default=None,
+        help="settings to group by (default: every setting that varies)",
+    )
+    report.add_argument(
+        "--threshold",
+        type=float,
+        default=SUCCESS_PSNR,
+        help=f"PSNR (dB) a successful reconstruction reaches (default {SUCCESS_PSNR:g})",
+    )
     report.add_argument("--seed", type=int, default=0, help="seed of the bootstrap intervals")
     export = verbs.add_parser("export", help="reconstructions and ground truth as PNG files with an index")
     export.add_argument("results", type=path, help="results directory (gradinv run --results DIR)")
@@ -46,8 +60,10 @@ def _export(args: argparse.Namespace) -> int:
 
     index = export(args.results, args.to)
     trials = index["key"].nunique() if len(index) else 0
-    print(f"{len(index)} reconstructions and their ground truth from {trials} trials -> {args.to} "
-          f"(index.csv, index.parquet)")  # fmt: skip
+    print(
+        f"{len(index)} reconstructions and their ground truth from {trials} trials -> {args.to} "
+        f"(index.csv, index.parquet)"
+    )
     return 0
 
 

@@ -9,13 +9,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from gradinv.errors import ConfigError
-
-from gradinv.results.store import ResultsDir
 from gradinv.results.schema import REPETITION, ROLE_KEY, SCHEMA, SETTING
+from gradinv.results.store import ResultsDir
 from gradinv.results.text import visible
 
 if TYPE_CHECKING:  # sweep.study imports torch through gradinv.trial: `gradinv status` does without
     from ..study import Study
+
 
 # Characters that steer a terminal or reorder text rather than show: C0 (ESC, BEL, newlines...), DEL,
 # C1 (CSI, OSC...) and the bidirectional overrides and isolates.
@@ -30,15 +30,21 @@ def dry_run(study: Study, max_trials: int) -> str:
     lines = [f"study {study.name} ({study.path})"]
     for axis, values in study.axes.items():
         lines.append(f"  axis {axis}: {values}")
-    lines.append(f"  resources per trial: {study.resources.num_cpus:g} CPU, {study.resources.num_gpus:g} GPU; "
-                 f"max_retries {study.max_retries}; timeout {study.timeout or 'none'}")  # fmt: skip
+    lines.append(
+        f"  resources per trial: {study.resources.num_cpus:g} CPU, {study.resources.num_gpus:g} GPU; "
+        f"max_retries {study.max_retries}; timeout {study.timeout or 'none'}"
+    )
     if study.trials is None:  # counted from the axes; expanding would take minutes and gigabytes
-        lines.append(f"{study.points} trials before collapsing, above the cap of {max_trials}; "
-                     "not expanded (--max-trials N)")  # fmt: skip
+        lines.append(
+            f"{study.points} trials before collapsing, above the cap of {max_trials}; not expanded (--max-trials N)"
+        )
         return "\n".join(lines)
     images = sorted({i for spec in study.trials for i in spec.images})
-    where = "positions in each attacked federation client's images" if any(
-        spec.round is not None for spec in study.trials) else "test images"  # fmt: skip
+    where = (
+        "positions in each attacked federation client's images"
+        if any(spec.round is not None for spec in study.trials)
+        else "test images"
+    )
     lines.append(f"  images: {len(images)} distinct {where}")
     if study.collapsed:
         lines.append(f"  {study.collapsed} grid points collapsed into identical trials (settings that do not apply)")
@@ -55,17 +61,24 @@ def psnr_table(frame) -> list[str]:
     """PSNR, the no-information baseline and the gain over it, per setting (the settings that vary)."""
     ok = frame[frame["status"] == "ok"].copy()
     for column in GROUPING:  # lists (layers) as text, so that they group
-        ok[column] = ok[column].map(lambda value: value if value is None or isinstance(value, (int, float, str)) else repr(value))
+        ok[column] = ok[column].map(
+            lambda value: value if value is None or isinstance(value, (int, float, str)) else repr(value)
+        )
     # a null means "does not apply" (local steps under FedSGD), which another setting already says
     varying = [c for c in GROUPING if ok[c].nunique() > 1]
     if ok.empty or not varying:
         return []
-    grouped = ok.groupby(varying, dropna=False).agg(
-        trials=("psnr", "size"), psnr=("psnr", "mean"), baseline=("baseline_psnr", "mean"),
-        median_gain=("psnr_gain", "median"),
-    ).round(2)  # fmt: skip
-    return ["ok trials: mean PSNR, mean no-information baseline and median gain over it (dB):",
-            grouped.to_string(), ""]  # fmt: skip
+    grouped = (
+        ok.groupby(varying, dropna=False)
+        .agg(
+            trials=("psnr", "size"),
+            psnr=("psnr", "mean"),
+            baseline=("baseline_psnr", "mean"),
+            median_gain=("psnr_gain", "median"),
+        )
+        .round(2)
+    )
+    return ["ok trials: mean PSNR, mean no-information baseline and median gain over it (dB):", grouped.to_string(), ""]
 
 
 def status(path: Path, newest_errors: int = 5) -> str:
@@ -79,7 +92,9 @@ def status(path: Path, newest_errors: int = 5) -> str:
     table = pa.concat_tables([batched.filter(pc.invert(replaced)), journalled])
     if table.num_rows == 0:
         return f"{path}: no rows yet"
-    where = f"{len(results.files())} files" + (f" and {journalled.num_rows} in the journal" if journalled.num_rows else "")
+    where = f"{len(results.files())} files" + (
+        f" and {journalled.num_rows} in the journal" if journalled.num_rows else ""
+    )
     frame = table.to_pandas().apply(_visible_cells)  # every string below comes from the files
     lines = [f"{path}: {len(frame)} rows in {where}"]
     counts = frame.groupby(["study", "status"]).size().unstack(fill_value=0)

@@ -26,8 +26,11 @@ def _add_arguments(parser) -> None:
     add("study", type=Path, help="study file (YAML) with a 'tune:' section")
     add("--results", type=Path, default=None, help="results directory (default results/STUDY_NAME)")
     add("--address", default=None, help="a running Ray cluster (default $RAY_ADDRESS, else local)")
-    add("--storage", default=None,
-        help="Optuna storage: sqlite:///..., postgresql://... or a journal file (default RESULTS/_optuna.journal)")
+    add(
+        "--storage",
+        default=None,
+        help="Optuna storage: sqlite:///..., postgresql://... or a journal file (default RESULTS/_optuna.journal)",
+    )
     add("--data-root", default=None, help="dataset root on every node (default $GRADINV_DATA)")
     add("--no-progress", action="store_true", help="no progress bar")
 
@@ -43,8 +46,14 @@ def command(args) -> int:
 
     study = load_study(args.study)
     results = args.results or Path("results") / study.name
-    return tune_study(study, results, address=args.address, storage=args.storage, progress=not args.no_progress,
-                      data_root_arg=args.data_root)  # fmt: skip
+    return tune_study(
+        study,
+        results,
+        address=args.address,
+        storage=args.storage,
+        progress=not args.no_progress,
+        data_root_arg=args.data_root,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

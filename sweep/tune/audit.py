@@ -32,9 +32,15 @@ def rerun_pruned(study: Study, results: str | Path, storage: str | None = None) 
             outcomes = run_trials(specs)
             rows = [{"status": o.status, settings.objective: o.metrics.get(settings.objective)} for o in outcomes]
             final = objective_value(rows, settings.objective)
-            records.append({
-                "search": settings.name, "candidate": trial.number, "pruned_at": max(trial.intermediate_values),
-                "iterations": [o.curve[-1][0] if o.curve else None for o in outcomes], "final": final,
-                "median_completed": median, "false_prune": final is not None and final > median,
-            })  # fmt: skip
+            records.append(
+                {
+                    "search": settings.name,
+                    "candidate": trial.number,
+                    "pruned_at": max(trial.intermediate_values),
+                    "iterations": [o.curve[-1][0] if o.curve else None for o in outcomes],
+                    "final": final,
+                    "median_completed": median,
+                    "false_prune": final is not None and final > median,
+                }
+            )
     return records

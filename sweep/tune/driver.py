@@ -13,14 +13,13 @@ import queue
 import threading
 from dataclasses import dataclass, field
 
+from gradinv.results.store import ResultsDir
 from gradinv.trial import TrialSpec
 
-from ..victim_training import Victims, victim_from_checkpoint
-from ..worker import Pack, PackStopped, current_attempt, now, run_pack
-from gradinv.results.store import ResultsDir
 from ..study import Study
 from ..task_loop import TaskLoop, device_of, failed_rows, finished, make_packs, pack_task, stopped_rows, task_error
-
+from ..victim_training import Victims, victim_from_checkpoint
+from ..worker import Pack, PackStopped, current_attempt, now, run_pack
 
 # ---------------------------------------------------------------------------------------------
 # Inside a Ray worker: a pack streamed checkpoint by checkpoint
@@ -125,7 +124,9 @@ class Driver:
             pack = dataclasses.replace(pack, candidate=evaluation.number)
             victim = self._victim(pack.specs[0])
             if victim == "failed":
-                evaluation.rows.update({row["key"]: row for row in failed_rows(pack, self.victims.error(pack.specs[0]), 1)})
+                evaluation.rows.update(
+                    {row["key"]: row for row in failed_rows(pack, self.victims.error(pack.specs[0]), 1)}
+                )
                 continue
             pack = dataclasses.replace(pack, extra=self.victims.columns(pack.specs[0]))
             gen = self.task.remote(pack, *self.victims.payload(pack.specs[0]))

@@ -74,9 +74,15 @@ def compare_on_held_out(driver: Driver, settings: TuneSettings, best) -> Compari
     baselines = [row.get("baseline_psnr") for row in tuned_rows]
     baseline = math.nan if None in baselines else sum(baselines) / len(baselines)
     return Comparison(
-        tuned, defaults, objective_value(tuned_rows, settings.objective), objective_value(default_rows, settings.objective),
-        baseline, sum(gains) / len(gains), low, high,
-    )  # fmt: skip
+        tuned,
+        defaults,
+        objective_value(tuned_rows, settings.objective),
+        objective_value(default_rows, settings.objective),
+        baseline,
+        sum(gains) / len(gains),
+        low,
+        high,
+    )
 
 
 @dataclass(frozen=True)
@@ -101,10 +107,14 @@ def best_fragment(outcome: Outcome) -> str:
     spec = next(iter(trial_specs(settings, best.params, settings.tuning).values()))
     fixed = {"model": spec.model, **{k: v for k, v in spec.non_default().items() if k not in DATA_FIELDS}}
     fixed.update(outcome.chosen)
-    header = [f"# strongest attack found by `gradinv tune` for {settings.name}: candidate {best.number},",
-              f"# tuning {settings.objective} {best.value:.4g} (mean over {len(settings.tuning)} clients)"]  # fmt: skip
+    header = [
+        f"# strongest attack found by `gradinv tune` for {settings.name}: candidate {best.number},",
+        f"# tuning {settings.objective} {best.value:.4g} (mean over {len(settings.tuning)} clients)",
+    ]
     if comparison:
-        header.append(f"# held-out PSNR gain over the paper's defaults {comparison.gain:+.2f} dB ({comparison.interval()})")
+        header.append(
+            f"# held-out PSNR gain over the paper's defaults {comparison.gain:+.2f} dB ({comparison.interval()})"
+        )
     body = yaml.safe_dump({"fixed": fixed}, sort_keys=False, default_flow_style=False)
     return "\n".join(header) + "\n" + body
 
@@ -112,19 +122,27 @@ def best_fragment(outcome: Outcome) -> str:
 def report(outcome: Outcome) -> None:
     settings, best, comparison = outcome.settings, outcome.best, outcome.comparison
     chosen = outcome.chosen
-    params = ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in chosen.items() if k != "attack")
-    print(f"{settings.name}: best candidate {best.number}, family {chosen['attack']} "
-          f"({settings.base.threat_model} server), tuning {settings.objective} {best.value:.4g}  ({params})")  # fmt: skip
+    params = ", ".join(
+        f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in chosen.items() if k != "attack"
+    )
+    print(
+        f"{settings.name}: best candidate {best.number}, family {chosen['attack']} "
+        f"({settings.base.threat_model} server), tuning {settings.objective} {best.value:.4g}  ({params})"
+    )
     if comparison is None:
         print("held-out comparison: some held-out trials failed; see `gradinv status`")
         return
-    print(f"held-out ({len(settings.held_out)} clients, budget {settings.budget}): "
-          f"tuned {comparison.tuned_mean:.2f} dB, paper defaults {comparison.defaults_mean:.2f} dB, "
-          f"gain {comparison.gain:+.2f} dB ({comparison.interval()})")  # fmt: skip
+    print(
+        f"held-out ({len(settings.held_out)} clients, budget {settings.budget}): "
+        f"tuned {comparison.tuned_mean:.2f} dB, paper defaults {comparison.defaults_mean:.2f} dB, "
+        f"gain {comparison.gain:+.2f} dB ({comparison.interval()})"
+    )
     if not math.isnan(comparison.baseline):
-        print(f"no-information baseline {comparison.baseline:.2f} dB; gain over it: tuned "
-              f"{comparison.tuned_mean - comparison.baseline:+.2f} dB, paper defaults "
-              f"{comparison.defaults_mean - comparison.baseline:+.2f} dB")  # fmt: skip
+        print(
+            f"no-information baseline {comparison.baseline:.2f} dB; gain over it: tuned "
+            f"{comparison.tuned_mean - comparison.baseline:+.2f} dB, paper defaults "
+            f"{comparison.defaults_mean - comparison.baseline:+.2f} dB"
+        )
 
 
 def write_best(study: Study, outcomes: list[Outcome], results: Path) -> None:
@@ -138,11 +156,15 @@ def write_best(study: Study, outcomes: list[Outcome], results: Path) -> None:
 def print_strongest(outcomes: list[Outcome]) -> None:
     """The strongest attack per setting: the family each search chose and its held-out gains."""
     print("strongest attack per setting (held-out mean PSNR, dB):")
-    print(f"  {'setting':<28} {'family':<8} {'tuned':>7} {'defaults':>8} {'baseline':>8} {'over baseline':>13}  over defaults")
+    header = f"{'setting':<28} {'family':<8} {'tuned':>7} {'defaults':>8} {'baseline':>8} {'over baseline':>13}"
+    print(f"  {header}  over defaults")
     for outcome in outcomes:
         c = outcome.comparison
         if c is None:
             print(f"  {outcome.settings.describe():<28} {outcome.chosen['attack']:<8} (held-out trials failed)")
             continue
-        print(f"  {outcome.settings.describe():<28} {outcome.chosen['attack']:<8} {c.tuned_mean:7.2f} "
-              f"{c.defaults_mean:8.2f} {c.baseline:8.2f} {c.tuned_mean - c.baseline:+13.2f}  {c.gain:+.2f} ({c.interval()})")
+        print(
+            f"  {outcome.settings.describe():<28} {outcome.chosen['attack']:<8} {c.tuned_mean:7.2f} "
+            f"{c.defaults_mean:8.2f} {c.baseline:8.2f} {c.tuned_mean - c.baseline:+13.2f}  "
+            f"{c.gain:+.2f} ({c.interval()})"
+        )

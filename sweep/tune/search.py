@@ -38,7 +38,6 @@ def _suggest(trial, space: dict, prefix: str) -> dict:
     return params
 
 
-
 def storage_url(results: Path, storage: str | None) -> str:
     return storage or str(results / JOURNAL_NAME)
 
@@ -58,8 +57,11 @@ def check_storage(url: str) -> None:
     except exc.ArgumentError as error:  # an unknown scheme, or a URL SQLAlchemy cannot parse
         raise ConfigError("--storage", url, f"{_first_line(error)}; {STORAGE_FIX}") from None
     except ImportError as error:
-        raise ConfigError("--storage", url, f"its database driver is not installed (no module {error.name!r}); "
-                          f"pip install it, or {STORAGE_FIX}") from None  # fmt: skip
+        raise ConfigError(
+            "--storage",
+            url,
+            f"its database driver is not installed (no module {error.name!r}); pip install it, or {STORAGE_FIX}",
+        ) from None
     try:
         if engine.dialect.name == "sqlite":
             _check_writable_file(Path(engine.url.database or ""))
@@ -67,7 +69,9 @@ def check_storage(url: str) -> None:
             with engine.connect():
                 pass
     except exc.SQLAlchemyError as error:
-        raise ConfigError("--storage", url, f"cannot connect ({_first_line(error)}); check the server and the URL") from None
+        raise ConfigError(
+            "--storage", url, f"cannot connect ({_first_line(error)}); check the server and the URL"
+        ) from None
     finally:
         engine.dispose()
 
@@ -120,8 +124,12 @@ def make_sampler(settings: TuneSettings, trials_so_far: int = 0):
         # QMC's position in its sequence lives in the storage, so it continues by itself; its seed (the
         # scrambling) stays the study's, so that the points remain one low-discrepancy sequence.
         # Categorical choices come from its independent sampler, which would replay.
-        "qmc": lambda: optuna.samplers.QMCSampler(seed=settings.seed, scramble=True, warn_independent_sampling=False,
-                                                  independent_sampler=optuna.samplers.RandomSampler(seed=seed)),
+        "qmc": lambda: optuna.samplers.QMCSampler(
+            seed=settings.seed,
+            scramble=True,
+            warn_independent_sampling=False,
+            independent_sampler=optuna.samplers.RandomSampler(seed=seed),
+        ),
         "gp": lambda: optuna.samplers.GPSampler(seed=seed, n_startup_trials=settings.sampler_startup),
     }
     return samplers[settings.sampler]()
@@ -131,7 +139,9 @@ def make_pruner(settings: TuneSettings):
     import optuna
 
     if settings.pruner == "median":
-        return optuna.pruners.MedianPruner(n_startup_trials=settings.pruner_startup, n_warmup_steps=settings.warmup_steps)
+        return optuna.pruners.MedianPruner(
+            n_startup_trials=settings.pruner_startup, n_warmup_steps=settings.warmup_steps
+        )
     if settings.pruner == "successive-halving":
         return optuna.pruners.SuccessiveHalvingPruner(min_resource=settings.warmup_steps, reduction_factor=2)
     return optuna.pruners.NopPruner()
@@ -142,9 +152,13 @@ def open_study(settings: TuneSettings, url: str):
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     tuned = optuna.create_study(
-        storage=open_storage(url), study_name=settings.name, direction="maximize", load_if_exists=True,
-        sampler=make_sampler(settings), pruner=make_pruner(settings),
-    )  # fmt: skip
+        storage=open_storage(url),
+        study_name=settings.name,
+        direction="maximize",
+        load_if_exists=True,
+        sampler=make_sampler(settings),
+        pruner=make_pruner(settings),
+    )
     resumed_after = len(tuned.get_trials(deepcopy=False))
     if resumed_after:  # continue the search rather than replay it
         tuned.sampler = make_sampler(settings, resumed_after)

@@ -14,13 +14,25 @@ from pathlib import Path
 from gradinv.attacks.registry import FAMILIES, settings_parts
 from gradinv.errors import ConfigError
 from gradinv.parameters import PARTS, DataSettings, declarations, paper_defaults, parameters, search_space
+from gradinv.results.schema import trial_key
 from gradinv.trial import TrialSpec
 
-from gradinv.results.schema import trial_key
 from ..study import Study, StudyError, _Checker
 
-TUNE_KEYS = ("objective", "budget", "space", "families", "per", "sampler", "pruner", "candidates", "parallel",
-             "tuning_images", "held_out_images", "bootstrap")  # fmt: skip
+TUNE_KEYS = (
+    "objective",
+    "budget",
+    "space",
+    "families",
+    "per",
+    "sampler",
+    "pruner",
+    "candidates",
+    "parallel",
+    "tuning_images",
+    "held_out_images",
+    "bootstrap",
+)
 OBJECTIVES = ("psnr", "ssim")
 LOG_UNIFORM, CHOICES = search_space()  # declared with each parameter (gradinv.parameters)
 SAMPLERS = ("tpe", "random", "cmaes", "qmc", "gp")
@@ -78,7 +90,12 @@ def tune_searches(study: Study) -> list[TuneSettings]:
     mistake is a StudyError naming file:line and field."""
     check = _Checker(Path(study.path), study.lines)
     if study.tune is None:
-        raise StudyError(study.path, None, "tune", "the study has no 'tune:' section; add one (see docs/tuning.md, 'The tune: section')")
+        raise StudyError(
+            study.path,
+            None,
+            "tune",
+            "the study has no 'tune:' section; add one (see docs/tuning.md, 'The tune: section')",
+        )
     tune = check.mapping(study.tune, ("tune",), TUNE_KEYS)
     if "bootstrap" in tune:  # the interval is `gradinv report`'s (analysis.stats), with its own resamples
         check.fail(("tune", "bootstrap"), "the held-out interval is the report's BCa bootstrap; remove this key")
@@ -96,14 +113,20 @@ def _per(check: _Checker, value, study: Study) -> list[str]:
     axes = {axis.removeprefix("zip:"): axis for axis in study.axes}
     for i, name in enumerate(value):
         if name not in axes:
-            check.fail(("tune", "per", i), f"{name!r} is not an axis of the study; add it to 'grid' or 'zip', "
-                                           f"or choose from {', '.join(axes) or 'none'}")  # fmt: skip
+            check.fail(
+                ("tune", "per", i),
+                f"{name!r} is not an axis of the study; add it to 'grid' or 'zip', "
+                f"or choose from {', '.join(axes) or 'none'}",
+            )
     for field, axis in axes.items():
         if field not in value:
             where = ("zip", field) if axis.startswith("zip:") else ("grid", field)
             where = ("data", "dataset") if axis == "dataset" else where
-            check.fail(where, "tune searches the attack of one setting; fix this axis (into 'fixed'), "
-                              f"or tune per value of it with 'per: [{field}]' in 'tune:'")  # fmt: skip
+            check.fail(
+                where,
+                "tune searches the attack of one setting; fix this axis (into 'fixed'), "
+                f"or tune per value of it with 'per: [{field}]' in 'tune:'",
+            )
     return list(value)
 
 
@@ -119,12 +142,23 @@ def _search(check: _Checker, tune: dict, study: Study, trials: list[TrialSpec], 
     tuning, held_out = _clients(check, tune, trials)
     name = study.name + (" [" + ", ".join(f"{k}={v}" for k, v in setting.items()) + "]" if setting else "")
     return TuneSettings(
-        objective=_objective(check, tune.get("objective", "psnr")), budget=budget, families=families,
-        sampler=sampler, seed=seed, sampler_startup=sampler_startup or max(4, candidates // 4),
-        pruner=pruner, warmup_steps=warmup_steps, pruner_startup=pruner_startup, candidates=candidates,
+        objective=_objective(check, tune.get("objective", "psnr")),
+        budget=budget,
+        families=families,
+        sampler=sampler,
+        seed=seed,
+        sampler_startup=sampler_startup or max(4, candidates // 4),
+        pruner=pruner,
+        warmup_steps=warmup_steps,
+        pruner_startup=pruner_startup,
+        candidates=candidates,
         parallel=check.number(tune.get("parallel", 1), ("tune", "parallel"), integer=True, minimum=1),
-        tuning=tuning, held_out=held_out, base=base, setting=setting, name=name,
-    )  # fmt: skip
+        tuning=tuning,
+        held_out=held_out,
+        base=base,
+        setting=setting,
+        name=name,
+    )
 
 
 def _objective(check: _Checker, value) -> str:
@@ -200,7 +234,9 @@ def _space(check: _Checker, base: TrialSpec, family: str, value: dict, budget: i
     return space
 
 
-def _check_values(check: _Checker, base: TrialSpec, family: str, budget: int, name: str, dimension, where: tuple) -> None:
+def _check_values(
+    check: _Checker, base: TrialSpec, family: str, budget: int, name: str, dimension, where: tuple
+) -> None:
     """Each end of a range and each choice makes a valid trial of the study's setting."""
     values = (dimension.low, dimension.high) if isinstance(dimension, LogUniform) else dimension.values
     for value in values:
@@ -334,7 +370,6 @@ def _check_images(check: _Checker, base: TrialSpec, images: tuple, where: tuple)
         dataclasses.replace(base, images=images)
     except ConfigError as error:
         check.fail(where, f"{error.value!r}: {error.fix}")
-
 
 
 # ---------------------------------------------------------------------------------------------

@@ -19,16 +19,27 @@ from pathlib import Path
 from tqdm import tqdm
 
 from gradinv import memory
+from gradinv.results.store import ResultsDir
 
 from ..ray_connection import connect
-from gradinv.results.store import ResultsDir
 from ..runner import check_before_start, runtime_environment
 from ..stopping import exit_code
-from ..task_loop import MachineryFailed
 from ..study import Study
+from ..task_loop import MachineryFailed
 from .driver import Driver, Evaluation
 from .report import Outcome, checkpoint_value, compare_on_held_out, objective_value, print_strongest, report, write_best
-from .search import best_trial, check_storage, dashboard_hint, finished_candidates, mark_sampled, open_study, requeue, requeue_interrupted, storage_url, suggest
+from .search import (
+    best_trial,
+    check_storage,
+    dashboard_hint,
+    finished_candidates,
+    mark_sampled,
+    open_study,
+    requeue,
+    requeue_interrupted,
+    storage_url,
+    suggest,
+)
 from .section import CHECKPOINTS, TuneSettings, trial_specs, tune_searches
 
 EXIT_OK, EXIT_INCOMPLETE = 0, 1
@@ -67,7 +78,9 @@ class Tuner:
 
     def _report(self, evaluation: Evaluation, checkpoint: int) -> None:
         for step in range(evaluation.reported + 1, checkpoint + 1):
-            value = checkpoint_value([evaluation.quality[key][step - 1] for key in evaluation.specs], self.settings.objective)
+            value = checkpoint_value(
+                [evaluation.quality[key][step - 1] for key in evaluation.specs], self.settings.objective
+            )
             evaluation.trial.report(value, step)
             evaluation.reported = step
             if step < CHECKPOINTS and evaluation.trial.should_prune() and not self._leading(value, step):
@@ -103,8 +116,15 @@ class Tuner:
             requeue(self.tuned, evaluation.number)
 
 
-def tune_study(study: Study, results_path: str | Path, *, address: str | None = None, storage: str | None = None,
-               progress: bool = True, data_root_arg: str | None = None) -> int:  # fmt: skip
+def tune_study(
+    study: Study,
+    results_path: str | Path,
+    *,
+    address: str | None = None,
+    storage: str | None = None,
+    progress: bool = True,
+    data_root_arg: str | None = None,
+) -> int:
     """Tune the study's attack (per setting, with `per:`); the exit code says whether every search and
     comparison finished."""
     searches = tune_searches(study)
@@ -125,8 +145,11 @@ def tune_study(study: Study, results_path: str | Path, *, address: str | None = 
             print("interrupted: candidates in flight are queued again; run the same command to continue")
             return exit_code(stop)
         except MachineryFailed as failure:
-            print(f"gradinv tune: Ray failed under the search ({failure.what}): candidates in flight are queued "
-                  f"again and their trials have no row; run the same command to continue", file=sys.stderr)
+            print(
+                f"gradinv tune: Ray failed under the search ({failure.what}): candidates in flight are queued "
+                f"again and their trials have no row; run the same command to continue",
+                file=sys.stderr,
+            )
             return EXIT_INCOMPLETE
         finally:
             ray.shutdown()
@@ -148,8 +171,14 @@ def _search(driver: Driver, settings: TuneSettings, url: str, progress: bool) ->
         print(f"{requeued} candidates left running by a stopped driver: failed and queued again")
     if dropped:
         print(f"{dropped} candidates stopped before all their parameters were drawn: dropped, new ones drawn instead")
-    bar = tqdm(total=settings.candidates, initial=min(finished_candidates(tuned), settings.candidates),
-               desc=f"tune {settings.name}", unit="candidate", disable=not progress, dynamic_ncols=True)  # fmt: skip
+    bar = tqdm(
+        total=settings.candidates,
+        initial=min(finished_candidates(tuned), settings.candidates),
+        desc=f"tune {settings.name}",
+        unit="candidate",
+        disable=not progress,
+        dynamic_ncols=True,
+    )
     tuner = Tuner(driver, tuned, settings, bar)
     try:
         tuner.run()

@@ -53,24 +53,35 @@ class LocalCluster:
 
     def add_worker(self, name: str, num_cpus: int = 1, env: dict | None = None) -> None:
         """Start a worker node and wait until it has joined (nodes started together can time out)."""
-        self._start(name, [f"--address={self.address}", f"--num-cpus={num_cpus}",
-                           f"--resources={json.dumps({name: 1})}"], env or {})  # fmt: skip
+        self._start(
+            name,
+            [f"--address={self.address}", f"--num-cpus={num_cpus}", f"--resources={json.dumps({name: 1})}"],
+            env or {},
+        )
         self.wait_for_nodes(len(self.nodes))
 
     def _start(self, name: str, args: list[str], env: dict) -> None:
         log = open(self.temp_dir / f"{name}.log", "w")
         command = [RAY, "start", "--block", "--disable-usage-stats", f"--temp-dir={self.temp_dir / 'ray'}", *args]
-        self.nodes[name] = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
-                                            env={**self.env, **env}, start_new_session=True)  # fmt: skip
+        self.nodes[name] = subprocess.Popen(
+            command, stdout=log, stderr=subprocess.STDOUT, env={**self.env, **env}, start_new_session=True
+        )
 
     def wait_for_nodes(self, count: int, timeout: float = 120) -> None:
         """Until ``count`` nodes (the head included) are alive, asked from a short-lived driver."""
-        probe = ("import ray, sys; ray.init(address=sys.argv[1], logging_level='ERROR'); "
-                 "print(sum(n['Alive'] for n in ray.nodes())); ray.shutdown()")  # fmt: skip
+        probe = (
+            "import ray, sys; ray.init(address=sys.argv[1], logging_level='ERROR'); "
+            "print(sum(n['Alive'] for n in ray.nodes())); ray.shutdown()"
+        )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            done = subprocess.run([sys.executable, "-c", probe, self.address], capture_output=True, text=True,
-                                  env=self.env, timeout=timeout)  # fmt: skip
+            done = subprocess.run(
+                [sys.executable, "-c", probe, self.address],
+                capture_output=True,
+                text=True,
+                env=self.env,
+                timeout=timeout,
+            )
             if done.returncode == 0 and done.stdout.strip().splitlines()[-1:] == [str(count)]:
                 return
             time.sleep(1)
