@@ -4,7 +4,7 @@ Every trial's scalars fit in memory even for very large studies; the heavy colum
 do not, so they are read only for the trials a view needs (``load_images``, ``load_curves``) or
 streamed batch by batch (``iter_image_rows``). Which columns are settings, outcomes or heavy the
 files say (analysis.roles). Where a crash left two rows of one key, the one the runner keeps counts
-(gradinv.results.store.Winners).
+(gradinv.results.winners.Winners).
 """
 
 from __future__ import annotations
@@ -20,13 +20,15 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from gradinv.errors import ConfigError
-from gradinv.results.store import ResultsDir, Winners
+from gradinv.results.store import ResultsDir
+from gradinv.results.winners import Winners
 
 from . import roles
 from .roles import Roles
 
 IMAGES = ("truth_png", "reconstruction_png")
-CURVES = ("curve_iterations", "curve_psnr", "curve_ssim")  # the best restart's quality at each checkpoint
+# The best restart's gradient cost and quality at each checkpoint
+CURVES = ("curve_iterations", "curve_costs", "curve_psnr", "curve_ssim", "curve_gain")
 _NULLABLE_INTS = {pa.int32(): pd.Int32Dtype(), pa.int64(): pd.Int64Dtype()}
 
 
@@ -91,8 +93,9 @@ def load_images(path: str | Path, keys: list[str]) -> dict[str, tuple[list[bytes
 
 
 def load_curves(path: str | Path, keys: list[str]) -> pd.DataFrame:
-    """Key and quality curve (checkpoint iterations, PSNR and SSIM of the best restart) of the given trials;
-    empty lists where a row has none (written before curves were recorded, or pruned before a checkpoint)."""
+    """Key and curves (checkpoint iterations, best cost, PSNR, SSIM and gain of the best restart) of the given
+    trials; empty lists where a row has none (written before the curve was recorded, or pruned before a
+    checkpoint)."""
     data, columns = dataset(path), ["key", *CURVES]
     frame = _counted(path, data, columns, filter=pc.field("key").isin(list(keys))).to_pandas()
     for name in CURVES:

@@ -26,6 +26,7 @@ from . import report_html as markup
 from . import report_images as images
 from . import report_privacy as privacy
 from . import report_sections as sections
+from . import report_summary as summary
 from .roles import Roles
 
 
@@ -75,8 +76,9 @@ def build_report(
     tuned = tuning_history.tuned_studies(frame)
     runs = frame[~frame["study"].isin(tuned)]  # a tuned study's rows are searched, not designed settings
     by = _check_by(frame, by, roles) if by else roles.varying_settings(runs)
-    leakage = stats.leakage(runs, by, seed)
-    parts = [sections.summary(frame, runs, results, by, leakage, roles)]
+    trial_curves = load.load_curves(results, stats.finished(runs)["key"].tolist())
+    leakage = stats.leakage(runs, by, seed, curves=trial_curves)
+    parts = [summary.section(frame, runs, results, by, leakage, roles)]
     if runs.empty:
         everything_tuned = markup.note("Every row belongs to a tuned study; see the tuning section.")
         parts.append(markup.section("Results", everything_tuned))
@@ -86,7 +88,7 @@ def build_report(
             sections.trained(runs, by, seed, roles),
             privacy.section(results, runs, by, seed),
             federation.section(runs, by, seed),
-            sections.quality(results, runs, by),
+            sections.quality(trial_curves, runs, by, leakage, roles),
             sections.gain_against(
                 runs, by, "local_steps", "Leakage vs local steps", "Does leakage fall with more local steps?"
             ),

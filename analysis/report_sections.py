@@ -1,18 +1,15 @@
-"""The report's sections, in the order of its questions: the summary and context, leakage per setting,
-trained against untrained victims, the attack's progress and leakage against local steps and images
-per client; then the tuning history, every table and the failures. (The reconstructions' sections are
-in report_images.)"""
+"""The report's sections, in the order of its questions: leakage per setting, trained against untrained
+victims, the attack's progress and leakage against local steps and images per client; then the tuning
+history, every table and the failures. (The summary is in report_summary, the reconstructions'
+sections in report_images.)"""
 
 from __future__ import annotations
 
 import html
-from pathlib import Path
 
 import pandas as pd
 
-from gradinv.parameters import checkpoint_identity
-
-from . import figures, load, stats, tuning_history
+from . import curves, figures, load, stats, tuning_history
 from . import report_html as markup
 from .roles import Roles
 
@@ -22,119 +19,6 @@ METRIC_TITLES = {
     "ssim": "SSIM",
     "label_accuracy": "Label accuracy",
 }
-FIXED_PER_ROW = 4  # name/value pairs per row of the fixed-settings table
-VICTIM_MARGIN = 0.10  # a trained victim within this of chance accuracy has not learnt
-
-
-# ---------------------------------------------------------------------------------------------
-# Summary and context
-
-
-def summary(
-    frame: pd.DataFrame, runs: pd.DataFrame, results, by: list[str], per_setting: pd.DataFrame, roles: Roles
-) -> str:
-    counts = frame["status"].value_counts()
-    verdicts = per_setting["verdict"].value_counts()
-    items = {
-        "results": str(Path(results).resolve()),
-        "studies": ", ".join(sorted(frame["study"].unique())),
-        "trials": len(frame),
-        **{status: int(counts.get(status, 0)) for status in ("ok", "failed", "pruned")},
-        "tuning rows": int(frame["candidate"].notna().sum()),
-        "compute time (sum of each trial's share of its task)": markup.duration(load.compute_seconds(frame).sum()),
-        "settings compared": ", ".join(by) or "none (one setting)",
-    }
-    if not runs.empty:
-        items["settings that leak"] = (
-            f"{int(verdicts.get(stats.LEAKS, 0))} of {len(per_setting)} (median PSNR gain over the no-information "
-            "baseline, 95% interval above 0)"
-            if per_setting["gain_median"].notna().any()
-            else "– (no baseline recorded in these rows)"
-        )
-    rows = "".join(
-        f"<tr><th class=text>{html.escape(k)}</th><td class=text>{html.escape(str(v))}</td></tr>"
-        for k, v in items.items()
-    )
-    parts = [f"<table id=summary>{rows}</table>", _provenance(frame)]
-    if not runs.empty:
-        parts += [_fixed(runs, roles), _victims(runs, roles)]
-    return markup.section("Summary", *parts)
-
-
-def _provenance(frame: pd.DataFrame) -> str:
-    started, finished = frame["started_at"].min(), frame["finished_at"].max()
-    items = {
-        "wall-clock span": markup.duration((finished - started).total_seconds()) if pd.notna(started) else "–",
-        "first start / last finish": f"{markup.when(started)} / {markup.when(finished)}",
-        "hosts": markup.tally(frame["host"]),
-        "nodes": frame["node_id"].nunique(),
-        "devices": markup.tally(frame["device"]),
-        **{
-            f"{name} version": markup.tally(frame[f"{name}_version"])
-            for name in ("gradinv", "torch", "torchvision", "python")
-        },
-        "commits": markup.tally(frame["commit"]),
-    }
-    rows = "".join(
-        f"<tr><th class=text>{html.escape(k)}</th><td class=text>{html.escape(str(v))}</td></tr>"
-        for k, v in items.items()
-    )
-    return f"<details><summary>Where and when it ran</summary><table id=provenance>{rows}</table></details>"
-
-
-def _fixed(runs: pd.DataFrame, roles: Roles) -> str:
-    """Settings every trial shares: what a reader needs to tell a toy budget from the paper's."""
-    fixed = {
-        name: values[0]
-        for name in roles.settings_in(runs)
-        if name != "images" and len(values := runs[name].unique()) == 1 and pd.notna(values[0])
-    }
-    if not fixed:
-        return ""
-    cells = [
-        f"<th class=text>{html.escape(name.replace('_', ' '))}</th>"
-        f"<td class=num>{html.escape(markup.cell(value, None))}</td>"
-        for name, value in fixed.items()
-    ]
-    rows = "".join(f"<tr>{''.join(cells[i : i + FIXED_PER_ROW])}</tr>" for i in range(0, len(cells), FIXED_PER_ROW))
-    return f"<h3>Fixed in every trial</h3><table id=fixed>{rows}</table>"
-
-
-def _victims(runs: pd.DataFrame, roles: Roles) -> str:
-    """The trained victims' test accuracy beside chance: trained vs untrained means something only
-    when the trained victim has learnt."""
-    trained = runs[runs["trained_epochs"].astype("Float64") > 0]
-    if trained.empty:
-        return ""
-    columns = [c for c in checkpoint_identity() if c in trained.columns and trained[c].notna().any()]
-    table = (
-        trained.groupby(columns, dropna=False, sort=True)
-        .agg(checkpoints=("checkpoint_key", "nunique"), model_accuracy=("model_accuracy", "mean"))
-        .reset_index()
-    )
-    table["chance"] = table["dataset"].map(_chance)
-    table["reading"] = [
-        _accuracy_reading(accuracy, chance) for accuracy, chance in zip(table["model_accuracy"], table["chance"])
-    ]
-    note = markup.note(
-        f"Test accuracy of each trained victim beside chance (1 / classes). Within "
-        f"{VICTIM_MARGIN:.0%} of chance the victim has not learnt, and trained vs untrained is not "
-        "being tested."
-    )
-    return "<h3>Trained victims</h3>" + note + markup.table(table, "victims", 3, roles.settings)
-
-
-def _chance(dataset: str) -> float:
-    from gradinv.dataset_specs import DATASETS  # the class counts live with the dataset specs (no torch)
-
-    spec = DATASETS.get(dataset)
-    return 1 / spec.num_classes if spec else float("nan")
-
-
-def _accuracy_reading(accuracy: float, chance: float) -> str:
-    if pd.isna(accuracy):
-        return "accuracy not recorded"
-    return "near chance: not a trained victim" if accuracy < chance + VICTIM_MARGIN else "above chance"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -148,8 +32,9 @@ def leakage(table: pd.DataFrame, by: list[str], roles: Roles) -> str:
         "training images, a flat image at the data mean, or the class-mean image for the labels it has). "
         "Gain: a trial's PSNR minus that baseline. A setting leaks when the 95% interval of its median gain "
         "lies above 0 (an order-statistic interval, valid for any distribution; it needs 6 or more trials, "
-        "fewer say \u201cn too small\u201d); otherwise it is marked \u201cno leakage detected\u201d. The mean "
-        "gain with its interval is under All tables."
+        "fewer say \u201cn too small\u201d); otherwise it is marked \u201cno leakage detected\u201d, "
+        "followed by what the attack's curve says: \u201cconverged\u201d, or \u201cstill improving\u201d "
+        "when more budget may leak (see Attack progress). The mean gain with its interval is under All tables."
     )
     parts = [note]
     if table["gain_median"].notna().any():
@@ -210,14 +95,18 @@ def trained(runs: pd.DataFrame, by: list[str], seed: int, roles: Roles) -> str:
 # Quality against iterations and against settings
 
 
-def quality(results, runs: pd.DataFrame, by: list[str]) -> str:
+def quality(trial_curves: pd.DataFrame, runs: pd.DataFrame, by: list[str], leakage: pd.DataFrame, roles: Roles) -> str:
+    """``trial_curves``: load.load_curves of the finished runs; ``leakage``: stats.leakage read with them."""
     title, question = "Attack progress", "Was the attack budget enough? PSNR of the best restart at each checkpoint"
     done = stats.finished(runs)
-    curves = load.load_curves(results, done["key"].tolist())
-    curves = curves[curves["curve_psnr"].map(len) > 0]
-    if curves.empty:
+    trial_curves = trial_curves[trial_curves["curve_psnr"].map(len) > 0]
+    if trial_curves.empty:
         return markup.empty_section(title, "No quality curves in these rows (written before they were recorded).")
-    points = curves.explode(["curve_iterations", "curve_psnr"]).rename(columns={"curve_iterations": "iteration"})
+    points = (
+        trial_curves[["key", "curve_iterations", "curve_psnr"]]
+        .explode(["curve_iterations", "curve_psnr"])
+        .rename(columns={"curve_iterations": "iteration"})
+    )
     points = points.astype({"iteration": int, "curve_psnr": float}).merge(done[["key", "baseline_psnr", *by]], on="key")
     panels, series = figures.split_panels(points, by)
     note = markup.note(
@@ -230,7 +119,30 @@ def quality(results, runs: pd.DataFrame, by: list[str]) -> str:
         note,
         _panel_cap(points, panels),
         markup.figure(figures.quality_curves(points, panels, series, question), question),
+        _curve_verdicts(leakage, by, roles),
     )
+
+
+def _curve_verdicts(leakage: pd.DataFrame, by: list[str], roles: Roles) -> str:
+    note = markup.note(
+        f"Each setting's verdict beside its curve's last part (the checkpoints from "
+        f"{curves.TAIL_FROM:.0%} of the run on): the rise of its median gain (dB), that rise per 1,000 "
+        f"iterations, and the median share by which the best gradient cost fell. A setting without "
+        f"leakage is \u201c{stats.SETTLED_WORDS[True]}\u201d when its gain rose by less than "
+        f"{curves.PLATEAU_GAIN_DB:g} dB and its cost fell by less than {curves.PLATEAU_COST_FALL:.0%}; "
+        f"otherwise it was \u201c{stats.SETTLED_WORDS[False]}\u201d: its \u201cno leakage\u201d is "
+        "the budget's, not yet the setting's. Run it again with more iterations before reading it."
+    )
+    shown = leakage[[*by, "trials", "gain_median", "tail_gain_rise", "gain_slope", "tail_cost_fall", "verdict"]]
+    shown = shown.rename(
+        columns={
+            "gain_median": "median gain",
+            "tail_gain_rise": "gain rise at the end",
+            "gain_slope": "dB per 1,000 iterations",
+            "tail_cost_fall": "cost fall at the end",
+        }
+    )
+    return note + markup.table(shown, "curve-verdicts", 2, roles.settings)
 
 
 def gain_against(runs: pd.DataFrame, by: list[str], x: str, title: str, question: str) -> str:

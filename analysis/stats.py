@@ -17,6 +17,8 @@ from scipy import stats as scipy_stats
 
 from gradinv.errors import ConfigError
 
+from .curves import TAIL_UNKNOWN, setting_tail, settled, trial_tails
+
 METRICS = ("psnr", "psnr_gain", "ssim", "label_accuracy")  # the outcomes summarised per setting
 SUCCESS_PSNR = 20.0  # dB: a reconstruction this close is recognisably the client's image
 RESAMPLES = 2000
@@ -26,6 +28,10 @@ PSNR_CAP = 100.0  # dB: an exact copy scores +inf; counted as this, as the tunin
 TOO_SMALL = "n too small"
 LEAKS = "leakage"
 NO_LEAKAGE = "no leakage detected"
+# A "no leakage" is only as good as the attack's budget: its curve says whether it had settled (curves.py).
+SETTLED_WORDS = {True: "converged", False: "still improving \u2014 more budget may leak"}
+CONVERGED = f"{NO_LEAKAGE}, {SETTLED_WORDS[True]}"
+STILL_IMPROVING = f"{NO_LEAKAGE}, {SETTLED_WORDS[False]}"
 
 
 def finished(frame: pd.DataFrame) -> pd.DataFrame:
@@ -113,20 +119,24 @@ def summarise_all(frame: pd.DataFrame, by: list[str], seed: int = 0) -> dict[str
     return {metric: summarise(frame, by, metric, seed) for metric in METRICS}
 
 
-def leakage(frame: pd.DataFrame, by: list[str], seed: int = 0) -> pd.DataFrame:
+def leakage(frame: pd.DataFrame, by: list[str], seed: int = 0, curves: pd.DataFrame | None = None) -> pd.DataFrame:
     """Per setting: how far PSNR rises above what a data-only attacker scores without the update.
 
     ``gain`` is each trial's ``psnr_gain`` (PSNR minus the best no-information baseline). A setting
     leaks when the interval of its median gain lies above 0; otherwise "no leakage detected" (with
     "n too small" when there are too few trials for an interval). Rows without a baseline (written
-    before baselines were recorded) give no verdict.
+    before baselines were recorded) give no verdict. With ``curves`` (``load.load_curves``), a "no
+    leakage" says whether the attack had settled or was still improving when its budget ended
+    (``curve_tail``), with the gain's slope over the run's last part.
     """
     require_columns(frame, by)
     rows = []
+    tails = trial_tails(curves, frame) if curves is not None else None
     for key, group in _groups(finished(frame), by):
         gains = group["psnr_gain"].astype(float).dropna()
         mean_low, mean_high = mean_interval(gains, seed)
         median_low, median_high = median_interval(gains)
+        tail = setting_tail(tails, group["key"]) if tails is not None else TAIL_UNKNOWN
         rows.append(
             {
                 **_key_columns(by, key),
@@ -139,7 +149,8 @@ def leakage(frame: pd.DataFrame, by: list[str], seed: int = 0) -> pd.DataFrame:
                 "gain_median": gains.median(),
                 "median_low": median_low,
                 "median_high": median_high,
-                "verdict": verdict(gains.size, median_low),
+                **tail,
+                "verdict": verdict(gains.size, median_low, tail),
             }
         )
     columns = [
@@ -153,17 +164,22 @@ def leakage(frame: pd.DataFrame, by: list[str], seed: int = 0) -> pd.DataFrame:
         "gain_median",
         "median_low",
         "median_high",
+        *TAIL_UNKNOWN,
         "verdict",
     ]
     return _keep_types(pd.DataFrame(rows, columns=columns), frame, by)
 
 
-def verdict(gains: int, median_low: float) -> str:
+def verdict(gains: int, median_low: float, tail: dict | None = None) -> str:
     if gains == 0:
         return "no baseline recorded"
-    if np.isnan(median_low):
-        return f"{NO_LEAKAGE} ({TOO_SMALL})"
-    return LEAKS if median_low > 0 else NO_LEAKAGE
+    if not np.isnan(median_low) and median_low > 0:
+        return LEAKS
+    found = NO_LEAKAGE if not np.isnan(median_low) else f"{NO_LEAKAGE} ({TOO_SMALL})"
+    at_rest = settled(tail or TAIL_UNKNOWN)
+    if at_rest is None:  # no curve: an attack without one, or rows written before curves were recorded
+        return found
+    return f"{found}, {SETTLED_WORDS[at_rest]}"
 
 
 def success_rate(frame: pd.DataFrame, by: list[str], threshold: float = SUCCESS_PSNR) -> pd.DataFrame:

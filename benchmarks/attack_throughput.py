@@ -24,7 +24,8 @@ import torch.nn.functional as F
 from arguments import positive  # benchmarks/ is on sys.path when a script runs
 
 from gradinv import data
-from gradinv.attacks.inverting import IGConfig, invert_gradients, total_variation
+from gradinv.attacks.inverting import invert_gradients
+from gradinv.attacks.objective import IGConfig, total_variation
 from gradinv.client.update import client_update
 from gradinv.trial import TrialSpec
 from gradinv.victims import Untrained

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import ConfigError
-from .parameters import parameter_defaults
+from .parameters import ImprintSettings, parameter_defaults
 
 FLOAT = 4  # bytes of a float32, the dtype every trial computes in
 PROCESS = 900 * 2**20  # a worker with torch, torchvision and gradinv imported (measured: 0.79 GB peak RSS)
@@ -107,13 +107,14 @@ def terms(spec, lanes: int = 1, device: str = "cpu") -> dict[str, int]:
     forward, update = FLOAT * activations * batch, FLOAT * parameters * per_example
     schedule = steps * (SCHEDULE_ENTRY + (MINIBATCH + 8 * batch if batch < images else 0))
     phases = {"client": PEAK_ACTIVATIONS * forward + PEAK_PARAMETERS * update}  # one step at a time
-    if spec.attack in ("ig", "dlg"):
-        runs = lanes * (spec.restarts if spec.attack == "ig" else 1)
+    family = spec.family  # its declared traits (gradinv.attacks.registry), never its name
+    if family.budget:  # it spends steps optimising images: each differentiates the client's update
+        runs = lanes * (spec.restarts if "restarts" in family.budget else 1)
         unrolled = steps * (STEP_ACTIVATIONS * forward + STEP_PARAMETERS * update + GRAPH_NODE * operations)
         kept = unrolled + phases["client"] + COST_PARAMETERS * FLOAT * parameters
-        history = 2 * LBFGS_HISTORY * images * (pixels + info.num_classes) if spec.attack == "dlg" else 0
+        history = 2 * LBFGS_HISTORY * images * (pixels + info.num_classes) if family.lbfgs_history else 0
         phases["attack"] = runs * (kept + FLOAT * images * pixels * IMAGE_COPIES) + FLOAT * lanes * history
-    if spec.attack == "imprint":
+    if _imprints(spec):
         phases["attack"] = spec.imprint_bins * pixels * IMPRINT_READ_OFF
     phase = max(phases, key=phases.get)
     host = {
@@ -122,7 +123,7 @@ def terms(spec, lanes: int = 1, device: str = "cpu") -> dict[str, int]:
         * (
             4 * images * lanes
             + (2 * BASELINE_POOL if info.trainable else 0)
-            + (2 * spec.imprint_sample if spec.attack == "imprint" else 0)
+            + (2 * spec.imprint_sample if _imprints(spec) else 0)
         ),
         "schedules": 2 * schedule,  # the client's and the attacker's, one entry per local step
     }
@@ -138,10 +139,16 @@ def _victim(spec) -> tuple[int, int, int, int]:
     pixels = info.channels * spec.side**2
     size = model_size(spec.model, info.channels, info.num_classes, spec.side, spec.width, spec.norm)
     parameters, activations, operations = size.parameters, size.activations, 4 * (size.modules + size.tensors)
-    if spec.attack == "imprint":  # pixels -> bins -> pixels
+    if _imprints(spec):  # pixels -> bins -> pixels
         parameters += 2 * spec.imprint_bins * pixels + spec.imprint_bins + pixels
         activations += spec.imprint_bins + 2 * pixels
     return pixels, parameters, activations, operations
+
+
+def _imprints(spec) -> bool:
+    """Whether the family reads the imprint settings: the server's imprint block of ``imprint_bins``, its
+    bins drawn from ``imprint_sample`` training images."""
+    return ImprintSettings in spec.family.reads
 
 
 def _local_steps(spec) -> tuple[int, int]:

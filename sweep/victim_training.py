@@ -37,7 +37,7 @@ def federation_task(recipe: federation.Federation, rounds: tuple[int, ...]) -> d
 
 def ray_clients(ray, num_cpus: float = 1):
     """Each selected client's local training as a Ray task; the states come back in client-id order."""
-    task = ray.remote(federation.client_update).options(num_cpus=num_cpus)
+    task = ray.remote(federation.train_client).options(num_cpus=num_cpus)
 
     def run(recipe, state, round_, clients):
         shared = ray.put(state)

@@ -71,6 +71,7 @@ def outcome_row(pack: Pack, key: str, outcome: TrialOutcome, attempt: int, timin
         "curve_costs": [c for _, c in outcome.curve],
         "curve_psnr": [q for q, _ in outcome.quality_curve] or None,
         "curve_ssim": [q for _, q in outcome.quality_curve] or None,
+        "curve_gain": curve_gain(outcome),
         "status": outcome.status,
         "error": outcome.error or None,
         "attempt": attempt,
@@ -85,6 +86,14 @@ def outcome_row(pack: Pack, key: str, outcome: TrialOutcome, attempt: int, timin
         row["truth_png"] = [data.png_bytes(image) for image in outcome.truth]
         row["reconstruction_png"] = [data.png_bytes(image) for image in outcome.reconstruction]
     return row
+
+
+def curve_gain(outcome: TrialOutcome) -> list[float] | None:
+    """The gain over the no-information baseline at each checkpoint, as psnr_gain is at the end."""
+    baseline = outcome.metrics.get("baseline_psnr")
+    if baseline is None or not outcome.quality_curve:
+        return None
+    return [psnr - baseline for psnr, _ in outcome.quality_curve]
 
 
 def where_am_i(device: str) -> dict:

@@ -15,8 +15,9 @@ from torch.func import grad_and_value
 
 from gradinv import baselines, data, metrics
 from gradinv.attacks.analytic import first_linear_input
-from gradinv.attacks.inverting import IGConfig, invert_gradients
+from gradinv.attacks.inverting import invert_gradients
 from gradinv.attacks.labels import batch_labels, idlg_label
+from gradinv.attacks.objective import IGConfig
 from gradinv.client.update import client_update, minibatch_schedule, model_state, parameter_update
 from gradinv.parameters import ClientSettings
 from gradinv.trial import TrialSpec, run_trials

@@ -9,7 +9,8 @@ from torch.func import vmap
 
 from gradinv.attacks import steps
 from gradinv.attacks.bn_prior import BatchNormPrior, feature_distance, group_consistency
-from gradinv.attacks.inverting import IGConfig, LaneObjective, initial_images, invert_gradients, total_variation
+from gradinv.attacks.inverting import initial_images, invert_gradients
+from gradinv.attacks.objective import IGConfig, LaneObjective, total_variation
 from gradinv.client.defences import attacker_update
 from gradinv.client.update import (
     aggregate,

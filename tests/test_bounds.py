@@ -115,11 +115,11 @@ def test_every_number_flag_refuses_what_its_column_cannot_hold(name, tmp_path, c
 
 
 def test_the_study_loader_and_the_flags_share_one_range_per_knob():
-    from sweep.study import _column_range
+    from sweep.study_checks import column_range
 
     for name, declared in parameters.parameters().items():
         if declared.kind in ("int", "ints"):
-            assert _column_range(name) == declared.integer_range(), name
+            assert column_range(name) == declared.integer_range(), name
     assert parameters.parameters()["attack_seed"].integer_range() == (-(2**63), 2**63 - 1)
     assert parameters.parameters()["iterations"].integer_range() == (-(2**31), 2**31 - 1)
 

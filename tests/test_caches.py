@@ -15,7 +15,7 @@ import torch
 from gradinv import cache, federation, zoo
 from gradinv.errors import ConfigError
 from gradinv.files import require_writable_directory
-from sweep import runner
+from sweep import preflight, runner
 from sweep.cli.main import main
 from sweep.study import load_study
 
@@ -183,7 +183,7 @@ def test_on_a_cluster_node_a_damaged_checkpoint_fails_its_trials_with_the_same_l
     """A cluster's nodes keep caches of their own that the driver cannot check: the node's one line
     reaches the trials' rows (the zoo's error survives Ray's pickling), and Ray prints no unhandled error."""
     monkeypatch.setenv("GRADINV_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(runner, "check_caches", lambda specs: None)  # as on a cluster: the node finds it
+    monkeypatch.setattr(preflight, "check_caches", lambda specs: None)  # as on a cluster: the node finds it
     study = write_study(ZOO_STUDY)
     recipe = load_study(study).trials[0].recipe()
     sidecar = {"key": recipe.key, "test_accuracy": 0.5, "epochs": 1, "seed": 0, "training_seconds": 1.0}

@@ -27,6 +27,7 @@ HEAVY = {
     "curve_costs",
     "curve_psnr",
     "curve_ssim",
+    "curve_gain",
 }
 
 

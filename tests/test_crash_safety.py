@@ -12,11 +12,12 @@ import time
 import pandas as pd
 import pytest
 
+from gradinv.errors import ConfigError
 from gradinv.results.journal import JOURNAL_DIR, RowJournal
 from gradinv.results.schema import to_table, trial_key
 from gradinv.results.store import ResultsDir
-from sweep import runner
 from sweep.cli.main import main
+from sweep.preflight import NodeFit
 from sweep.study import Resources, load_study
 
 STUDY = """
@@ -207,8 +208,8 @@ def _node(cpus, gpus=0, alive=True):
     ],
 )
 def test_a_local_instance_refuses_what_no_node_has(resources, nodes, field, largest):
-    with pytest.raises(runner.ConfigError) as refused:
-        runner.NodeFit(_FakeRay(nodes), resources, named_cluster=False, wait_seconds=300).check()
+    with pytest.raises(ConfigError) as refused:
+        NodeFit(_FakeRay(nodes), resources, named_cluster=False, wait_seconds=300).check()
     message = str(refused.value)
     assert message.startswith(f"{field}:") and largest in message, message
 
@@ -216,7 +217,7 @@ def test_a_local_instance_refuses_what_no_node_has(resources, nodes, field, larg
 def test_a_named_cluster_waits_for_autoscaling_then_says_so(capsys):
     clock = [0.0]
     small, grown = [_node(8)], [_node(8), _node(64)]
-    fit = runner.NodeFit(
+    fit = NodeFit(
         _FakeRay(small, small, grown),
         Resources(num_cpus=64),
         named_cluster=True,
@@ -233,12 +234,12 @@ def test_a_named_cluster_waits_for_autoscaling_then_says_so(capsys):
     fit.check()
 
     clock[0] = 0.0
-    never = runner.NodeFit(
+    never = NodeFit(
         _FakeRay(small), Resources(num_cpus=64), named_cluster=True, wait_seconds=300, clock=lambda: clock[0]
     )
     never.check()
     clock[0] = 300.5
-    with pytest.raises(runner.ConfigError) as refused:
+    with pytest.raises(ConfigError) as refused:
         never.check()
     message = str(refused.value)
     assert message.startswith("resources.num_cpus: 64") and "300 s" in message and "8 CPUs" in message, message

@@ -10,7 +10,7 @@ import torch
 from cli_refusals import assert_attack_refuses
 
 from gradinv import data
-from gradinv.attacks.inverting import LaneObjective
+from gradinv.attacks.objective import LaneObjective
 from gradinv.client.defences import add_noise, attacker_defences, client_defences, clip, kept_masks, prune, quantise
 from gradinv.client.update import client_update
 from gradinv.parameters import DefenceSettings

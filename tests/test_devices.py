@@ -19,8 +19,9 @@ from torch.utils._pytree import tree_flatten
 from gradinv import data, models
 from gradinv.attacks.analytic import first_linear_input
 from gradinv.attacks.dlg import deep_leakage
-from gradinv.attacks.inverting import IGConfig, invert_gradients
+from gradinv.attacks.inverting import invert_gradients
 from gradinv.attacks.labels import recover_labels
+from gradinv.attacks.objective import IGConfig
 from gradinv.client.update import client_update
 from gradinv.parameters import ClientSettings
 from gradinv.trial import TrialSpec, run_trials

@@ -9,7 +9,7 @@ import torch
 
 from gradinv import data
 from gradinv.attacks.costs import GradientCost
-from gradinv.attacks.inverting import LaneObjective
+from gradinv.attacks.objective import LaneObjective
 from gradinv.trial import TrialSpec, run_trials
 from gradinv.victims import Untrained
 from sweep.cli.main import main

@@ -58,6 +58,9 @@ def test_a_lane_that_raises_fails_its_trial_alone(faults, run_trials_calls):
     # Each checkpoint's quality is the row's own quality curve at that point: what tune prunes on.
     streamed = [quality[0] for keys, _, quality in checkpoints if keys == ("k0",)]
     assert streamed == list(zip(rows[0]["curve_psnr"], rows[0]["curve_ssim"]))
+    # The gain at each checkpoint is over the same baseline as the row's; the last one is the row's gain.
+    assert rows[0]["curve_gain"] == pytest.approx([psnr - rows[0]["baseline_psnr"] for psnr in rows[0]["curve_psnr"]])
+    assert rows[0]["curve_gain"][-1] == pytest.approx(rows[0]["psnr_gain"], abs=1e-3)
 
 
 def test_a_healthy_pack_runs_once_as_lanes(faults, run_trials_calls):

@@ -23,7 +23,7 @@ from gradinv.parameters import ClientSettings, knob
 from gradinv.results.schema import SCHEMA, parameter_columns, parameter_types
 from gradinv.trial import TrialSpec, lane_signature
 from gradinv.victims import Untrained, ZooCheckpoint, victim_source
-from sweep import study
+from sweep import study, study_checks
 from sweep.cli import main as cli
 
 REPO = Path(__file__).resolve().parent.parent
@@ -391,10 +391,10 @@ def test_a_new_part_reaches_flags_schema_study_applicability_lanes_and_tune(with
         "gradinv attack: error: clip: -1.0 is not valid; use 0 (no clipping) or more"
     ]
     assert parameter_types()["clip"] == pa.float64()
-    checker = study._Checker(Path("s.yaml"), {("fixed", "clip"): 3})
-    assert study._coerce(checker, "clip", 1, ("fixed", "clip")) == 1.0
+    checker = study_checks.Checker(Path("s.yaml"), {("fixed", "clip"): 3})
+    assert study_checks.coerce(checker, "clip", 1, ("fixed", "clip")) == 1.0
     with pytest.raises(study.StudyError, match=r"s.yaml:3: fixed.clip: expected a number"):
-        study._coerce(checker, "clip", "x", ("fixed", "clip"))
+        study_checks.coerce(checker, "clip", "x", ("fixed", "clip"))
     assert "clip" in Spec(clip=0.5).not_applicable() and "clip" not in Spec(fl="fedavg", clip=0.5).not_applicable()
     assert Spec(clip=0.5).key_fields() == {} and Spec(fl="fedavg", clip=0.5).key_fields() == {
         "fl": "fedavg",

@@ -16,15 +16,8 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 from gradinv import metrics, models
-from gradinv.attacks.inverting import (
-    IGConfig,
-    LaneObjective,
-    final_images,
-    initial_images,
-    invert_gradients,
-    median_filter,
-    step_size_factor,
-)
+from gradinv.attacks.inverting import final_images, initial_images, invert_gradients, median_filter, step_size_factor
+from gradinv.attacks.objective import IGConfig, LaneObjective
 from gradinv.client.update import client_update, minibatch_schedule
 from gradinv.parameters import ClientSettings
 from gradinv.trial import TrialSpec

@@ -234,10 +234,11 @@ def test_status_shows_psnr_beside_the_baseline_and_the_gain_per_setting(tmp_path
     with ResultsDir(tmp_path / "r") as directory:
         directory.write(rows)
     assert main(["status", str(tmp_path / "r")]) == 0
-    table = capsys.readouterr().out.split("gain over it (dB):\n")[1].splitlines()
-    assert table[0].split() == ["trials", "psnr", "baseline", "median_gain"] and table[1].split() == ["fl"]
-    assert table[2].split() == ["fedavg", "2", "12.0", "9.0", "3.0"]  # psnr 11 and 13
-    assert table[3].split() == ["fedsgd", "2", "11.0", "9.0", "2.0"]  # psnr 10 and 12
+    table = capsys.readouterr().out.split("and the verdict:\n")[1].splitlines()
+    assert table[0].split() == ["trials", "psnr", "baseline", "median_gain", "verdict"] and table[1].split() == ["fl"]
+    assert table[2].split()[:5] == ["fedavg", "2", "12.0", "9.0", "3.0"]  # psnr 11 and 13
+    assert table[3].split()[:5] == ["fedsgd", "2", "11.0", "9.0", "2.0"]  # psnr 10 and 12
+    assert all(line.endswith("no leakage detected (n too small)") for line in table[2:4])  # 2 trials, no curves
 
 
 @pytest.mark.parametrize("schema_version", [b"1", b"2", None])

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from gradinv import data
-from gradinv.attacks.inverting import LaneObjective
+from gradinv.attacks.objective import LaneObjective
 from gradinv.client.defences import client_defences, client_settings, private_training, sent_update
 from gradinv.client.update import client_update
 from gradinv.results.schema import parameter_columns, trial_key

@@ -11,7 +11,8 @@ from analysis.report import write_report
 from sweep.cli.tune import main
 from sweep.study import load_study
 from sweep.tune.search import JOURNAL_NAME, suggest
-from sweep.tune.section import PAPER_DEFAULTS, candidate, trial_specs, tune_searches
+from sweep.tune.section import tune_searches
+from sweep.tune.settings import PAPER_DEFAULTS, candidate, trial_specs
 from sweep.tune.tuner import tune_study
 from tests.html_tables import section, table_frame
 

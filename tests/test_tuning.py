@@ -20,7 +20,8 @@ from sweep.study import load_study
 from sweep.tune.audit import rerun_pruned
 from sweep.tune.report import TOO_SMALL, compare_on_held_out
 from sweep.tune.search import JOURNAL_NAME, make_pruner, open_study, sampled_params, suggest
-from sweep.tune.section import CHECKPOINTS, FIRST_DECAY, PAPER_DEFAULTS, trial_specs, tune_searches
+from sweep.tune.section import FIRST_DECAY, tune_searches
+from sweep.tune.settings import CHECKPOINTS, PAPER_DEFAULTS, trial_specs
 from sweep.tune.tuner import tune_study
 
 REPO = Path(__file__).resolve().parent.parent

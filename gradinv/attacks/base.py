@@ -84,6 +84,7 @@ class Family:
     paper_defaults: bool = False  # its declared defaults are the paper's attack, `tune`'s yardstick
     requires: tuple[Requirement, ...] = ()  # what it needs of the victim and the data
     ordered: bool = True  # reconstruction b is made for image b's label (False: matched to the truth by pixels)
+    lbfgs_history: bool = False  # optimises images and label logits by L-BFGS, whose history the memory estimate counts
     # a malicious server's: (victim, trial, data_root) -> the model it ships to the client instead
     ships: Callable[[nn.Module, Any, Any], nn.Module] | None = None
 

@@ -100,7 +100,9 @@ FAMILIES: dict[str, Family] = {
             budget=("restarts", "iterations"),
             paper_defaults=True,
         ),
-        Family(name="dlg", reads=(OptimiserSettings,), run=_dlg, seeded=True, budget=("iterations",)),
+        Family(
+            name="dlg", reads=(OptimiserSettings,), run=_dlg, seeded=True, budget=("iterations",), lbfgs_history=True
+        ),
         Family(name="analytic", reads=(), run=_analytic, requires=(ONE_IMAGE, FULLY_CONNECTED)),
         Family(
             name="imprint",

@@ -9,7 +9,7 @@ import torch
 SGD_LR, SGD_MOMENTUM = 0.01, 0.9  # the reference's SGD: a fixed step with Nesterov momentum
 LBFGS_LR = 1.0  # the reference's L-BFGS: torch's defaults
 
-# The attack's cost (gradinv.attacks.inverting.LaneObjective): images -> (image gradient, full cost,
+# The attack's cost (gradinv.attacks.objective.LaneObjective): images -> (image gradient, full cost,
 # gradient cost alone), per run.
 Objective = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 # An optimiser step: (images, 0-based iteration, step-size factor) -> (new images, gradient cost per run

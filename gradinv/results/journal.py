@@ -111,8 +111,10 @@ def read_journals(files: list[Path], schema: pa.Schema) -> pa.Table:
 
 def _conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
     """``table`` with ``schema``'s columns in its order, nulls where it has none (written before they existed)."""
-    columns = [table[name] if name in table.column_names else pa.nulls(table.num_rows, field.type)
-               for name, field in zip(schema.names, schema)]
+    columns = [
+        table[name] if name in table.column_names else pa.nulls(table.num_rows, field.type)
+        for name, field in zip(schema.names, schema)
+    ]
     return pa.Table.from_arrays(columns, schema=schema)
 
 

@@ -41,8 +41,14 @@ def repetition_columns() -> tuple[str, ...]:
     return tuple(name for name, knob in parameters().items() if knob.repetition)
 
 
-_ARROW_TYPES = {"int32": pa.int32(), "int64": pa.int64(), "float64": pa.float64(), "string": pa.string(),
-                "bool": pa.bool_(), "list<int32>": pa.list_(pa.int32())}
+_ARROW_TYPES = {
+    "int32": pa.int32(),
+    "int64": pa.int64(),
+    "float64": pa.float64(),
+    "string": pa.string(),
+    "bool": pa.bool_(),
+    "list<int32>": pa.list_(pa.int32()),
+}
 _PARAMETER_TYPES = parameter_types()
 
 # Every column has one role, written into its field metadata so that readers (analysis) take it from
@@ -58,8 +64,15 @@ REPETITION_KEY = b"gradinv.repetition"
 REPETITION = repetition_columns()
 
 METRICS = ("psnr", "ssim", "mse", "feature_mse")
-BASELINES = ("baseline_psnr", "baseline_psnr_mean_image", "baseline_psnr_flat", "baseline_psnr_class_mean",
-             "baseline_ssim_mean_image", "baseline_ssim_flat", "baseline_ssim_class_mean")
+BASELINES = (
+    "baseline_psnr",
+    "baseline_psnr_mean_image",
+    "baseline_psnr_flat",
+    "baseline_psnr_class_mean",
+    "baseline_ssim_mean_image",
+    "baseline_ssim_flat",
+    "baseline_ssim_class_mean",
+)
 _floats = pa.list_(pa.float64())
 _ints = pa.list_(pa.int32())
 
@@ -67,29 +80,36 @@ _ints = pa.list_(pa.int32())
 def _with_role(role: str, *fields: pa.Field) -> list[pa.Field]:
     """``fields`` with ``role`` in their metadata, repetition settings flagged as such."""
     flag = {REPETITION_KEY: b"true"}
-    return [field.with_metadata({ROLE_KEY: role.encode(), **(flag if field.name in REPETITION else {})})
-            for field in fields]
+    return [
+        field.with_metadata({ROLE_KEY: role.encode(), **(flag if field.name in REPETITION else {})}) for field in fields
+    ]
 
 
 SCHEMA = pa.schema(
     [
-        *_with_role(IDENTITY,
+        *_with_role(
+            IDENTITY,
             pa.field("study", pa.string(), nullable=False),
             pa.field("key", pa.string(), nullable=False),
             pa.field("candidate", pa.int32()),  # tuning candidate number; null for `run` studies
         ),
-        *_with_role(SETTING,
+        *_with_role(
+            SETTING,
             *[pa.field(name, kind) for name, kind in _PARAMETER_TYPES.items()],
             pa.field(LAYER_SET_COLUMN, pa.string()),  # a named `layers` set (the list column holds indices only)
             pa.field("images_per_client", pa.int32()),
         ),
-        *_with_role(PROVENANCE,
+        *_with_role(
+            PROVENANCE,
             pa.field("checkpoint_key", pa.string()),  # the zoo checkpoint the settings named
             pa.field("federation_key", pa.string()),  # the federation whose round was the victim
             pa.field("train_images", _ints),  # a federation client's images: indices into the train_subset
         ),
-        *_with_role(OUTCOME,
-            pa.field("model_accuracy", pa.float64()),  # the victim's test accuracy (a federation round: its global model's)
+        *_with_role(
+            OUTCOME,
+            pa.field(
+                "model_accuracy", pa.float64()
+            ),  # the victim's test accuracy (a federation round: its global model's)
             pa.field("client_label_histogram", _ints),  # the attacked federation client's labels, per class
             pa.field("client_rounds", _ints),  # the rounds up to the attacked one in which that client trained
             pa.field("training_epsilon", pa.float64()),  # a victim trained with DP-SGD: its training's epsilon
@@ -109,7 +129,8 @@ SCHEMA = pa.schema(
             pa.field("psnr_unmatched", pa.float64()),
             pa.field("psnr_unmatched_per_image", _floats),
         ),
-        *_with_role(HEAVY,
+        *_with_role(
+            HEAVY,
             pa.field("truth_png", pa.list_(pa.binary())),
             pa.field("reconstruction_png", pa.list_(pa.binary())),
             pa.field("restart_scores", _floats),
@@ -117,13 +138,16 @@ SCHEMA = pa.schema(
             pa.field("curve_costs", _floats),
             pa.field("curve_psnr", _floats),  # quality of the best restart at each checkpoint
             pa.field("curve_ssim", _floats),
+            pa.field("curve_gain", _floats),  # curve_psnr over the trial's no-information baseline
         ),
-        *_with_role(OUTCOME,
+        *_with_role(
+            OUTCOME,
             pa.field("iterations_run", pa.int32()),
             pa.field("status", pa.string(), nullable=False),  # ok, failed or pruned
             pa.field("error", pa.string()),
         ),
-        *_with_role(PROVENANCE,
+        *_with_role(
+            PROVENANCE,
             pa.field("attempt", pa.int32()),
             pa.field("started_at", pa.timestamp("ms", tz="UTC")),
             pa.field("finished_at", pa.timestamp("ms", tz="UTC")),
@@ -158,6 +182,7 @@ def trial_key(spec: TrialSpec) -> str:
 def parameter_columns(spec: TrialSpec) -> dict:
     """Every parameter as its own column; those that do not apply to the trial are null."""
     from gradinv import models
+
     values = dataclasses.asdict(spec.resolved())
     for name in spec.not_applicable():
         values[name] = None
@@ -194,8 +219,11 @@ def file_problem(file: Path) -> str | None:
 
 def schema_problem(schema: pa.Schema) -> str | None:
     """Why rows of ``schema`` (a file's, a journal's) are not results rows; None when they are."""
-    foreign = [f"{field.name} ({field.type})" for field in schema
-               if field.name not in SCHEMA.names or SCHEMA.field(field.name).type != field.type]
+    foreign = [
+        f"{field.name} ({field.type})"
+        for field in schema
+        if field.name not in SCHEMA.names or SCHEMA.field(field.name).type != field.type
+    ]
     if foreign:
         return f"not a results file: columns outside the results schema: {', '.join(foreign[:3])}"
     missing = [field.name for field in SCHEMA if not field.nullable and field.name not in schema.names]

@@ -8,6 +8,8 @@ from typing import TYPE_CHECKING
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from analysis import stats
+from analysis.load import CURVES
 from gradinv.errors import ConfigError
 from gradinv.results.schema import REPETITION, ROLE_KEY, SCHEMA, SETTING
 from gradinv.results.store import ResultsDir
@@ -58,7 +60,8 @@ SHOWN = ["psnr", "baseline_psnr", "psnr_gain"]
 
 
 def psnr_table(frame) -> list[str]:
-    """PSNR, the no-information baseline and the gain over it, per setting (the settings that vary)."""
+    """PSNR, the no-information baseline and the gain over it, per setting (the settings that vary), with
+    the report's verdict: leakage, or no leakage detected and whether the attack's curve had settled."""
     ok = frame[frame["status"] == "ok"].copy()
     for column in GROUPING:  # lists (layers) as text, so that they group
         ok[column] = ok[column].map(
@@ -68,24 +71,21 @@ def psnr_table(frame) -> list[str]:
     varying = [c for c in GROUPING if ok[c].nunique() > 1]
     if ok.empty or not varying:
         return []
-    grouped = (
-        ok.groupby(varying, dropna=False)
-        .agg(
-            trials=("psnr", "size"),
-            psnr=("psnr", "mean"),
-            baseline=("baseline_psnr", "mean"),
-            median_gain=("psnr_gain", "median"),
-        )
-        .round(2)
-    )
-    return ["ok trials: mean PSNR, mean no-information baseline and median gain over it (dB):", grouped.to_string(), ""]
+    table = stats.leakage(ok, varying, curves=ok[["key", *CURVES]])
+    shown = {"trials": "trials", "psnr": "psnr", "baseline_psnr": "baseline", "gain_median": "median_gain"}
+    grouped = table.set_index(varying)[[*shown, "verdict"]].rename(columns=shown).round(2)
+    return [
+        "ok trials: mean PSNR, mean no-information baseline, median gain over it (dB) and the verdict:",
+        grouped.to_string(),
+        "",
+    ]
 
 
 def status(path: Path, newest_errors: int = 5) -> str:
     if not path.is_dir():
         raise ConfigError("results", str(path), "name an existing results directory (gradinv run --results DIR)")
     results = ResultsDir(path)  # reading only: no lock, no repair
-    columns = ["study", "key", "status", "error", "finished_at", *GROUPING, *SHOWN]
+    columns = ["study", "key", "status", "error", "finished_at", *GROUPING, *SHOWN, *CURVES]
     journalled = results.read_journal(columns)  # finished rows a running or killed driver has not batched yet
     batched = results.read(columns)
     replaced = pc.is_in(batched["key"], value_set=journalled["key"])  # a journalled retry replaces its old row

@@ -3,7 +3,8 @@
 This module is the command: its arguments and entry points, light to import (`gradinv --help` loads
 neither torch nor Optuna). The work lives in layers below it:
 
-- sweep/tune/section.py: the study's `tune:` section, validated; a candidate's parameters as trials;
+- sweep/tune/section.py: the study's `tune:` section, validated (each family's search space in space.py);
+- sweep/tune/settings.py: the settings a search runs with; a candidate's parameters as trials;
 - sweep/tune/search.py: Optuna's storage, sampler, pruner and the resume of a stopped search;
 - sweep/tune/driver.py: candidates evaluated as streaming Ray tasks, cancelled when pruned;
 - sweep/tune/report.py: the held-out comparison with the paper's defaults and the `fixed:` fragment;

@@ -14,7 +14,8 @@ from gradinv.trial import run_trials
 from ..study import Study
 from .report import objective_value
 from .search import open_study, storage_url
-from .section import trial_specs, tune_searches
+from .section import tune_searches
+from .settings import trial_specs
 
 
 def rerun_pruned(study: Study, results: str | Path, storage: str | None = None) -> list[dict]:

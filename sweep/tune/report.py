@@ -14,7 +14,7 @@ from gradinv.files import write_atomic
 
 from ..study import Study
 from .driver import Driver, Evaluation
-from .section import DATA_FIELDS, PAPER_DEFAULTS, TuneSettings, candidate, trial_specs
+from .settings import DATA_FIELDS, PAPER_DEFAULTS, TuneSettings, candidate, trial_specs
 
 BEST_NAME = "_best.yaml"  # '_': a non-Parquet file without it would break pandas/pyarrow readers
 TOO_SMALL = "n too small for an interval"

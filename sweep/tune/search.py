@@ -14,7 +14,7 @@ from pathlib import Path
 
 from gradinv.errors import ConfigError
 
-from .section import LogUniform, TuneSettings
+from .settings import LogUniform, TuneSettings
 
 JOURNAL_NAME = "_optuna.journal"  # '_': dataset readers skip it
 

@@ -21,8 +21,9 @@ from tqdm import tqdm
 from gradinv import memory
 from gradinv.results.store import ResultsDir
 
+from ..preflight import check_before_start
 from ..ray_connection import connect
-from ..runner import check_before_start, runtime_environment
+from ..runner import runtime_environment
 from ..stopping import exit_code
 from ..study import Study
 from ..task_loop import MachineryFailed
@@ -40,7 +41,8 @@ from .search import (
     storage_url,
     suggest,
 )
-from .section import CHECKPOINTS, TuneSettings, trial_specs, tune_searches
+from .section import tune_searches
+from .settings import CHECKPOINTS, TuneSettings, trial_specs
 
 EXIT_OK, EXIT_INCOMPLETE = 0, 1
 
