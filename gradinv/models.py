@@ -1,7 +1,9 @@
-"""Victim models by name. Every model takes normalised images of any size and channel count."""
+"""Victim models by name. Every model takes normalised images of any size and channel count
+(``convnet-paper``: at least 9 pixels a side)."""
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -22,7 +24,10 @@ def _conv_bn_relu(cin: int, cout: int) -> list[nn.Module]:
 
 
 class ConvNet(nn.Sequential):
-    """The paper's ConvNet: eight 3x3 conv-BN-ReLU layers of widths w, 2w, 2w, 4w (x5), three max-pools."""
+    """gradinv's ConvNet (``convnet``): the paper's eight 3x3 conv-BN-ReLU layers of widths w, 2w, 2w, 4w (x5)
+    and classifier, pooled differently: max-pool 2 after the fourth and sixth conv, adaptive max-pool 3 at the
+    end. Kept as it is so that trial keys, results and replays made with it stay valid; for numbers comparable
+    with the paper's, use ``convnet-paper``."""
 
     def __init__(self, channels: int, num_classes: int, width: int):
         w = width
@@ -41,6 +46,47 @@ class ConvNet(nn.Sequential):
             nn.Flatten(),
             nn.Linear(36 * w, num_classes),
         )
+
+
+PAPER_CONVNET_MIN_SIDE = 9  # two max-pools of 3 leave at least one pixel
+
+
+class PaperConvNet(nn.Sequential):
+    """The paper's ConvNet as its reference implementation builds it (inversefed's ``ConvNet``, commit 1157b61):
+    eight 3x3 conv-BN-ReLU layers of widths w, 2w, 2w, 4w (x5), max-pool 3 after the sixth and the eighth.
+
+    Module names are the reference's, so its state dicts load once their ``model.`` prefix is dropped. The
+    parameters are created in the order of ``ConvNet``'s, so the same seed gives both the same weights.
+    """
+
+    def __init__(self, channels: int, num_classes: int, width: int):
+        w = width
+        sides = (channels, w, 2 * w, 2 * w, 4 * w, 4 * w, 4 * w, 4 * w, 4 * w)
+        layers: list[tuple[str, nn.Module]] = []
+        for i in range(8):
+            conv, norm, relu = _conv_bn_relu(sides[i], sides[i + 1])
+            layers += [(f"conv{i}", conv), (f"bn{i}", norm), (f"relu{i}", relu)]
+            if i == 5:
+                layers.append(("pool0", nn.MaxPool2d(3)))
+        layers += [
+            ("pool1", nn.MaxPool2d(3)),
+            # The reference's classifier needs a 3x3 map (sides 27 to 35: CIFAR, MNIST), where this pool is the
+            # identity; at other sides it fits the map to the classifier instead of failing.
+            ("fit", nn.AdaptiveMaxPool2d(3)),
+            ("flatten", nn.Flatten()),
+            ("linear", nn.Linear(36 * w, num_classes)),
+        ]
+        super().__init__(OrderedDict(layers))
+
+
+def _paper_convnet(channels: int, num_classes: int, width: int, side: int) -> PaperConvNet:
+    require(
+        side >= PAPER_CONVNET_MIN_SIDE,
+        "image_size",
+        side,
+        f"convnet-paper pools by 3 twice: use images of at least {PAPER_CONVNET_MIN_SIDE} pixels a side",
+    )
+    return PaperConvNet(channels, num_classes, width)
 
 
 class LeNetZhu(nn.Sequential):
@@ -123,6 +169,7 @@ def _torchvision_resnet(arch: str, channels: int, num_classes: int) -> nn.Module
 
 MODELS: dict[str, ModelInfo] = {
     "convnet": ModelInfo(lambda c, k, w, s: ConvNet(c, k, w), 64),
+    "convnet-paper": ModelInfo(_paper_convnet, 64),  # the reference's default width (its ConvNet, ConvNet64)
     "lenet-zhu": ModelInfo(lambda c, k, w, s: LeNetZhu(c, k, w), 12),
     "mlp": ModelInfo(lambda c, k, w, s: MLP(c, k, w, s), 256),
     **{

@@ -90,8 +90,8 @@ def test_a_real_process_prints_no_traceback(tmp_path):
     )
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == [
-        "gradinv attack: error: model: 'nope' is not valid; choose one of convnet, lenet-zhu, mlp, resnet20, "
-        "resnet32, resnet44, resnet18, resnet50"
+        "gradinv attack: error: model: 'nope' is not valid; choose one of convnet, convnet-paper, lenet-zhu, mlp, "
+        "resnet20, resnet32, resnet44, resnet18, resnet50"
     ]
 
 
