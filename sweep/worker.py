@@ -72,6 +72,8 @@ def outcome_row(pack: Pack, key: str, outcome: TrialOutcome, attempt: int, timin
         "curve_psnr": [q for q, _ in outcome.quality_curve] or None,
         "curve_ssim": [q for _, q in outcome.quality_curve] or None,
         "curve_gain": curve_gain(outcome),
+        "attack_precision": outcome.precision,
+        "zero_update": outcome.zero_update,
         "status": outcome.status,
         "error": outcome.error or None,
         "attempt": attempt,

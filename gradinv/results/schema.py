@@ -107,9 +107,8 @@ SCHEMA = pa.schema(
         ),
         *_with_role(
             OUTCOME,
-            pa.field(
-                "model_accuracy", pa.float64()
-            ),  # the victim's test accuracy (a federation round: its global model's)
+            # the victim's test accuracy (a federation round: its global model's)
+            pa.field("model_accuracy", pa.float64()),
             pa.field("client_label_histogram", _ints),  # the attacked federation client's labels, per class
             pa.field("client_rounds", _ints),  # the rounds up to the attacked one in which that client trained
             pa.field("training_epsilon", pa.float64()),  # a victim trained with DP-SGD: its training's epsilon
@@ -143,6 +142,9 @@ SCHEMA = pa.schema(
         *_with_role(
             OUTCOME,
             pa.field("iterations_run", pa.int32()),
+            # float32, or float64 where the float32 attack underflowed on a confident victim (every restart NaN)
+            pa.field("attack_precision", pa.string()),
+            pa.field("zero_update", pa.bool_()),  # the client's update was exactly zero: nothing to attack
             pa.field("status", pa.string(), nullable=False),  # ok, failed or pruned
             pa.field("error", pa.string()),
         ),

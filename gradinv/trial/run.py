@@ -5,6 +5,7 @@ scores each against its truth and the no-information baseline.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 from collections.abc import Callable, Sequence
@@ -13,10 +14,11 @@ from dataclasses import dataclass, field
 import torch
 
 from .. import data, metrics
-from ..attacks.base import AttackJob, AttackResult
+from ..attacks.base import AttackJob
 from ..attacks.labels import recover_labels_with
 from ..baselines import BaselinePool, score_baselines
 from ..client.defences import sent_update
+from ..client.update import ClientUpdate
 from ..errors import require
 from ..victims import victim_source
 from .spec import TrialSpec, lane_signature
@@ -39,11 +41,30 @@ class TrialOutcome:
     image_columns: dict = field(default_factory=dict)  # which images the victim's source dealt (train_images)
     seconds: float = 0.0
     lanes: int = 1
+    precision: str | None = None  # the attack's arithmetic (float32, or float64 where float32 underflowed)
+    zero_update: bool = False  # the client's update was exactly zero: nothing to attack
+
+
+@dataclass
+class LaneResult:
+    """One lane's share of an attack: its reconstruction (normalised) and how the attack got there."""
+
+    images: torch.Tensor  # [B, C, H, W]
+    restart_scores: list[float]
+    curve: list[tuple[int, float]]  # (iteration, best cost)
+    seconds: float
+    lanes: int
+    precision: str | None
+    labels: torch.Tensor | None  # the labels the attack settled on; None: the ones it was given
+
+    @property
+    def finite(self) -> bool:
+        return bool(torch.isfinite(self.images).all()) and math.isfinite(min(self.restart_scores, default=math.inf))
 
 
 NO_FINITE_RESTART = (
-    "every restart ended in NaN: the attack diverged, or the victim's update for the attacker's "
-    "guesses is exactly zero (saturated predictions: try init rand or zeros)"
+    "every restart ended in NaN, in float32 and again in float64: the attack diverged (try a smaller lr), "
+    "or the victim is so sure of the attacker's guesses that their update vanishes (try init rand or zeros)"
 )
 
 VictimLoader = Callable[[TrialSpec], torch.nn.Module]
@@ -95,8 +116,9 @@ def run_trials(
     ordered = [known and family.ordered for known in labels_known]  # position b was made for image b's label
     quality: list[list[tuple[float, float]]] = [[] for _ in specs]
 
-    def score_checkpoint(_, images):  # the best restart's quality along the way, per lane
-        for lane, (recon, truth) in enumerate(zip(images, truths)):
+    def score_checkpoint(_, images, lanes):  # the best restart's quality along the way, per lane
+        for lane, recon in zip(lanes, images):
+            truth = truths[lane]
             recon01 = _matched(
                 data.denormalise(recon, info).clamp(0, 1), truth, true_labels[lane] if ordered[lane] else None
             )
@@ -121,17 +143,85 @@ def run_trials(
         on_images=score_checkpoint,
         deadline=deadline,
     )
-    result = family.run(job)
-    if result.labels is not None:  # the attack settled on labels of its own
-        labels = result.labels
+    results = attack_lanes(job, quality)
     pool = _baseline_pool(first, data_root)
-    return [
-        dataclasses.replace(
-            _score(spec, model, info, truth, result, lane, labels[lane], truth_labels, pool, quality[lane]),
-            image_columns=image_columns[lane],
+    outcomes = []
+    for lane, (spec, truth, truth_labels) in enumerate(zip(specs, truths, true_labels)):
+        found = results.get(lane)
+        if found is not None and found.labels is not None:  # the attack settled on labels of its own
+            labels[lane] = found.labels
+        outcome = _score(spec, model, info, truth, found, labels[lane], truth_labels, pool, quality[lane])
+        outcomes.append(dataclasses.replace(outcome, image_columns=image_columns[lane]))
+    return outcomes
+
+
+def attack_lanes(job: AttackJob, quality: list[list]) -> dict[int, LaneResult]:
+    """Each lane's result, leaving out lanes whose update is exactly zero (nothing to match: a victim so sure
+    of its images that its float32 update underflowed). A lane that ends in NaN in float32 (the victim's
+    update for the attacker's guesses underflows) is attacked again, alone, in float64."""
+    family = job.specs[0].family
+    attacked = [lane for lane, update in enumerate(job.updates) if any(t.count_nonzero() for t in update.tensors)]
+    if not attacked:
+        return {}
+    results = _run_lanes(job, attacked, quality, full=len(attacked) == len(job.specs))
+    underflowed = [lane for lane in attacked if not results[lane].finite]
+    native = job.updates[0].tensors[0].dtype
+    if underflowed and family.budget and native != torch.float64:
+        for lane in underflowed:
+            quality[lane].clear()
+        retried = _run_lanes(job, underflowed, quality, full=False, dtype=torch.float64)
+        results |= {
+            lane: dataclasses.replace(r, seconds=r.seconds + results[lane].seconds) for lane, r in retried.items()
+        }
+    return results
+
+
+def _run_lanes(job: AttackJob, lanes: list[int], quality, *, full: bool, dtype=None) -> dict[int, LaneResult]:
+    """Run the attack on ``lanes`` of ``job`` (in ``dtype``: the updates' own when None). Only a run of every
+    lane streams its checkpoints (``job.on_checkpoint``): a part of the pack has no costs for the rest."""
+    cast = (lambda t: t.to(dtype)) if dtype is not None else (lambda t: t)
+    model = copy.deepcopy(job.model).to(dtype) if dtype is not None else job.model
+    sub = dataclasses.replace(
+        job,
+        model=model,
+        specs=[job.specs[lane] for lane in lanes],
+        updates=[_cast_update(job.updates[lane], cast) for lane in lanes],
+        labels=job.labels[lanes],
+        labels_known=[job.labels_known[lane] for lane in lanes],
+        box=tuple(cast(bound) for bound in job.box),
+        on_checkpoint=job.on_checkpoint if full else None,
+        on_images=lambda iteration, images: job.on_images(iteration, images, lanes),
+    )
+    result = sub.specs[0].family.run(sub)
+    precision = (
+        str(dtype or job.updates[0].tensors[0].dtype).removeprefix("torch.") if sub.specs[0].family.budget else None
+    )
+    return {
+        lane: LaneResult(
+            images=result.images[i].float(),
+            restart_scores=result.restart_scores[i].tolist(),
+            curve=[(iteration, costs[i]) for iteration, costs in result.curve],
+            seconds=result.seconds,
+            lanes=len(lanes),
+            precision=precision,
+            labels=None if result.labels is None else result.labels[i],
         )
-        for lane, (spec, truth, truth_labels) in enumerate(zip(specs, truths, true_labels))
-    ]
+        for i, lane in enumerate(lanes)
+    }
+
+
+def _cast_update(update: ClientUpdate, cast) -> ClientUpdate:
+    stats = update.bn_batch_stats
+    if stats is not None:
+        stats = tuple(tuple((cast(mean), cast(var)) for mean, var in layers) for layers in stats)
+    return dataclasses.replace(update, tensors=tuple(cast(t) for t in update.tensors), bn_batch_stats=stats)
+
+
+def _data_mean(pool: BaselinePool | None, labels: torch.Tensor, truth01: torch.Tensor, info) -> torch.Tensor:
+    """A flat image at the data's per-channel mean, in [0, 1] pixels: the pool's, else the dataset's."""
+    if pool is not None:
+        return pool.guesses(labels.cpu())["flat"].to(truth01.device, truth01.dtype)
+    return data.denormalise(torch.zeros_like(truth01), info).clamp(0, 1)
 
 
 def _baseline_pool(spec: TrialSpec, data_root) -> BaselinePool | None:
@@ -151,24 +241,30 @@ def _score(
     model,
     info,
     truth01,
-    result: AttackResult,
-    lane,
+    result: LaneResult | None,
     predicted_labels,
     truth_labels,
     pool: BaselinePool | None,
     quality: list[tuple[float, float]],
 ) -> TrialOutcome:
-    common = dict(
-        spec=spec,
-        restart_scores=result.restart_scores[lane].tolist(),
-        seconds=result.seconds,
-        curve=[(iteration, costs[lane]) for iteration, costs in result.curve],
-        quality_curve=quality,
-        lanes=len(result.images),
-    )
-    recon = result.images[lane]
-    if not torch.isfinite(recon).all() or not math.isfinite(min(common["restart_scores"])):
-        return TrialOutcome(status="failed", error=NO_FINITE_RESTART, **common)
+    """``result`` None: the client's update was exactly zero, and the attacker's best answer is the data
+    mean (an ok row that says so: this client leaks nothing through this update)."""
+    if result is None:
+        common = dict(spec=spec, zero_update=True)
+        recon = data.normalise(_data_mean(pool, predicted_labels, truth01, info), info)
+    else:
+        common = dict(
+            spec=spec,
+            restart_scores=result.restart_scores,
+            seconds=result.seconds,
+            curve=result.curve,
+            quality_curve=quality,
+            lanes=result.lanes,
+            precision=result.precision,
+        )
+        recon = result.images
+        if not result.finite:
+            return TrialOutcome(status="failed", error=NO_FINITE_RESTART, **common)
     recon01 = data.denormalise(recon, info).clamp(0, 1)
     unmatched_psnr = metrics.psnr(recon01, truth01)  # position b against image b, as the reference scores
     ordered = spec.labels == "known" and spec.family.ordered  # position b was made for image b's label

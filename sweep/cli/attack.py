@@ -44,6 +44,8 @@ def metrics_document(outcome: TrialOutcome, device: str) -> dict:
         **privacy_columns(outcome.spec),
         **{f"{name}_per_image": values for name, values in outcome.per_image.items()},
         "seconds": outcome.seconds,
+        "attack_precision": outcome.precision,
+        "zero_update": outcome.zero_update,
         "restart_scores": outcome.restart_scores,
         "loss_curve": [{"iteration": i, "cost": c} for i, c in outcome.curve],
         "config": {k: list(v) if isinstance(v, tuple) else v for k, v in vars(outcome.spec.resolved()).items()},

@@ -131,6 +131,10 @@ def _run_attack(args: argparse.Namespace) -> int:
         print(f"gradinv attack: failed: {outcome.error}", file=sys.stderr)
         return 1
     m = outcome.metrics
+    if outcome.zero_update:
+        print("the client's update is exactly zero: nothing to attack; scored as the data mean")
+    elif outcome.precision == "float64":
+        print("float32 underflowed on this victim (every restart NaN): attacked again in float64")
     print(
         f"PSNR {m['psnr']:.2f} dB (gain {m.get('psnr_gain', math.nan):+.2f})  SSIM {m['ssim']:.3f}  "
         f"labels {m['label_accuracy']:.0%}{_privacy(spec)}  {outcome.seconds:.1f} s  -> {args.out}"
