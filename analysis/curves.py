@@ -7,11 +7,14 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-TAIL_FROM = 0.75  # the curve's last part: its checkpoints from three quarters of the run on
-# Settled: over the last part the median gain rose by less than this (dB) and the best gradient cost fell
-# by less than this share.
+from gradinv.attacks.base import SETTLED_COST_FALL, SETTLED_FROM
+
+# The curve's last part starts at TAIL_FROM of the run. Settled: over it the median gain rose by less than
+# PLATEAU_GAIN_DB and the best gradient cost fell by less than PLATEAU_COST_FALL, the share at which the
+# attack's own budget (max_iterations) stops extending a trial.
+TAIL_FROM = SETTLED_FROM
 PLATEAU_GAIN_DB = 0.5
-PLATEAU_COST_FALL = 0.05
+PLATEAU_COST_FALL = SETTLED_COST_FALL
 
 TAIL_UNKNOWN = {"tail_gain_rise": np.nan, "tail_cost_fall": np.nan, "gain_slope": np.nan}
 

@@ -96,7 +96,10 @@ def load_curves(path: str | Path, keys: list[str]) -> pd.DataFrame:
     """Key and curves (checkpoint iterations, best cost, PSNR, SSIM and gain of the best restart) of the given
     trials; empty lists where a row has none (written before the curve was recorded, or pruned before a
     checkpoint)."""
-    data, columns = dataset(path), ["key", *CURVES]
+    columns = ["key", *CURVES]
+    if not keys:  # an empty value set has no type to match the keys' against
+        return pd.DataFrame({name: pd.Series(dtype=object) for name in columns})
+    data = dataset(path)
     frame = _counted(path, data, columns, filter=pc.field("key").isin(list(keys))).to_pandas()
     for name in CURVES:
         frame[name] = frame[name].map(lambda values: [] if values is None else list(values))

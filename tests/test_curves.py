@@ -9,6 +9,7 @@ import pandas as pd
 import pytest
 
 from analysis import curves, stats
+from analysis.load import load_curves
 from analysis.report import build_report
 from gradinv.results.schema import parameter_columns, trial_key
 from gradinv.results.store import ResultsDir
@@ -116,3 +117,11 @@ def test_the_report_shows_each_verdict_beside_the_curves(tmp_path):
         assert html.escape(verdict) in table or verdict in table
     assert table.count(stats.STILL_IMPROVING.split(" \u2014")[0]) == 2
     assert "21.33" in table  # the rising setting's slope: 1.6 dB over 75 iterations
+
+
+def test_no_finished_trial_reads_no_curves_and_no_verdict_from_them(tmp_path):
+    failed = [{**row, "status": "failed"} for row in rows()]
+    with ResultsDir(tmp_path / "r") as directory:
+        directory.write(failed)
+    assert load_curves(tmp_path / "r", []).empty
+    assert "No quality curves" in build_report(tmp_path / "r")

@@ -80,6 +80,7 @@ def _good_value(name: str, declared: parameters.Knob, default):
         "aggregated_clients": 2,
         "imprint_sample": 120,
         "attack": "dlg",
+        "max_iterations": 48_000,  # at least iterations (24,000 by default)
     }
     if name in special:
         value = special[name]

@@ -44,6 +44,12 @@ class AttackJob:
         return [spec.attack_seed for spec in self.specs]
 
 
+# A trial's attack has settled when its best gradient cost fell by less than this share over the last quarter
+# of its run: the budget stops extending it (gradinv.attacks.inverting), the report calls it converged.
+SETTLED_FROM = 0.75
+SETTLED_COST_FALL = 0.05
+
+
 @dataclass
 class AttackResult:
     images: torch.Tensor  # [L, B, C, H, W] in normalised coordinates, each lane's reconstruction
@@ -51,6 +57,7 @@ class AttackResult:
     curve: list[tuple[int, list[float]]] = field(default_factory=list)  # (iteration, best cost per lane)
     seconds: float = 0.0
     labels: torch.Tensor | None = None  # [L, B] labels the attack settled on; None: the ones it was given
+    iterations_run: list[int] | None = None  # per lane, where the budget stops lanes apart (max_iterations)
 
 
 class TrialTimeout(RuntimeError):

@@ -23,7 +23,7 @@ from torch import nn
 from ..client.update import ClientUpdate
 from ..parameters import extract
 from . import steps
-from .base import AttackJob, AttackResult, TrialTimeout
+from .base import SETTLED_COST_FALL, SETTLED_FROM, AttackJob, AttackResult, TrialTimeout
 from .objective import IGConfig, LaneObjective, single_run_objectives, total_variation
 
 MEDIAN_FILTER_EVERY = 500  # iterations between the reference's 3x3 median filters
@@ -136,23 +136,28 @@ def invert_gradients(
         step = steps.sgd(objective, config.signed)
     else:
         step = steps.lbfgs(single_run_objectives(model, updates, labels, configs, seeds[0]), restarts, config.signed)
-    check_at = {max(1, round(config.iterations * (k + 1) / checkpoints)) for k in range(checkpoints)}
     progress_every = max(1, config.iterations // 100)
     curve: list[tuple[int, list[float]]] = []
+    budget = Budget(lanes, restarts, config.iterations, config.max_iterations or config.iterations, device)
     start = time.perf_counter()
-    for iteration in range(config.iterations):
-        x, match = step(x, iteration, step_size_factor(iteration, config.iterations, config.decay))
+    iteration = 0
+    while budget.running():
+        into_round = iteration - budget.round_start
+        moved, match = step(x, iteration, step_size_factor(into_round, budget.round_length, config.decay))
+        x = budget.only_running(moved, x)
         if config.boxed:
             x = torch.maximum(torch.minimum(x, upper), lower)
-        done = iteration + 1
+        iteration = done = iteration + 1
         if config.median_filter and done % MEDIAN_FILTER_EVERY == 0:
             x = median_filter(x)
         if deadline is not None and time.monotonic() > deadline:
-            raise TrialTimeout(f"stopped at iteration {done} of {config.iterations}: past the trial timeout")
+            raise TrialTimeout(f"stopped at iteration {done} of {budget.cap}: past the trial timeout")
         if on_progress is not None and done % progress_every == 0:
             on_progress(done)
-        if done in check_at:
-            costs = _finite(match.detach()).view(lanes, restarts)
+        costs = _finite(match.detach()).view(lanes, restarts)
+        checkpoint = budget.checkpoint(done, checkpoints)  # read before observe() may begin the next round
+        x = budget.observe(done, costs.min(dim=1).values, x)
+        if checkpoint:
             best = costs.min(dim=1).values.tolist()
             curve.append((done, best))
             if on_images is not None:
@@ -164,10 +169,74 @@ def invert_gradients(
                 )
             if on_checkpoint is not None:
                 on_checkpoint(done, best)
+    x = budget.kept if budget.kept is not None else x
     with torch.no_grad():
         scores = _finite(objective.match(x)).view(lanes, restarts)
     images = final_images(x.view(lanes, restarts, *image_shape), scores, config)
-    return AttackResult(images.detach(), scores.cpu(), curve, time.perf_counter() - start)
+    seconds = time.perf_counter() - start
+    return AttackResult(images.detach(), scores.cpu(), curve, seconds, iterations_run=budget.stopped_at)
+
+
+class Budget:
+    """Which lanes still run: all of them for ``iterations``, then, round by round, those whose best
+    gradient cost fell by SETTLED_COST_FALL or more over the round's last quarter, each round twice as
+    long as the one before (its own step-size schedule), as long as a whole round fits in ``cap``. It
+    reads only the costs, which the attacker sees, so it needs no ground truth. A lane that stops keeps
+    its images while the others run on (computed, not moved). A round begins its step-size schedule
+    again, which can undo progress: each lane ends with the images of its round end of least cost
+    (``kept``; None when there is one round)."""
+
+    def __init__(self, lanes: int, restarts: int, iterations: int, cap: int, device):
+        self.restarts, self.cap = restarts, cap
+        self.round_start, self.round_length = 0, iterations
+        self.stopped_at: list[int | None] = [None] * lanes
+        self.active = torch.ones(lanes, dtype=torch.bool, device=device)
+        self.tail_start: torch.Tensor | None = None
+        self.kept: torch.Tensor | None = None  # per run, the images of the lane's best round end
+        self.kept_cost: torch.Tensor | None = None  # [L]
+
+    def running(self) -> bool:  # read from Python's side: no device round trip per iteration
+        return None in self.stopped_at
+
+    def checkpoint(self, done: int, per_round: int) -> bool:
+        """Whether iteration ``done`` is one of the ``per_round`` evenly spaced checkpoints of its round."""
+        into_round = done - self.round_start
+        return into_round in {max(1, round(self.round_length * (k + 1) / per_round)) for k in range(per_round)}
+
+    def only_running(self, moved: torch.Tensor, before: torch.Tensor) -> torch.Tensor:
+        if not any(self.stopped_at):
+            return moved
+        runs = self.active.repeat_interleave(self.restarts).view(-1, *[1] * (moved.dim() - 1))
+        return torch.where(runs, moved, before)
+
+    def observe(self, done: int, best: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """After iteration ``done`` with each lane's best cost ``best`` ``[L]`` and the images ``x``: the
+        images to go on from."""
+        into_round = done - self.round_start
+        if into_round == max(1, round(SETTLED_FROM * self.round_length)):
+            self.tail_start = best.clone()
+        if into_round != self.round_length:
+            return x
+        fell = 1 - best / self.tail_start
+        settled = ~(fell >= SETTLED_COST_FALL)  # NaN (a cost of 0 or inf at the tail's start) settles too
+        last = done + 2 * self.round_length > self.cap
+        stopping = self.active & (settled | last)
+        for lane in stopping.nonzero().flatten().tolist():
+            self.stopped_at[lane] = done
+        self.active &= ~stopping
+        if self.cap > done or self.kept is not None:  # more than one round is possible
+            self._keep_best(best, x)
+        self.round_start, self.round_length = done, 2 * self.round_length
+        return x
+
+    def _keep_best(self, best: torch.Tensor, x: torch.Tensor) -> None:
+        if self.kept is None:
+            self.kept, self.kept_cost = x.clone(), best.clone()
+            return
+        better = best < self.kept_cost
+        self.kept_cost = torch.where(better, best, self.kept_cost)
+        runs = better.repeat_interleave(self.restarts).view(-1, *[1] * (x.dim() - 1))
+        self.kept = torch.where(runs, x, self.kept)
 
 
 def _finite(values: torch.Tensor) -> torch.Tensor:

@@ -42,6 +42,12 @@ class IGConfig(InvertingSettings, OptimiserSettings, DefenceSettings):
             self.group_consistency,
             "L-BFGS optimises each restart alone; use adam or sgd, or 0",
         )
+        require(
+            self.max_iterations is None or self.max_iterations >= self.iterations,
+            "max_iterations",
+            self.max_iterations,
+            f"use at least iterations ({self.iterations}), or leave it out",
+        )
 
     def shared(self) -> tuple:
         """The settings that every lane of one computation must share."""

@@ -208,6 +208,17 @@ class InvertingSettings(Part):
         check=math.isfinite,
         fix="use a finite number",
     )
+    max_iterations: int | None = knob(
+        None,
+        kind="int",
+        help=(
+            "budget where it pays: after `iterations`, a round twice as long (its own step-size schedule) for "
+            "each trial whose best gradient cost fell by 5% or more over its last round's last quarter, and so "
+            "on while a whole round fits in this many iterations; none: exactly `iterations`"
+        ),
+        check=at_least(1),
+        fix="use a whole number of iterations, at least `iterations`",
+    )
 
 
 # `layers` is one parameter, indices or a set's name, but a list column cannot hold a name: a name is stored,

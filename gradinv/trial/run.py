@@ -196,18 +196,22 @@ def _run_lanes(job: AttackJob, lanes: list[int], quality, *, full: bool, dtype=N
     precision = (
         str(dtype or job.updates[0].tensors[0].dtype).removeprefix("torch.") if sub.specs[0].family.budget else None
     )
-    return {
-        lane: LaneResult(
+    found = {}
+    for i, lane in enumerate(lanes):
+        stop = result.iterations_run[i] if result.iterations_run else None
+        curve = [(iteration, costs[i]) for iteration, costs in result.curve if stop is None or iteration <= stop]
+        if stop is not None:  # checkpoints after the lane stopped (others ran on) are not its own
+            del quality[lane][len(curve) :]
+        found[lane] = LaneResult(
             images=result.images[i].float(),
             restart_scores=result.restart_scores[i].tolist(),
-            curve=[(iteration, costs[i]) for iteration, costs in result.curve],
+            curve=curve,
             seconds=result.seconds,
             lanes=len(lanes),
             precision=precision,
             labels=None if result.labels is None else result.labels[i],
         )
-        for i, lane in enumerate(lanes)
-    }
+    return found
 
 
 def _cast_update(update: ClientUpdate, cast) -> ClientUpdate:

@@ -22,7 +22,8 @@ def attack(spec: TrialSpec, out: Path, *, data_root=None, device: str = "cpu") -
         spec.dataset, data_root, image_size=spec.image_size
     )  # a missing dataset fails here, before any output
     model = cached_victim(spec)  # so does a broken checkpoint; a missing one is trained first
-    total = 1 if "iterations" in spec.not_applicable() else spec.iterations  # analytic families: one step
+    # analytic families: one step; with max_iterations, the cap (the budget may stop it sooner)
+    total = 1 if "iterations" in spec.not_applicable() else (spec.max_iterations or spec.iterations)
     with tqdm(total=total, desc="attack", unit="it", dynamic_ncols=True) as bar:
 
         def progress(done: int) -> None:
@@ -31,7 +32,8 @@ def attack(spec: TrialSpec, out: Path, *, data_root=None, device: str = "cpu") -
         outcome = run_trials([spec], data_root=data_root, device=device, on_progress=progress, victim=lambda _: model)[
             0
         ]
-        bar.update(total - bar.n)
+        bar.total = total if not spec.max_iterations else max(bar.n, 1)  # what the budget spent
+        bar.update(bar.total - bar.n)
     write_outcome(outcome, out, device)
     return outcome
 
