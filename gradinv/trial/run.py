@@ -119,7 +119,7 @@ def run_trials(
     def score_checkpoint(_, images, lanes):  # the best restart's quality along the way, per lane
         for lane, recon in zip(lanes, images):
             truth = truths[lane]
-            recon01 = _matched(
+            recon01 = matched_to_truth(
                 data.denormalise(recon, info).clamp(0, 1), truth, true_labels[lane] if ordered[lane] else None
             )
             quality[lane].append(
@@ -144,13 +144,13 @@ def run_trials(
         deadline=deadline,
     )
     results = attack_lanes(job, quality)
-    pool = _baseline_pool(first, data_root)
+    pool = baseline_pool(first, data_root)
     outcomes = []
     for lane, (spec, truth, truth_labels) in enumerate(zip(specs, truths, true_labels)):
         found = results.get(lane)
         if found is not None and found.labels is not None:  # the attack settled on labels of its own
             labels[lane] = found.labels
-        outcome = _score(spec, model, info, truth, found, labels[lane], truth_labels, pool, quality[lane])
+        outcome = score_lane(spec, model, info, truth, found, labels[lane], truth_labels, pool, quality[lane])
         outcomes.append(dataclasses.replace(outcome, image_columns=image_columns[lane]))
     return outcomes
 
@@ -228,19 +228,19 @@ def _data_mean(pool: BaselinePool | None, labels: torch.Tensor, truth01: torch.T
     return data.denormalise(torch.zeros_like(truth01), info).clamp(0, 1)
 
 
-def _baseline_pool(spec: TrialSpec, data_root) -> BaselinePool | None:
+def baseline_pool(spec: TrialSpec, data_root) -> BaselinePool | None:
     """The training images a data-only attacker guesses from; None where a dataset keeps none."""
     if not spec.data_spec.trainable:
         return None
     return BaselinePool.for_dataset(spec.dataset, spec.image_size, data_root=data_root)
 
 
-def _matched(recon01: torch.Tensor, truth01: torch.Tensor, known_labels: torch.Tensor | None) -> torch.Tensor:
+def matched_to_truth(recon01: torch.Tensor, truth01: torch.Tensor, known_labels: torch.Tensor | None) -> torch.Tensor:
     """Reconstructions in the truth's order; with known labels, each only among its own label's images."""
     return recon01[metrics.match_to_truth(recon01, truth01, known_labels)]
 
 
-def _score(
+def score_lane(
     spec,
     model,
     info,
@@ -273,7 +273,7 @@ def _score(
     unmatched_psnr = metrics.psnr(recon01, truth01)  # position b against image b, as the reference scores
     ordered = spec.labels == "known" and spec.family.ordered  # position b was made for image b's label
     known = truth_labels if ordered else None
-    recon01 = _matched(recon01, truth01, known)
+    recon01 = matched_to_truth(recon01, truth01, known)
     per_image = {
         "psnr": metrics.psnr(recon01, truth01),
         "ssim": metrics.ssim(recon01, truth01),

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import io
 import json
+import math
+import sys
 from pathlib import Path
 
+import numpy as np
+from PIL import Image
 from tqdm import tqdm
 
 from gradinv import data, memory
@@ -62,3 +66,51 @@ def write_outcome(outcome: TrialOutcome, out: Path, device: str) -> None:
         picture = io.BytesIO()
         data.side_by_side(outcome.truth, outcome.reconstruction).save(picture, format="PNG")
         write_atomic(out / "reconstruction.png", picture.getvalue())
+
+
+def attack_update(update: Path, spec: TrialSpec, out: Path, *, data_root=None, device: str = "cpu") -> int:
+    """`gradinv attack --update FILE`: the captured update attacked with the flags' settings (the file gives
+    the weights and the client's recipe), its files written into ``out``; a summary line printed."""
+    from gradinv.capture import load_update
+    from gradinv.trial.captured import attack_captured, captured_model, captured_spec
+
+    capture = load_update(update)
+    checked = captured_spec(capture, spec)  # the flags and the model against the file, before anything runs
+    captured_model(capture, checked)
+    if capture.images is not None:  # scored against the dataset's baseline: a missing dataset fails here
+        data.open_dataset(checked.dataset, data_root, image_size=checked.image_size)
+    memory.refuse_unfit([checked], 1, memory.machine_memory(), "this machine", device=device)
+    total = 1 if "iterations" in checked.not_applicable() else (checked.max_iterations or checked.iterations)
+    with tqdm(total=total, desc="attack", unit="it", dynamic_ncols=True) as bar:
+        outcome = attack_captured(
+            capture, spec, data_root=data_root, device=device, on_progress=lambda done: bar.update(done - bar.n)
+        )
+    if outcome.status != "ok":
+        print(f"gradinv attack: failed: {outcome.error}", file=sys.stderr)
+        return 1
+    document = metrics_document(outcome, device) | {"update_file": str(update), "labels": outcome.per_image["label"]}
+    out.mkdir(parents=True, exist_ok=True)
+    write_atomic(out / "metrics.json", json.dumps(document, indent=2).encode())
+    if outcome.reconstruction is not None:
+        picture = io.BytesIO()
+        if outcome.truth is not None:
+            data.side_by_side(outcome.truth, outcome.reconstruction).save(picture, format="PNG")
+        else:  # one row of reconstructions
+            Image.fromarray(np.concatenate([data.to_uint8(image) for image in outcome.reconstruction], axis=1)).save(
+                picture, format="PNG"
+            )
+        write_atomic(out / "reconstruction.png", picture.getvalue())
+    m = outcome.metrics
+    if outcome.zero_update:
+        print("the captured update is exactly zero: nothing to attack")
+    elif m["ground_truth"]:
+        print(
+            f"PSNR {m['psnr']:.2f} dB (gain {m.get('psnr_gain', math.nan):+.2f})  SSIM {m['ssim']:.3f}  "
+            f"labels {m['label_accuracy']:.0%}  {outcome.seconds:.1f} s  -> {out}"
+        )
+    else:
+        print(
+            f"no ground truth in the update file: gradient cost {m['gradient_cost']:.4g}  "
+            f"labels {outcome.per_image['label']}  {outcome.seconds:.1f} s  -> {out}"
+        )
+    return 0

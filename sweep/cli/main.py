@@ -48,6 +48,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="run a results row's trial again and compare its metrics (the trial flags are ignored)",
     )
+    attack.add_argument(
+        "--update",
+        type=path,
+        default=None,
+        metavar="FILE",
+        help="attack a captured update (gradinv.capture.save_update; docs/captured-updates.md); the trial flags "
+        "give the model's architecture, the dataset and the attack",
+    )
     attack.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     attack.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     run = verbs.add_parser("run", help="run a study's trials on Ray into a Parquet results directory")
@@ -116,6 +124,8 @@ def _run_attack(args: argparse.Namespace) -> int:
         require_writable_directory("--cache", args.cache)
         os.environ["GRADINV_CACHE"] = args.cache
     if args.replay:  # the row's own thread count and device kind, not the flags
+        if args.update is not None:
+            raise ConfigError("--update", str(args.update), "leave it out with --replay (a row names its own trial)")
         from .replay import command
 
         return command(*args.replay, data_root=args.data_root, out=args.out)
@@ -126,6 +136,10 @@ def _run_attack(args: argparse.Namespace) -> int:
     _set_threads(args.threads)
     device = _device(args.device)
     spec = _trial_spec(args)
+    if args.update is not None:
+        from .attack import attack_update
+
+        return attack_update(args.update, spec, args.out, data_root=args.data_root, device=device)
     outcome = attack(spec, args.out, data_root=args.data_root, device=device)
     if outcome.status != "ok":
         print(f"gradinv attack: failed: {outcome.error}", file=sys.stderr)
