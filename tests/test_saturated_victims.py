@@ -63,3 +63,11 @@ def test_in_a_pack_the_zero_update_lane_is_left_out_and_the_other_attacked():
     zero, attacked = attack(linear_victim(bias=200), (SPEC, non_face))
     assert zero.zero_update and zero.status == "ok"
     assert not attacked.zero_update and attacked.precision is not None and attacked.lanes == 1
+
+
+def test_a_fedavg_victim_whose_steps_vanish_below_a_weights_precision_is_still_matched():
+    """Candidate steps of about 1e-176 vanish in theta_K - theta_0 even in float64; summed on their own they
+    survive, and the float64 retry finds the client's images."""
+    fedavg = TrialSpec(**{**SPEC.__dict__, "fl": "fedavg", "local_steps": 2, "local_lr": 1e-2})
+    (outcome,) = attack(linear_victim(bias=400, truth_margin=5), (fedavg,))
+    assert outcome.status == "ok" and outcome.precision == "float64"
