@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .dataset_specs import dataset_spec
 from .errors import require
 
 
@@ -215,3 +216,18 @@ def build_model(
 
         model = ModuleValidator.fix(model)
     return model.eval()
+
+
+def initial_model(settings) -> nn.Module:
+    """The model a trial, a zoo recipe or a federation starts from, built for its dataset: ``settings`` has
+    ``model``, ``dataset``, ``image_size`` (None: the dataset's), ``width``, ``model_seed`` and ``norm``."""
+    spec = dataset_spec(settings.dataset)
+    return build_model(
+        settings.model,
+        channels=spec.channels,
+        num_classes=spec.num_classes,
+        image_size=settings.image_size or spec.size,
+        width=settings.width,
+        seed=settings.model_seed,
+        norm=settings.norm,
+    )

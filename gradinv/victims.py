@@ -69,16 +69,7 @@ class Untrained(TestImages):
     recipe = None
 
     def model(self) -> torch.nn.Module:
-        spec, info = self.spec, self.spec.data_spec
-        return models.build_model(
-            spec.model,
-            channels=info.channels,
-            num_classes=info.num_classes,
-            image_size=spec.side,
-            width=spec.width,
-            seed=spec.model_seed,
-            norm=spec.norm,
-        )
+        return models.initial_model(self.spec)
 
     def row_columns(self, sidecar: dict | None = None) -> dict:
         return {}

@@ -89,16 +89,7 @@ class Recipe:
         return "gradinv zoo train " + " ".join(_flag(name, value) for name, value in knobs.items() if value is not None)
 
     def untrained(self) -> torch.nn.Module:
-        spec = data.dataset_spec(self.dataset)
-        return models.build_model(
-            self.model,
-            channels=spec.channels,
-            num_classes=spec.num_classes,
-            image_size=self.image_size or spec.size,
-            width=self.width,
-            seed=self.model_seed,
-            norm=self.norm,
-        )
+        return models.initial_model(self)
 
 
 def _flag(name: str, value) -> str:

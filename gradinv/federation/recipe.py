@@ -179,16 +179,7 @@ class FederationRules:
         return f"{self.model}-{self.dataset}-{self.partition}-c{self.fed_clients}-{digest}"
 
     def initial_model(self) -> torch.nn.Module:
-        spec = data.dataset_spec(self.dataset)
-        return models.build_model(
-            self.model,
-            channels=spec.channels,
-            num_classes=spec.num_classes,
-            image_size=self.image_size or spec.size,
-            width=self.width,
-            seed=self.model_seed,
-            norm=self.norm,
-        ).eval()
+        return models.initial_model(self).eval()
 
     def check_round(self, round_: int) -> None:
         require(
