@@ -76,6 +76,32 @@ RUNS = {
         r"tiny-tune +2 +\d/8 .*(rightly pruned|false prune|would have won)$",
         1,
     ),  # candidate 2 is pruned
+    "fedavg_order.py": Smallest(
+        (
+            "--dataset",
+            "faces",
+            "--image-size",
+            "8",
+            "--width",
+            "1",
+            "--iterations",
+            "1",
+            "--victims",
+            "0",
+            "1",
+            "--train-subset",
+            "8",
+            "--epochs",
+            "2",
+            "--local-lrs",
+            "1e-2",
+            "--clients",
+            "1",
+        ),
+        "| victim | local lr | epochs | known order | unknown order | unknown − known | 1 − cos at the truth |",
+        r"\| (untrained|trained 1 epochs) \| 0\.01 \| 2 \| [+-]\d+\.\d\d \(",
+        2,
+    ),
     "imprint_recovery.py": Smallest(
         ("--bins", "2", "--batches", "1", "--batch", "2", "--train-sample", "2", "--width", "1", "--fl", "fedavg"),
         "  bins  batch     images   alone  >=30 dB   median",
@@ -131,6 +157,12 @@ RUNS = {
         "worker nodes    seconds  trials/s  speed-up",
         r"1 +\d+\.\d +\d+\.\d +1\.00$",
         1,
+    ),
+    "time_to_leak.py": Smallest(
+        ("--images", "2", "--victims", "0", "--at-most", "8", "--width", "2"),
+        "| victim | recipe | time to leak (s) | iterations run | last median gain | seconds in all | now / before |",
+        r"\| untrained \| (before|now) \| (never|\d+) \| 8 \| [+-]\d+\.\d\d \|",
+        2,
     ),
 }
 

@@ -226,10 +226,10 @@ def restart_spread(model, update, labels, weight: float, iterations: int = 30) -
     (run by hand: the attack's result keeps one image per lane)."""
     config = IGConfig(iterations=iterations, restarts=3, group_consistency=weight)
     objective = LaneObjective(model, [update], labels.unsqueeze(0), [config])
-    step = steps.adam(objective, torch.full((config.restarts, 1, 1, 1, 1), config.lr), config.signed)
+    step = steps.adam(objective, torch.full((config.restarts, 1, 1, 1, 1), config.lr), steps.Direction(config.signed))
     x = initial_images((4, 3, 8, 8), config.restarts, config.init, 0)
     for iteration in range(iterations):
-        x, _ = step(x, iteration, 1.0)
+        x, _ = step(x, iteration, 1.0, 0.0)
     return group_consistency(x, config.restarts).mean().item()
 
 

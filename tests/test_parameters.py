@@ -38,7 +38,10 @@ DEFENDED_FIXED = {
 DEFENDED = [arg for name, value in DEFENDED_FIXED.items() for arg in (f"--{name.replace('_', '-')}", str(value))]
 # a value that needs more than the default image: (flags, study-file settings) that give each trial two
 # (a study deals images_per_client to each of the trial's clients)
-IMAGES_FOR = {"aggregated_clients": (["--image", "0", "--image", "1"], {"images_per_client": 1})}
+IMAGES_FOR = {
+    "aggregated_clients": (["--image", "0", "--image", "1"], {"images_per_client": 1}),
+    "attacker_order": (["--image", "0", "--image", "1"], {"images_per_client": 2}),  # batches of one of two
+}
 
 
 FEDERATED_FIXED = {"round": 1, "partition": "dirichlet", "fl": "fedavg"}  # every federation setting applies
@@ -48,6 +51,7 @@ IMPRINTED = {"attack": "imprint", "threat_model": "malicious", "imprint_sample":
 APPLIES_WITH = {
     "client_bn": {"fl": "fedavg", "restarts": 2},  # DP-SGD runs BatchNorm in eval mode
     "local_momentum": {"fl": "fedavg"},  # DP-SGD's local steps are plain SGD
+    "attacker_order": {"fl": "fedavg", "local_batch_size": 1},  # shuffled mini-batches; DP-SGD draws its own
     "bn_stats": {"bn_prior": 0.1, "client_bn": "train"},
     "label_method": {"labels": "recovered"},  # iLRG reads one FedSGD gradient
     "imprint_bins": IMPRINTED,
@@ -254,6 +258,7 @@ def test_every_declared_parameter_is_a_flag_a_column_and_a_study_key(tmp_path):
         )
         if name in APPLIES_WITH:
             fixed = {other: value for other, value in APPLIES_WITH[name].items() if other not in DATA_SECTION}
+            fixed.update(image_settings)
             data.update({other: value for other, value in APPLIES_WITH[name].items() if other in DATA_SECTION})
         (data if name in DATA_SECTION else fixed)[name] = yaml_value
         path = _study(tmp_path, f"name: p\ndata: {json.dumps(data)}\nfixed: {json.dumps(fixed)}\n")

@@ -22,11 +22,13 @@ from torch import nn
 
 from ..client.update import ClientUpdate
 from ..parameters import extract
+from ..parameters.attack import PATTERN_SIDE
 from . import steps
 from .base import SETTLED_COST_FALL, SETTLED_FROM, AttackJob, AttackResult, TrialTimeout
 from .objective import IGConfig, LaneObjective, single_run_objectives, total_variation
 
 MEDIAN_FILTER_EVERY = 500  # iterations between the reference's 3x3 median filters
+LANGEVIN_SEED_OFFSET = 0x1A6E_5EED  # Langevin noise: a stream of the attack seed apart from its starting images
 
 
 def median_filter(x: torch.Tensor) -> torch.Tensor:
@@ -58,18 +60,43 @@ def step_size_factor(iteration: int, iterations: int, decay: str) -> float:
     return 1.0
 
 
+def warmup_factor(iteration: int, config: IGConfig) -> float:
+    """The step size rises linearly over the first ``warmup`` iterations (of the first round only)."""
+    return min(1.0, (iteration + 1) / config.warmup) if config.warmup else 1.0
+
+
 def initial_images(
     shape: Sequence[int], restarts: int, init: str, seed: int, dtype: torch.dtype = torch.float32
 ) -> torch.Tensor:
     """``[R, B, C, H, W]`` starting points drawn from the trial's own attack seed (on the CPU, so that
-    every device starts from the same images): standard normal, uniform in [-1, 1), or zeros."""
+    every device starts from the same images): standard normal, uniform in [-1, 1), a uniform tile repeated
+    (``patterned``), or zeros."""
     generator = torch.Generator().manual_seed(seed)
     full = (restarts, *shape)
     if init == "randn":
         return torch.randn(full, generator=generator, dtype=dtype, device="cpu")
     if init == "rand":
         return (torch.rand(full, generator=generator, dtype=dtype, device="cpu") - 0.5) * 2
+    if init == "patterned":  # breaching's patterned-4: a uniform tile repeated over the image
+        tile = (torch.rand((*full[:-2], PATTERN_SIDE, PATTERN_SIDE), generator=generator, dtype=dtype) - 0.5) * 2
+        height, width = shape[-2:]
+        repeats = (-(-height // PATTERN_SIDE), -(-width // PATTERN_SIDE))
+        return tile.repeat(*[1] * (len(full) - 2), *repeats)[..., :height, :width].contiguous()
     return torch.zeros(full, dtype=dtype, device="cpu")
+
+
+def langevin_noise(
+    shape: Sequence[int], restarts: int, seeds: Sequence[int], dtype: torch.dtype, device
+) -> Callable[[], torch.Tensor]:
+    """Draws of standard normal noise for every run, each lane's from its own attack seed (on the CPU, so that a
+    lane's noise does not depend on the lanes packed with it, nor on the device)."""
+    generators = [torch.Generator().manual_seed((seed + LANGEVIN_SEED_OFFSET) % 2**63) for seed in seeds]
+
+    def draw() -> torch.Tensor:
+        per_lane = [torch.randn((restarts, *shape), generator=g, dtype=dtype) for g in generators]
+        return torch.cat(per_lane).to(device)
+
+    return draw
 
 
 def final_images(runs: torch.Tensor, scores: torch.Tensor, config: IGConfig) -> torch.Tensor:
@@ -129,13 +156,21 @@ def invert_gradients(
     x = torch.cat([initial_images(image_shape, restarts, config.init, seed, dtype) for seed in seeds]).to(device)
     if config.clamp_init:
         x = torch.maximum(torch.minimum(x, upper), lower)
+    step_sizes = objective.per_run(torch.tensor([c.lr for c in configs], dtype=dtype, device=device))
+    step_sizes = step_sizes.view(runs, 1, 1, 1, 1) if config.optimizer == "adam" else steps.SGD_LR
+    direct = steps.Direction(
+        config.signed,
+        config.soft_signed,
+        config.langevin,
+        step_sizes,
+        langevin_noise(image_shape, restarts, seeds, dtype, device) if config.langevin > 0 else None,
+    )
     if config.optimizer == "adam":
-        step_sizes = objective.per_run(torch.tensor([c.lr for c in configs], dtype=dtype, device=device))
-        step = steps.adam(objective, step_sizes.view(runs, 1, 1, 1, 1), config.signed)
+        step = steps.adam(objective, step_sizes, direct)
     elif config.optimizer == "sgd":
-        step = steps.sgd(objective, config.signed)
+        step = steps.sgd(objective, direct)
     else:
-        step = steps.lbfgs(single_run_objectives(model, updates, labels, configs, seeds[0]), restarts, config.signed)
+        step = steps.lbfgs(single_run_objectives(model, updates, labels, configs, seeds[0]), restarts, direct)
     progress_every = max(1, config.iterations // 100)
     curve: list[tuple[int, list[float]]] = []
     budget = Budget(lanes, restarts, config.iterations, config.max_iterations or config.iterations, device)
@@ -143,7 +178,8 @@ def invert_gradients(
     iteration = 0
     while budget.running():
         into_round = iteration - budget.round_start
-        moved, match = step(x, iteration, step_size_factor(into_round, budget.round_length, config.decay))
+        factor = step_size_factor(into_round, budget.round_length, config.decay) * warmup_factor(iteration, config)
+        moved, match = step(x, iteration, factor, into_round / budget.round_length)
         x = budget.only_running(moved, x)
         if config.boxed:
             x = torch.maximum(torch.minimum(x, upper), lower)

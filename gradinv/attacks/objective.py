@@ -5,9 +5,11 @@ The attack optimises ``L`` independent trials ("lanes"), each with ``R`` restart
 computation: ``torch.func.vmap`` over the ``L * R`` runs of a per-run cost whose gradient flows only
 into the images. ``L = 1`` is the ordinary single-trial attack.
 
-GradInversion's priors (gradinv.attacks.bn_prior) join the per-run objective when their weights are
-positive: ``bn_prior`` x R_feat (BatchNorm statistics) and ``group_consistency`` x R_group (the pull
-toward the restarts' mean); TV stays. With both weights 0 the objective is the reference's.
+Priors join the per-run objective when their weights are positive: GradInversion's (gradinv.attacks.bn_prior)
+``bn_prior`` x R_feat (BatchNorm statistics) and ``group_consistency`` x R_group (the pull toward the
+restarts' mean), breaching's ``feature_prior`` (gradinv.attacks.feature_prior: the classifier's input read off
+the update) and See-Through-Gradients' ``image_prior`` (the mean squared pixel); TV stays, with breaching's
+exponents when they are not 1. With every weight 0 and both exponents 1 the objective is the reference's.
 """
 
 from __future__ import annotations
@@ -26,6 +28,9 @@ from ..errors import require
 from ..parameters import DefenceSettings, InvertingSettings, OptimiserSettings, declarations
 from .bn_prior import BatchNormPrior, group_consistency
 from .costs import BATCH_LAYERS, GradientCost, layer_weights, named_set_mask
+from .feature_prior import FeaturePrior
+
+TV_EPS = 1e-8  # breaching's, keeping |d|^p differentiable at 0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -43,6 +48,12 @@ class IGConfig(InvertingSettings, OptimiserSettings, DefenceSettings):
             "L-BFGS optimises each restart alone; use adam or sgd, or 0",
         )
         require(
+            self.langevin == 0 or self.optimizer != "lbfgs",
+            "langevin",
+            self.langevin,
+            "L-BFGS searches along its own line, without noise; use adam or sgd, or 0",
+        )
+        require(
             self.max_iterations is None or self.max_iterations >= self.iterations,
             "max_iterations",
             self.max_iterations,
@@ -54,15 +65,20 @@ class IGConfig(InvertingSettings, OptimiserSettings, DefenceSettings):
         return tuple(getattr(self, name) for name, knob in declarations(self).items() if knob.lane_shared is True)
 
 
-def total_variation(x: torch.Tensor) -> torch.Tensor:
-    """Mean absolute difference between neighbouring pixels (the paper's anisotropic TV), per run.
-
-    ``x`` is ``[N, ...]``: one value per run ``x[r]``.
-    """
+def total_variation(x: torch.Tensor, inner: float = 1.0, outer: float = 1.0) -> torch.Tensor:
+    """Total variation per run of ``x`` ``[N, ...]``. With both exponents 1, the paper's anisotropic TV: the
+    mean absolute difference between horizontal neighbours plus that between vertical ones. Otherwise
+    breaching's, ``mean((|dx| + eps)^inner + (|dy| + eps)^inner)^outer`` over the pixels with both
+    neighbours (inner 2, outer 0.5: isotropic)."""
     runs = len(x)
-    dx = (x[..., :, 1:] - x[..., :, :-1]).abs().reshape(runs, -1).mean(1)
-    dy = (x[..., 1:, :] - x[..., :-1, :]).abs().reshape(runs, -1).mean(1)
-    return dx + dy
+    dx = x[..., :, 1:] - x[..., :, :-1]
+    dy = x[..., 1:, :] - x[..., :-1, :]
+    if inner == 1 and outer == 1:
+        return dx.abs().reshape(runs, -1).mean(1) + dy.abs().reshape(runs, -1).mean(1)
+    eps = TV_EPS
+    dx, dy = dx[..., :-1, :], dy[..., :, :-1]
+    pixels = ((dx.abs() + eps) ** inner + (dy.abs() + eps) ** inner) ** outer
+    return pixels.reshape(runs, -1).mean(1)
 
 
 class LaneObjective:
@@ -110,12 +126,20 @@ class LaneObjective:
         self.labels = self.per_run(labels)
         self.tv_weights = self.per_run(torch.tensor([c.tv for c in configs], dtype=dtype, device=device))
         self.bn_prior = config.bn_prior
-        self.feature_prior = (
+        self.batch_norm_prior = (
             None
             if config.bn_prior == 0
             else BatchNormPrior(model, params, buffers, updates, config.bn_stats, self.per_run)
         )
         self.group_weight = config.group_consistency if self.restarts > 1 else 0.0
+        self.tv_exponents = (config.tv_inner_exp, config.tv_outer_exp)
+        self.image_prior = config.image_prior
+        self.feature_weight = config.feature_prior
+        self.features = (
+            None
+            if config.feature_prior == 0
+            else FeaturePrior(model, params, buffers, list(updates), labels, self.per_run)
+        )
         compared = self.gradient_cost.compared
         predicted = attacker_update(config, updates[0])  # lanes share the client recipe and its DP batches
         kept = kept_masks(config, targets)
@@ -163,9 +187,13 @@ class LaneObjective:
         with torch.enable_grad():
             x = x.detach().requires_grad_(True)
             match = self.match(x)
-            total = match + self.tv_weights * total_variation(x)
-            if self.feature_prior is not None:
-                total = total + self.bn_prior * self.feature_prior(x)
+            total = match + self.tv_weights * total_variation(x, *self.tv_exponents)
+            if self.batch_norm_prior is not None:
+                total = total + self.bn_prior * self.batch_norm_prior(x)
+            if self.features is not None:
+                total = total + self.feature_weight * self.features(x)
+            if self.image_prior > 0:
+                total = total + self.image_prior * x.square().flatten(1).mean(1)
             if self.group_weight > 0:
                 total = total + self.group_weight * group_consistency(x, self.restarts)
             (image_grad,) = torch.autograd.grad(total.sum(), inputs=[x])

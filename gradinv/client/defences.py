@@ -41,6 +41,12 @@ all). The server sees only the mean of the K updates (gradinv.client.update.aggr
 The attacker (:func:`attacker_update`) predicts that mean for its K groups of candidate images, each
 group through the client's training and the defences it mirrors; the prune-aware attacker compares the
 coordinates the mean kept (where any client kept one).
+
+The realistic FedAvg attacker (Dimitrov et al., "Data Leakage in Federated Averaging", TMLR 2022): by
+default the attacker unrolls the client's training exactly as it ran. ``attacker_local_lr`` and
+``attacker_local_steps`` replace the learning rate and step count by its guesses (:func:`attacker_recipe`),
+and ``attacker_order: unknown`` its knowledge of the shuffled mini-batches by its own order
+(gradinv.client.update.attacker_schedule); the client trains as before.
 """
 
 from __future__ import annotations
@@ -52,15 +58,15 @@ import math
 import numpy as np
 import torch
 
-from ..parameters import DefenceSettings, extract
+from ..parameters import ClientSettings, DefenceSettings, extract
 from .update import (
     ClientUpdate,
     Defence,
     PrivateTraining,
     aggregate,
+    attacker_schedule,
     average,
     client_update,
-    minibatch_schedule,
     parameter_update,
 )
 
@@ -202,8 +208,9 @@ def attacker_update(source, sent: ClientUpdate):
     averages (one client: its own update)."""
     settings = extract(DefenceSettings, source)
     size = sent.images_per_client
-    schedule = minibatch_schedule(size, sent.fl)
-    trainings = [_attacker_training(settings, sent, schedule, client) for client in range(sent.clients)]
+    fl = attacker_recipe(sent.fl)
+    schedule = attacker_schedule(size, fl)
+    trainings = [_attacker_training(settings, sent, fl, schedule, client) for client in range(sent.clients)]
     mirrored = attacker_defences(settings)
 
     def client(training, model, params, buffers, x, y):
@@ -220,17 +227,28 @@ def attacker_update(source, sent: ClientUpdate):
     return update
 
 
-def _attacker_training(settings: DefenceSettings, sent: ClientUpdate, schedule, client: int):
-    """One client's local training as the attacker unrolls it, ``(model, params, buffers, images,
-    labels) -> update``: with ``dp_aware``, DP-SGD's per-example clip over the batches that client
-    drew (without the noise, which it cannot know); otherwise plain training (a naive attacker
+def attacker_recipe(fl: ClientSettings) -> ClientSettings:
+    """The client's local training as the attacker believes it: its guesses ``attacker_local_lr`` and
+    ``attacker_local_steps`` in place of the client's (None: it knows them). FedSGD has nothing to guess."""
+    if fl.fl != "fedavg" or (fl.attacker_local_lr is None and fl.attacker_local_steps is None):
+        return fl
+    lr, steps = fl.attacker_local_lr, fl.attacker_local_steps
+    return dataclasses.replace(
+        fl, local_lr=fl.local_lr if lr is None else lr, local_steps=fl.local_steps if steps is None else steps
+    )
+
+
+def _attacker_training(settings: DefenceSettings, sent: ClientUpdate, fl: ClientSettings, schedule, client: int):
+    """One client's local training as the attacker unrolls it (``fl``: :func:`attacker_recipe`), ``(model,
+    params, buffers, images, labels) -> update``: with ``dp_aware``, DP-SGD's per-example clip over the
+    batches that client drew (without the noise, which it cannot know; a guessed step count takes the
+    first of them, or repeats them in turn); otherwise plain training over ``schedule`` (a naive attacker
     ignores the clip and the sampling)."""
-    fl = sent.fl
     if not (settings.dp_aware and sent.private is not None):
         return lambda model, params, buffers, x, y: parameter_update(model, params, buffers, x, y, fl, schedule)
     from .dp_training import clipped_update
 
-    private = sent.private
-    return functools.partial(
-        clipped_update, fl=fl, clip=private.clip, batches=sent.batches[client], sample_rate=private.sample_rate
-    )
+    private, batches = sent.private, sent.batches[client]
+    if fl.local_steps != sent.fl.local_steps:
+        batches = [batches[step % len(batches)] for step in range(fl.local_steps)]
+    return functools.partial(clipped_update, fl=fl, clip=private.clip, batches=batches, sample_rate=private.sample_rate)

@@ -13,12 +13,13 @@ THREAT_MODELS = ("honest", "malicious")
 BN_STATS = ("running", "batch")
 COSTS = ("cosine", "l2", "l1", "max", "simlocal")
 DECAYS = ("step", "step-eighths", "cosine", "none")
-INITS = ("randn", "rand", "zeros")
+INITS = ("randn", "rand", "zeros", "patterned")
 LAYER_WEIGHTINGS = ("equal", "linear", "exp")
 # Named tensor sets: the first / last K parameter tensors (fewer when the model has fewer), the K of
 # largest target norm, or `batch`: 8 tensors drawn afresh at every evaluation.
 LAYER_SETS = ("all", "first4", "first5", "first10", "first50", "last5", "last10", "last50", "top10", "top50", "batch")
 OPTIMIZERS = ("adam", "sgd", "lbfgs")
+PATTERN_SIDE = 4  # init patterned: breaching's patterned-4
 SCORINGS = ("loss", "tv", "pixelmean", "pixelmedian")
 
 
@@ -135,6 +136,42 @@ class InvertingSettings(Part):
         check=at_least(0),
         fix="use a TV weight of 0 or more",
     )
+    tv_inner_exp: float = knob(
+        1.0,
+        kind="float",
+        check=positive,
+        fix="use a positive exponent (1: the paper's TV)",
+        search=(1.0, 2.0),
+        help="TV as mean((|dx|^p + |dy|^p)^q), p this exponent; p = q = 1 is the paper's anisotropic TV, "
+        "p 2 and q 0.5 the isotropic TV of breaching's modern recipe (Geiping et al.)",
+    )
+    tv_outer_exp: float = knob(
+        1.0,
+        kind="float",
+        check=positive,
+        fix="use a positive exponent (1: the paper's TV)",
+        search=(0.5, 1.0),
+        help="TV's outer exponent q (see tv_inner_exp)",
+    )
+    feature_prior: float = knob(
+        0.0,
+        kind="float",
+        check=at_least(0),
+        fix="use 0 (off) or a positive weight",
+        search="log",
+        help="weight of the feature prior (breaching's modern recipe, Geiping et al.): the classifier's "
+        "input for each label, read off the update's classifier weight and bias rows, against the "
+        "candidate's, as squared distance over the read feature's squared norm; 0: off",
+    )
+    image_prior: float = knob(
+        0.0,
+        kind="float",
+        check=at_least(0),
+        fix="use 0 (off) or a positive weight",
+        search="log",
+        help="weight of the L2 image prior (See-Through-Gradients, Yin et al. 2021): the mean squared "
+        "pixel of the candidate in normalised units; 0: off",
+    )
     # tune searches only the costs whose scales the pruner can compare across candidates
     cost: str = knob("cosine", kind="str", help="the gradient distance", choices=COSTS, search=("cosine", "l2"))
     decay: str = knob(
@@ -144,7 +181,14 @@ class InvertingSettings(Part):
         search="choices",
         help="step-size schedule (step: x0.1 at the reference's milestones)",
     )
-    init: str = knob("randn", kind="str", help="the starting images", choices=INITS, search="choices")
+    init: str = knob(
+        "randn",
+        kind="str",
+        choices=INITS,
+        search="choices",
+        help="the starting images: standard normal, uniform in [-1, 1), zeros, or patterned (a uniform "
+        f"{PATTERN_SIDE}x{PATTERN_SIDE} tile repeated over the image: breaching's modern recipe, Geiping et al.)",
+    )
     layer_weighting: str = knob(
         "equal",
         kind="str",
@@ -162,6 +206,33 @@ class InvertingSettings(Part):
     )
     clamp_init: bool = knob(False, kind="bool", help="project the first images into the pixel box")
     signed: bool = knob(True, kind="bool", help="step on the sign of the image gradient")
+    soft_signed: bool = knob(
+        False,
+        kind="bool",
+        applies=lambda t: t.signed,
+        search=(False, True),
+        help="soft signs (breaching's modern recipe, Geiping et al.): tanh(g s) / s with s falling "
+        "linearly from 1 to 0 over each round, from near-signs to the plain gradient",
+    )
+    warmup: int = knob(
+        0,
+        kind="int",
+        check=at_least(0),
+        fix="use 0 (none) or more iterations",
+        search="choices",
+        help="iterations over which the step size rises linearly to its schedule's (breaching's modern "
+        "recipe and See-Through-Gradients: 50); 0: none",
+    )
+    langevin: float = knob(
+        0.0,
+        kind="float",
+        check=at_least(0),
+        fix="use 0 (off) or a positive scale",
+        search="log",
+        help="Langevin noise (See-Through-Gradients, Yin et al. 2021; breaching: 0.01): standard normal "
+        "noise times this and the step size added to the image gradient at every step; 0: off",
+    )
+
     boxed: bool = knob(True, kind="bool", help="keep pixels in the valid box after every step")
     median_filter: bool = knob(False, kind="bool", help="a 3x3 median filter every 500 iterations")
     optimizer: str = knob("adam", kind="str", help="adam, or the reference's sgd or lbfgs", choices=OPTIMIZERS)

@@ -11,6 +11,8 @@ LABELS = ("known", "recovered")
 CLIENT_NORMS = ("eval", "train")
 FL_MODES = ("fedsgd", "fedavg")
 BATCH_ORDERS = ("shuffled", "sequential")
+ATTACKER_ORDERS = ("known", "unknown")
+REALISTIC = "Dimitrov et al., Data Leakage in Federated Averaging, TMLR 2022"  # the realistic FedAvg attacker
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -57,9 +59,17 @@ def _fedavg(trial) -> bool:
     return trial.fl == "fedavg" and not federated(trial)
 
 
+def _order_matters(trial) -> bool:
+    """FedAvg whose mini-batches are shuffled subsets of the client's images: only there can the attacker
+    miss their order (full batches hold every image; sequential ones take the images in index order)."""
+    count = len(trial.images) // trial.aggregated_clients
+    return _fedavg(trial) and trial.batch_order == "shuffled" and 0 < trial.local_batch_size < count
+
+
 @dataclass(frozen=True, kw_only=True)
 class ClientSettings(Part):
-    """How the client computes its update (FedSGD or FedAvg); the attacker knows all of it.
+    """How the client computes its update (FedSGD or FedAvg); the attacker knows all of it unless the
+    ``attacker_*`` knobs say otherwise (FedAvg's realistic attacker, gradinv.client.defences.attacker_update).
 
     Local training, one vocabulary: ``local_*`` is the attacked client's FedAvg here, ``fed_*``
     (FederationSettings) a simulated federation's clients'. In a federation the attacked client trains by
@@ -129,4 +139,29 @@ class ClientSettings(Part):
         check=is_momentum,
         fix=MOMENTUM_FIX,
         help="FedAvg: SGD momentum of the local steps (PyTorch's: v = m v + g, step lr v); 0: plain SGD",
+    )
+    attacker_order: str = knob(
+        "known",
+        kind="str",
+        choices=ATTACKER_ORDERS,
+        applies=_order_matters,
+        help="FedAvg with shuffled mini-batches: the attacker knows the client's data order, or (unknown, the "
+        f"realistic case of {REALISTIC}) unrolls the same steps over its candidates in index order, "
+        "fixed consecutive slices every epoch",
+    )
+    attacker_local_lr: float | None = knob(
+        None,
+        kind="float",
+        applies=_fedavg,
+        check=positive,
+        fix="use a positive learning rate, or leave it out (the attacker knows local_lr)",
+        help=f"FedAvg: the attacker's guess of local_lr ({REALISTIC}); none: it knows local_lr",
+    )
+    attacker_local_steps: int | None = knob(
+        None,
+        kind="int",
+        applies=_fedavg,
+        check=at_least(1),
+        fix="use at least 1 step, or leave it out (the attacker knows local_steps)",
+        help=f"FedAvg: the attacker's guess of local_steps ({REALISTIC}); none: it knows local_steps",
     )

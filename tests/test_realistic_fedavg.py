@@ -1,0 +1,170 @@
+"""The realistic FedAvg attacker (Dimitrov et al., "Data Leakage in Federated Averaging", TMLR 2022): an
+attacker that does not know the client's mini-batch order (``attacker_order: unknown``), its local learning
+rate (``attacker_local_lr``) or its step count (``attacker_local_steps``). The defaults keep the attacker
+that knows all three, bit for bit and key for key."""
+
+import pytest
+import torch
+
+from gradinv.client.defences import attacker_update
+from gradinv.client.update import client_update, minibatch_schedule, model_state
+from gradinv.errors import ConfigError
+from gradinv.parameters import ClientSettings, DefenceSettings
+from gradinv.results.schema import parameter_columns, trial_key
+from gradinv.trial.run import run_trials
+from gradinv.trial.spec import TrialSpec
+
+IMAGES, CLASSES = 4, 3
+FEDAVG = {"fl": "fedavg", "local_lr": 0.5}  # a large step: a wrong order shows far above float rounding
+
+
+@pytest.fixture(scope="module")
+def client():
+    """A small nonlinear model and four 4x4 images with labels 0, 1, 2, 0."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Flatten(), torch.nn.Linear(16, 8), torch.nn.Tanh(), torch.nn.Linear(8, CLASSES)
+    ).eval()
+    return model, torch.randn(IMAGES, 1, 4, 4), torch.tensor([0, 1, 2, 0])
+
+
+def predicted(model, images, labels, fl: ClientSettings, attacker: dict | None = None) -> tuple:
+    """The client's true update, and the attacker's prediction at ``images`` (its own ``attacker_*``
+    beliefs in ``attacker``; the client trains by ``fl`` alone)."""
+    sent = client_update(model, images, labels, fl)
+    believed = ClientSettings(**{**fl.__dict__, **(attacker or {})})
+    predict = attacker_update(DefenceSettings(), type(sent)(sent.tensors, believed, sent.num_images))
+    return sent.tensors, predict(model, *model_state(model), images, labels)
+
+
+def same(a: tuple, b: tuple) -> bool:
+    return all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+
+
+def gap(a: tuple, b: tuple) -> float:
+    """The largest coordinate difference relative to the update's largest coordinate."""
+    scale = max(x.abs().max().item() for x in a)
+    return max((x - y).abs().max().item() for x, y in zip(a, b, strict=True)) / scale
+
+
+def test_the_default_attacker_knows_the_order_and_predicts_the_sent_update_exactly(client):
+    fl = ClientSettings(**FEDAVG, local_steps=4, local_batch_size=2)  # two epochs of shuffled pairs
+    sent, known = predicted(*client, fl)
+    assert same(sent, known)
+    _, explicit = predicted(*client, fl, {"attacker_order": "known", "attacker_local_lr": None})
+    assert same(explicit, known)
+
+
+def test_over_two_shuffled_epochs_the_unknown_order_attacker_misses_the_update_at_the_true_images(client):
+    fl = ClientSettings(**FEDAVG, local_steps=4, local_batch_size=2)
+    schedule = [batch.tolist() for batch in minibatch_schedule(IMAGES, fl)]
+    assert schedule == [[0, 1], [3, 2], [0, 2], [3, 1]]  # epoch 2 pairs the images otherwise than index order
+    sent, unknown = predicted(*client, fl, {"attacker_order": "unknown"})  # [0, 1], [2, 3], [0, 1], [2, 3]
+    assert gap(sent, unknown) > 0.05
+
+
+def test_within_one_epoch_an_unknown_order_is_a_relabelling_of_the_candidates(client):
+    """One epoch: the unknown-order attacker's slices hold the client's batches when its candidates stand
+    in the client's order, so the true images so arranged give the true update (up to rounding: a batch's
+    mean loss does not depend on the order inside it)."""
+    model, images, labels = client
+    fl = ClientSettings(**FEDAVG, local_steps=2, local_batch_size=2, data_order_seed=1)
+    order = torch.cat(minibatch_schedule(IMAGES, fl))
+    assert order.tolist() == [1, 3, 2, 0]  # pairs {1, 3} and {0, 2}, not the index order's {0, 1} and {2, 3}
+    sent, in_index_order = predicted(model, images, labels, fl, {"attacker_order": "unknown"})
+    assert gap(sent, in_index_order) > 0.05
+    _, arranged = predicted(model, images[order], labels[order], fl, {"attacker_order": "unknown"})
+    assert gap(sent, arranged) < 1e-6
+    _, known = predicted(model, images[order], labels[order], fl)  # the known order, at the wrong positions
+    assert gap(sent, known) > 0.05
+
+
+def test_one_batch_of_every_image_needs_no_order(client):
+    for batch in (0, IMAGES):
+        fl = ClientSettings(**FEDAVG, local_steps=1, local_batch_size=batch)
+        sent, known = predicted(*client, fl)
+        _, unknown = predicted(*client, fl, {"attacker_order": "unknown"})
+        assert same(known, unknown) and same(sent, unknown)
+
+
+def test_a_guessed_learning_rate_equal_to_the_true_one_is_the_known_case(client):
+    fl = ClientSettings(**FEDAVG, local_steps=4, local_batch_size=2)
+    sent, guessed = predicted(*client, fl, {"attacker_local_lr": fl.local_lr, "attacker_local_steps": 4})
+    assert same(sent, guessed)
+
+
+def test_a_wrong_guess_predicts_the_training_it_guessed(client):
+    model, images, labels = client
+    one_step = ClientSettings(**FEDAVG)  # one full-batch step: the update is -lr * gradient
+    sent, doubled = predicted(model, images, labels, one_step, {"attacker_local_lr": 2 * one_step.local_lr})
+    # theta_1 - theta_0 in float32: rounding of the order of a weight's ulp
+    assert all(torch.allclose(d, 2 * s, rtol=1e-5, atol=1e-6) for d, s in zip(doubled, sent))
+    two_steps = ClientSettings(**FEDAVG, local_steps=2, local_batch_size=2)
+    sent, first_only = predicted(model, images, labels, two_steps, {"attacker_local_steps": 1})
+    first_step = client_update(model, images, labels, ClientSettings(**FEDAVG, local_batch_size=2)).tensors
+    assert same(first_only, first_step) and gap(sent, first_only) > 0.1
+
+
+def test_the_defaults_keep_every_trial_key_and_inapplicable_beliefs_collapse():
+    base = dict(fl="fedavg", images=(0, 1, 2, 3), local_steps=4, local_batch_size=2)
+    today = TrialSpec(**base)
+    assert today.key_fields() == {"images": [0, 1, 2, 3], "fl": "fedavg", "local_steps": 4, "local_batch_size": 2}
+    explicit = TrialSpec(**base, attacker_order="known", attacker_local_lr=None, attacker_local_steps=None)
+    assert trial_key(explicit) == trial_key(today)
+    order_free = (  # where no order can be missed: full batches, the reference's fixed slices, FedSGD
+        TrialSpec(**{**base, "local_batch_size": 0}, attacker_order="unknown"),
+        TrialSpec(**base, batch_order="sequential", attacker_order="unknown"),
+        TrialSpec(images=(0, 1), attacker_order="unknown", attacker_local_lr=0.1, attacker_local_steps=2),
+    )
+    for spec in order_free:
+        assert not {"attacker_order", "attacker_local_lr", "attacker_local_steps"} & set(spec.key_fields())
+    realistic = TrialSpec(**base, attacker_order="unknown", attacker_local_lr=1e-3, attacker_local_steps=2)
+    assert realistic.key_fields() == {
+        **today.key_fields(),
+        "attacker_order": "unknown",
+        "attacker_local_lr": 1e-3,
+        "attacker_local_steps": 2,
+    }
+
+
+@pytest.mark.parametrize(
+    "field, value, fix",
+    [
+        ("attacker_order", "guessed", "choose one of known, unknown"),
+        ("attacker_local_lr", 0.0, "use a positive learning rate"),
+        ("attacker_local_lr", -1e-4, "use a positive learning rate"),
+        ("attacker_local_lr", float("inf"), "use a finite number"),
+        ("attacker_local_steps", 0, "use at least 1 step"),
+    ],
+)
+def test_a_bad_belief_is_one_line_naming_field_value_and_fix(field, value, fix):
+    with pytest.raises(ConfigError) as refused:
+        TrialSpec(fl="fedavg", **{field: value})
+    message = str(refused.value)
+    assert field in message and str(value) in message and fix in message and "\n" not in message
+
+
+def test_rows_record_what_the_attacker_knew():
+    spec = TrialSpec(
+        dataset="faces",
+        images=(0, 1, 2, 3),
+        image_size=8,
+        width=2,
+        iterations=4,
+        fl="fedavg",
+        local_steps=4,
+        local_batch_size=2,
+        local_lr=0.1,
+        attacker_order="unknown",
+        attacker_local_lr=0.05,
+    )
+    columns = parameter_columns(spec)
+    assert (columns["attacker_order"], columns["attacker_local_lr"], columns["attacker_local_steps"]) == (
+        "unknown",
+        0.05,
+        None,
+    )
+    (outcome,) = run_trials([spec])
+    assert outcome.status == "ok" and len(outcome.curve) > 0
+    fedsgd = parameter_columns(TrialSpec(images=(0, 1), attacker_order="unknown"))
+    assert fedsgd["attacker_order"] is None and fedsgd["attacker_local_lr"] is None  # FedSGD: not applicable
