@@ -15,11 +15,15 @@ import torch
 
 from . import data, metrics
 from .errors import require
+from .image_folders import is_folder, require_side
 
 
 @dataclass(frozen=True)
 class BaselinePool:
-    """Statistics of the first ``pool_size`` training images, in [0, 1] pixels. Shared: never modify."""
+    """Statistics of the first ``pool_size`` training images, in [0, 1] pixels. Shared: never modify.
+
+    An image folder's split is sorted by class (ImageFolder's order): its pool is ``pool_size`` images
+    spread evenly over the split, so that every class is in it when the pool is large enough."""
 
     dataset: str
     side: int
@@ -35,6 +39,9 @@ class BaselinePool:
         """The pool for a dataset at a side length, computed once per process and then shared."""
         spec = data.dataset_spec(dataset)
         require(pool_size >= 1, "pool_size", pool_size, "use 1 or more training images")
+        if is_folder(dataset):  # an image folder's own training images, as many as it holds up to pool_size
+            require_side(dataset, spec.sizes, image_size)
+            pool_size = min(pool_size, spec.train_images)
         return _pool(dataset, image_size or spec.size, pool_size, str(data.data_root(data_root)))
 
     def guesses(self, attacker_labels: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -71,6 +78,9 @@ def score_baselines(guesses: dict[str, torch.Tensor], truth01: torch.Tensor) -> 
 def _pool(dataset: str, side: int, pool_size: int, root: str) -> BaselinePool:
     available = len(data.open_dataset(dataset, root, split="train", image_size=side))
     require(pool_size <= available, "pool_size", pool_size, f"use 1 to {available}, the training images of {dataset}")
-    images, labels = data.load_images(dataset, tuple(range(pool_size)), root, split="train", image_size=side)
+    # a built-in split is in no class order: its first images; an image folder's: spread over the split
+    spread = is_folder(dataset) and pool_size < available
+    indices = tuple(i * available // pool_size for i in range(pool_size)) if spread else tuple(range(pool_size))
+    images, labels = data.load_images(dataset, indices, root, split="train", image_size=side)
     class_means = {int(label): images[labels == label].mean(dim=0) for label in labels.unique()}
     return BaselinePool(dataset, side, pool_size, images.mean(dim=0), images.mean(dim=(0, 2, 3)), class_means)

@@ -23,6 +23,7 @@ from PIL import Image
 from .dataset_specs import PHOTO_NAMES, DatasetSpec, dataset_spec
 from .errors import ConfigError, require
 from .files import write_atomic
+from .image_folders import is_folder, open_folder
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 
@@ -90,6 +91,8 @@ def open_dataset(
     spec = dataset_spec(name)
     require(split in ("train", "test"), "split", split, "use 'train' or 'test'")
     transform = _transform(spec, image_size)
+    if is_folder(name):
+        return open_folder(name, split, transform, image_size)
     root = data_root(root)
     if name in ("faces", "photos"):
         return _TensorDataset(*_bundled_split(spec, split), transform)

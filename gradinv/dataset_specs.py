@@ -39,6 +39,7 @@ class DatasetSpec:
     split: BundledSplit | None = None  # bundled sets: the split defined here; None: the source's own
     trainable: bool = True  # False: every image is attacked, none is left to train on
     train_images: int = 0  # how many images the training split holds (0: none)
+    sizes: tuple[tuple[int, int], ...] = ()  # image folders: the (width, height) pairs the files come in
 
     @property
     def split_version(self) -> int:
@@ -90,5 +91,16 @@ DATASETS = {
 
 
 def dataset_spec(name: str) -> DatasetSpec:
-    require(name in DATASETS, "dataset", name, f"choose one of {', '.join(DATASETS)}")
+    """A built-in dataset's spec, or that of an image folder (``folder:PATH``, read from its files)."""
+    if isinstance(name, str) and name.startswith("folder:"):
+        from .image_folders import folder_facts  # reads the files (PIL, torchvision) when a folder is named
+
+        return DatasetSpec(name, **folder_facts(name))
+    require(
+        name in DATASETS,
+        "dataset",
+        name,
+        f"choose one of {', '.join(DATASETS)}, or folder:PATH (an image folder: PATH/train/<class>/*, "
+        "PATH/test/<class>/*)",
+    )
     return DATASETS[name]

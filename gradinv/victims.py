@@ -1,6 +1,6 @@
 """Where a trial's victim model and the attacked client's images come from: the seeded untrained
-model, a model-zoo checkpoint (both attacked on test images), or the global model after some rounds
-of a simulated federation (attacked on the images of one of its clients).
+model, a ``weights`` file (gradinv.weights), a model-zoo checkpoint (these three attacked on test images),
+or the global model after some rounds of a simulated federation (attacked on the images of one of its clients).
 
 One interface, :func:`victim_source`: ``.model()`` builds the victim, ``.recipe`` is the zoo recipe
 (None otherwise), ``.row_columns(sidecar)`` the result columns the source adds, and
@@ -15,13 +15,22 @@ from typing import Any
 
 import torch
 
-from . import data, models, parameters, zoo
+from . import data, models, parameters, weights, zoo
+from .errors import require
+from .image_folders import is_folder
 from .parameters import federated, trained_victim
 
 
 def recipe_of(spec: Any) -> zoo.Recipe:
     """The zoo recipe of the spec's victim (one checkpoint for the default width, named or not); with
     ``defended_training``, trained under the trial's defences."""
+    # a checkpoint's key names its dataset, and an image folder's name is a path: no zoo file can carry it
+    require(
+        not is_folder(spec.dataset),
+        "trained_epochs",
+        spec.trained_epochs,
+        "an image folder attacks untrained victims only; use 0",
+    )
     return zoo.Recipe(
         spec.dataset,
         spec.model,
@@ -70,6 +79,21 @@ class Untrained(TestImages):
 
     def model(self) -> torch.nn.Module:
         return models.initial_model(self.spec)
+
+    def row_columns(self, sidecar: dict | None = None) -> dict:
+        return {}
+
+
+@dataclass(frozen=True)
+class WeightsFile(TestImages):
+    """The trial's model holding the state_dict of its ``weights`` file (checked against the digest keyed)."""
+
+    spec: Any
+    recipe = None
+
+    def model(self) -> torch.nn.Module:
+        keyed = getattr(self.spec, "weights_sha256", None)
+        return weights.load_into(models.initial_model(self.spec), self.spec.weights, keyed).eval()
 
     def row_columns(self, sidecar: dict | None = None) -> dict:
         return {}
@@ -136,7 +160,9 @@ class FederationRound:
         return images01, labels, {"train_images": indices}
 
 
-def victim_source(spec: Any) -> Untrained | ZooCheckpoint | FederationRound:
+def victim_source(spec: Any) -> Untrained | WeightsFile | ZooCheckpoint | FederationRound:
     if federated(spec):
         return FederationRound(spec)
-    return ZooCheckpoint(spec) if trained_victim(spec) else Untrained(spec)
+    if trained_victim(spec):
+        return ZooCheckpoint(spec)
+    return WeightsFile(spec) if getattr(spec, "weights", None) is not None else Untrained(spec)

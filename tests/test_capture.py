@@ -166,3 +166,14 @@ def test_bad_input_is_one_line_exit_2_and_nothing_written(tmp_path, capsys, case
     assert code == 2 and error.startswith("gradinv attack: error:") and error.count("\n") == 1, error
     assert expected in error
     assert not out.exists()
+
+
+def test_a_weights_file_beside_an_update_is_refused(tmp_path, capsys):
+    update = client_step(tmp_path / "u.pt", width=4)
+    torch.save(torch.load(update, weights_only=True)["state"], tmp_path / "w.pt")  # fits the model
+    out = tmp_path / "out"
+    argv = ["attack", "--update", str(update), *VICTIM, "--width", "4", "--weights", str(tmp_path / "w.pt")]
+    assert main([*argv, "--out", str(out)]) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and "weights: " in error and "the update file holds the weights" in error
+    assert not out.exists()

@@ -18,7 +18,7 @@ from gradinv import parameters, parameters_page, trial
 from gradinv.attacks.registry import FAMILIES
 from gradinv.client.update import client_update
 from gradinv.errors import ConfigError
-from gradinv.models import build_model, default_width
+from gradinv.models import build_model, default_width, initial_model
 from gradinv.parameters import ClientSettings, knob
 from gradinv.results.schema import SCHEMA, parameter_columns, parameter_types
 from gradinv.trial import TrialSpec, lane_signature
@@ -57,7 +57,16 @@ APPLIES_WITH = {
     "imprint_bins": IMPRINTED,
     "imprint_sample": IMPRINTED,
     "defended_training": {"trained_epochs": 1, **DEFENDED_FIXED, "norm": "group"},  # DP-SGD training needs GroupNorm
+    "weights": {"dataset": "faces"},  # refused beside trained_epochs; the file fits the default model on faces
 }
+WEIGHTS_FILE = {}  # "path": a state_dict of the default model on faces, written once for the module
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _weights_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("weights") / "faces-convnet.pt"
+    torch.save(initial_model(TrialSpec(dataset="faces")).state_dict(), path)
+    WEIGHTS_FILE["path"] = str(path)
 
 
 def federation(name: str) -> bool:
@@ -85,6 +94,7 @@ def _good_value(name: str, declared: parameters.Knob, default):
         "imprint_sample": 120,
         "attack": "dlg",
         "max_iterations": 48_000,  # at least iterations (24,000 by default)
+        "weights": WEIGHTS_FILE.get("path"),  # a file that fits the model (see APPLIES_WITH)
     }
     if name in special:
         value = special[name]

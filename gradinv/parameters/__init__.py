@@ -102,7 +102,8 @@ def _has_width(trial) -> bool:
 
 @dataclass(frozen=True, kw_only=True)
 class VictimSettings(Part):
-    """The model the client trains: seeded and untrained, or a checkpoint of the model zoo."""
+    """The model the client trains: seeded and untrained, loaded from a ``weights`` file, or a checkpoint of
+    the model zoo."""
 
     model: str = knob(
         "convnet",
@@ -135,6 +136,7 @@ class VictimSettings(Part):
         arrow="int64",
         check=at_least(0),
         fix=SEED_FIX,
+        applies=lambda t: t.weights is None,
     )
     trained_epochs: int = knob(
         0,
@@ -143,6 +145,11 @@ class VictimSettings(Part):
         help="0: the seeded untrained model; else a checkpoint from the zoo",
         check=at_least(0),
         fix="use 0 (untrained) or more",
+    )
+    weights: str | None = knob(
+        None,
+        kind="str",
+        help="a state_dict file (torch.save) the victim starts from instead of its seeded weights; keyed by content",
     )
     train_subset: int | None = knob(
         None,

@@ -23,7 +23,8 @@ class DataSettings(Part):
         "fashion-mnist",
         kind="str",
         recipes=(ZOO, FEDERATION),
-        help="fashion-mnist, faces, photos, mnist, cifar10, cifar100 or imagenet",
+        help="fashion-mnist, faces, photos, mnist, cifar10, cifar100, imagenet, or folder:PATH (an image folder: "
+        "PATH/train/<class>/*, PATH/test/<class>/*; untrained victims only)",
     )
     images: tuple[int, ...] = knob(
         (0,),

@@ -45,6 +45,7 @@ def captured_spec(capture: CapturedUpdate, spec: TrialSpec) -> TrialSpec:
             raise ConfigError(name, given, f"the update file says {what}; leave it out with --update")
     require(not federated(spec), "round", spec.round, "leave it out: the update file holds the victim's weights")
     require(not trained_victim(spec), "trained_epochs", spec.trained_epochs, "use 0: the update file holds the weights")
+    require(spec.weights is None, "weights", spec.weights, "leave it out: the update file holds the weights")
     require(spec.dp_clip is None, "dp_clip", spec.dp_clip, "leave it out: a captured update's DP-SGD is not modelled")
     require(spec.aggregated_clients == 1, "aggregated_clients", spec.aggregated_clients, "use 1 with --update")
     require(

@@ -12,7 +12,7 @@ from types import SimpleNamespace
 
 import torch
 
-from .. import data, models, parameters
+from .. import data, models, parameters, weights
 from ..attacks.base import Family
 from ..attacks.costs import layer_indices
 from ..attacks.labels import applicable
@@ -20,6 +20,7 @@ from ..attacks.objective import IGConfig
 from ..attacks.registry import FAMILIES, settings_parts
 from ..errors import require
 from ..federation import Federation
+from ..image_folders import is_folder
 from ..parameters import LAYER_SET_COLUMN, ClientSettings, extract, federated, trained_victim
 from ..victims import recipe_of
 
@@ -41,6 +42,8 @@ class TrialRules:
                 f"use 0 to {spec.test_images - 1} for {self.dataset}",
             )
         models.default_width(self.model)  # validates the name
+        if self.weights is not None:
+            self._check_weights()
         if trained_victim(self):  # the checkpoint's own rules (training images, GroupNorm under DP-SGD)
             self.recipe()
         for requirement in self.family.requires:
@@ -91,11 +94,32 @@ class TrialRules:
             self.aggregated_clients,
             "use 1: a federation round attacks one client's update",
         )
+        require(
+            not is_folder(self.dataset),
+            "round",
+            self.round,
+            "leave it out: a federation is simulated on the built-in datasets only, not on an image folder",
+        )
         # the recipe's own rules (training images, an image per client, room for the partition sizes), the
         # round within fed_rounds, the attacked client among the clients and its share
         federation = Federation.of_trial(self)
         federation.check_round(self.round)
         federation.check_positions(self.attacked_client, self.images)
+
+    def _check_weights(self) -> None:
+        """The file against the trial: no other source of weights, readable, fitting the model. The path is
+        made absolute (workers may start elsewhere) and the content's digest kept for the key."""
+        require(
+            not trained_victim(self),
+            "trained_epochs",
+            self.trained_epochs,
+            "use 0 with weights: the weights file is the victim, not a zoo checkpoint",
+        )
+        require(not federated(self), "round", self.round, "leave it out with weights: a federation trains its own")
+        path = weights.absolute(self.weights)
+        object.__setattr__(self, "weights", path)  # frozen: set once, while the trial is built
+        object.__setattr__(self, "weights_sha256", weights.digest(path))
+        weights.check_fits(self, path)
 
     def _check_dp_batches(self) -> None:
         """DP-SGD draws its own batches (Poisson, at dp_sample_rate): the client's recipe may not fix smaller
@@ -179,8 +203,12 @@ class TrialRules:
     def key_fields(self) -> dict:
         """What a trial's key hashes: the non-default fields, and the version of a dataset's own
         train/test split (a changed split attacks other images under the same indices). A named
-        ``layers`` set is hashed under LAYER_SET_COLUMN, as before the two knobs merged."""
+        ``layers`` set is hashed under LAYER_SET_COLUMN, as before the two knobs merged. A ``weights`` file
+        is hashed by its content (``weights_sha256``), not its path: a copy elsewhere keeps the keys."""
         fields, split = self.non_default(), self.data_spec.split_version
+        if "weights" in fields:
+            del fields["weights"]
+            fields["weights_sha256"] = self.weights_sha256
         if isinstance(fields.get("layers"), str):
             fields[LAYER_SET_COLUMN] = fields.pop("layers")
         return {**fields, **({"split_version": split} if split else {})}
