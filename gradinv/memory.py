@@ -63,12 +63,17 @@ def model_size(model: str, channels: int, num_classes: int, side: int, width: in
     """The victim's size, from the model built and run on torch's meta device (shapes, no numbers)."""
     import torch
 
-    from . import models
+    from . import model_factories, models
+    from .errors import ConfigError
 
-    with torch.device("meta"):
-        victim = models.build_model(
-            model, channels=channels, num_classes=num_classes, image_size=side, width=width, norm=norm
-        )
+    shape = dict(channels=channels, num_classes=num_classes, image_size=side, width=width, norm=norm)
+    try:
+        with torch.device("meta"):
+            victim = models.build_model(model, **shape)
+    except ConfigError:
+        if not model_factories.is_factory(model):
+            raise
+        victim = models.build_model(model, **shape)  # the user's function needs real numbers
     leaves = [module for module in victim.modules() if not list(module.children())]
     produced = [0]
 
@@ -252,8 +257,9 @@ def study_locator(study) -> Callable[[str], str]:
         for section in ("data", "fixed", "grid", "zip", ""):
             where = (section, name) if section else (name,)
             line = study.lines.get(where)
-            if line:
-                return f"{study.path}:{line}: {'.'.join(where)}"
+            if line:  # a line number, or the --set flag that gave the value (text)
+                place = f"{study.path} ({line})" if isinstance(line, str) else f"{study.path}:{line}"
+                return f"{place}: {'.'.join(where)}"
         if name == "images" and study.lines.get(("fixed", "images_per_client")):
             return locate("images_per_client")
         return f"{study.path}: {name}"

@@ -1,5 +1,6 @@
 """Victim models by name. Every model takes normalised images of any size and channel count
-(``convnet-paper``: at least 9 pixels a side)."""
+(``convnet-paper``: at least 9 pixels a side). A name ``package.module:function`` is the user's own
+factory (gradinv.model_factories)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from . import model_factories
 from .dataset_specs import dataset_spec
 from .errors import require
 
@@ -185,6 +187,10 @@ MODELS: dict[str, ModelInfo] = {
 
 
 def default_width(name: str) -> int | None:
+    """The model's own width; None: it has none (a factory's: it gets ``width`` only when the trial sets one)."""
+    if model_factories.is_factory(name):
+        model_factories.parse(name)
+        return None
     require(name in MODELS, "model", name, f"choose one of {', '.join(MODELS)}")
     return MODELS[name].default_width
 
@@ -198,19 +204,27 @@ def build_model(
     width: int | None = None,
     seed: int = 0,
     norm: str = "batch",
+    source_sha256: str | None = None,
 ) -> nn.Module:
     """The model ``name`` initialised from ``seed`` (same seed, same weights), in eval mode.
 
     ``norm="group"``: every BatchNorm replaced by GroupNorm with Opacus' own fixer (``gcd(32, C)``
     groups), which DP-SGD training needs (BatchNorm mixes the examples of a batch); the other layers'
-    weights are the same as with BatchNorm."""
+    weights are the same as with BatchNorm. ``source_sha256``: a factory's source digest the trial was keyed
+    with, checked before the factory runs."""
     info_width = default_width(name)
     width = info_width if width is None else width
     if info_width is not None:
         require(isinstance(width, int) and width >= 1, "width", width, "use a whole number of at least 1")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = MODELS[name].build(channels, num_classes, width, image_size)
+        if model_factories.is_factory(name):
+            model_factories.check_source(name, source_sha256)
+            model = model_factories.build(
+                name, channels=channels, num_classes=num_classes, image_size=image_size, width=width
+            )
+        else:
+            model = MODELS[name].build(channels, num_classes, width, image_size)
     if norm == "group":
         from opacus.validators import ModuleValidator
 
@@ -230,4 +244,5 @@ def initial_model(settings) -> nn.Module:
         width=settings.width,
         seed=settings.model_seed,
         norm=settings.norm,
+        source_sha256=getattr(settings, "model_source_sha256", None),
     )

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from gradinv import memory
+from gradinv import memory, model_factories
 from gradinv.provenance import commit
 from gradinv.results.journal import JOURNAL_DIR
 from gradinv.results.schema import to_table, trial_key
@@ -71,8 +71,10 @@ def pending_trials(study: Study, statuses: dict[str, str], retry_failed: bool) -
     return todo
 
 
-def runtime_environment(data_root_arg: str | None) -> dict:
-    """What remote workers need from the driver's environment (not its disk)."""
+def runtime_environment(data_root_arg: str | None, trials=()) -> dict:
+    """What remote workers need from the driver's environment (not its disk): settings, and the user's code
+    that ``model: package.module:function`` trials import (Ray's ``py_modules``: a top-level package's
+    directory or a single-file module, uploaded by the driver; gradinv.model_factories.shipped)."""
     env = {"GRADINV_COMMIT": commit()}
     root = data_root_arg or os.environ.get("GRADINV_DATA")
     if root:
@@ -80,7 +82,9 @@ def runtime_environment(data_root_arg: str | None) -> dict:
     # GRADINV_CACHE stays each node's own: a node's workers inherit it from its `ray start`.
     if os.environ.get("GRADINV_FAULTS"):
         env["GRADINV_FAULTS"] = os.environ["GRADINV_FAULTS"]
-    return {"env_vars": env}
+    names = sorted({spec.model for spec in trials if model_factories.is_factory(spec.model)})
+    modules = sorted({path for path in map(model_factories.shipped, names) if path})
+    return {"env_vars": env, **({"py_modules": modules} if modules else {})}
 
 
 def remote_pack(pack: Pack, weights: bytes | None = None, sidecar: dict | None = None) -> list[dict]:
@@ -148,7 +152,7 @@ def run_study(study: Study, results_path: str | Path, options: RunOptions, *, da
         if not todo:
             print(f"all {len(study.trials)} trials of {study.name} already have rows in {results.path}")
             return EXIT_OK
-        ray = connect(options.address, runtime_environment(data_root_arg), study.max_retries)
+        ray = connect(options.address, runtime_environment(data_root_arg, study.trials), study.max_retries)
         try:
             if named_cluster:
                 fits(memory.largest_node_memory(ray), "the cluster's largest node")

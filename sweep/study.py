@@ -2,7 +2,8 @@
 
 Every mistake becomes a :class:`StudyError` naming the file, the line and the field. Loading is
 bounded: the file's size, what its aliases expand to, and the trials a grid may make are capped
-before anything large is built. The file is read by study_yaml.py, its values checked by
+before anything large is built. The file is read by study_yaml.py (with the command line's
+``--set KEY=VALUE`` overrides applied before anything is checked), its values checked by
 study_checks.py, and its grid expanded into trials by study_grid.py.
 """
 
@@ -10,15 +11,18 @@ from __future__ import annotations
 
 import math
 import re
+import sys
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from gradinv.model_factories import is_factory
 from gradinv.parameters import DataSettings, declarations
 from gradinv.trial import DEFAULTS, TrialSpec
 
 from .study_checks import Checker, column_range
 from .study_grid import Grid
-from .study_yaml import StudyError, read_yaml
+from .study_yaml import StudyError, apply_overrides, parse_override, read_yaml
 
 TOP_LEVEL = ("name", "data", "fixed", "grid", "zip", "resources", "max_retries", "timeout", "lanes", "tune")
 DATA_KEYS = tuple(declarations(DataSettings))  # the data: section
@@ -51,11 +55,12 @@ class Study:
     tune: dict | None = None  # the raw tune: section, validated by sweep.cli.tune
     lines: dict = field(default_factory=dict, compare=False, repr=False)  # field path -> line
     fixed: dict = field(default_factory=dict)  # the fixed: settings as given (trials drop those that do not apply)
+    overrides: tuple[str, ...] = ()  # the --set KEY=VALUE flags applied to the file, in order
 
 
-def load_study(path: str | Path, max_trials: int = MAX_TRIALS) -> Study:
+def load_study(path: str | Path, max_trials: int = MAX_TRIALS, overrides: Sequence[str] = ()) -> Study:
     """The validated study with its trials; refused when it makes more than ``max_trials`` trials."""
-    study = read_study(path, max_trials)
+    study = read_study(path, max_trials, overrides)
     if study.trials is None:
         line = study.lines.get(("grid",)) or study.lines.get(("zip",))
         raise StudyError(
@@ -68,10 +73,18 @@ def load_study(path: str | Path, max_trials: int = MAX_TRIALS) -> Study:
     return study
 
 
-def read_study(path: str | Path, max_trials: int = MAX_TRIALS) -> Study:
-    """The validated study, its trials counted from the axes and expanded only within ``max_trials``."""
+def read_study(path: str | Path, max_trials: int = MAX_TRIALS, overrides: Sequence[str] = ()) -> Study:
+    """The validated study, its trials counted from the axes and expanded only within ``max_trials``.
+
+    ``overrides`` are ``--set KEY=VALUE`` texts (KEY a dotted path, VALUE YAML), applied in order to the
+    file's document before it is checked, so the study is the file as if edited: every check holds, and
+    an error in a value an override gave names the flag in place of a line."""
     path = Path(path)
+    parsed = [parse_override(text, TOP_LEVEL) for text in overrides]  # a malformed flag before the file
     document, lines = read_yaml(path)
+    apply_overrides(path, document, lines, parsed, exclusive=("fixed", "grid", "zip"))
+    if any(is_factory(value) for value in _model_values(document)):
+        beside_on_path(path)
     check = Checker(path, lines)
     check.mapping(document, (), TOP_LEVEL)
     for required in ("name", "data"):
@@ -129,7 +142,29 @@ def read_study(path: str | Path, max_trials: int = MAX_TRIALS) -> Study:
         tune,
         lines,
         settings.fixed,
+        tuple(overrides),
     )
+
+
+def _model_values(document) -> list:
+    """The ``model`` values the raw document sets in fixed:, grid: and zip: (unchecked)."""
+    if not isinstance(document, dict):
+        return []
+    values = []
+    for section in ("fixed", "grid", "zip"):
+        value = document.get(section)
+        value = value.get("model") if isinstance(value, dict) else None
+        values += value if isinstance(value, list) else [value]
+    return values
+
+
+def beside_on_path(path: Path) -> None:
+    """The study file's directory joins the end of sys.path, so that a model named ``package.module:function``
+    is found on the Python path first, then beside the study (gradinv.model_factories). Ray workers receive
+    the module through the runtime environment's py_modules (sweep.runner.runtime_environment), not this path."""
+    directory = str(path.resolve().parent)
+    if directory not in sys.path:
+        sys.path.append(directory)
 
 
 def _name(check: Checker, name) -> str:

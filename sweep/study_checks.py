@@ -43,7 +43,8 @@ class Checker:
         """A finite number; with ``maximum``, one in [minimum, maximum]."""
         kinds = (int,) if integer else (int, float)
         if isinstance(value, bool) or not isinstance(value, kinds):
-            self.fail(where, f"expected {'a whole number' if integer else 'a number'}, got {value!r}")
+            hint = "" if integer else _as_text(value)
+            self.fail(where, f"expected {'a whole number' if integer else 'a number'}, got {value!r}{hint}")
         if not math.isfinite(value):
             self.fail(where, f"expected a finite number, got {value!r}")
         if positive and value <= 0:
@@ -53,6 +54,14 @@ class Checker:
         if minimum is not None and value < minimum:
             self.fail(where, f"must be at least {minimum}, got {value!r}")
         return value
+
+
+def _as_text(value) -> str:
+    """The fix for a number YAML 1.1 reads as text (1e-4: its floats need a dot, 1.0e-4)."""
+    mantissa, e, exponent = value.lower().partition("e") if isinstance(value, str) else ("", "", "")
+    if not e or "." in mantissa or not mantissa.lstrip("+-").isdigit() or not exponent.lstrip("+-").isdigit():
+        return ""
+    return f"; YAML reads it as text, write {mantissa}.0e{exponent}"
 
 
 def column_range(column: str) -> tuple[int, int]:

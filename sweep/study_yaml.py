@@ -1,28 +1,37 @@
-"""Study files as YAML with line numbers: safe-loaded, bounded, every mapping key's line recorded.
+"""Study files as YAML with line numbers: safe-loaded, bounded, every mapping key's line recorded; and
+the command line's ``--set KEY=VALUE`` overrides, applied to the document before it is validated.
 
-What the reader refuses is a :class:`StudyError` naming the file, the line and the field.
+What the reader refuses is a :class:`StudyError` naming the file, the line and the field; a value an
+override gave is located by the flag instead of a line (``study.yaml (--set fixed.iterations=x): ...``).
 """
 
 from __future__ import annotations
 
 import os
 import stat
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from gradinv.errors import ConfigError
+from gradinv.results.text import visible
 
 MAX_FILE_BYTES = 1 << 20  # a study file is a few kB; even 50,000 listed image indices fit
 MAX_ALIAS_VALUES = 10_000  # values that aliases may add by repeating what they refer to
+MAX_SHOWN = 80  # characters of an override an error quotes
+
+
+class SetFlag(str):
+    """Where a value an override gave comes from, in place of its line: ``--set fixed.iterations=500``."""
 
 
 class StudyError(ConfigError):
-    """A mistake in a study file, located by file and line."""
+    """A mistake in a study file, located by file and line (or by the ``--set`` flag that gave the value)."""
 
-    def __init__(self, path: Path | str, line: int | None, field_name: str, message: str):
-        where = f"{path}:{line}" if line else str(path)
+    def __init__(self, path: Path | str, line: int | str | None, field_name: str, message: str):
+        where = f"{path} ({line})" if isinstance(line, SetFlag) else f"{path}:{line}" if line else str(path)
         self.field, self.value, self.fix = field_name, None, message
         ValueError.__init__(self, f"{where}: {field_name}: {message}")
 
@@ -145,3 +154,117 @@ def read_yaml(path: Path) -> tuple[dict, dict]:
     if not isinstance(document, dict):
         raise StudyError(path, 1, "study", "the file must be a mapping with at least 'name' and 'data'")
     return document, lines
+
+
+# ------------------------------------------------------------------------------------------------
+# --set KEY=VALUE
+
+
+@dataclass(frozen=True)
+class Override:
+    """One ``--set KEY=VALUE``: the dotted key as a path into the document, and the value read as YAML."""
+
+    text: str  # as given on the command line
+    where: tuple[str, ...]
+    value: Any
+    flag: SetFlag  # where its values come from, in errors: "--set fixed.iterations=500"
+    paths: tuple[tuple, ...]  # the path and every key and item inside the value
+
+
+def parse_override(text: str, sections: tuple[str, ...]) -> Override:
+    """``KEY=VALUE`` with KEY a dotted path starting at one of ``sections``, VALUE safe-loaded YAML (bounded
+    and tag-checked as a study file's values are). A bad one is a ConfigError naming ``--set``."""
+    key, equals, value_text = text.partition("=")
+    key = key.strip()
+    example = "e.g. --set fixed.iterations=500 or --set grid.width=[16,32]"
+    if not equals:
+        raise ConfigError("--set", text, f"write KEY=VALUE, {example}")
+    if not key:
+        raise ConfigError("--set", text, f"name the key before '=', {example}")
+    where = tuple(key.split("."))
+    if "" in where:
+        raise ConfigError("--set", text, f"a key is names joined by single dots, {example}")
+    if where[0] not in sections:
+        raise ConfigError(
+            "--set", text, f"a study has no '{where[0]}'; start the key with one of {', '.join(sections)}"
+        )
+    shown = visible(text if len(text) <= MAX_SHOWN else text[: MAX_SHOWN - 3] + "...")
+    found: dict = {}
+    try:
+        node = yaml.compose(value_text, Loader=yaml.SafeLoader)
+        value = _Plain(Path("--set"), found).value(node, where) if node is not None else None
+    except StudyError as error:  # a tag, a duplicate key, an alias bomb inside the value
+        raise ConfigError("--set", text, error.fix) from None
+    except yaml.YAMLError as error:
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        raise ConfigError(
+            "--set",
+            text,
+            f"the value is not YAML ({problem}); write a list as [a, b], and quote text holding : [ ] {{ }}",
+        ) from None
+    except RecursionError:
+        raise ConfigError("--set", text, "the value is nested too deeply; flatten it") from None
+    flag = SetFlag(f"--set {shown}")
+    return Override(text, where, value, flag, (where, *(path for path in found if path != where)))
+
+
+def apply_overrides(path: Path, document: dict, lines: dict, overrides, exclusive: tuple[str, ...] = ()) -> None:
+    """The overrides, in order, written into ``document`` (a later one wins), and their flags into ``lines``
+    in place of the lines of what they replace. A parameter an override puts in one of the ``exclusive``
+    sections leaves the others, where the file (not another override) set it: ``--set grid.lr=[0.1,0.3]``
+    sweeps the lr the file fixed."""
+    for override in overrides:
+        parent = document
+        for depth, part in enumerate(override.where[:-1], start=1):
+            here = override.where[:depth]
+            child = parent.get(part)
+            if child is None:  # absent, or a key with nothing under it: a new mapping
+                child = parent[part] = {}
+                lines[here] = lines.get(here) or override.flag
+            elif not isinstance(child, dict):
+                name = ".".join(here)
+                line = lines.get(here)
+                at = f" ({line})" if isinstance(line, SetFlag) else f" ({path}:{line})" if line else ""
+                raise ConfigError(
+                    "--set",
+                    override.text,
+                    f"{name}{at} holds {_kind(child)}, not a mapping; set {name} whole (--set {name}=VALUE)",
+                )
+            parent = child
+        _forget(lines, override.where)
+        parent[override.where[-1]] = override.value
+        lines.update(dict.fromkeys(override.paths, override.flag))
+        _leave_other_sections(document, lines, override, exclusive)
+
+
+def _leave_other_sections(document: dict, lines: dict, override: Override, exclusive: tuple[str, ...]) -> None:
+    section = override.where[0]
+    if section not in exclusive or len(override.where) > 2:
+        return
+    if len(override.where) == 2:
+        names = [override.where[1]]
+    else:
+        names = list(override.value) if isinstance(override.value, dict) else []
+    for other in exclusive:
+        block = document.get(other)
+        if other == section or not isinstance(block, dict):
+            continue
+        for name in names:
+            if name in block and not isinstance(lines.get((other, name)), SetFlag):
+                del block[name]
+                _forget(lines, (other, name))
+
+
+def _forget(lines: dict, where: tuple) -> None:
+    for path in [path for path in lines if path[: len(where)] == where]:
+        del lines[path]
+
+
+def _kind(value) -> str:
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, str):
+        return "text"
+    if isinstance(value, bool):
+        return "true/false"
+    return "a number" if isinstance(value, (int, float)) else type(value).__name__

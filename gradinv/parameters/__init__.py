@@ -25,6 +25,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from ..model_factories import is_factory
 from .attack import (
     LABEL_METHODS,
     LAYER_SET_COLUMN,
@@ -97,7 +98,8 @@ NORMS = ("batch", "group")
 
 
 def _has_width(trial) -> bool:
-    return trial.default_width is not None
+    """A registry model with a width parameter, or the user's factory (it gets ``width`` when a trial sets one)."""
+    return trial.default_width is not None or is_factory(trial.model)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -109,7 +111,8 @@ class VictimSettings(Part):
         "convnet",
         kind="str",
         recipes=(ZOO, FEDERATION),
-        help="convnet-paper (the paper's ConvNet), convnet, lenet-zhu, resnet20, resnet18, mlp, ... (gradinv.models)",
+        help="convnet-paper (the paper's ConvNet), convnet, lenet-zhu, resnet20, resnet18, mlp, ... (gradinv.models); "
+        "or your own function as package.module:function (docs/your-own.md)",
     )
     width: int | None = knob(
         None,

@@ -12,13 +12,13 @@ from types import SimpleNamespace
 
 import torch
 
-from .. import data, models, parameters, weights
+from .. import data, model_factories, models, parameters, weights
 from ..attacks.base import Family
 from ..attacks.costs import layer_indices
 from ..attacks.labels import applicable
 from ..attacks.objective import IGConfig
 from ..attacks.registry import FAMILIES, settings_parts
-from ..errors import require
+from ..errors import ConfigError, require
 from ..federation import Federation
 from ..image_folders import is_folder
 from ..parameters import LAYER_SET_COLUMN, ClientSettings, extract, federated, trained_victim
@@ -42,6 +42,8 @@ class TrialRules:
                 f"use 0 to {spec.test_images - 1} for {self.dataset}",
             )
         models.default_width(self.model)  # validates the name
+        if model_factories.is_factory(self.model):
+            self._check_factory()
         if self.weights is not None:
             self._check_weights()
         if trained_victim(self):  # the checkpoint's own rules (training images, GroupNorm under DP-SGD)
@@ -78,7 +80,8 @@ class TrialRules:
         self._check_dp_batches()
         self.ig_config()  # the settings that constrain each other
         if not isinstance(self.layers, str):  # indices, not a set's name
-            count = parameter_tensors(self.model, spec.channels, spec.num_classes, self.side, self.width)
+            source = getattr(self, "model_source_sha256", None)
+            count = parameter_tensors(self.model, spec.channels, spec.num_classes, self.side, self.width, source)
             layer_indices(count, self.layers)
 
     def _check_federation(self) -> None:
@@ -105,6 +108,20 @@ class TrialRules:
         federation = Federation.of_trial(self)
         federation.check_round(self.round)
         federation.check_positions(self.attacked_client, self.images)
+
+    def _check_factory(self) -> None:
+        """The user's ``package.module:function`` against the trial: importable, returning an nn.Module (built
+        once on the meta device), untrained or from a weights file. Its source's digest is kept for the key."""
+        require(
+            not trained_victim(self),
+            "trained_epochs",
+            self.trained_epochs,
+            "use 0 with a model from your code (zoo checkpoints are of registry models); or give its weights",
+        )
+        require(not federated(self), "round", self.round, "leave it out: federations train registry models only")
+        object.__setattr__(self, "model_source_sha256", model_factories.source_sha256(self.model))
+        info = self.data_spec
+        parameter_tensors(self.model, info.channels, info.num_classes, self.side, self.width, self.model_source_sha256)
 
     def _check_weights(self) -> None:
         """The file against the trial: no other source of weights, readable, fitting the model. The path is
@@ -204,8 +221,11 @@ class TrialRules:
         """What a trial's key hashes: the non-default fields, and the version of a dataset's own
         train/test split (a changed split attacks other images under the same indices). A named
         ``layers`` set is hashed under LAYER_SET_COLUMN, as before the two knobs merged. A ``weights`` file
-        is hashed by its content (``weights_sha256``), not its path: a copy elsewhere keeps the keys."""
+        is hashed by its content (``weights_sha256``), not its path: a copy elsewhere keeps the keys. A model
+        from the user's code adds its module's source digest (``model_source_sha256``): edited code, new keys."""
         fields, split = self.non_default(), self.data_spec.split_version
+        if model_factories.is_factory(self.model):
+            fields["model_source_sha256"] = self.model_source_sha256
         if "weights" in fields:
             del fields["weights"]
             fields["weights_sha256"] = self.weights_sha256
@@ -233,10 +253,19 @@ DEFAULTS = parameters.defaults(TrialSpec)
 
 
 @functools.cache
-def parameter_tensors(model: str, channels: int, num_classes: int, side: int, width: int | None) -> int:
-    """How many parameter tensors the model has (built on the meta device: no memory, no numbers)."""
-    with torch.device("meta"):
-        victim = models.build_model(model, channels=channels, num_classes=num_classes, image_size=side, width=width)
+def parameter_tensors(
+    model: str, channels: int, num_classes: int, side: int, width: int | None, source: str | None = None
+) -> int:
+    """How many parameter tensors the model has (built on the meta device: no memory, no numbers). ``source``:
+    a factory's source digest, so that edited code is built again."""
+    shape = dict(channels=channels, num_classes=num_classes, image_size=side, width=width)
+    try:
+        with torch.device("meta"):
+            victim = models.build_model(model, **shape)
+    except ConfigError:
+        if not model_factories.is_factory(model):
+            raise
+        victim = models.build_model(model, **shape)  # a factory that needs real numbers; its own error stands
     return len(list(victim.parameters()))
 
 

@@ -19,7 +19,7 @@ from . import (
 from . import (
     tune as tuning,
 )
-from .parser import EXIT_USAGE, add_knob_flags, knob_values, path
+from .parser import EXIT_USAGE, add_knob_flags, add_set_flag, knob_values, path
 from .parser import Parser as _Parser
 
 
@@ -60,6 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     attack.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     run = verbs.add_parser("run", help="run a study's trials on Ray into a Parquet results directory")
     run.add_argument("study", type=path, help="study file (YAML)")
+    add_set_flag(run)
     run.add_argument("--results", type=path, default=None, help="results directory (default results/STUDY_NAME)")
     run.add_argument("--address", default=None, help="a running Ray cluster (default $RAY_ADDRESS, else local)")
     run.add_argument("--data-root", default=None, help="dataset root on every node (default $GRADINV_DATA)")
@@ -193,6 +194,8 @@ def _privacy(spec) -> str:
 def _run_study(args: argparse.Namespace) -> int:
     import math
 
+    from gradinv.results.text import visible
+
     from ..runner import RunOptions, run_study
     from ..study import MAX_TRIALS, load_study, read_study
 
@@ -202,7 +205,10 @@ def _run_study(args: argparse.Namespace) -> int:
     if args.dry_run:
         from .status import dry_run
 
-        print(dry_run(read_study(args.study, args.max_trials), args.max_trials))
+        study = read_study(args.study, args.max_trials, args.overrides)
+        header, _, rest = dry_run(study, args.max_trials).partition("\n")
+        given = [f"  --set {visible(text)}" for text in study.overrides]  # the study that would run
+        print("\n".join([header, *given, rest]))
         return 0
     if args.max_concurrent is not None and args.max_concurrent < 1:
         raise ConfigError("--max-concurrent", args.max_concurrent, "use 1 or more")
@@ -210,7 +216,7 @@ def _run_study(args: argparse.Namespace) -> int:
         raise ConfigError("--batch-rows", args.batch_rows, "use a positive number of rows")
     if not (math.isfinite(args.batch_seconds) and args.batch_seconds > 0):  # nan would never flush by time
         raise ConfigError("--batch-seconds", args.batch_seconds, "use a finite, positive number of seconds")
-    study = load_study(args.study, args.max_trials)
+    study = load_study(args.study, args.max_trials, args.overrides)
     options = RunOptions(
         args.address,
         args.max_concurrent,

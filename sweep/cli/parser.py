@@ -35,6 +35,19 @@ def path(text: str) -> Path:
     return Path(text)
 
 
+def add_set_flag(parser: argparse.ArgumentParser) -> None:
+    """``--set KEY=VALUE``, repeatable, for a verb that reads a study (sweep.study.read_study applies them)."""
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="change the study as if its file said so: KEY a dotted path (fixed.iterations, grid.width), VALUE "
+        "YAML (500, [16,32], fedavg); repeatable, later wins",
+    )
+
+
 def add_knob_flags(
     parser: argparse.ArgumentParser,
     knobs: Mapping[str, Knob],

@@ -19,12 +19,13 @@ from pathlib import Path
 from gradinv.errors import ConfigError
 
 from ..stopping import EXIT_INTERRUPTED
-from .parser import EXIT_USAGE, Parser
+from .parser import EXIT_USAGE, Parser, add_set_flag
 
 
 def _add_arguments(parser) -> None:
     add = parser.add_argument
     add("study", type=Path, help="study file (YAML) with a 'tune:' section")
+    add_set_flag(parser)
     add("--results", type=Path, default=None, help="results directory (default results/STUDY_NAME)")
     add("--address", default=None, help="a running Ray cluster (default $RAY_ADDRESS, else local)")
     add(
@@ -45,7 +46,7 @@ def command(args) -> int:
     from ..study import load_study
     from ..tune.tuner import tune_study
 
-    study = load_study(args.study)
+    study = load_study(args.study, overrides=args.overrides)
     results = args.results or Path("results") / study.name
     return tune_study(
         study,

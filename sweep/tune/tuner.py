@@ -135,7 +135,7 @@ def tune_study(
     fits = check_before_start(study, address)
     with ResultsDir(results_path) as results:
         url = storage_url(results.path, storage)
-        ray = connect(address, runtime_environment(data_root_arg), study.max_retries)
+        ray = connect(address, runtime_environment(data_root_arg, study.trials or ()), study.max_retries)
         if address or os.environ.get("RAY_ADDRESS"):
             fits(memory.largest_node_memory(ray), "the cluster's largest node")
         driver = Driver(ray, study, results)
