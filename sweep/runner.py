@@ -244,7 +244,7 @@ class _Drive:
             if self.victims.state(pack.specs[0]) == "failed":  # no victim, no attack: failed rows with the reason
                 self._finished(failed_rows(pack, self.victims.error(pack.specs[0]), attempt=1))
                 continue
-            pack = dataclasses.replace(pack, extra=self.victims.columns(pack.specs[0]))
+            pack = dataclasses.replace(pack, extra={**pack.extra, **self.victims.columns(pack.specs[0])})
             ref = self.task.remote(pack, *self.victims.payload(pack.specs[0]))
             self.in_flight[ref] = pack
             self.loop.submit(ref, self._collect)

@@ -39,7 +39,8 @@ def make_packs(study: Study, todo: list[tuple[str, TrialSpec]], device: str) -> 
             chunk = group[start : start + lanes]
             keys, specs = zip(*chunk)
             timeout = study.timeout * len(chunk) if study.timeout else None
-            packs.append(Pack(study.name, keys, specs, threads, device, timeout))
+            extra = {"study_overrides": list(study.overrides)} if study.overrides else {}
+            packs.append(Pack(study.name, keys, specs, threads, device, timeout, extra=extra))
     packs.sort(key=lambda pack: min(order[k] for k in pack.keys))
     return packs
 

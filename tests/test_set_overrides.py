@@ -258,6 +258,7 @@ def test_a_run_records_the_effective_study_and_resumes_it(write_study, tmp_path,
     assert main(argv) == 0
     frame = pd.read_parquet(results)
     assert len(frame) == 2 and set(frame["iterations"]) == {3} and set(frame["study"]) == {"set-run"}
+    assert [list(flags) for flags in frame["study_overrides"]] == [["fixed.iterations=3"]] * 2
     effective = load_study(path, overrides=["fixed.iterations=3"])
     assert sorted(frame["key"]) == sorted(trial_key(t) for t in effective.trials)
     capsys.readouterr()

@@ -102,6 +102,7 @@ SCHEMA = pa.schema(
         *_with_role(
             PROVENANCE,
             pa.field("checkpoint_key", pa.string()),  # the zoo checkpoint the settings named
+            pa.field("study_overrides", pa.list_(pa.string())),  # the run's --set KEY=VALUE flags, in order
             pa.field("federation_key", pa.string()),  # the federation whose round was the victim
             pa.field("train_images", _ints),  # a federation client's images: indices into the train_subset
         ),

@@ -128,7 +128,7 @@ class Driver:
                     {row["key"]: row for row in failed_rows(pack, self.victims.error(pack.specs[0]), 1)}
                 )
                 continue
-            pack = dataclasses.replace(pack, extra=self.victims.columns(pack.specs[0]))
+            pack = dataclasses.replace(pack, extra={**pack.extra, **self.victims.columns(pack.specs[0])})
             gen = self.task.remote(pack, *self.victims.payload(pack.specs[0]))
             evaluation.running[gen] = pack
             self.loop.submit(gen, functools.partial(self._ready, evaluation))
