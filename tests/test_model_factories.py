@@ -4,9 +4,7 @@ function returns, the key follows the module's source, and every bad value is on
 import hashlib
 import itertools
 import sys
-import tempfile
 import textwrap
-from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -20,7 +18,7 @@ from gradinv.victims import victim_source
 from sweep.cli.main import main
 from sweep.runner import runtime_environment
 from sweep.study import load_study
-from tests.support.local_cluster import LocalCluster
+from tests.support.local_cluster import run_study_on_two_worker_nodes
 
 SOURCE = """
 import torch
@@ -231,25 +229,7 @@ def test_a_study_runs_on_a_multi_node_cluster_with_the_module_shipped(tmp_path, 
     (tmp_path / f"{name}.py").write_text(textwrap.dedent(SOURCE))
     study = write_study(STUDY.format(module=name))
     results = tmp_path / "results"
-    with tempfile.TemporaryDirectory(prefix="gi-", dir="/tmp") as temp:  # short: Ray's socket paths
-        cluster = LocalCluster(Path(temp))
-        try:
-            cluster.start_head()
-            for node in ("node_a", "node_b"):
-                cluster.add_worker(node)
-            run = driver(
-                "run",
-                str(study),
-                "--results",
-                str(results),
-                "--address",
-                cluster.address,
-                "--no-progress",
-                env=cluster.env,
-            )
-            code, output = run.wait(timeout=300)
-        finally:
-            cluster.stop()
+    code, output = run_study_on_two_worker_nodes(driver, study, results)
     assert code == 0, output
     frame = pd.read_parquet(results)
     assert len(frame) == 4 and (frame["status"] == "ok").all(), frame["error"].tolist()

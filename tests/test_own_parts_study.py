@@ -2,7 +2,6 @@
 run as a two-point study on a multi-node Ray cluster with the module shipped by the runtime environment."""
 
 import json
-import tempfile
 import textwrap
 from pathlib import Path
 
@@ -15,7 +14,7 @@ from gradinv import data
 from gradinv.results.schema import trial_key
 from sweep.cli.main import main
 from sweep.study import load_study
-from tests.support.local_cluster import LocalCluster
+from tests.support.local_cluster import run_study_on_two_worker_nodes
 
 MODULE = "own_parts_models"  # unique in the test session: modules stay imported
 SOURCE = """
@@ -75,25 +74,7 @@ def test_a_study_over_your_own_model_folder_and_weights_runs_on_ray_and_replays(
     study.write_text(textwrap.dedent(STUDY.format(folder=tmp_path / "fm", module=MODULE, weights=weights)).lstrip())
     results = tmp_path / "results"
 
-    with tempfile.TemporaryDirectory(prefix="gi-", dir="/tmp") as temp:  # short: Ray's socket paths
-        cluster = LocalCluster(Path(temp))
-        try:
-            cluster.start_head()
-            for node in ("node_a", "node_b"):
-                cluster.add_worker(node)
-            run = driver(
-                "run",
-                str(study),
-                "--results",
-                str(results),
-                "--address",
-                cluster.address,
-                "--no-progress",
-                env=cluster.env,
-            )
-            code, output = run.wait(timeout=300)
-        finally:
-            cluster.stop()
+    code, output = run_study_on_two_worker_nodes(driver, study, results)
     assert code == 0, output
 
     frame = pd.read_parquet(results)  # 2 images x 2 learning rates, one trial per image

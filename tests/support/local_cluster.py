@@ -99,3 +99,20 @@ class LocalCluster:
     def stop(self) -> None:
         for name in [n for n in self.nodes if n != "head"] + [n for n in self.nodes if n == "head"]:
             self.stop_node(name)
+
+
+def run_study_on_two_worker_nodes(driver, study: Path, results: Path) -> tuple[int, str]:
+    """``gradinv run`` of ``study`` on a fresh head with worker nodes node_a and node_b, stopped afterwards:
+    the exit code and the output. ``driver`` is the tests' fixture that starts the CLI in a process."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="gi-", dir="/tmp") as temp:  # short: Ray's socket paths
+        cluster = LocalCluster(Path(temp))
+        try:
+            cluster.start_head()
+            for node in ("node_a", "node_b"):
+                cluster.add_worker(node)
+            args = ("run", str(study), "--results", str(results), "--address", cluster.address, "--no-progress")
+            return driver(*args, env=cluster.env).wait(timeout=300)
+        finally:
+            cluster.stop()
