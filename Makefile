@@ -5,6 +5,8 @@ STAMP := $(VENV)/.installed
 SUDO := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
 FASHION_MNIST := /usr/share/datasets/fashion-mnist
 RESULTS ?= results/quickstart
+# The optional parts the tests cover; `make test EXTRAS=test` leaves Flower out (its tests then skip).
+EXTRAS ?= test,flower
 
 .PHONY: setup system-packages demo test portability clean
 
@@ -14,7 +16,7 @@ setup: $(STAMP) system-packages
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -e '.[$(EXTRAS)]'
 	touch $(STAMP)
 
 system-packages:
