@@ -3,13 +3,15 @@
 The index (index.csv and index.parquet, the same rows) has one row per reconstructed image: the trial
 key, the image's position in the client's batch and its index in the dataset, both file names
 (relative to the export directory), the image's own scores and PSNR gain over the no-information
-baseline, the trial's mean PSNR and baseline PSNR, the victim's accuracy and every setting.
+baseline, the trial's mean PSNR and baseline PSNR, the victim's accuracy and every setting. The same
+entries, images inside, make the Hugging Face dataset (analysis.export_hf).
 """
 
 from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 import pandas as pd
@@ -27,24 +29,30 @@ FILE_SAFE_KEY = re.compile(r"[0-9A-Za-z]{1,64}")
 def export(results: str | Path, to: str | Path) -> pd.DataFrame:
     """Write every finished trial's images under ``to``; returns the index it wrote."""
     to = Path(to)
+    prepare(results, to, IMAGES_DIR)
+    roles = load.column_roles(results)
+    entries = [entry for row in load.iter_image_rows(results) for entry in _write_trial(row, to, roles)]
+    index = pd.DataFrame(entries)
+    _write_index(index, to)
+    return index
+
+
+def prepare(results: str | Path, to: Path, folder: str) -> None:
+    """Refuse, writing nothing, a ``to`` that is a file or lies inside the results, and results without rows
+    or with keys unfit to name files; then create ``to / folder``."""
     if to.exists() and not to.is_dir():
         raise ConfigError("--to", str(to), "name a directory (it is created if missing)")
     load.require_outside("--to", to, results)
     load.result_files(results)  # a missing or empty results directory fails before anything is written
     _require_file_safe_keys(results)
     try:
-        (to / IMAGES_DIR).mkdir(parents=True, exist_ok=True)
+        (to / folder).mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise ConfigError(
             "--to",
             str(to),
             f"cannot write there ({error.strerror or error}: {error.filename}); name a writable directory",
         ) from None
-    roles = load.column_roles(results)
-    entries = [entry for row in load.iter_image_rows(results) for entry in _write_trial(row, to, roles)]
-    index = pd.DataFrame(entries)
-    _write_index(index, to)
-    return index
 
 
 def _require_file_safe_keys(results: str | Path) -> None:
@@ -61,22 +69,36 @@ def _require_file_safe_keys(results: str | Path) -> None:
 
 
 def _write_trial(row: dict, to: Path, roles: Roles) -> list[dict]:
-    settings = {name: _text(row[name]) for name in roles.settings if name in row}
-    images, per_image = row.get("images") or [], roles.per_image()
+    def files(position: int, truth: bytes, recon: bytes) -> dict:
+        names = {f"{kind}_file": image_name(row["key"], position, kind) for kind in ("truth", "reconstruction")}
+        write_atomic(_inside(to, names["truth_file"]), truth)  # a new file renamed into place: never through a link
+        write_atomic(_inside(to, names["reconstruction_file"]), recon)
+        return names
+
+    return [{name: _text(value) for name, value in entry.items()} for entry in image_entries(row, roles, files)]
+
+
+def image_name(key: str, position: int, kind: str) -> str:
+    """Where the PNG export puts an image (``kind``: truth or reconstruction), relative to ``--to``."""
+    return f"{IMAGES_DIR}/{key}-{position}-{kind}.png"
+
+
+def image_entries(row: dict, roles: Roles, images: Callable[[int, bytes, bytes], dict]) -> list[dict]:
+    """One entry per reconstructed image of a finished trial: its identity, position and index in the
+    dataset, the columns ``images(position, truth_png, reconstruction_png)`` gives (the images or their
+    files), its own scores, the trial's, and every setting (list settings as lists)."""
+    settings = {name: row[name] for name in roles.settings if name in row}
+    indices, per_image = row.get("images") or [], roles.per_image()
     entries = []
     for position, (truth, recon) in enumerate(zip(row["truth_png"] or [], row["reconstruction_png"] or [])):
-        names = {kind: f"{IMAGES_DIR}/{row['key']}-{position}-{kind}.png" for kind in ("truth", "reconstruction")}
-        write_atomic(_inside(to, names["truth"]), truth)  # a new file renamed into place: never through a link
-        write_atomic(_inside(to, names["reconstruction"]), recon)
         entries.append(
             {
                 "key": row["key"],
                 "study": row["study"],
                 "candidate": row.get("candidate"),
                 "position": position,
-                "image": images[position] if position < len(images) else None,
-                "truth_file": names["truth"],
-                "reconstruction_file": names["reconstruction"],
+                "image": _at(indices, position),
+                **images(position, truth, recon),
                 **{name: _at(row.get(f"{name}{PER_IMAGE_SUFFIX}"), position) for name in per_image},
                 "trial_psnr": row["psnr"],
                 "baseline_psnr": row["baseline_psnr"],

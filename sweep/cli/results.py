@@ -40,9 +40,16 @@ def add_parsers(verbs) -> None:
         help=f"PSNR (dB) a successful reconstruction reaches (default {SUCCESS_PSNR:g})",
     )
     report.add_argument("--seed", type=int, default=0, help="seed of the bootstrap intervals")
-    export = verbs.add_parser("export", help="reconstructions and ground truth as PNG files with an index")
+    export = verbs.add_parser("export", help="reconstructions and ground truth as PNG files or a Hugging Face dataset")
     export.add_argument("results", type=path, help="results directory (gradinv run --results DIR)")
     export.add_argument("--to", type=path, required=True, help="directory to write (created if missing)")
+    export.add_argument(
+        "--format",
+        choices=("png", "hf"),
+        default="png",
+        help="png: PNG files with index.csv and index.parquet (default); hf: a Hugging Face dataset (Parquet "
+        "shards with Image features under data/, and a dataset card README.md)",
+    )
 
 
 def _report(args: argparse.Namespace) -> int:
@@ -56,6 +63,10 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
+    return {"png": _export_png, "hf": _export_hf}[args.format](args)
+
+
+def _export_png(args: argparse.Namespace) -> int:
     from analysis.export import export
 
     index = export(args.results, args.to)
@@ -63,6 +74,18 @@ def _export(args: argparse.Namespace) -> int:
     print(
         f"{len(index)} reconstructions and their ground truth from {trials} trials -> {args.to} "
         f"(index.csv, index.parquet)"
+    )
+    return 0
+
+
+def _export_hf(args: argparse.Namespace) -> int:
+    from analysis.export_hf import DATA_DIR, export_hf
+
+    tally = export_hf(args.results, args.to)
+    images, trials, files = sum(tally.images.values()), sum(tally.trials.values()), tally.shards
+    print(
+        f"{images} reconstructions and their ground truth from {trials} trials -> {args.to} "
+        f"({files} Parquet file{'s' if files > 1 else ''} under {DATA_DIR}/, README.md)"
     )
     return 0
 
