@@ -1,4 +1,5 @@
-"""Reading a results directory: the Parquet files directly, light columns first, images on demand.
+"""Reading a results directory, or a prefix in object storage (``s3://bucket/prefix``, gradinv.results.remote):
+the Parquet files directly, light columns first, images on demand.
 
 Every trial's scalars fit in memory even for very large studies; the heavy columns (images, curves)
 do not, so they are read only for the trials a view needs (``load_images``, ``load_curves``) or
@@ -20,6 +21,8 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from gradinv.errors import ConfigError
+from gradinv.results.location import is_remote
+from gradinv.results.remote import open_store
 from gradinv.results.store import ResultsDir
 from gradinv.results.winners import Winners
 
@@ -32,14 +35,22 @@ CURVES = ("curve_iterations", "curve_costs", "curve_psnr", "curve_ssim", "curve_
 _NULLABLE_INTS = {pa.int32(): pd.Int32Dtype(), pa.int64(): pd.Int64Dtype()}
 
 
-def result_files(path: str | Path) -> list[Path]:
-    """The visible Parquet files of a results directory; a missing or empty one, or one holding a
-    damaged or foreign file, is a user error."""
-    path = Path(path)
-    if not path.is_dir():
-        raise ConfigError("results", str(path), "name an existing results directory (gradinv run --results DIR)")
-    files = ResultsDir(path).checked_files()  # reading only: no lock
-    if not files or all(pq.read_metadata(f).num_rows == 0 for f in files):
+def existing(path: str | Path, field: str, fix: str) -> ResultsDir:
+    """The results at ``path`` for reading (no lock, no repair); ConfigError(field, path, fix) when there are none."""
+    if not is_remote(path) and not Path(path).is_dir():
+        raise ConfigError(field, str(path), fix)
+    store = open_store(path)
+    if not store.exists():
+        raise ConfigError(field, str(path), fix)
+    return store
+
+
+def result_files(path: str | Path) -> list[Path] | list[str]:
+    """The visible Parquet files of a results directory (paths of its ``filesystem`` when remote); a
+    missing or empty one, or one holding a damaged or foreign file, is a user error."""
+    store = existing(path, "results", "name an existing results directory (gradinv run --results DIR)")
+    files = store.checked_files()  # reading only: no lock
+    if not files or all(pq.read_metadata(f, filesystem=store.filesystem).num_rows == 0 for f in files):
         raise ConfigError("results", str(path), "it holds no trial rows yet; run a study into it first")
     return files
 
@@ -47,6 +58,8 @@ def result_files(path: str | Path) -> list[Path]:
 def require_outside(flag: str, target: str | Path, results: str | Path) -> None:
     """A file written into a results directory is read back as results by every Parquet reader
     (pandas, pyarrow, DuckDB take each file inside), so outputs go beside it."""
+    if is_remote(results):  # a local output is never inside a bucket
+        return
     inside, results = Path(target).resolve(), Path(results).resolve()
     if inside == results or results in inside.parents:
         beside = results.parent / f"{results.name}-{Path(target).name}"
@@ -58,8 +71,9 @@ def dataset(path: str | Path) -> ds.Dataset:
     file lacks read as nulls (every column a file has is the schema's, of the same type:
     ``result_files`` checked that)."""
     files = result_files(path)
-    schema = roles.annotated(pq.read_schema(f) for f in files)
-    return ds.dataset([str(f) for f in files], schema=schema, format="parquet")
+    filesystem = open_store(path).filesystem
+    schema = roles.annotated(pq.read_schema(f, filesystem=filesystem) for f in files)
+    return ds.dataset([str(f) for f in files], schema=schema, format="parquet", filesystem=filesystem)
 
 
 def column_roles(path: str | Path) -> Roles:
@@ -148,7 +162,8 @@ def _counted(path: str | Path, data: ds.Dataset, columns: list[str], filter=None
 
 def _winners(path: str | Path, data: ds.Dataset) -> Winners:
     with _damage_named(path, data, ["key"]):
-        return ResultsDir(path).winners([Path(file) for file in data.files])
+        store = open_store(path)
+        return store.winners([Path(file) if store.filesystem is None else file for file in data.files])
 
 
 @contextmanager
@@ -160,9 +175,12 @@ def _damage_named(path: str | Path, data: ds.Dataset, columns: list[str]) -> Ite
     except FileNotFoundError:  # replaced by a writer since it was listed: not damage
         raise
     except (OSError, pa.ArrowException) as error:
-        damaged = next((Path(f.path) for f in data.get_fragments() if not _readable(f, columns)), Path(path))
+        store = open_store(path)
+        bad = (f.path for f in data.get_fragments() if not _readable(f, columns))
+        damaged = next(bad, str(path))
+        damaged = damaged if store.filesystem else Path(damaged)
         problem = f"damaged ({str(error).splitlines()[0]})"
-        raise ResultsDir(path).bad_file_error(damaged, problem, footer=False) from None
+        raise store.bad_file_error(damaged, problem, footer=False) from None
 
 
 def _readable(fragment: ds.Fragment, columns: list[str]) -> bool:

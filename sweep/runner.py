@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from gradinv import memory, model_factories
 from gradinv.provenance import commit
-from gradinv.results.journal import JOURNAL_DIR
+from gradinv.results.remote import open_store
 from gradinv.results.schema import to_table, trial_key
 from gradinv.results.store import ResultsDir
 from gradinv.trial import TrialSpec
@@ -144,10 +144,10 @@ def run_study(study: Study, results_path: str | Path, options: RunOptions, *, da
     fits = check_before_start(study, options.address)
     with contextlib.ExitStack() as stack:
         try:  # opening folds in the journal a stopped driver left: a write
-            results = stack.enter_context(ResultsDir(results_path, options.set_aside_bad_files))
+            results = stack.enter_context(open_store(results_path, options.set_aside_bad_files))
         except OSError as error:
-            kept = ResultsDir(results_path).journalled_rows()
-            return _write_failed(Path(results_path), RowsNotWritten(error, kept=kept, unsaved=0))
+            failed = open_store(results_path)
+            return _write_failed(failed, RowsNotWritten(error, kept=failed.journalled_rows(), unsaved=0))
         todo = pending_trials(study, results.statuses(), options.retry_failed)
         if not todo:
             print(f"all {len(study.trials)} trials of {study.name} already have rows in {results.path}")
@@ -188,7 +188,7 @@ def _drive(ray, study: Study, todo, results: ResultsDir, options: RunOptions, fi
             stopped = run.until_done()
             run.batcher.flush()
         except RowsNotWritten as failure:
-            return _write_failed(results.path, failure)
+            return _write_failed(results, failure)
         finally:
             run.stop()
         if isinstance(stopped, MachineryFailed):
@@ -260,13 +260,15 @@ class _Drive:
         self.bar.set_postfix(failed=self.failed, refresh=False)
 
 
-def _write_failed(path: Path, failure: RowsNotWritten) -> int:
-    """One line on stderr: the directory, the OS error, where the finished rows are; exit code 1."""
-    kept = f"; {_rows(failure.kept)} kept in {path / JOURNAL_DIR} for the next run" if failure.kept else ""
+def _write_failed(results: ResultsDir, failure: RowsNotWritten) -> int:
+    """One line on stderr: the results, the OS error, where the finished rows are; exit code 1."""
+    kept = f"; {_rows(failure.kept)} kept in {results.journal_dir} for the next run" if failure.kept else ""
     unsaved = f"; {_rows(failure.unsaved)} could not be kept" if failure.unsaved else ""
+    fix = "free space or make it writable" if results.filesystem is None else "check the endpoint and the bucket"
+    error = str(failure.error).splitlines()[0] if str(failure.error) else failure.error
     print(
-        f"gradinv run: cannot write results to {path}: {failure.error}{kept}{unsaved}; free space or make it "
-        "writable, then run the same command (it skips what has a row)",
+        f"gradinv run: cannot write results to {results.path}: {error}{kept}{unsaved}; {fix}, "
+        "then run the same command (it skips what has a row)",
         file=sys.stderr,
     )
     return EXIT_WRITE_FAILED

@@ -146,6 +146,12 @@ RUNS = {
         r" +[01] +-?\d+\.\d\d +-?\d+\.\d\d +[+-]\d+\.\d\d$",
         2,
     ),
+    "results_storage.py": Smallest(
+        ("--trials", "2", "--repeats", "1"),
+        "results                       seconds  after Ray start",
+        r"(local directory|s3:// \(moto, 127\.0\.0\.1\)) +\d+\.\d\d +\d+\.\d\d$",
+        2,
+    ),
     "runner_overhead.py": Smallest(
         ("--trials", "2"),
         "path                                    seconds  trials/s  ms/trial",

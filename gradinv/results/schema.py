@@ -239,7 +239,12 @@ _FORMAT_OF_SCHEMA = {b"1": 1, b"2": 2}  # files written before the format was re
 
 def results_format(file: Path) -> int | None:
     """The results format a file's keys were made with (from its footer); None when it does not say."""
-    metadata = pq.read_schema(file).metadata or {}
+    return format_of(pq.read_schema(file))
+
+
+def format_of(written: pa.Schema) -> int | None:
+    """The results format a file's footer schema records; None when it does not say."""
+    metadata = written.metadata or {}
     if FORMAT_KEY in metadata:
         text = metadata[FORMAT_KEY]
         return int(text) if text.isdigit() else None

@@ -37,10 +37,15 @@ SET_ASIDE_FLAG = "--set-aside-bad-files"
 
 
 class ResultsDir:
-    """A results directory: read it freely; write it only inside ``with`` (lock, repair, atomic files)."""
+    """A results directory: read it freely; write it only inside ``with`` (lock, repair, atomic files).
+    gradinv.results.remote.RemoteResults is the same for a prefix in object storage."""
+
+    filesystem = None  # pyarrow's, for readers of ``files()``: None is the local disk
 
     def __init__(self, path: str | Path, set_aside_bad_files: bool = False):
         self.path = Path(path)
+        self.local_home = self.path  # where the driver keeps its own files (Optuna's storage)
+        self.journal_dir = self.path / JOURNAL_DIR
         if self.path.exists() and not self.path.is_dir():
             raise ConfigError("--results", str(path), "name a directory, not a file")
         self.set_aside_bad_files = set_aside_bad_files  # on entering: move bad files aside instead of refusing
@@ -76,6 +81,9 @@ class ResultsDir:
     def __exit__(self, *exc) -> None:
         self._lock.release()
 
+    def exists(self) -> bool:
+        return self.path.is_dir()
+
     def files(self) -> list[Path]:
         """The visible ``*.parquet`` files that are regular files (or links to one), in name order."""
         visible = self._visible()
@@ -101,8 +109,11 @@ class ResultsDir:
         """Each visible entry that is not a results file and each entry of the journal that is not a
         journal of ours, with why."""
         found = {entry: visible_problem(entry) for entry in self._visible()}
-        found.update({entry: journal_problem(entry) for entry in self._journal_entries()})
+        found.update(self._bad_journal_entries())
         return {entry: problem for entry, problem in found.items() if problem}
+
+    def _bad_journal_entries(self) -> dict[Path, str | None]:
+        return {entry: journal_problem(entry) for entry in self._journal_entries()}
 
     def require_current_format(self) -> None:
         """Refuse to add trials to files of another results format: their keys would never match ours."""
@@ -211,7 +222,7 @@ class ResultsDir:
     def journal(self) -> RowJournal:
         """A new journal for this writer's rows (write inside ``with`` only), stamped with the results format."""
         stamp = {**schema.SCHEMA.metadata, schema.FORMAT_KEY: str(schema.RESULTS_FORMAT).encode()}
-        return RowJournal(own_directory(self.path / JOURNAL_DIR), schema.SCHEMA.with_metadata(stamp))
+        return RowJournal(own_directory(self.journal_dir), schema.SCHEMA.with_metadata(stamp))
 
     def journal_files(self) -> list[Path]:
         """The journals of this directory; anything else in ``_journal/`` is named in one line (ConfigError)."""
@@ -222,7 +233,7 @@ class ResultsDir:
         return entries
 
     def _journal_entries(self) -> list[Path]:
-        directory = own_directory(self.path / JOURNAL_DIR)
+        directory = own_directory(self.journal_dir)
         return sorted(directory.iterdir()) if directory.is_dir() else []
 
     def read_journal(self, columns: list[str] | None = None) -> pa.Table:

@@ -61,7 +61,12 @@ def build_parser() -> argparse.ArgumentParser:
     run = verbs.add_parser("run", help="run a study's trials on Ray into a Parquet results directory")
     run.add_argument("study", type=path, help="study file (YAML)")
     add_set_flag(run)
-    run.add_argument("--results", type=path, default=None, help="results directory (default results/STUDY_NAME)")
+    run.add_argument(
+        "--results",
+        type=path,
+        default=None,
+        help="results directory, or a URI such as s3://bucket/prefix (default results/STUDY_NAME)",
+    )
     run.add_argument("--address", default=None, help="a running Ray cluster (default $RAY_ADDRESS, else local)")
     run.add_argument("--data-root", default=None, help="dataset root on every node (default $GRADINV_DATA)")
     run.add_argument("--dry-run", action="store_true", help="print the axes and the trial count; run nothing")
@@ -94,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     listing.add_argument("--cache", default=None)
 
     status = verbs.add_parser("status", help="counts per status and study, and the newest errors")
-    status.add_argument("results", type=path)
+    status.add_argument("results", type=path, help="results directory or URI (s3://bucket/prefix)")
     tuning.add_parser(verbs)
     federation_cli.add_parser(verbs)
     analysis_cli.add_parsers(verbs)

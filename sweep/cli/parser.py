@@ -25,14 +25,14 @@ class Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message}; see '{self.prog} --help'\n")
 
 
-def path(text: str) -> Path:
+def path(text: str) -> Path | str:
     """A path flag's value (``type=path``): an empty one is refused, where Path('') would be the current
-    directory."""
+    directory. A URI (s3://bucket/prefix) stays text: Path would fold its '//'."""
     if not text.strip():
         raise argparse.ArgumentTypeError(
             f"{text!r} is not valid; name a path (an empty one is not the current directory: write . for that)"
         )
-    return Path(text)
+    return text if "://" in text else Path(text)
 
 
 def add_set_flag(parser: argparse.ArgumentParser) -> None:

@@ -15,10 +15,10 @@ from pathlib import Path
 import pyarrow.compute as pc
 import torch
 
+from analysis.load import existing
 from gradinv.errors import ConfigError
 from gradinv.parameters import layers_of_columns
 from gradinv.results.schema import SCHEMA, trial_key
-from gradinv.results.store import ResultsDir
 from gradinv.results.text import visible
 from gradinv.trial import TrialOutcome, TrialSpec, run_trials
 from gradinv.victims import victim_source
@@ -45,10 +45,9 @@ def replay(results: str | Path, key: str, *, data_root=None) -> Replay:
 
 def find_pack(results: str | Path, key: str) -> tuple[dict, list[dict]]:
     """The row with ``key`` and the rows computed with it, in lane order (the row alone if it ran alone)."""
-    path = Path(results)
-    if not path.is_dir():
-        raise ConfigError("--replay RESULTS", str(path), "no such results directory; give one that `gradinv run` wrote")
-    table = ResultsDir(path).read([name for name in SCHEMA.names if not name.endswith("_png")])  # not the images
+    store = existing(results, "--replay RESULTS", "no such results directory; give one that `gradinv run` wrote")
+    path = store.path
+    table = store.read([name for name in SCHEMA.names if not name.endswith("_png")])  # not the images
     found = table.filter(pc.equal(table["key"], key)).to_pylist()
     if not found:
         raise ConfigError("--replay KEY", key, f"no row of {path} has this key; copy one from its 'key' column")

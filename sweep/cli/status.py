@@ -9,10 +9,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from analysis import stats
-from analysis.load import CURVES
-from gradinv.errors import ConfigError
+from analysis.load import CURVES, existing
 from gradinv.results.schema import REPETITION, ROLE_KEY, SCHEMA, SETTING
-from gradinv.results.store import ResultsDir
 from gradinv.results.text import visible
 
 if TYPE_CHECKING:  # sweep.study imports torch through gradinv.trial: `gradinv status` does without
@@ -81,10 +79,8 @@ def psnr_table(frame) -> list[str]:
     ]
 
 
-def status(path: Path, newest_errors: int = 5) -> str:
-    if not path.is_dir():
-        raise ConfigError("results", str(path), "name an existing results directory (gradinv run --results DIR)")
-    results = ResultsDir(path)  # reading only: no lock, no repair
+def status(path: Path | str, newest_errors: int = 5) -> str:
+    results = existing(path, "results", "name an existing results directory (gradinv run --results DIR)")
     columns = ["study", "key", "status", "error", "finished_at", *GROUPING, *SHOWN, *CURVES]
     journalled = results.read_journal(columns)  # finished rows a running or killed driver has not batched yet
     batched = results.read(columns)

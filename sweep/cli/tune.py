@@ -19,14 +19,19 @@ from pathlib import Path
 from gradinv.errors import ConfigError
 
 from ..stopping import EXIT_INTERRUPTED
-from .parser import EXIT_USAGE, Parser, add_set_flag
+from .parser import EXIT_USAGE, Parser, add_set_flag, path
 
 
 def _add_arguments(parser) -> None:
     add = parser.add_argument
     add("study", type=Path, help="study file (YAML) with a 'tune:' section")
     add_set_flag(parser)
-    add("--results", type=Path, default=None, help="results directory (default results/STUDY_NAME)")
+    add(
+        "--results",
+        type=path,
+        default=None,
+        help="results directory or URI (s3://bucket/prefix); default results/STUDY_NAME",
+    )
     add("--address", default=None, help="a running Ray cluster (default $RAY_ADDRESS, else local)")
     add(
         "--storage",

@@ -19,7 +19,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from gradinv import memory
-from gradinv.results.store import ResultsDir
+from gradinv.results.remote import open_store
 
 from ..preflight import check_before_start
 from ..ray_connection import connect
@@ -28,7 +28,16 @@ from ..stopping import exit_code
 from ..study import Study
 from ..task_loop import MachineryFailed
 from .driver import Driver, Evaluation
-from .report import Outcome, checkpoint_value, compare_on_held_out, objective_value, print_strongest, report, write_best
+from .report import (
+    BEST_NAME,
+    Outcome,
+    checkpoint_value,
+    compare_on_held_out,
+    objective_value,
+    print_strongest,
+    report,
+    write_best,
+)
 from .search import (
     best_trial,
     check_storage,
@@ -133,8 +142,8 @@ def tune_study(
     if storage is not None:
         check_storage(storage)
     fits = check_before_start(study, address)
-    with ResultsDir(results_path) as results:
-        url = storage_url(results.path, storage)
+    with open_store(results_path) as results:
+        url = storage_url(results.local_home, storage)  # remote results: Optuna's storage stays on this disk
         ray = connect(address, runtime_environment(data_root_arg, study.trials or ()), study.max_retries)
         if address or os.environ.get("RAY_ADDRESS"):
             fits(memory.largest_node_memory(ray), "the cluster's largest node")
@@ -157,7 +166,9 @@ def tune_study(
             ray.shutdown()
         finished = [outcome for outcome in outcomes if outcome is not None]
         if finished:
-            write_best(study, finished, results.path)
+            write_best(study, finished, results.local_home)
+            if results.filesystem is not None:  # remote results: the fragment beside them too
+                results.location.write_whole(BEST_NAME, (results.local_home / BEST_NAME).read_bytes())
         if len(searches) > 1:
             print_strongest(finished)
         print(f"dashboard: {dashboard_hint(url)}")
