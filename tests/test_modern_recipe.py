@@ -140,5 +140,6 @@ def test_tune_searches_the_stronger_recipes_on_the_trained_victim():
     (search,) = tune_searches(load_study(REPO / "studies" / "tune-trained.yaml"))
     space = search.families["ig"]
     new = {"feature_prior", "image_prior", "langevin", "soft_signed", "warmup", "tv_inner_exp", "tv_outer_exp"}
+    new |= {"output_gradient"}
     assert new <= set(space) and "patterned" in space["init"].values
     assert search.base.trained_epochs == 10

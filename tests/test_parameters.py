@@ -41,6 +41,7 @@ DEFENDED = [arg for name, value in DEFENDED_FIXED.items() for arg in (f"--{name.
 IMAGES_FOR = {
     "aggregated_clients": (["--image", "0", "--image", "1"], {"images_per_client": 1}),
     "attacker_order": (["--image", "0", "--image", "1"], {"images_per_client": 2}),  # batches of one of two
+    "output_gradient": (["--image", "0"], {"images_per_client": 1}),  # one image's bias gradient
 }
 
 
@@ -58,6 +59,7 @@ APPLIES_WITH = {
     "imprint_sample": IMPRINTED,
     "defended_training": {"trained_epochs": 1, **DEFENDED_FIXED, "norm": "group"},  # DP-SGD training needs GroupNorm
     "weights": {"dataset": "faces"},  # refused beside trained_epochs; the file fits the default model on faces
+    "output_gradient": {"fl": "fedsgd", "restarts": 2},  # read: one FedSGD image, no DP-SGD
 }
 WEIGHTS_FILE = {}  # "path": a state_dict of the default model on faces, written once for the module
 

@@ -18,13 +18,15 @@ from torch.func import functional_call, vmap
 from ..client.update import ClientUpdate, batch_norm_mode
 from ..errors import require
 
+READER = ("feature_prior", "> 0", "0")  # the setting that reads the classifier, its value, and its off value
 
-def classifier(model: nn.Module) -> tuple[nn.Linear, int, int]:
-    """The model's last linear layer with a bias, and its weight's and bias's positions among the parameters."""
+
+def classifier(model: nn.Module, knob: tuple[str, str, str] = READER) -> tuple[nn.Linear, int, int]:
+    """The model's last linear layer with a bias, and its weight's and bias's positions among the parameters.
+    ``knob``: the setting that reads it, as :data:`READER`, for the error."""
     linears = [m for m in model.modules() if isinstance(m, nn.Linear) and m.bias is not None]
-    require(
-        len(linears) > 0, "feature_prior", "> 0", "the model has no linear classifier with a bias; use feature_prior 0"
-    )
+    field, value, off = knob
+    require(len(linears) > 0, field, value, f"the model has no linear classifier with a bias; use {field} {off}")
     last = linears[-1]
     ids = [id(p) for p in model.parameters()]
     return last, ids.index(id(last.weight)), ids.index(id(last.bias))
@@ -36,6 +38,18 @@ def read_features(weight: torch.Tensor, bias: torch.Tensor, labels: torch.Tensor
     rows, entries = weight[labels], bias[labels]
     safe = torch.where(entries == 0, torch.ones_like(entries), entries)
     return torch.where((entries == 0)[:, None], torch.zeros_like(rows), rows / safe[:, None])
+
+
+def read_output_gradients(model: nn.Module, updates, unit: bool) -> torch.Tensor:
+    """Each update's loss gradient at the logits, ``[L, 1, K]``: its classifier bias gradient, which for
+    FedSGD on one image is the client's dL/dz exactly (R-GAP's first step, Zhu and Blaschko 2021). ``unit``:
+    scaled to norm 1 (for a cost blind to scale), so that a certain victim's 1e-24 stays clear of float32's
+    floor in the candidate's update."""
+    _, _, bias_at = classifier(model, ("output_gradient", "read", "computed"))
+    read = torch.stack([u.tensors[bias_at] for u in updates])[:, None, :]
+    if not unit:
+        return read
+    return read / read.flatten(1).norm(dim=1).clamp_min(torch.finfo(read.dtype).tiny)[:, None, None]
 
 
 class FeaturePrior:

@@ -28,7 +28,7 @@ from ..errors import require
 from ..parameters import DefenceSettings, InvertingSettings, OptimiserSettings, declarations
 from .bn_prior import BatchNormPrior, group_consistency
 from .costs import BATCH_LAYERS, GradientCost, layer_weights, named_set_mask
-from .feature_prior import FeaturePrior
+from .feature_prior import FeaturePrior, read_output_gradients
 
 TV_EPS = 1e-8  # breaching's, keeping |d|^p differentiable at 0
 
@@ -123,7 +123,8 @@ class LaneObjective:
             weights = weights * named_set_mask(targets, config.layers)
         self.gradient_cost = GradientCost(targets, weights, config.cost)
         self.draws = torch.Generator(device).manual_seed(seed) if config.layers == "batch" else None
-        self.labels = self.per_run(labels)
+        reads = config.output_gradient == "read"  # the candidate's update pulled back from the client's dL/dz
+        self.labels = self.per_run(read_output_gradients(model, updates, config.cost == "cosine") if reads else labels)
         self.tv_weights = self.per_run(torch.tensor([c.tv for c in configs], dtype=dtype, device=device))
         self.bn_prior = config.bn_prior
         self.batch_norm_prior = (

@@ -67,6 +67,7 @@ from .update import (
     attacker_schedule,
     average,
     client_update,
+    output_gradient_update,
     parameter_update,
 )
 
@@ -210,7 +211,10 @@ def attacker_update(source, sent: ClientUpdate):
     size = sent.images_per_client
     fl = attacker_recipe(sent.fl)
     schedule = attacker_schedule(size, fl)
-    trainings = [_attacker_training(settings, sent, fl, schedule, client) for client in range(sent.clients)]
+    if getattr(source, "output_gradient", "computed") == "read":  # one FedSGD client; y: its logit gradient
+        trainings = [functools.partial(output_gradient_update, fl=fl)]
+    else:
+        trainings = [_attacker_training(settings, sent, fl, schedule, client) for client in range(sent.clients)]
     mirrored = attacker_defences(settings)
 
     def client(training, model, params, buffers, x, y):

@@ -198,6 +198,24 @@ def parameter_update(
     return local_sgd(params, gradient, fl, schedule)
 
 
+def output_gradient_update(
+    model: nn.Module,
+    params: dict[str, torch.Tensor],
+    buffers: dict[str, torch.Tensor],
+    images: torch.Tensor,
+    output_gradient: torch.Tensor,
+    fl: ClientSettings,
+) -> tuple[torch.Tensor, ...]:
+    """FedSGD's parameter gradient backpropagated from a given loss gradient at the logits, ``[B, K]``:
+    with the client's own (its output bias gradient), the client's computation exactly, softmax's
+    rounding included, for any candidate ``images``."""
+
+    def pulled(p):
+        return (forward(model, p, buffers, images, fl.client_bn) * output_gradient).sum()
+
+    return tuple(grad(pulled)(params).values())
+
+
 def local_training(
     model: nn.Module, images: torch.Tensor, labels: torch.Tensor, fl: ClientSettings
 ) -> tuple[torch.Tensor, ...]:

@@ -19,6 +19,7 @@ LAYER_WEIGHTINGS = ("equal", "linear", "exp")
 # largest target norm, or `batch`: 8 tensors drawn afresh at every evaluation.
 LAYER_SETS = ("all", "first4", "first5", "first10", "first50", "last5", "last10", "last50", "top10", "top50", "batch")
 OPTIMIZERS = ("adam", "sgd", "lbfgs")
+OUTPUT_GRADIENTS = ("computed", "read")
 PATTERN_SIDE = 4  # init patterned: breaching's patterned-4
 SCORINGS = ("loss", "tv", "pixelmean", "pixelmedian")
 
@@ -171,6 +172,16 @@ class InvertingSettings(Part):
         search="log",
         help="weight of the L2 image prior (See-Through-Gradients, Yin et al. 2021): the mean squared "
         "pixel of the candidate in normalised units; 0: off",
+    )
+    output_gradient: str = knob(
+        "computed",
+        kind="str",
+        choices=OUTPUT_GRADIENTS,
+        search=OUTPUT_GRADIENTS,
+        help="the loss gradient at the logits that the candidate's update is backpropagated from: "
+        "computed from its own cross-entropy (the paper's), or read off the sent update's output bias "
+        "gradient, which is the client's exactly (R-GAP's first step, Zhu and Blaschko 2021; FedSGD, "
+        "one image per client)",
     )
     # tune searches only the costs whose scales the pruner can compare across candidates
     cost: str = knob("cosine", kind="str", help="the gradient distance", choices=COSTS, search=("cosine", "l2"))

@@ -78,11 +78,22 @@ class TrialRules:
             f"use a number of clients that divides the trial's {len(self.images)} images (1: no aggregation)",
         )
         self._check_dp_batches()
+        if getattr(self, "output_gradient", "computed") == "read":
+            self._check_output_gradient()
         self.ig_config()  # the settings that constrain each other
         if not isinstance(self.layers, str):  # indices, not a set's name
             source = getattr(self, "model_source_sha256", None)
             count = parameter_tensors(self.model, spec.channels, spec.num_classes, self.side, self.width, source)
             layer_indices(count, self.layers)
+
+    def _check_output_gradient(self) -> None:
+        """The output bias gradient is the client's loss gradient at the logits only for one FedSGD step on
+        one image: several images, steps or clients sum theirs into it."""
+        fix = "use computed, or read with fl fedsgd, one image and no aggregation or DP-SGD"
+        require(self.fl == "fedsgd", "output_gradient", "read", f"fl is {self.fl}; {fix}")
+        require(len(self.images) == 1, "output_gradient", "read", f"the client holds {len(self.images)} images; {fix}")
+        for name, off in (("aggregated_clients", 1), ("dp_clip", None)):
+            require(getattr(self, name) == off, "output_gradient", "read", f"{name} is {getattr(self, name)}; {fix}")
 
     def _check_federation(self) -> None:
         require(
