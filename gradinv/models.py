@@ -191,7 +191,8 @@ def default_width(name: str) -> int | None:
     if model_factories.is_factory(name):
         model_factories.parse(name)
         return None
-    require(name in MODELS, "model", name, f"choose one of {', '.join(MODELS)}")
+    # the registry's names, and the way to bring one's own (gradinv.model_factories, docs/your-own.md)
+    require(name in MODELS, "model", name, f"choose one of {', '.join(MODELS)}, or your own as package.module:function")
     return MODELS[name].default_width
 
 

@@ -17,6 +17,8 @@ from collections.abc import Callable
 from itertools import groupby
 
 from gradinv import memory
+from gradinv.dataset_specs import dataset_spec
+from gradinv.image_folders import is_folder
 from gradinv.trial import TrialOutcome, TrialSpec, lane_signature
 
 from .stopping import Stopped
@@ -40,9 +42,19 @@ def make_packs(study: Study, todo: list[tuple[str, TrialSpec]], device: str) -> 
             keys, specs = zip(*chunk)
             timeout = study.timeout * len(chunk) if study.timeout else None
             extra = {"study_overrides": list(study.overrides)} if study.overrides else {}
+            extra |= data_columns(specs[0])  # lanes share the dataset
             packs.append(Pack(study.name, keys, specs, threads, device, timeout, extra=extra))
     packs.sort(key=lambda pack: min(order[k] for k in pack.keys))
     return packs
+
+
+def data_columns(spec: TrialSpec) -> dict:
+    """An image folder's normalisation (from its files, not the study) as columns; none for a built-in set,
+    whose normalisation is fixed by its name."""
+    if not is_folder(spec.dataset):
+        return {}
+    info = dataset_spec(spec.dataset)
+    return {"data_mean": list(info.mean), "data_std": list(info.std)}
 
 
 def pack_task(ray, function, study: Study, **options):

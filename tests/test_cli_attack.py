@@ -91,7 +91,7 @@ def test_a_real_process_prints_no_traceback(tmp_path):
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == [
         "gradinv attack: error: model: 'nope' is not valid; choose one of convnet, convnet-paper, lenet-zhu, mlp, "
-        "resnet20, resnet32, resnet44, resnet18, resnet50"
+        "resnet20, resnet32, resnet44, resnet18, resnet50, or your own as package.module:function"
     ]
 
 

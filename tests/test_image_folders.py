@@ -179,3 +179,28 @@ def test_a_federation_on_a_folder_is_refused(tmp_path, fashion, capsys):
     build_folder(tmp_path / "fm", fashion)
     line = _one_line_refusal(capsys, tmp_path, f"folder:{tmp_path / 'fm'}", "--round", "1", "--fl", "fedavg")
     assert "round: 1 is not valid; leave it out: a federation is simulated on the built-in datasets only" in line
+
+
+def test_every_row_of_a_folder_study_records_its_normalisation(tmp_path, fashion):
+    """data_mean/data_std: the folder's per-channel statistics in each row; null for a built-in dataset."""
+    from gradinv.results.schema import to_table, trial_key
+    from sweep.study import load_study
+    from sweep.task_loop import make_packs
+    from sweep.worker import run_pack
+
+    build_folder(tmp_path / "fm", fashion)
+    rows = []
+    for dataset in (f"folder:{tmp_path / 'fm'}", "fashion-mnist"):
+        study = tmp_path / f"{len(rows)}.yaml"
+        study.write_text(
+            f'name: norm\ndata: {{dataset: "{dataset}", images: 1}}\n'
+            "fixed: {model: convnet, width: 2, iterations: 2}\n"
+        )
+        trials = load_study(study).trials
+        (pack,) = make_packs(load_study(study), [(trial_key(spec), spec) for spec in trials], "cpu")
+        rows += run_pack(pack)
+    table = to_table(rows).to_pylist()
+    info = data.dataset_spec(f"folder:{tmp_path / 'fm'}")
+    assert table[0]["status"] == "ok", table[0]["error"]
+    assert table[0]["data_mean"] == list(info.mean) and table[0]["data_std"] == list(info.std)
+    assert table[1]["data_mean"] is None and table[1]["data_std"] is None

@@ -103,6 +103,12 @@ SCHEMA = pa.schema(
             PROVENANCE,
             pa.field("checkpoint_key", pa.string()),  # the zoo checkpoint the settings named
             pa.field("study_overrides", pa.list_(pa.string())),  # the run's --set KEY=VALUE flags, in order
+            # an image folder's normalisation, per channel (computed from its training split); null: built-in sets
+            pa.field("data_mean", _floats),
+            pa.field("data_std", _floats),
+            # a captured update's row (`gradinv attack --update --results`): the file's content digest and name
+            pa.field("update_sha256", pa.string()),
+            pa.field("update_file", pa.string()),
             pa.field("federation_key", pa.string()),  # the federation whose round was the victim
             pa.field("train_images", _ints),  # a federation client's images: indices into the train_subset
         ),
@@ -128,6 +134,11 @@ SCHEMA = pa.schema(
             # PSNR of reconstruction b against image b, unpaired (the reference's fixed order)
             pa.field("psnr_unmatched", pa.float64()),
             pa.field("psnr_unmatched_per_image", _floats),
+            # A captured update: whether its file held the client's images (false: the metrics above are null),
+            # the best restart's gradient cost, and the labels the attack used (the file's, or recovered)
+            pa.field("ground_truth", pa.bool_()),
+            pa.field("gradient_cost", pa.float64()),
+            pa.field("label_per_image", _ints),
         ),
         *_with_role(
             HEAVY,
@@ -178,7 +189,16 @@ SCHEMA = pa.schema(
 
 def trial_key(spec: TrialSpec) -> str:
     """A hash of the resolved non-default parameters and the results format: stable as fields are added."""
-    canonical = json.dumps({"format": RESULTS_FORMAT, **spec.key_fields()}, sort_keys=True, separators=(",", ":"))
+    return _key({"format": RESULTS_FORMAT, **spec.key_fields()})
+
+
+def captured_key(spec: TrialSpec, update_sha256: str) -> str:
+    """A captured update's trial key: the attack's settings (as trial_key) and the capture file's content."""
+    return _key({"format": RESULTS_FORMAT, "update_sha256": update_sha256, **spec.key_fields()})
+
+
+def _key(fields: dict) -> str:
+    canonical = json.dumps(fields, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()[:20]
 
 

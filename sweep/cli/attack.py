@@ -68,6 +68,24 @@ def write_outcome(outcome: TrialOutcome, out: Path, device: str) -> None:
         write_atomic(out / "reconstruction.png", picture.getvalue())
 
 
+def update_command(
+    paths: list, spec: TrialSpec, *, out: Path | None, results, data_root=None, device: str = "cpu"
+) -> int:
+    """`gradinv attack --update`: one capture into ``out`` (its files), or captures into ``results`` (rows)."""
+    from gradinv.errors import ConfigError
+
+    from .captured_results import attack_into_results, refuse_several_without_results
+
+    if results is None:
+        update = refuse_several_without_results(paths)
+        if out is None:
+            raise ConfigError("--out", None, "name the output directory (--out DIR), or the results (--results DIR)")
+        return attack_update(update, spec, out, data_root=data_root, device=device)
+    if out is not None:
+        raise ConfigError("--out", str(out), "leave it out with --results: the rows hold the images (gradinv report)")
+    return attack_into_results(paths, spec, results, data_root=data_root, device=device)
+
+
 def attack_update(update: Path, spec: TrialSpec, out: Path, *, data_root=None, device: str = "cpu") -> int:
     """`gradinv attack --update FILE`: the captured update attacked with the flags' settings (the file gives
     the weights and the client's recipe), its files written into ``out``; a summary line printed."""

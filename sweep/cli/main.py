@@ -19,7 +19,7 @@ from . import (
 from . import (
     tune as tuning,
 )
-from .parser import EXIT_USAGE, add_knob_flags, add_set_flag, knob_values, path
+from .parser import EXIT_USAGE, add_knob_flags, add_set_flag, add_update_flags, knob_values, path
 from .parser import Parser as _Parser
 
 
@@ -48,14 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="run a results row's trial again and compare its metrics (the trial flags are ignored)",
     )
-    attack.add_argument(
-        "--update",
-        type=path,
-        default=None,
-        metavar="FILE",
-        help="attack a captured update (gradinv.capture.save_update; docs/captured-updates.md); the trial flags "
-        "give the model's architecture, the dataset and the attack",
-    )
+    add_update_flags(attack)
     attack.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     attack.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     run = verbs.add_parser("run", help="run a study's trials on Ray into a Parquet results directory")
@@ -131,10 +124,18 @@ def _run_attack(args: argparse.Namespace) -> int:
         os.environ["GRADINV_CACHE"] = args.cache
     if args.replay:  # the row's own thread count and device kind, not the flags
         if args.update is not None:
-            raise ConfigError("--update", str(args.update), "leave it out with --replay (a row names its own trial)")
+            raise ConfigError("--update", str(args.update[0]), "leave it out with --replay (a row names its own trial)")
         from .replay import command
 
         return command(*args.replay, data_root=args.data_root, out=args.out)
+    if args.update is not None:  # one capture into --out, or captures into --results
+        from .attack import update_command
+
+        _set_threads(args.threads)
+        kwargs = dict(out=args.out, results=args.results, data_root=args.data_root, device=_device(args.device))
+        return update_command(args.update, _trial_spec(args), **kwargs)
+    if args.results is not None:
+        raise ConfigError("--results", str(args.results), "use it with --update (studies: gradinv run --results)")
     if args.out is None:
         raise ConfigError("--out", None, "name the output directory (--out DIR); only --replay runs without one")
     from .attack import attack
@@ -142,10 +143,6 @@ def _run_attack(args: argparse.Namespace) -> int:
     _set_threads(args.threads)
     device = _device(args.device)
     spec = _trial_spec(args)
-    if args.update is not None:
-        from .attack import attack_update
-
-        return attack_update(args.update, spec, args.out, data_root=args.data_root, device=device)
     outcome = attack(spec, args.out, data_root=args.data_root, device=device)
     if outcome.status != "ok":
         print(f"gradinv attack: failed: {outcome.error}", file=sys.stderr)

@@ -48,6 +48,26 @@ def add_set_flag(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_update_flags(attack: argparse.ArgumentParser) -> None:
+    """`gradinv attack`'s captured updates (docs/captured-updates.md), and the results they become rows of."""
+    attack.add_argument(
+        "--update",
+        type=path,
+        nargs="+",
+        default=None,
+        metavar="FILE",
+        help="attack captured updates (gradinv.capture.save_update): a file, or with --results several files or "
+        "directories of *.pt; the trial flags give the model's architecture, the dataset and the attack",
+    )
+    attack.add_argument(
+        "--results",
+        type=path,
+        default=None,
+        help="with --update: one row per capture in this results directory or URI (s3://bucket/prefix), "
+        "keyed by the file's sha256 and the settings; captures already there are skipped",
+    )
+
+
 def add_knob_flags(
     parser: argparse.ArgumentParser,
     knobs: Mapping[str, Knob],
