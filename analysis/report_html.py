@@ -26,7 +26,7 @@ th { background: #f3f3f3; } td.text, th.text { text-align: left; }
 details { margin: .6em 0; } summary { cursor: pointer; color: #1f4f8f; }
 .setting { margin: 1em 0; } .picks { display: flex; flex-wrap: wrap; gap: 1.5em; }
 .pick > figcaption { font-size: .85em; color: #444; } .row, .strip { display: flex; flex-wrap: wrap; gap: 6px; }
-figure { margin: 0; } figure.image { width: 7.5em; font-size: .75em; color: #444; }
+figure { margin: 0; } figure.image { width: 7.5em; font-size: .75em; color: #444; overflow-wrap: anywhere; }
 figure.image img { display: block; width: 64px; height: 64px; image-rendering: pixelated; border: 1px solid #bbb;
                    margin-bottom: 2px; }
 """
