@@ -89,7 +89,9 @@ def test_captures_become_rows_that_status_report_and_export_read(captures, tmp_p
     assert sorted(results.glob("*.parquet")) == files and len(pd.read_parquet(results)) == 3
 
     # another setting: new keys, new rows
-    code, _, err = run(capsys, "attack", "--update", str(captures / "c.pt"), "--results", str(results), *FLAGS[:-4])
+    code, _, err = run(
+        capsys, "attack", "--update", str(captures / "c.pt"), "--results", str(results), *FLAGS, "--tv", "1e-3"
+    )
     assert code == 0, err
     assert len(pd.read_parquet(results)) == 4
 
