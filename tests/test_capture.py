@@ -15,6 +15,7 @@ from gradinv.errors import ConfigError
 from gradinv.trial import TrialSpec, run_trials
 from gradinv.trial.captured import attack_captured
 from sweep.cli.main import main
+from tests.support.captures import client_step as plain_client_step
 
 SIDE = 16
 # the quickstart's leaking settings, at 16x16 and half its iterations
@@ -22,22 +23,8 @@ ATTACK = ["--iterations", "150", "--lr", "0.3", "--tv", "1e-4", "--decay", "cosi
 VICTIM = ["--dataset", "fashion-mnist", "--image-size", str(SIDE), "--model", "convnet"]
 
 
-def client_step(path, *, index=0, width=32, seed=0, labels=True, images=True):
-    """A client in plain PyTorch: one FedSGD gradient on one Fashion-MNIST image, saved before any step."""
-    info = data.dataset_spec("fashion-mnist")
-    x, y = data.load_images("fashion-mnist", [index], image_size=SIDE)
-    model = models.build_model("convnet", channels=1, num_classes=10, image_size=SIDE, width=width, seed=seed)
-    model.zero_grad()
-    F.cross_entropy(model((x - info.mean[0]) / info.std[0]), y).backward()
-    gradient = [p.grad for p in model.parameters()]
-    return save_update(
-        path,
-        model=model,
-        num_images=1,
-        gradient=gradient,
-        labels=y if labels else None,
-        images=x if images else None,
-    )
+def client_step(path, **options):
+    return plain_client_step(path, side=SIDE, **options)
 
 
 def test_a_plain_client_s_gradient_is_reconstructed_from_the_file(tmp_path, capsys):

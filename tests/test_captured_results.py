@@ -7,12 +7,11 @@ import shutil
 
 import pandas as pd
 import pytest
-import torch.nn.functional as F
 
-from gradinv import data, models
-from gradinv.capture import save_update
+from gradinv import data
 from sweep.cli import captured_results
 from sweep.cli.main import main
+from tests.support.captures import client_step
 
 SIDE = 8
 FLAGS = ["--dataset", "fashion-mnist", "--image-size", str(SIDE), "--model", "convnet", "--width", "4"]
@@ -21,20 +20,7 @@ FLAGS += ["--iterations", "6", "--threads", "1"]
 
 def capture(path, index, *, truth=True):
     """A plain PyTorch client's FedSGD gradient on one Fashion-MNIST image, saved with or without the image."""
-    info = data.dataset_spec("fashion-mnist")
-    x, y = data.load_images("fashion-mnist", [index], image_size=SIDE)
-    model = models.build_model("convnet", channels=1, num_classes=10, image_size=SIDE, width=4)
-    model.zero_grad()
-    F.cross_entropy(model((x - info.mean[0]) / info.std[0]), y).backward()
-    gradient = [p.grad for p in model.parameters()]
-    return save_update(
-        path,
-        model=model,
-        num_images=1,
-        gradient=gradient,
-        labels=y if truth else None,
-        **({"images": x} if truth else {}),
-    )
+    return client_step(path, side=SIDE, index=index, width=4, labels=truth, images=truth)
 
 
 @pytest.fixture()
@@ -141,16 +127,9 @@ def test_a_capture_under_another_name_is_the_same_row(captures, tmp_path, capsys
 def test_captures_into_object_storage(captures, tmp_path, capsys, monkeypatch):
     """--results s3://bucket/prefix (moto's server): the same rows, read back by status; a rerun skips them."""
     from gradinv.results.remote import open_store
-    from tests.support.s3 import S3Server
+    from tests.support.s3 import serving
 
-    server = S3Server().start()
-    try:
-        for name, value in server.env.items():
-            monkeypatch.setenv(name, value)
-        monkeypatch.setenv("GRADINV_JOURNALS", str(tmp_path / "journals"))
-        monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-credentials"))
-        monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-config"))
-        server.create_bucket("captures")
+    with serving(monkeypatch, tmp_path, "captures"):
         uri = "s3://captures/audits/flower"
         argv = ["attack", "--update", str(captures / "a.pt"), str(captures / "c.pt"), "--results", uri, *FLAGS]
         code, _, err = run(capsys, *argv)
@@ -161,8 +140,6 @@ def test_captures_into_object_storage(captures, tmp_path, capsys, monkeypatch):
         assert code == 0 and "all 2 captured updates already have rows" in out
         code, out, err = run(capsys, "status", uri)
         assert code == 0 and "flower" in out, err
-    finally:
-        server.stop()
 
 
 def test_results_without_any_ground_truth_report_and_export(captures, tmp_path, capsys):

@@ -25,7 +25,7 @@ from gradinv.results.schema import to_table, trial_key
 from sweep.cli.main import main
 from sweep.study import load_study
 from tests.support.local_cluster import RAY, LocalCluster, free_port
-from tests.support.s3 import S3Server
+from tests.support.s3 import S3Server, serving
 
 REPO = Path(__file__).resolve().parent.parent
 BUCKET, PREFIX = "gradinv-results", "studies/tiny"
@@ -44,17 +44,8 @@ max_retries: 1
 @pytest.fixture
 def s3(monkeypatch, tmp_path):
     """moto's S3 server with one bucket; this process's environment (and its drivers') points at it."""
-    server = S3Server().start()
-    try:
-        for name, value in server.env.items():
-            monkeypatch.setenv(name, value)
-        monkeypatch.setenv("GRADINV_JOURNALS", str(tmp_path / "journals"))
-        monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-credentials"))
-        monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-config"))
-        server.create_bucket(BUCKET)
+    with serving(monkeypatch, tmp_path, BUCKET) as server:
         yield server
-    finally:
-        server.stop()
 
 
 def objects(server: S3Server) -> list[str]:

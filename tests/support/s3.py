@@ -7,7 +7,9 @@ buckets in the process, shared by every server it starts: both ends empty them.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from tests.support.local_cluster import free_port
@@ -73,3 +75,20 @@ class S3Server:
     def keys(self, bucket: str, prefix: str = "") -> list[str]:
         listed = self.client().list_objects_v2(Bucket=bucket, Prefix=prefix)
         return sorted(item["Key"] for item in listed.get("Contents", []))
+
+
+@contextlib.contextmanager
+def serving(monkeypatch, tmp_path, bucket: str) -> Iterator[S3Server]:
+    """A server with ``bucket``, this process's environment (and its drivers') pointed at it, journals under
+    ``tmp_path`` and no credentials files of the machine's; stopped on leaving."""
+    server = S3Server().start()
+    try:
+        for name, value in server.env.items():
+            monkeypatch.setenv(name, value)
+        monkeypatch.setenv("GRADINV_JOURNALS", str(tmp_path / "journals"))
+        monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-credentials"))
+        monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-config"))
+        server.create_bucket(bucket)
+        yield server
+    finally:
+        server.stop()
