@@ -46,6 +46,8 @@ def open_store(results: str | os.PathLike, set_aside_bad_files: bool = False) ->
 class RemoteResults(ResultsDir):
     """A prefix in object storage; ``files()`` are paths of ``filesystem`` (``bucket/prefix/part-....parquet``)."""
 
+    FILES_WORD, PLACE_WORD = "objects", "prefix"
+
     def __init__(self, uri: str, set_aside_bad_files: bool = False):
         self.location = location.open_location(uri)
         self.path = self.location.uri  # shown in messages
@@ -136,20 +138,8 @@ class RemoteResults(ResultsDir):
                 raise
             return f"not a readable Parquet file ({location.first_line(error)})"
 
-    def _footer(self, file: str) -> pa.Schema:
-        return pq.read_schema(file, filesystem=self.filesystem)
-
-    def require_current_format(self) -> None:
-        for file in self.files():
-            held = schema.format_of(self._footer(file))
-            if held != schema.RESULTS_FORMAT:
-                written = f"results format {held}" if held else "objects of an unknown results format"
-                raise ConfigError(
-                    "--results",
-                    self.path,
-                    f"it holds {written} ({_name(file)}), this gradinv writes format {schema.RESULTS_FORMAT}; "
-                    "run into a new prefix (status, report and export still read this one)",
-                )
+    def _file_name(self, file: str) -> str:
+        return _name(file)
 
     def bad_file_error(self, file, problem: str, footer: bool = True) -> ConfigError:
         if not isinstance(file, str):  # a local journal entry
@@ -210,17 +200,8 @@ class RemoteResults(ResultsDir):
         pq.write_table(stamped, sink)  # serialised first: the upload is one whole buffer
         self.location.write_whole(_name(final), sink.getvalue().to_pybytes())
 
-    def keep_one_row_per_key(self) -> None:
-        self.location.clear_staging()
-        files = self.files()
-        winners = self.winners(files)
-        if not winners.duplicated:
-            return
-        for file in files:
-            table = self._read_file(file, None)
-            kept = winners.filter(table, file)
-            if kept.num_rows < table.num_rows:
-                self._replace_file(file, kept)
+    def _clear_leftovers(self) -> None:
+        self.location.clear_staging()  # uploads a crash cut short, under _staging/
 
 
 def _parquet(path: str) -> bool:

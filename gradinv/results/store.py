@@ -41,6 +41,7 @@ class ResultsDir:
     gradinv.results.remote.RemoteResults is the same for a prefix in object storage."""
 
     filesystem = None  # pyarrow's, for readers of ``files()``: None is the local disk
+    FILES_WORD, PLACE_WORD = "files", "directory"  # what messages call the results' files and their home
 
     def __init__(self, path: str | Path, set_aside_bad_files: bool = False):
         self.path = Path(path)
@@ -118,15 +119,24 @@ class ResultsDir:
     def require_current_format(self) -> None:
         """Refuse to add trials to files of another results format: their keys would never match ours."""
         for file in self.files():
-            held = schema.results_format(file)
+            held = schema.format_of(self._footer(file))
             if held != schema.RESULTS_FORMAT:
-                written = f"results format {held}" if held else "files of an unknown results format"
+                written = f"results format {held}" if held else f"{self.FILES_WORD} of an unknown results format"
                 raise ConfigError(
                     "--results",
                     str(self.path),
-                    f"it holds {written} ({file.name}), this gradinv writes format {schema.RESULTS_FORMAT}; "
-                    "run into a new directory (status, report and export still read this one)",
+                    f"it holds {written} ({self._file_name(file)}), this gradinv writes format "
+                    f"{schema.RESULTS_FORMAT}; run into a new {self.PLACE_WORD} "
+                    "(status, report and export still read this one)",
                 )
+
+    def _footer(self, file: Path) -> pa.Schema:
+        """The schema in ``file``'s footer, read without its pages."""
+        return pq.read_schema(file, filesystem=self.filesystem)
+
+    def _file_name(self, file: Path) -> str:
+        """``file`` as messages name it: its name, without the directory's path."""
+        return file.name
 
     def bad_file_error(self, file: Path, problem: str, footer: bool = True) -> ConfigError:
         """``footer``: the problem shows in the footer, so that the set-aside flag finds the file too."""
@@ -257,17 +267,23 @@ class ResultsDir:
     def keep_one_row_per_key(self) -> None:
         """Repair what a crash between writing a replacement and dropping the old row left behind: each
         file keeps the rows that count (``Winners``), as every reader counts them meanwhile."""
-        for leftover in self.path.glob(".*.tmp"):
-            leftover.unlink()
+        self._clear_leftovers()
         files = self.files()
         winners = self.winners(files)
         if not winners.duplicated:
             return
         for file in files:
-            table = pq.read_table(file, schema=schema.SCHEMA)
+            table = self._read_file(file, None)
+            if table is None:  # gone since it was listed: nothing left of it to repair
+                continue
             kept = winners.filter(table, str(file))
             if kept.num_rows < table.num_rows:
                 self._replace_file(file, kept)
+
+    def _clear_leftovers(self) -> None:
+        """Delete the hidden temporary files of writes a crash cut short: no reader sees them, nothing needs them."""
+        for leftover in self.path.glob(".*.tmp"):
+            leftover.unlink()
 
     def _refuse_a_foreign_lock(self) -> None:
         """Taking the lock opens its file for writing (and truncates it): through a link it would
