@@ -42,9 +42,13 @@ def test_a_one_image_update_gives_the_classifiers_input_exactly():
     assert read.shape == truth.shape and torch.allclose(read, truth, rtol=1e-4, atol=1e-5)
 
 
-def test_a_row_with_a_zero_bias_entry_reads_zeros_not_nan():
-    weight, bias = torch.ones(2, 3), torch.tensor([0.0, 2.0])
-    assert read_features(weight, bias, torch.tensor([0, 1])).tolist() == [[0.0] * 3, [0.5] * 3]
+def test_a_certain_victims_zero_label_entry_reads_the_features_off_another_row_and_no_signal_reads_zeros():
+    features = torch.tensor([0.5, -2.0, 3.0])
+    # softmax rounded to exactly 1 at the label (0): its entry is 0, the other class's a tiny 1e-20
+    bias = torch.tensor([0.0, 1e-20])
+    weight = bias[:, None] * features[None, :]
+    assert torch.allclose(read_features(weight, bias, torch.tensor([0])), features[None], rtol=1e-6, atol=0)
+    assert read_features(torch.zeros(2, 3), torch.zeros(2), torch.tensor([0, 1])).tolist() == [[0.0] * 3] * 2
 
 
 def test_the_feature_prior_is_zero_at_the_truth_and_enters_the_objective_with_its_weight():

@@ -34,7 +34,11 @@ def classifier(model: nn.Module, knob: tuple[str, str, str] = READER) -> tuple[n
 
 def read_features(weight: torch.Tensor, bias: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """``[B, F]``: each image's features from its label's rows of a classifier update (weight ``[K, F]``,
-    bias ``[K]``); a row whose bias entry is exactly 0 reads zeros."""
+    bias ``[K]``). A certain victim's label entry rounds to exactly 0 (its softmax rounds to 1), while the
+    other classes' tiny entries still read the features exactly: such a label reads the row of the largest
+    entry instead. Zeros where the whole bias gradient is 0."""
+    largest = bias.abs().argmax().expand_as(labels)
+    labels = torch.where(bias[labels] == 0, largest, labels)
     rows, entries = weight[labels], bias[labels]
     safe = torch.where(entries == 0, torch.ones_like(entries), entries)
     return torch.where((entries == 0)[:, None], torch.zeros_like(rows), rows / safe[:, None])
