@@ -1,5 +1,6 @@
 """``output_gradient: read``: the candidate's update pulled back from the client's own loss gradient at the
-logits, read off the update's classifier bias gradient (FedSGD, one image), on tiny shapes."""
+logits, read off the update's classifier bias gradient (one image, one step as the attacker sees it), on tiny
+shapes."""
 
 import dataclasses
 
@@ -68,10 +69,23 @@ def test_packed_lanes_match_their_single_runs():
         assert together.metrics["psnr"] == pytest.approx(single.metrics["psnr"], abs=1e-3)
 
 
+def test_a_one_step_attacker_reads_a_fedavg_update_of_small_steps_nearly_exactly():
+    """Three local steps sum three nearly equal output gradients into the bias gradient: at the paper's local
+    lr (1e-4) the one-step attacker's update at the truth is the sent one to float32's noise; at 0.1 the
+    steps move the model, and the approximation shows."""
+    costs = {}
+    for lr in (1e-4, 1e-1):
+        spec = dataclasses.replace(READ, fl="fedavg", local_steps=3, local_lr=lr, attacker_local_steps=1)
+        _, _, labels, _ = one_client(spec)
+        costs[lr] = match_at_truth(spec, labels)
+    assert costs[1e-4] < 1e-5 and costs[1e-1] > 1e-2
+
+
 @pytest.mark.parametrize(
     "settings, named",
     [
-        ({"fl": "fedavg", "local_steps": 2}, "fl is fedavg"),
+        ({"fl": "fedavg", "local_steps": 2}, "fl is fedavg with 2 local steps"),
+        ({"fl": "fedavg", "local_steps": 2, "attacker_local_steps": 2}, "fl is fedavg with 2 local steps"),
         ({"images": (0, 1)}, "holds 2 images"),
         ({"images": (0, 1), "aggregated_clients": 2}, "holds 2 images"),
         ({"dp_clip": 1.0, "dp_noise": 0.1}, "dp_clip is 1.0"),

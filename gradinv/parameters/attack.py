@@ -180,8 +180,8 @@ class InvertingSettings(Part):
         search=OUTPUT_GRADIENTS,
         help="the loss gradient at the logits that the candidate's update is backpropagated from: "
         "computed from its own cross-entropy (the paper's), or read off the sent update's output bias "
-        "gradient, which is the client's exactly (R-GAP's first step, Zhu and Blaschko 2021; FedSGD, "
-        "one image per client)",
+        "gradient, which is the client's exactly (R-GAP's first step, Zhu and Blaschko 2021; one image "
+        "per client, FedSGD, or FedAvg with attacker_local_steps 1: its steps' summed, read as one step's)",
     )
     # tune searches only the costs whose scales the pruner can compare across candidates
     cost: str = knob("cosine", kind="str", help="the gradient distance", choices=COSTS, search=("cosine", "l2"))

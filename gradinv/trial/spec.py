@@ -87,10 +87,12 @@ class TrialRules:
             layer_indices(count, self.layers)
 
     def _check_output_gradient(self) -> None:
-        """The output bias gradient is the client's loss gradient at the logits only for one FedSGD step on
-        one image: several images, steps or clients sum theirs into it."""
-        fix = "use computed, or read with fl fedsgd, one image and no aggregation or DP-SGD"
-        require(self.fl == "fedsgd", "output_gradient", "read", f"fl is {self.fl}; {fix}")
+        """The output bias gradient is the client's loss gradient at the logits only for one step on one image:
+        several images or clients sum theirs into it. A FedAvg client's several steps sum theirs too, which an
+        attacker that models them as one step (``attacker_local_steps: 1``) reads as its one step's."""
+        fix = "use computed, or read with one image, one step as the attacker sees it, and no aggregation or DP-SGD"
+        one_step = self.fl == "fedsgd" or self.attacker_local_steps == 1
+        require(one_step, "output_gradient", "read", f"fl is {self.fl} with {self.local_steps} local steps; {fix}")
         require(len(self.images) == 1, "output_gradient", "read", f"the client holds {len(self.images)} images; {fix}")
         for name, off in (("aggregated_clients", 1), ("dp_clip", None)):
             require(getattr(self, name) == off, "output_gradient", "read", f"{name} is {getattr(self, name)}; {fix}")
