@@ -150,7 +150,7 @@ def leakage(frame: pd.DataFrame, by: list[str], seed: int = 0, curves: pd.DataFr
                 "median_low": median_low,
                 "median_high": median_high,
                 **tail,
-                "verdict": verdict(gains.size, median_low, tail),
+                "verdict": with_zero_updates(verdict(gains.size, median_low, tail), group),
             }
         )
     columns = [
@@ -180,6 +180,13 @@ def verdict(gains: int, median_low: float, tail: dict | None = None) -> str:
     if at_rest is None:  # no curve: an attack without one, or rows written before curves were recorded
         return found
     return f"{found}, {SETTLED_WORDS[at_rest]}"
+
+
+def with_zero_updates(said: str, group: pd.DataFrame) -> str:
+    """The verdict, and how many of the setting's updates were exactly zero: a client whose training moved
+    no parameter (a certain victim's float32 step rounds away) sends nothing any attack could read."""
+    zero = int(group["zero_update"].fillna(False).astype(bool).sum()) if "zero_update" in group else 0
+    return f"{said}; {zero} of {len(group)} updates exactly zero (nothing to attack)" if zero else said
 
 
 def success_rate(frame: pd.DataFrame, by: list[str], threshold: float = SUCCESS_PSNR) -> pd.DataFrame:

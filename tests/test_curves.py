@@ -91,6 +91,15 @@ def test_without_curves_a_no_leakage_says_only_that():
         assert verdicts == {stats.LEAKS, stats.NO_LEAKAGE}
 
 
+def test_a_setting_counts_its_exactly_zero_updates_in_its_verdict():
+    frame = pd.DataFrame(rows())
+    frame["zero_update"] = False
+    frame.loc[frame.index[6:10], "zero_update"] = True  # four of the six trials at TV 1e-3
+    verdicts = stats.leakage(frame, ["tv"], curves=frame[["key", *CURVE_COLUMNS]]).set_index("tv")["verdict"]
+    assert verdicts[1e-3] == f"{stats.CONVERGED}; 4 of 6 updates exactly zero (nothing to attack)"
+    assert verdicts[1e-4] == stats.LEAKS
+
+
 def test_the_last_part_of_a_short_curve_is_its_last_two_checkpoints():
     assert curves.tail_start([150, 300]) == 0
     assert curves.tail_start(CHECKPOINTS) == 5  # 225 = 0.75 * 300
