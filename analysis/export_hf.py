@@ -66,6 +66,8 @@ def export_hf(results: str | Path, to: str | Path, shard_bytes: int = SHARD_BYTE
     if not load.finished_keys(results):
         raise _no_images(results)
     _require_replaceable(to / DATA_DIR)
+    for leftover in to.glob(f".{DATA_DIR}.*.tmp"):  # staged by an export that was killed: no reader sees it
+        shutil.rmtree(leftover, ignore_errors=True)  # refuses a link, so it deletes only what it names
     staged = partial_name(to / DATA_DIR)
     prepare(results, to, staged.name)
     try:

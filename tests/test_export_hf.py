@@ -208,6 +208,18 @@ def test_shards_split_by_size_and_a_new_export_replaces_the_old_whole(results, t
     assert front_matter((out / "README.md").read_text())["dataset_info"]["splits"][0]["num_examples"] == 5
 
 
+def test_a_killed_exports_staged_folder_is_cleared_by_the_next_and_a_link_is_not_followed(results, tmp_path):
+    out, kept = tmp_path / "hf", tmp_path / "kept"
+    staged = out / ".data.0123456789ab.tmp"
+    staged.mkdir(parents=True)
+    (staged / "train-00000.parquet").write_bytes(b"half a shard")
+    kept.mkdir()
+    (kept / "file").write_text("mine")
+    (out / ".data.link.tmp").symlink_to(kept, target_is_directory=True)
+    hf.export_hf(results, out)
+    assert not staged.exists() and (kept / "file").read_text() == "mine"
+
+
 def test_the_hf_export_does_not_import_torch(results, tmp_path):
     code = (
         "import contextlib, io, sys\n"
