@@ -18,7 +18,6 @@ from gradinv.victims import victim_source
 from sweep.cli.main import main
 from sweep.runner import runtime_environment
 from sweep.study import load_study
-from tests.support.local_cluster import run_study_on_two_worker_nodes
 
 SOURCE = """
 import torch
@@ -208,6 +207,10 @@ def test_a_study_finds_the_module_beside_it_and_ships_it_to_ray(tmp_path, write_
     assert "py_modules" not in runtime_environment(None, [TrialSpec(**TINY)])
 
 
+# On a multi-node cluster (worker nodes of their own): tests/test_own_parts_study.py, which shares one cluster
+# between its studies.
+
+
 def test_a_study_runs_on_ray_with_the_module_shipped(tmp_path, write_study, driver):
     """The driver runs from the repository and the module lies only beside the study: Ray's workers import it
     from the runtime environment's py_modules."""
@@ -220,17 +223,3 @@ def test_a_study_runs_on_ray_with_the_module_shipped(tmp_path, write_study, driv
     frame = pd.read_parquet(results)
     assert len(frame) == 4 and (frame["status"] == "ok").all(), frame["error"].tolist()
     assert set(frame["model"]) == {f"{name}:tiny"} and sorted(set(frame["width"])) == [3, 4]
-
-
-def test_a_study_runs_on_a_multi_node_cluster_with_the_module_shipped(tmp_path, write_study, driver):
-    """Worker nodes of their own (`ray start`), the module only beside the study: it reaches them through
-    the runtime environment, not a shared path."""
-    name = f"multinode_{next(_names)}"
-    (tmp_path / f"{name}.py").write_text(textwrap.dedent(SOURCE))
-    study = write_study(STUDY.format(module=name))
-    results = tmp_path / "results"
-    code, output = run_study_on_two_worker_nodes(driver, study, results)
-    assert code == 0, output
-    frame = pd.read_parquet(results)
-    assert len(frame) == 4 and (frame["status"] == "ok").all(), frame["error"].tolist()
-    assert sorted(set(frame["width"])) == [3, 4]

@@ -1,5 +1,6 @@
 """Bringing your own parts at once (issue 28): a model from your module, an image folder and a weights file,
-run as a two-point study on a multi-node Ray cluster with the module shipped by the runtime environment."""
+run as a two-point study on a multi-node Ray cluster with the module shipped by the runtime environment; and
+a model factory alone, shipped to the same cluster's worker nodes."""
 
 import json
 import textwrap
@@ -7,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pytest
 import torch
 from PIL import Image
 
@@ -14,7 +16,7 @@ from gradinv import data
 from gradinv.results.schema import trial_key
 from sweep.cli.main import main
 from sweep.study import load_study
-from tests.support.local_cluster import run_study_on_two_worker_nodes
+from tests.support.local_cluster import run_study_on, two_worker_nodes
 
 MODULE = "own_parts_models"  # unique in the test session: modules stay imported
 SOURCE = """
@@ -60,11 +62,19 @@ def save_weights(path: Path, seed: int) -> None:
     torch.save(namespace["tiny"](num_classes=len(CLASSES), in_channels=1, image_size=SIDE).state_dict(), path)
 
 
+@pytest.fixture(scope="module")
+def cluster():
+    """A head and worker nodes node_a and node_b (`ray start`), shared by this module's studies: each runs as
+    a job of its own, its module shipped by its own runtime environment. Stopped after the module."""
+    with two_worker_nodes() as nodes:
+        yield nodes
+
+
 def study_keys(study: Path) -> set[str]:
     return {trial_key(spec) for spec in load_study(study).trials}
 
 
-def test_a_study_over_your_own_model_folder_and_weights_runs_on_ray_and_replays(tmp_path, driver, monkeypatch):
+def test_a_study_over_your_own_model_folder_and_weights_runs_on_ray_and_replays(tmp_path, driver, monkeypatch, cluster):
     module = tmp_path / f"{MODULE}.py"
     module.write_text(textwrap.dedent(SOURCE))
     write_folder(tmp_path / "fm")
@@ -74,7 +84,7 @@ def test_a_study_over_your_own_model_folder_and_weights_runs_on_ray_and_replays(
     study.write_text(textwrap.dedent(STUDY.format(folder=tmp_path / "fm", module=MODULE, weights=weights)).lstrip())
     results = tmp_path / "results"
 
-    code, output = run_study_on_two_worker_nodes(driver, study, results)
+    code, output = run_study_on(cluster, driver, study, results)
     assert code == 0, output
 
     frame = pd.read_parquet(results)  # 2 images x 2 learning rates, one trial per image
@@ -100,3 +110,38 @@ def test_a_study_over_your_own_model_folder_and_weights_runs_on_ray_and_replays(
     save_weights(weights, seed=2)
     reweighted = study_keys(study)
     assert len(reweighted) == 4 and reweighted.isdisjoint(keys | edited)
+
+
+FACTORY = """
+from torch import nn
+
+
+def tiny(**arguments):
+    side, hidden = arguments["image_size"], arguments.get("width", 3)
+    return nn.Sequential(
+        nn.Flatten(),
+        nn.Linear(arguments["in_channels"] * side * side, hidden),
+        nn.ReLU(),
+        nn.Linear(hidden, arguments["num_classes"]),
+    )
+"""
+FACTORY_STUDY = """
+name: own-model
+data: {{dataset: faces, images: 2, image_size: 8}}
+fixed: {{model: "{module}:tiny", iterations: 3}}
+grid: {{width: [3, 4]}}
+"""
+
+
+def test_a_study_runs_on_a_multi_node_cluster_with_the_module_shipped(tmp_path, write_study, driver, cluster):
+    """(From tests/test_model_factories.py.) Worker nodes of their own (`ray start`), the module only beside
+    the study: it reaches them through the runtime environment, not a shared path."""
+    name = "multinode_factories"  # unique in the test session: modules stay imported
+    (tmp_path / f"{name}.py").write_text(textwrap.dedent(FACTORY))
+    study = write_study(FACTORY_STUDY.format(module=name))
+    results = tmp_path / "results"
+    code, output = run_study_on(cluster, driver, study, results)
+    assert code == 0, output
+    frame = pd.read_parquet(results)
+    assert len(frame) == 4 and (frame["status"] == "ok").all(), frame["error"].tolist()
+    assert sorted(set(frame["width"])) == [3, 4]

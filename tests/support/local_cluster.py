@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -101,9 +102,9 @@ class LocalCluster:
             self.stop_node(name)
 
 
-def run_study_on_two_worker_nodes(driver, study: Path, results: Path) -> tuple[int, str]:
-    """``gradinv run`` of ``study`` on a fresh head with worker nodes node_a and node_b, stopped afterwards:
-    the exit code and the output. ``driver`` is the tests' fixture that starts the CLI in a process."""
+@contextmanager
+def two_worker_nodes():
+    """A fresh head with worker nodes node_a and node_b, stopped (every node's process group) on leaving."""
     import tempfile
 
     with tempfile.TemporaryDirectory(prefix="gi-", dir="/tmp") as temp:  # short: Ray's socket paths
@@ -112,7 +113,20 @@ def run_study_on_two_worker_nodes(driver, study: Path, results: Path) -> tuple[i
             cluster.start_head()
             for node in ("node_a", "node_b"):
                 cluster.add_worker(node)
-            args = ("run", str(study), "--results", str(results), "--address", cluster.address, "--no-progress")
-            return driver(*args, env=cluster.env).wait(timeout=300)
+            yield cluster
         finally:
             cluster.stop()
+
+
+def run_study_on(cluster: LocalCluster, driver, study: Path, results: Path) -> tuple[int, str]:
+    """``gradinv run`` of ``study`` on ``cluster``: the exit code and the output. ``driver`` is the tests'
+    fixture that starts the CLI in a process."""
+    args = ("run", str(study), "--results", str(results), "--address", cluster.address, "--no-progress")
+    return driver(*args, env=cluster.env).wait(timeout=300)
+
+
+def run_study_on_two_worker_nodes(driver, study: Path, results: Path) -> tuple[int, str]:
+    """``gradinv run`` of ``study`` on a fresh head with worker nodes node_a and node_b, stopped afterwards:
+    the exit code and the output. ``driver`` is the tests' fixture that starts the CLI in a process."""
+    with two_worker_nodes() as cluster:
+        return run_study_on(cluster, driver, study, results)
