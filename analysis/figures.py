@@ -6,6 +6,7 @@ axes and legends outside the data. Pure matplotlib (Agg via ``Figure``), returne
 from __future__ import annotations
 
 import io
+import textwrap
 
 import numpy as np
 import pandas as pd
@@ -19,6 +20,7 @@ MAX_PANELS = 12
 COLOURS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#17becf")
 LEAK_COLOUR, NONE_COLOUR, BASELINE_COLOUR = "#1f77b4", "#888888", "#444444"
 WIDTH = 10.0  # inches at 100 dpi: the page's width
+VERDICT_WIDTH = 44  # characters per line of a verdict written beside a plot
 BASELINE_LABEL = "no-information baseline (gain 0)"
 
 
@@ -153,7 +155,8 @@ def gain_per_setting(table: pd.DataFrame, by: list[str], question: str) -> Figur
         beside = blended_transform_factory(axes.transAxes, axes.transData)  # right of the data, in words
         for position, row, leak in zip(y, part.itertuples(), leaks):
             if not leak:
-                axes.text(1.01, position, row.verdict, transform=beside, va="center", fontsize=8.5, color="#555555")
+                said = textwrap.fill(row.verdict, VERDICT_WIDTH)  # beside the plot: long ones in lines
+                axes.text(1.01, position, said, transform=beside, va="center", fontsize=8.5, color="#555555")
         axes.set_ylim(-0.7, len(part) - 0.3)
         _baseline_line(axes, 0.0, horizontal=False)
         axes.set_title(setting_label(panel) if panel else "", fontsize=10, loc="left")

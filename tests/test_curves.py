@@ -91,13 +91,17 @@ def test_without_curves_a_no_leakage_says_only_that():
         assert verdicts == {stats.LEAKS, stats.NO_LEAKAGE}
 
 
-def test_a_setting_counts_its_exactly_zero_updates_in_its_verdict():
-    frame = pd.DataFrame(rows())
-    frame["zero_update"] = False
-    frame.loc[frame.index[6:10], "zero_update"] = True  # four of the six trials at TV 1e-3
+def test_a_setting_counts_its_exactly_zero_updates_in_its_verdict_in_status_and_report(tmp_path, capsys):
+    found = [{**row, "zero_update": 6 <= i < 10} for i, row in enumerate(rows())]  # four of six at TV 1e-3
+    frame = pd.DataFrame(found)
     verdicts = stats.leakage(frame, ["tv"], curves=frame[["key", *CURVE_COLUMNS]]).set_index("tv")["verdict"]
-    assert verdicts[1e-3] == f"{stats.CONVERGED}; 4 of 6 updates exactly zero (nothing to attack)"
-    assert verdicts[1e-4] == stats.LEAKS
+    counted = f"{stats.CONVERGED}; 4 of 6 updates exactly zero (nothing to attack)"
+    assert verdicts[1e-3] == counted and verdicts[1e-4] == stats.LEAKS
+    with ResultsDir(tmp_path / "r") as directory:
+        directory.write(found)
+    assert main(["status", str(tmp_path / "r")]) == 0
+    assert sum(line.endswith(counted) for line in capsys.readouterr().out.splitlines()) == 1
+    assert html.escape(counted) in build_report(tmp_path / "r")
 
 
 def test_the_last_part_of_a_short_curve_is_its_last_two_checkpoints():

@@ -81,7 +81,7 @@ def psnr_table(frame) -> list[str]:
 
 def status(path: Path | str, newest_errors: int = 5) -> str:
     results = existing(path, "results", "name an existing results directory (gradinv run --results DIR)")
-    columns = ["study", "key", "status", "error", "finished_at", *GROUPING, *SHOWN, *CURVES]
+    columns = ["study", "key", "status", "error", "finished_at", "zero_update", *GROUPING, *SHOWN, *CURVES]
     journalled = results.read_journal(columns)  # finished rows a running or killed driver has not batched yet
     batched = results.read(columns)
     replaced = pc.is_in(batched["key"], value_set=journalled["key"])  # a journalled retry replaces its old row
