@@ -79,6 +79,8 @@ def test_a_one_step_attacker_reads_a_fedavg_update_of_small_steps_nearly_exactly
         _, _, labels, _ = one_client(spec)
         costs[lr] = match_at_truth(spec, labels)
     assert costs[1e-4] < 1e-5 and costs[1e-1] > 1e-2
+    one = dataclasses.replace(READ, fl="fedavg", local_steps=1, local_lr=1e-1)  # a client of one step: exact
+    assert match_at_truth(one, one_client(one)[2]) < 1e-6
 
 
 @pytest.mark.parametrize(

@@ -91,7 +91,7 @@ class TrialRules:
         several images or clients sum theirs into it. A FedAvg client's several steps sum theirs too, which an
         attacker that models them as one step (``attacker_local_steps: 1``) reads as its one step's."""
         fix = "use computed, or read with one image, one step as the attacker sees it, and no aggregation or DP-SGD"
-        one_step = self.fl == "fedsgd" or self.attacker_local_steps == 1
+        one_step = self.fl == "fedsgd" or (self.attacker_local_steps or self.local_steps) == 1
         require(one_step, "output_gradient", "read", f"fl is {self.fl} with {self.local_steps} local steps; {fix}")
         require(len(self.images) == 1, "output_gradient", "read", f"the client holds {len(self.images)} images; {fix}")
         for name, off in (("aggregated_clients", 1), ("dp_clip", None)):
