@@ -16,6 +16,7 @@ from gradinv import data
 from gradinv.results.schema import trial_key
 from sweep.cli.main import main
 from sweep.study import load_study
+from tests import test_model_factories as factories  # its model module and study, on worker nodes
 from tests.support.local_cluster import run_study_on, two_worker_nodes
 
 MODULE = "own_parts_models"  # unique in the test session: modules stay imported
@@ -112,33 +113,12 @@ def test_a_study_over_your_own_model_folder_and_weights_runs_on_ray_and_replays(
     assert len(reweighted) == 4 and reweighted.isdisjoint(keys | edited)
 
 
-FACTORY = """
-from torch import nn
-
-
-def tiny(**arguments):
-    side, hidden = arguments["image_size"], arguments.get("width", 3)
-    return nn.Sequential(
-        nn.Flatten(),
-        nn.Linear(arguments["in_channels"] * side * side, hidden),
-        nn.ReLU(),
-        nn.Linear(hidden, arguments["num_classes"]),
-    )
-"""
-FACTORY_STUDY = """
-name: own-model
-data: {{dataset: faces, images: 2, image_size: 8}}
-fixed: {{model: "{module}:tiny", iterations: 3}}
-grid: {{width: [3, 4]}}
-"""
-
-
 def test_a_study_runs_on_a_multi_node_cluster_with_the_module_shipped(tmp_path, write_study, driver, cluster):
     """(From tests/test_model_factories.py.) Worker nodes of their own (`ray start`), the module only beside
     the study: it reaches them through the runtime environment, not a shared path."""
     name = "multinode_factories"  # unique in the test session: modules stay imported
-    (tmp_path / f"{name}.py").write_text(textwrap.dedent(FACTORY))
-    study = write_study(FACTORY_STUDY.format(module=name))
+    (tmp_path / f"{name}.py").write_text(textwrap.dedent(factories.SOURCE))
+    study = write_study(factories.STUDY.format(module=name))
     results = tmp_path / "results"
     code, output = run_study_on(cluster, driver, study, results)
     assert code == 0, output
