@@ -9,3 +9,11 @@ def positive(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"{value} is not valid; use 1 or more")
     return value
+
+
+def positive_number(text: str) -> float:
+    """A finite number above 0, or argparse's one-line usage error."""
+    value = float(text)
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{value} is not valid; use a finite number above 0")
+    return value

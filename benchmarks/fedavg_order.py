@@ -2,14 +2,17 @@
 
 Dimitrov et al. ("Data Leakage in Federated Averaging", TMLR 2022): a real server does not know how the
 client shuffled its images into mini-batches. ``attacker_order: unknown`` unrolls the same local steps over
-its candidates in index order, the same slices every epoch; ``known`` (the default) unrolls the client's own
-order. Each client holds ``--images-per-client`` images and trains in mini-batches of 2 for 1 or 2 local
-epochs; each (victim, local lr, epochs) row gives the median ``psnr_gain`` over the clients for both
-attackers, their difference, and how far the unknown-order attacker's prediction at the client's true
+its candidates in index order, the same slices every epoch (one candidate per image); with ``epoch_prior``
+each epoch unrolls candidates of its own, tied by Dimitrov et al.'s order-invariant epoch prior ("own per
+epoch"); ``known`` (the default) unrolls the client's own order. Each client holds ``--images-per-client``
+images and trains in mini-batches of 2 for 1 or 2 local epochs; each (victim, local lr, epochs) row gives
+the median ``psnr_gain`` over the clients for the three attackers (one epoch has no epochs to tell apart:
+there the last is the second), and how far the unknown-order attacker's prediction at the client's true
 images is from the update sent (1 - cosine over all parameters; the known-order one is exactly 0 there):
 how much the order matters before any attack runs. The study-like settings are the quickstart's.
 
     .venv/bin/python benchmarks/fedavg_order.py [--iterations 300] [--clients 2] [--local-lrs 1e-4 1e-2]
+        [--epoch-prior 0.01]
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import statistics
 import time
 
 import torch
-from arguments import positive  # benchmarks/ is on sys.path when a script runs
+from arguments import positive, positive_number  # benchmarks/ is on sys.path when a script runs
 
 from gradinv import data
 from gradinv.client.defences import attacker_update, sent_update
@@ -30,7 +33,7 @@ from gradinv.trial import TrialSpec, run_trials
 from gradinv.trial.run import cached_victim
 from gradinv.victims import victim_source
 
-ORDERS = ("known", "unknown")
+ATTACKERS = ("known", "unknown", "own per epoch")  # the last: attacker_order unknown with epoch_prior
 
 
 def cost_at_truth(spec: TrialSpec) -> float:
@@ -66,6 +69,7 @@ def main() -> None:
         help="data_order_seed of client k: the k-th (in turn); the defaults pair each client's images otherwise "
         "than the index order already in the first epoch (seed 0 pairs 4 images as the index order does)",
     )
+    parser.add_argument("--epoch-prior", type=positive_number, default=0.01, help="own per epoch: epoch_prior")
     parser.add_argument("--threads", type=positive, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -91,17 +95,24 @@ def main() -> None:
                 for epochs in args.epochs:
                     steps = epochs * -(-per_client // args.batch)
                     base = TrialSpec(**settings, **trained, local_lr=local_lr, local_steps=steps)
+                    knows = {
+                        "known": dict(attacker_order="known"),
+                        "unknown": dict(attacker_order="unknown"),
+                        "own per epoch": dict(
+                            attacker_order="unknown", epoch_prior=args.epoch_prior if epochs > 1 else 0
+                        ),
+                    }
                     cells[victim, local_lr, epochs] = {
-                        order: [
+                        attacker: [
                             dataclasses.replace(
                                 base,
                                 images=tuple(range(k * per_client, (k + 1) * per_client)),
                                 data_order_seed=args.order_seeds[k % len(args.order_seeds)],
-                                attacker_order=order,
+                                **knows[attacker],
                             )
                             for k in range(args.clients)
                         ]
-                        for order in ORDERS
+                        for attacker in ATTACKERS
                     }
     except ConfigError as error:
         parser.error(str(error))
@@ -113,9 +124,11 @@ def main() -> None:
     rows = []
     for (victim, local_lr, epochs), trials in cells.items():
         gains = {
-            order: [run_trials([spec])[0].metrics.get("psnr_gain", float("nan")) for spec in specs]  # own seeds
-            for order, specs in trials.items()
+            attacker: [run_trials([spec])[0].metrics.get("psnr_gain", float("nan")) for spec in specs]  # own seeds
+            for attacker, specs in trials.items()
+            if attacker != "own per epoch" or epochs > 1
         }
+        gains.setdefault("own per epoch", gains["unknown"])
         costs = [cost_at_truth(spec) for spec in trials["unknown"]]
         rows.append((victim, local_lr, epochs, gains, costs))
         print(f"  ... victim e{victim}, local lr {local_lr:g}, {epochs} epoch(s): {time.perf_counter() - start:.0f} s")
@@ -125,15 +138,18 @@ def main() -> None:
         f"(images 0..{args.clients * per_client - 1}), data_order_seed {seeds}, {args.threads} thread(s), "
         f"{time.perf_counter() - start:.0f} s; median psnr_gain over the clients in dB (each client's)\n"
     )
-    print("| victim | local lr | epochs | known order | unknown order | unknown − known | 1 − cos at the truth |")
-    print("|---|---|---|---|---|---|---|")
+    print(
+        "| victim | local lr | epochs | known order | unknown order | "
+        f"own per epoch (epoch_prior {args.epoch_prior:g}) | unknown − known | 1 − cos at the truth |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
     for victim, local_lr, epochs, gains, costs in rows:
-        known, unknown = (statistics.median(gains[order]) for order in ORDERS)
-        shown = {order: " / ".join(f"{g:+.2f}" for g in gains[order]) for order in ORDERS}
+        known, unknown, own = (statistics.median(gains[attacker]) for attacker in ATTACKERS)
+        shown = {attacker: " / ".join(f"{g:+.2f}" for g in gains[attacker]) for attacker in ATTACKERS}
         name = "untrained" if victim == 0 else f"trained {victim} epochs"
         print(
             f"| {name} | {local_lr:g} | {epochs} | {known:+.2f} ({shown['known']}) | "
-            f"{unknown:+.2f} ({shown['unknown']}) | {unknown - known:+.2f} | "
+            f"{unknown:+.2f} ({shown['unknown']}) | {own:+.2f} ({shown['own per epoch']}) | {unknown - known:+.2f} | "
             f"{statistics.median(costs):.2e} |"
         )
 

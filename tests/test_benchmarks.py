@@ -98,7 +98,8 @@ RUNS = {
             "--clients",
             "1",
         ),
-        "| victim | local lr | epochs | known order | unknown order | unknown − known | 1 − cos at the truth |",
+        "| victim | local lr | epochs | known order | unknown order | own per epoch (epoch_prior 0.01) "
+        "| unknown − known | 1 − cos at the truth |",
         r"\| (untrained|trained 1 epochs) \| 0\.01 \| 2 \| [+-]\d+\.\d\d \(",
         2,
     ),

@@ -1,11 +1,14 @@
 """The realistic FedAvg attacker (Dimitrov et al., "Data Leakage in Federated Averaging", TMLR 2022): an
 attacker that does not know the client's mini-batch order (``attacker_order: unknown``), its local learning
-rate (``attacker_local_lr``) or its step count (``attacker_local_steps``). The defaults keep the attacker
-that knows all three, bit for bit and key for key."""
+rate (``attacker_local_lr``) or its step count (``attacker_local_steps``); with ``epoch_prior`` each local
+epoch unrolls candidates of its own, tied by the order-invariant epoch prior. The defaults keep the
+attacker that knows all three, bit for bit and key for key."""
 
 import pytest
 import torch
 
+from gradinv.attacks.epoch_prior import EpochCandidates
+from gradinv.attacks.objective import IGConfig
 from gradinv.client.defences import attacker_update
 from gradinv.client.update import client_update, minibatch_schedule, model_state
 from gradinv.errors import ConfigError
@@ -168,3 +171,96 @@ def test_rows_record_what_the_attacker_knew():
     assert outcome.status == "ok" and len(outcome.curve) > 0
     fedsgd = parameter_columns(TrialSpec(images=(0, 1), attacker_order="unknown"))
     assert fedsgd["attacker_order"] is None and fedsgd["attacker_local_lr"] is None  # FedSGD: not applicable
+
+
+TWO_EPOCHS = ClientSettings(**FEDAVG, local_steps=4, local_batch_size=2, attacker_order="unknown")
+PER_EPOCH = IGConfig(epoch_prior=1.0)  # the attacker's settings: each epoch candidates of its own
+
+
+def test_each_epochs_own_candidates_in_the_clients_order_give_the_sent_update(client):
+    """Two epochs pair the four images otherwise ({0, 1} {3, 2}, then {0, 2} {3, 1}): no one candidate per
+    image in fixed slices can hold both, but each epoch's own candidates can."""
+    model, images, labels = client
+    sent = client_update(model, images, labels, TWO_EPOCHS)
+    order = torch.cat(minibatch_schedule(IMAGES, TWO_EPOCHS))
+    assert order.tolist() == [0, 1, 3, 2, 0, 2, 3, 1]
+    predict = attacker_update(PER_EPOCH, sent)
+    arranged = predict(model, *model_state(model), images[order], labels[order])
+    assert gap(sent.tensors, arranged) < 1e-6
+    in_index_order = predict(model, *model_state(model), images.repeat(2, 1, 1, 1), labels.repeat(2))
+    assert gap(sent.tensors, in_index_order) > 0.05
+
+
+def test_the_prior_ignores_the_order_within_an_epoch_and_pulls_different_sets_together():
+    epochs = EpochCandidates(clients=1, epochs=2, per_client=3)
+    images = torch.rand(1, 3, 1, 6, 6, generator=torch.Generator().manual_seed(0))
+    for order in ([0, 1, 2], [2, 0, 1], [1, 2, 0]):
+        assert epochs.prior(torch.cat([images, images[:, order]], dim=1)).item() == 0
+    other = images.clone()
+    other[:, 1] = 1 - other[:, 1]  # the second epoch holds another image in place of image 1
+    candidates = torch.cat([images, other], dim=1).requires_grad_(True)
+    before = epochs.prior(candidates)
+    assert before.item() > 1e-3
+    (gradient,) = torch.autograd.grad(before.sum(), candidates)
+    assert epochs.prior(candidates.detach() - 0.1 * gradient / gradient.abs().max()).item() < before.item()
+
+
+def test_the_reconstruction_is_each_epochs_candidates_matched_within_labels_and_averaged():
+    epochs = EpochCandidates(clients=1, epochs=2, per_client=3)
+    images = torch.arange(3 * 4, dtype=torch.float32).view(1, 3, 1, 2, 2)
+    labels = epochs.per_epoch(torch.tensor([[5, 7, 5]]))
+    assert labels.tolist() == [[5, 7, 5, 5, 7, 5]]
+    swapped = images[:, [2, 1, 0]]  # images 0 and 2 share label 5: the second epoch holds them swapped
+    assert torch.equal(epochs.images(torch.cat([images, swapped], dim=1), labels), images)
+    two_clients = EpochCandidates(clients=2, epochs=2, per_client=1)
+    candidates = torch.tensor([0.0, 2.0, 10.0, 14.0]).view(1, 4, 1, 1, 1)  # client 0: 0, 2; client 1: 10, 14
+    labels = two_clients.per_epoch(torch.tensor([[1, 1]]))
+    assert two_clients.images(candidates, labels).flatten().tolist() == [1.0, 12.0]
+
+
+def test_epoch_prior_applies_only_to_several_epochs_of_unknown_order():
+    base = dict(fl="fedavg", images=(0, 1, 2, 3), local_batch_size=2, attacker_order="unknown", epoch_prior=0.1)
+    assert TrialSpec(**base, local_steps=4).key_fields()["epoch_prior"] == 0.1
+    for spec in (
+        TrialSpec(**base, local_steps=2),  # one epoch
+        TrialSpec(**{**base, "attacker_order": "known"}, local_steps=4),
+        TrialSpec(**base, local_steps=4, attacker_local_steps=2),  # the attacker unrolls one epoch
+    ):
+        assert "epoch_prior" not in spec.key_fields()
+        assert parameter_columns(spec)["epoch_prior"] is None
+
+
+@pytest.mark.parametrize(
+    "others, fix",
+    [
+        ({"epoch_prior": -1.0}, "use 0 (one candidate per image, shared by the epochs) or a positive weight"),
+        ({"epoch_prior": 1.0, "bn_prior": 0.1}, "bn_prior is 0.1; use 0"),
+        ({"epoch_prior": 1.0, "feature_prior": 0.1}, "feature_prior is 0.1; use 0"),
+    ],
+)
+def test_a_bad_epoch_prior_is_one_line_naming_field_value_and_fix(others, fix):
+    base = dict(fl="fedavg", images=(0, 1, 2, 3), local_batch_size=2, local_steps=4, attacker_order="unknown")
+    with pytest.raises(ConfigError) as refused:
+        TrialSpec(**base, **others)
+    message = str(refused.value)
+    assert "epoch_prior" in message and str(others["epoch_prior"]) in message and fix in message
+    assert "\n" not in message
+
+
+def test_a_trial_with_each_epochs_candidates_reconstructs_the_clients_images():
+    spec = TrialSpec(
+        dataset="faces",
+        images=(0, 1, 2, 3),
+        image_size=8,
+        width=2,
+        iterations=4,
+        fl="fedavg",
+        local_steps=4,
+        local_batch_size=2,
+        local_lr=0.1,
+        attacker_order="unknown",
+        epoch_prior=0.1,
+    )
+    (outcome,) = run_trials([spec])
+    assert outcome.status == "ok" and outcome.reconstruction.shape == (4, 1, 8, 8)
+    assert parameter_columns(spec)["epoch_prior"] == 0.1

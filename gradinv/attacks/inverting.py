@@ -153,7 +153,9 @@ def invert_gradients(
     objective = LaneObjective(model, updates, labels, configs, seeds[0])
     lower, upper = (bound.to(device, dtype) for bound in box)
 
-    x = torch.cat([initial_images(image_shape, restarts, config.init, seed, dtype) for seed in seeds]).to(device)
+    x = torch.cat([initial_images(image_shape, restarts, config.init, seed, dtype) for seed in seeds])
+    x = objective.start(x).contiguous().to(device)
+    candidates = x.shape[1:]
     if config.clamp_init:
         x = torch.maximum(torch.minimum(x, upper), lower)
     step_sizes = objective.per_run(torch.tensor([c.lr for c in configs], dtype=dtype, device=device))
@@ -163,7 +165,7 @@ def invert_gradients(
         config.soft_signed,
         config.langevin,
         step_sizes,
-        langevin_noise(image_shape, restarts, seeds, dtype, device) if config.langevin > 0 else None,
+        langevin_noise(candidates, restarts, seeds, dtype, device) if config.langevin > 0 else None,
     )
     if config.optimizer == "adam":
         step = steps.adam(objective, step_sizes, direct)
@@ -199,7 +201,7 @@ def invert_gradients(
             if on_images is not None:
                 on_images(
                     done,
-                    x.detach().view(lanes, restarts, *image_shape)[
+                    objective.reconstruction(x.detach()).view(lanes, restarts, *image_shape)[
                         torch.arange(lanes, device=device), costs.argmin(dim=1)
                     ],
                 )
@@ -208,7 +210,8 @@ def invert_gradients(
     x = budget.kept if budget.kept is not None else x
     with torch.no_grad():
         scores = _finite(objective.match(x)).view(lanes, restarts)
-    images = final_images(x.view(lanes, restarts, *image_shape), scores, config)
+        images = objective.reconstruction(x).view(lanes, restarts, *image_shape)
+    images = final_images(images, scores, config)
     seconds = time.perf_counter() - start
     return AttackResult(images.detach(), scores.cpu(), curve, seconds, iterations_run=budget.stopped_at)
 

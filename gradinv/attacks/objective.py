@@ -8,7 +8,8 @@ into the images. ``L = 1`` is the ordinary single-trial attack.
 Priors join the per-run objective when their weights are positive: GradInversion's (gradinv.attacks.bn_prior)
 ``bn_prior`` x R_feat (BatchNorm statistics) and ``group_consistency`` x R_group (the pull toward the
 restarts' mean), breaching's ``feature_prior`` (gradinv.attacks.feature_prior: the classifier's input read off
-the update) and See-Through-Gradients' ``image_prior`` (the mean squared pixel); TV stays, with breaching's
+the update), See-Through-Gradients' ``image_prior`` (the mean squared pixel) and Dimitrov et al.'s
+``epoch_prior`` (gradinv.attacks.epoch_prior: each FedAvg epoch's own candidates, tied); TV stays, with breaching's
 exponents when they are not 1. With every weight 0 and both exponents 1 the objective is the reference's.
 """
 
@@ -22,12 +23,13 @@ import torch
 from torch import nn
 from torch.func import vmap
 
-from ..client.defences import attacker_update, kept_masks
+from ..client.defences import attacker_update, candidate_epochs, kept_masks
 from ..client.update import ClientUpdate, model_state
 from ..errors import require
 from ..parameters import DefenceSettings, InvertingSettings, OptimiserSettings, declarations
 from .bn_prior import BatchNormPrior, group_consistency
 from .costs import BATCH_LAYERS, GradientCost, layer_weights, named_set_mask
+from .epoch_prior import EpochCandidates
 from .feature_prior import FeaturePrior, read_output_gradients
 
 TV_EPS = 1e-8  # breaching's, keeping |d|^p differentiable at 0
@@ -123,8 +125,12 @@ class LaneObjective:
             weights = weights * named_set_mask(targets, config.layers)
         self.gradient_cost = GradientCost(targets, weights, config.cost)
         self.draws = torch.Generator(device).manual_seed(seed) if config.layers == "batch" else None
+        epochs = candidate_epochs(config, updates[0])
+        self.epochs = EpochCandidates(updates[0].clients, epochs, updates[0].images_per_client) if epochs > 1 else None
+        self.epoch_weight = config.epoch_prior
         reads = config.output_gradient == "read"  # the candidate's update pulled back from the client's dL/dz
-        self.labels = self.per_run(read_output_gradients(model, updates, config.cost == "cosine") if reads else labels)
+        given = read_output_gradients(model, updates, config.cost == "cosine") if reads else labels
+        self.labels = self.per_run(given if self.epochs is None else self.epochs.per_epoch(given))
         self.tv_weights = self.per_run(torch.tensor([c.tv for c in configs], dtype=dtype, device=device))
         self.bn_prior = config.bn_prior
         self.batch_norm_prior = (
@@ -163,6 +169,14 @@ class LaneObjective:
         """``[L, ...]`` to ``[L * R, ...]``."""
         return per_lane.repeat_interleave(self.restarts, dim=0)
 
+    def start(self, images: torch.Tensor) -> torch.Tensor:
+        """Each run's candidates at the start, from its starting images ``[N, B, ...]``."""
+        return images if self.epochs is None else self.epochs.per_epoch(images)
+
+    def reconstruction(self, x: torch.Tensor) -> torch.Tensor:
+        """The images each run's candidates ``x`` stand for (with each epoch's own: their matched mean)."""
+        return x if self.epochs is None else self.epochs.images(x, self.labels)
+
     def _batch_mask(self) -> torch.Tensor | None:
         """The ``batch`` set: each run compares 8 tensors of the model drawn afresh (None: no draw)."""
         if self.draws is None:
@@ -195,6 +209,8 @@ class LaneObjective:
                 total = total + self.feature_weight * self.features(x)
             if self.image_prior > 0:
                 total = total + self.image_prior * x.square().flatten(1).mean(1)
+            if self.epochs is not None:
+                total = total + self.epoch_weight * self.epochs.prior(x)
             if self.group_weight > 0:
                 total = total + self.group_weight * group_consistency(x, self.restarts)
             (image_grad,) = torch.autograd.grad(total.sum(), inputs=[x])

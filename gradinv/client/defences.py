@@ -59,6 +59,7 @@ import numpy as np
 import torch
 
 from ..parameters import ClientSettings, DefenceSettings, extract
+from ..parameters.conditions import epochs_spanned
 from .update import (
     ClientUpdate,
     Defence,
@@ -208,9 +209,10 @@ def attacker_update(source, sent: ClientUpdate):
     local training as the attacker unrolls it and the defences it mirrors, then averaged as the server
     averages (one client: its own update)."""
     settings = extract(DefenceSettings, source)
-    size = sent.images_per_client
+    epochs = candidate_epochs(source, sent)
     fl = attacker_recipe(sent.fl)
-    schedule = attacker_schedule(size, fl)
+    schedule = attacker_schedule(sent.images_per_client, fl, epochs)
+    size = sent.images_per_client * epochs  # each client's candidates
     if getattr(source, "output_gradient", "computed") == "read":  # one FedSGD client; y: its logit gradient
         trainings = [functools.partial(output_gradient_update, fl=fl)]
     else:
@@ -229,6 +231,16 @@ def attacker_update(source, sent: ClientUpdate):
         return own[0] if len(own) == 1 else average(own)
 
     return update
+
+
+def candidate_epochs(source, sent: ClientUpdate) -> int:
+    """How many local epochs unroll candidates of their own (``epoch_prior`` above 0, where the attacker
+    does not know the order of several epochs' shuffled mini-batches); 1: one candidate per image."""
+    fl, size = attacker_recipe(sent.fl), sent.images_per_client
+    unknown_order = fl.fl == "fedavg" and fl.attacker_order == "unknown" and fl.batch_order == "shuffled"
+    if getattr(source, "epoch_prior", 0) <= 0 or not (unknown_order and 0 < fl.local_batch_size < size):
+        return 1
+    return epochs_spanned(size, fl.local_batch_size, fl.local_steps)
 
 
 def attacker_recipe(fl: ClientSettings) -> ClientSettings:

@@ -159,20 +159,22 @@ def minibatch_schedule(num_images: int, fl: ClientSettings) -> list[torch.Tensor
     return schedule[: fl.local_steps]
 
 
-def attacker_schedule(num_images: int, fl: ClientSettings) -> list[torch.Tensor | None]:
+def attacker_schedule(num_images: int, fl: ClientSettings, epochs: int = 1) -> list[torch.Tensor | None]:
     """The mini-batches the attacker unrolls over its candidate images (None: all of them).
 
     ``attacker_order: known``: the client's own (:func:`minibatch_schedule`). ``unknown`` (Dimitrov et al.,
     TMLR 2022): the attacker cannot know how a shuffled client drew its mini-batches, so each epoch takes
     its candidates in index order, in the client's batch size (the last batch smaller, as the client's),
-    the same slices every epoch; one candidate per image, shared by the epochs. Full batches and
-    ``sequential`` slices follow the index order already: there the two agree.
+    the same slices every epoch: one candidate per image, shared by the epochs; or, with ``epochs``
+    above 1 (``epoch_prior``), ``num_images`` candidates of each epoch's own, epoch after epoch. Full
+    batches and ``sequential`` slices follow the index order already: there the two agree.
     """
     batch = fl.local_batch_size or num_images
     if fl.attacker_order == "known" or fl.fl == "fedsgd" or fl.batch_order == "sequential" or batch >= num_images:
         return minibatch_schedule(num_images, fl)
     epoch = [torch.arange(start, min(start + batch, num_images)) for start in range(0, num_images, batch)]
-    return [epoch[step % len(epoch)] for step in range(fl.local_steps)]
+    own = num_images if epochs > 1 else 0  # each epoch's first candidate
+    return [epoch[step % len(epoch)] + step // len(epoch) * own for step in range(fl.local_steps)]
 
 
 def parameter_update(

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from .conditions import epochs_in_unknown_order
 from .knobs import SEED_FIX, Part, at_least, knob, positive
 
 LABEL_METHODS = ("bias_counts", "ilrg")  # gradinv.attacks.labels
@@ -172,6 +173,20 @@ class InvertingSettings(Part):
         search="log",
         help="weight of the L2 image prior (See-Through-Gradients, Yin et al. 2021): the mean squared "
         "pixel of the candidate in normalised units; 0: off",
+    )
+    epoch_prior: float = knob(
+        0.0,
+        kind="float",
+        check=at_least(0),
+        fix="use 0 (one candidate per image, shared by the epochs) or a positive weight",
+        search="log",
+        applies=lambda t: epochs_in_unknown_order(t) > 1,
+        help="FedAvg over several epochs in an order the attacker does not know (attacker_order unknown; "
+        "Dimitrov et al., Data Leakage in Federated Averaging, TMLR 2022): each epoch unrolls candidates "
+        "of its own, and this weighs their order-invariant epoch prior (each epoch's maximum over its "
+        "candidates of a fixed random convolution, against every other epoch's, as squared distance); "
+        "the reconstruction is the epochs' mean, matched within labels; 0: one candidate per image, "
+        "shared by the epochs",
     )
     output_gradient: str = knob(
         "computed",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .conditions import federated
+from .conditions import local_fedavg, order_matters
 from .knobs import FEDERATION, MOMENTUM_FIX, SEED_FIX, ZOO, Part, at_least, is_momentum, knob, positive
 
 LABELS = ("known", "recovered")
@@ -55,18 +55,6 @@ class DataSettings(Part):
     )
 
 
-def _fedavg(trial) -> bool:
-    """FedAvg with the local training set here (a federation's clients train by its recipe instead)."""
-    return trial.fl == "fedavg" and not federated(trial)
-
-
-def _order_matters(trial) -> bool:
-    """FedAvg whose mini-batches are shuffled subsets of the client's images: only there can the attacker
-    miss their order (full batches hold every image; sequential ones take the images in index order)."""
-    count = len(trial.images) // trial.aggregated_clients
-    return _fedavg(trial) and trial.batch_order == "shuffled" and 0 < trial.local_batch_size < count
-
-
 @dataclass(frozen=True, kw_only=True)
 class ClientSettings(Part):
     """How the client computes its update (FedSGD or FedAvg); the attacker knows all of it unless the
@@ -89,7 +77,7 @@ class ClientSettings(Part):
         1,
         kind="int",
         help="FedAvg: SGD steps on the client's images",
-        applies=_fedavg,
+        applies=local_fedavg,
         check=at_least(1),
         fix="use at least 1 local step",
     )
@@ -97,7 +85,7 @@ class ClientSettings(Part):
         1e-4,
         kind="float",
         help="FedAvg: the local learning rate",
-        applies=_fedavg,
+        applies=local_fedavg,
         check=positive,
         fix="use a positive local learning rate",
     )
@@ -105,7 +93,7 @@ class ClientSettings(Part):
         0,
         kind="int",
         help="FedAvg: images per local step; 0: all of them",
-        applies=_fedavg,
+        applies=local_fedavg,
         check=at_least(0),
         fix="use 0 (all) or more",
     )
@@ -117,13 +105,13 @@ class ClientSettings(Part):
         arrow="int64",
         check=at_least(0),
         fix=SEED_FIX,
-        applies=lambda t: _fedavg(t) and t.batch_order != "sequential",
+        applies=lambda t: local_fedavg(t) and t.batch_order != "sequential",
     )
     batch_order: str = knob(
         "shuffled",
         kind="str",
         choices=BATCH_ORDERS,
-        applies=_fedavg,
+        applies=local_fedavg,
         help="FedAvg mini-batches: reshuffled each epoch, or the reference's fixed slices",
     )
     client_bn: str = knob(
@@ -136,7 +124,7 @@ class ClientSettings(Part):
     local_momentum: float = knob(
         0.0,
         kind="float",
-        applies=_fedavg,
+        applies=local_fedavg,
         check=is_momentum,
         fix=MOMENTUM_FIX,
         help="FedAvg: SGD momentum of the local steps (PyTorch's: v = m v + g, step lr v); 0: plain SGD",
@@ -145,7 +133,7 @@ class ClientSettings(Part):
         "known",
         kind="str",
         choices=ATTACKER_ORDERS,
-        applies=_order_matters,
+        applies=order_matters,
         help="FedAvg with shuffled mini-batches: the attacker knows the client's data order, or (unknown, the "
         f"realistic case of {REALISTIC}) unrolls the same steps over its candidates in index order, "
         "fixed consecutive slices every epoch",
@@ -153,7 +141,7 @@ class ClientSettings(Part):
     attacker_local_lr: float | None = knob(
         None,
         kind="float",
-        applies=_fedavg,
+        applies=local_fedavg,
         check=positive,
         fix="use a positive learning rate, or leave it out (the attacker knows local_lr)",
         help=f"FedAvg: the attacker's guess of local_lr ({REALISTIC}); none: it knows local_lr",
@@ -161,7 +149,7 @@ class ClientSettings(Part):
     attacker_local_steps: int | None = knob(
         None,
         kind="int",
-        applies=_fedavg,
+        applies=local_fedavg,
         check=at_least(1),
         fix="use at least 1 step, or leave it out (the attacker knows local_steps)",
         help=f"FedAvg: the attacker's guess of local_steps ({REALISTIC}); none: it knows local_steps",

@@ -80,6 +80,8 @@ class TrialRules:
         self._check_dp_batches()
         if getattr(self, "output_gradient", "computed") == "read":
             self._check_output_gradient()
+        if getattr(self, "epoch_prior", 0) > 0:
+            self._check_epoch_prior()
         self.ig_config()  # the settings that constrain each other
         if not isinstance(self.layers, str):  # indices, not a set's name
             source = getattr(self, "model_source_sha256", None)
@@ -96,6 +98,15 @@ class TrialRules:
         require(len(self.images) == 1, "output_gradient", "read", f"the client holds {len(self.images)} images; {fix}")
         for name, off in (("aggregated_clients", 1), ("dp_clip", None)):
             require(getattr(self, name) == off, "output_gradient", "read", f"{name} is {getattr(self, name)}; {fix}")
+
+    def _check_epoch_prior(self) -> None:
+        """Each epoch's own candidates are unrolled by plain local SGD and scored by the gradient and image
+        priors; the priors that read a candidate batch's features would see every epoch's images at once."""
+        fix = "use 0 (one candidate per image, shared by the epochs), or turn the other off"
+        for name, off in (("bn_prior", 0), ("feature_prior", 0), ("dp_aware", False)):
+            require(
+                getattr(self, name) == off, "epoch_prior", self.epoch_prior, f"{name} is {getattr(self, name)}; {fix}"
+            )
 
     def _check_federation(self) -> None:
         require(
