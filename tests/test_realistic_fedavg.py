@@ -19,6 +19,18 @@ from gradinv.trial.spec import TrialSpec
 
 IMAGES, CLASSES = 4, 3
 FEDAVG = {"fl": "fedavg", "local_lr": 0.5}  # a large step: a wrong order shows far above float rounding
+TINY_UNKNOWN_ORDER = dict(  # a trial of two shuffled epochs in an unknown order, small enough to run at once
+    dataset="faces",
+    images=(0, 1, 2, 3),
+    image_size=8,
+    width=2,
+    iterations=4,
+    fl="fedavg",
+    local_steps=4,
+    local_batch_size=2,
+    local_lr=0.1,
+    attacker_order="unknown",
+)
 
 
 @pytest.fixture(scope="module")
@@ -148,19 +160,7 @@ def test_a_bad_belief_is_one_line_naming_field_value_and_fix(field, value, fix):
 
 
 def test_rows_record_what_the_attacker_knew():
-    spec = TrialSpec(
-        dataset="faces",
-        images=(0, 1, 2, 3),
-        image_size=8,
-        width=2,
-        iterations=4,
-        fl="fedavg",
-        local_steps=4,
-        local_batch_size=2,
-        local_lr=0.1,
-        attacker_order="unknown",
-        attacker_local_lr=0.05,
-    )
+    spec = TrialSpec(**TINY_UNKNOWN_ORDER, attacker_local_lr=0.05)
     columns = parameter_columns(spec)
     assert (columns["attacker_order"], columns["attacker_local_lr"], columns["attacker_local_steps"]) == (
         "unknown",
@@ -248,19 +248,7 @@ def test_a_bad_epoch_prior_is_one_line_naming_field_value_and_fix(others, fix):
 
 
 def test_a_trial_with_each_epochs_candidates_reconstructs_the_clients_images():
-    spec = TrialSpec(
-        dataset="faces",
-        images=(0, 1, 2, 3),
-        image_size=8,
-        width=2,
-        iterations=4,
-        fl="fedavg",
-        local_steps=4,
-        local_batch_size=2,
-        local_lr=0.1,
-        attacker_order="unknown",
-        epoch_prior=0.1,
-    )
+    spec = TrialSpec(**TINY_UNKNOWN_ORDER, epoch_prior=0.1)
     (outcome,) = run_trials([spec])
     assert outcome.status == "ok" and outcome.reconstruction.shape == (4, 1, 8, 8)
     assert parameter_columns(spec)["epoch_prior"] == 0.1
