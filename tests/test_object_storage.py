@@ -237,12 +237,24 @@ def test_a_ray_job_writes_its_rows_into_the_bucket(write_study, s3, tmp_path):
             _wait_for_the_job_api(jobs, cluster.env)
             entrypoint = [sys.executable, "-m", "sweep", "run", str(study_path), "--results", URI, "--no-progress"]
             submit = [RAY, "job", "submit", "--address", jobs, "--working-dir", str(REPO), "--", *entrypoint]
-            done = subprocess.run(submit, env=cluster.env, capture_output=True, text=True, timeout=600)
+            done = _submit_once_an_agent_answers(submit, cluster.env)
         finally:
             cluster.stop()
     assert done.returncode == 0 and "succeeded" in done.stdout, done.stdout[-3000:] + done.stderr[-3000:]
     frame = stored()
     assert sorted(frame["key"]) == sorted(trial_key(t) for t in load_study(study_path).trials) and len(frame) == 4
+
+
+def _submit_once_an_agent_answers(submit: list[str], env: dict, timeout: float = 120):
+    """`ray job submit`, again while the head's job agent has not registered yet: the job API answers
+    before it does, and Ray then refuses the submission ("No available agent to submit job, please try
+    again later") before anything runs. Any other outcome is returned at once."""
+    deadline = time.monotonic() + timeout
+    while True:
+        done = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=600)
+        if "No available agent" not in done.stdout + done.stderr or time.monotonic() > deadline:
+            return done
+        time.sleep(1)
 
 
 def _wait_for_the_job_api(address: str, env: dict, timeout: float = 120) -> None:
