@@ -123,10 +123,3 @@ def run_study_on(cluster: LocalCluster, driver, study: Path, results: Path) -> t
     fixture that starts the CLI in a process."""
     args = ("run", str(study), "--results", str(results), "--address", cluster.address, "--no-progress")
     return driver(*args, env=cluster.env).wait(timeout=300)
-
-
-def run_study_on_two_worker_nodes(driver, study: Path, results: Path) -> tuple[int, str]:
-    """``gradinv run`` of ``study`` on a fresh head with worker nodes node_a and node_b, stopped afterwards:
-    the exit code and the output. ``driver`` is the tests' fixture that starts the CLI in a process."""
-    with two_worker_nodes() as cluster:
-        return run_study_on(cluster, driver, study, results)
