@@ -9,8 +9,10 @@ import time
 import urllib.error
 import urllib.request
 
-import psutil  # noqa: E402  (comes with Ray)
 import ray  # puts Ray's bundled psutil on the path
+
+# isort: split
+import psutil  # comes with Ray: importable only once Ray is
 
 from sweep.runner import connect, runtime_environment
 
