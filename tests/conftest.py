@@ -1,3 +1,4 @@
+import atexit
 import json
 import os
 import shutil
@@ -118,3 +119,26 @@ def ray_tmpdir(monkeypatch):
     monkeypatch.setenv("RAY_TMPDIR", path)
     yield path
     shutil.rmtree(path, ignore_errors=True)
+
+
+EXIT_STATUS = pytest.StashKey[int]()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    session.config.stash[EXIT_STATUS] = int(exitstatus)
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_unconfigure(config):
+    """End the process with pytest's status once everything is written, before the interpreter's teardown.
+
+    Many tests start and stop Ray inside this process, and threads of Ray's native library outlive
+    ray.shutdown() across such restarts (ray-project/ray#31145). One full run (2026-12-06) printed
+    "1086 passed" and then died in _raylet.so with SIGSEGV (exit 139) while the interpreter tore down.
+    The exit handlers still run (pytest's own lock files, Ray's); only the native teardown is skipped.
+    """
+    if EXIT_STATUS in config.stash:
+        atexit._run_exitfuncs()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(config.stash[EXIT_STATUS])
