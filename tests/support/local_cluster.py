@@ -39,8 +39,9 @@ class LocalCluster:
 
     @property
     def env(self) -> dict:
-        """The environment of every process of this cluster, drivers included."""
-        return {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": self.token}
+        """The environment of every process of this cluster, drivers included. Their temporary files go in the
+        cluster's own directory: a killed node leaves some behind (multiprocessing's pymp-* of Ray's dashboard)."""
+        return {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": self.token, "TMPDIR": str(self.temp_dir)}
 
     @property
     def address(self) -> str:
