@@ -112,6 +112,20 @@ def bars() -> Bars:
     return Bars()
 
 
+@pytest.fixture(scope="session", autouse=True)
+def ray_session_files():
+    """Every local Ray instance the tests start, in this process or a driver's, keeps its session files in
+    one short private directory removed at the end, not in the user's own (/tmp/gradinv-<uid>)."""
+    path = tempfile.mkdtemp(prefix="gt")
+    saved = os.environ.get("RAY_TMPDIR")
+    os.environ["RAY_TMPDIR"] = path
+    yield path
+    os.environ.pop("RAY_TMPDIR")
+    if saved is not None:
+        os.environ["RAY_TMPDIR"] = saved
+    shutil.rmtree(path, ignore_errors=True)
+
+
 @pytest.fixture
 def ray_tmpdir(monkeypatch):
     """A short private temp dir for Ray's sessions (socket paths are length-limited), removed after."""
