@@ -117,12 +117,9 @@ def ray_session_files():
     """Every local Ray instance the tests start, in this process or a driver's, keeps its session files in
     one short private directory removed at the end, not in the user's own (/tmp/gradinv-<uid>)."""
     path = tempfile.mkdtemp(prefix="gt")
-    saved = os.environ.get("RAY_TMPDIR")
-    os.environ["RAY_TMPDIR"] = path
-    yield path
-    os.environ.pop("RAY_TMPDIR")
-    if saved is not None:
-        os.environ["RAY_TMPDIR"] = saved
+    with pytest.MonkeyPatch.context() as session:
+        session.setenv("RAY_TMPDIR", path)
+        yield path
     shutil.rmtree(path, ignore_errors=True)
 
 
